@@ -1,0 +1,34 @@
+"""SCRIPT-base, the paper's Table 4 (110M parameters).
+
+  python -m script_jax.main --config=configs/base.py --workdir=/tmp/script_base
+"""
+
+from script_jax import config_lib
+
+
+def get_config(arg=None):
+  del arg
+  c = config_lib.base_config()
+  c.model.vocab_size = 30522
+  c.model.num_layers = 12
+  c.model.hidden_size = 768
+  c.model.intermediate_size = 3072
+  c.model.num_heads = 12  # head size 64
+  c.model.embedding_size = 768
+  c.model.dropout_rate = 0.1
+  c.model.attention_dropout_rate = 0.1
+  c.seq_len = 128
+  c.mask.max_predictions_per_seq = config_lib.max_predictions_for(c.seq_len)
+  c.batch_size = 256
+  c.optim.learning_rate = 2e-4
+  c.optim.warmup_steps = 10_000
+  c.optim.eps = 1e-6
+  c.optim.b1, c.optim.b2 = 0.9, 0.999
+  c.optim.weight_decay = 0.01
+  c.num_train_steps = 766_000
+  # ELECTRA-base's generator is 1/3 of the discriminator (Clark et al., 2020).
+  c.electra.generator_hidden_size = 256
+  c.electra.generator_num_heads = 4
+  c.electra.generator_intermediate_size = 1024
+  c.data.tokenizer = "wordpiece"
+  return c

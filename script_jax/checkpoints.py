@@ -1,0 +1,110 @@
+"""Checkpoints: an orbax CheckpointManager per workdir, and loading for later stages.
+
+A workdir holds `run_config.json` (the config it was started with) and `checkpoints/<step>/`.
+Fine-tuning, scoring and export call `load_pretrained(workdir)`, whatever the objective was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+RUN_CONFIG = "run_config.json"
+# What fixes the shapes of the parameters: a checkpoint only resumes under the same values.
+SHAPE_KEYS = ("objective", "model.vocab_size", "model.embedding_size", "model.hidden_size",
+              "model.num_layers", "model.num_heads", "model.intermediate_size",
+              "model.max_position_embeddings", "model.type_vocab_size",
+              "electra.generator_hidden_size", "electra.generator_num_heads",
+              "electra.generator_intermediate_size", "electra.generator_num_layers")
+
+
+class CheckpointMismatchError(ValueError):
+  """The workdir holds a run whose model differs from the config asked for."""
+
+
+def _lookup(config: dict, dotted: str) -> Any:
+  value = config
+  for part in dotted.split("."):
+    value = value.get(part) if isinstance(value, dict) else None
+  return value
+
+
+def check_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes WORKDIR/run_config.json on first start; on later starts checks shapes still match."""
+  path = os.path.join(workdir, RUN_CONFIG)
+  new = json.loads(config.to_json())
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    diffs = [f"{k}: workdir has {_lookup(old, k)!r}, config asks for {_lookup(new, k)!r}"
+             for k in SHAPE_KEYS
+             if _lookup(old, k) is not None and _lookup(old, k) != _lookup(new, k)]
+    if diffs:
+      raise CheckpointMismatchError(
+          f"The workdir {workdir} holds a run of a different model, so its checkpoints cannot "
+          "be resumed with this config:\n  " + "\n  ".join(diffs) +
+          "\nUse a new --workdir, or the config that run was started with "
+          f"(saved in {path}). Nothing in the workdir was changed.")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.write(config.to_json(indent=2))
+    os.replace(tmp, path)
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir's run was started with."""
+  path = os.path.join(workdir, RUN_CONFIG)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} is not a script_jax workdir: {path} does not exist. "
+                            "Pretrain first: python -m script_jax.main --config=... "
+                            f"--workdir={workdir}")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def make_manager(workdir: str, config, read_only: bool = False) -> ocp.CheckpointManager:
+  """Saves every `checkpoint_every_steps` and keeps the last `keep_checkpoints`."""
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=config.checkpoint_every_steps,
+      max_to_keep=config.keep_checkpoints,
+      create=not read_only,
+      read_only=read_only,
+      enable_async_checkpointing=not read_only,
+  )
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                               options=options)
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
+  """Restores `step` into the shapes and shardings of `abstract_state`, with a clear error."""
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointMismatchError(
+        f"Checkpoint {step} in {manager.directory} does not match this model's parameters "
+        f"({type(e).__name__}: {str(e)[:500]}). Use a new --workdir or the config it was "
+        "written with. Nothing was changed.") from e
+
+
+def load_pretrained(workdir: str, step: int | None = None):
+  """(config, model, params) of the latest (or given) checkpoint of a pretraining workdir."""
+  # Imported here: train imports this module.
+  from script_jax import models, train  # pylint: disable=g-import-not-at-top
+  config = read_run_config(workdir)
+  manager = make_manager(workdir, config, read_only=True)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: train longer than "
+                            "checkpoint_every_steps, or let the run finish.")
+  model = models.build_model(config)
+  abstract_state = jax.eval_shape(lambda: train.create_train_state(config, model,
+                                                                   jax.random.key(0)))
+  state = restore_state(manager, step, abstract_state)
+  return config, model, state.params

@@ -1,0 +1,41 @@
+"""Pretrains an encoder with SCRIPT, ELECTRA or BERT-MLM.
+
+  python -m script_jax.main --config=configs/tiny.py --workdir=/tmp/tiny
+  python -m script_jax.main --config=configs/small.py --config.objective=electra --workdir=...
+
+Resumes from WORKDIR's latest checkpoint when there is one. On a multi-host TPU VM pod slice pass
+--distributed so every host joins `jax.distributed` before anything else touches JAX.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and prepared data.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  import jax  # pylint: disable=g-import-not-at-top
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")  # tf.data only: leave the accelerators to JAX
+  from script_jax import cli_errors, train  # pylint: disable=g-import-not-at-top
+  logging.info("JAX process %d/%d, %d devices: %s", jax.process_index(), jax.process_count(),
+               jax.device_count(), jax.devices()[0].device_kind)
+  with cli_errors.friendly_errors():
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,270 @@
+"""The ELECTRA/BERT encoder in Flax Linen, and the two pretraining models built from it.
+
+`MaskedLM` is BERT with the tied softmax output layer W; SCRIPT and MLM both train it, so their
+parameter trees are identical (SCRIPT adds no parameter: the critic is derived from W, eqs. 4-5).
+`ElectraPretrainer` is ELECTRA's generator + discriminator with shared embeddings.
+
+Shapes: B batch, T sequence length, P predictions per sequence, E embedding size, H hidden size,
+V vocabulary size, N = number of heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+_init = nn.initializers.truncated_normal(stddev=0.02)  # BERT's initializer range
+_LN_EPS = 1e-12  # BERT's LayerNorm epsilon
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """Sizes of one transformer encoder (Table 4 of the paper)."""
+  vocab_size: int
+  embedding_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  intermediate_size: int
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  dtype: str = "float32"
+  remat: bool = False
+
+  @property
+  def compute_dtype(self) -> Any:
+    return jnp.dtype(self.dtype)
+
+  def num_params(self, with_embeddings: bool = True) -> int:
+    """Analytic parameter count of this encoder with its MLM head (for the start-up log)."""
+    v, e, h, f, l = (self.vocab_size, self.embedding_size, self.hidden_size,
+                     self.intermediate_size, self.num_layers)
+    emb = (v + self.max_position_embeddings + self.type_vocab_size) * e + 2 * e
+    proj = (e * h + h) if e != h else 0
+    layer = 4 * (h * h + h) + 2 * h + (h * f + f) + (f * h + h) + 2 * h
+    head = h * e + e + 2 * e + v
+    return (emb if with_embeddings else 0) + proj + l * layer + head
+
+
+def encoder_config_from(model_config, **overrides) -> EncoderConfig:
+  """Builds an EncoderConfig from `config.model` (an ml_collections.ConfigDict)."""
+  fields = {f.name for f in dataclasses.fields(EncoderConfig)}
+  values = {k: model_config[k] for k in fields if k in model_config}
+  values.update(overrides)
+  return EncoderConfig(**values)
+
+
+class Embeddings(nn.Module):
+  """Word + position + token-type embeddings, LayerNorm and dropout -> [B, T, E]."""
+  cfg: EncoderConfig
+
+  def setup(self):
+    c = self.cfg
+    self.word_embeddings = nn.Embed(c.vocab_size, c.embedding_size, embedding_init=_init)
+    self.position_embeddings = nn.Embed(c.max_position_embeddings, c.embedding_size,
+                                        embedding_init=_init)
+    self.token_type_embeddings = nn.Embed(c.type_vocab_size, c.embedding_size,
+                                          embedding_init=_init)
+    self.layer_norm = nn.LayerNorm(epsilon=_LN_EPS)
+    self.dropout = nn.Dropout(c.dropout_rate)
+
+  def __call__(self, ids_BxT: Array, segment_ids_BxT: Array, deterministic: bool) -> Array:
+    positions_T = jnp.arange(ids_BxT.shape[1])
+    x_BxTxE = (self.word_embeddings(ids_BxT) + self.position_embeddings(positions_T)[None]
+               + self.token_type_embeddings(segment_ids_BxT))
+    x_BxTxE = self.layer_norm(x_BxTxE)
+    return self.dropout(x_BxTxE, deterministic=deterministic).astype(self.cfg.compute_dtype)
+
+  def table(self) -> Array:
+    """The word-embedding matrix [V, E], the tied softmax layer W."""
+    return self.word_embeddings.embedding
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with a float32 softmax."""
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxH: Array, mask_bias_Bx1x1xT: Array, deterministic: bool) -> Array:
+    c = self.cfg
+    head_dim = c.hidden_size // c.num_heads
+    dense = lambda name: nn.DenseGeneral((c.num_heads, head_dim), kernel_init=_init,
+                                         dtype=c.compute_dtype, name=name)
+    q_BxTxNxD = dense("query")(x_BxTxH)
+    k_BxTxNxD = dense("key")(x_BxTxH)
+    v_BxTxNxD = dense("value")(x_BxTxH)
+    scores_BxNxTxT = jnp.einsum("btnd,bsnd->bnts", q_BxTxNxD, k_BxTxNxD,
+                                preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
+    probs_BxNxTxT = jax.nn.softmax(scores_BxNxTxT + mask_bias_Bx1x1xT, axis=-1)
+    probs_BxNxTxT = nn.Dropout(c.attention_dropout_rate)(probs_BxNxTxT, deterministic=deterministic)
+    out_BxTxNxD = jnp.einsum("bnts,bsnd->btnd", probs_BxNxTxT.astype(c.compute_dtype), v_BxTxNxD)
+    return nn.DenseGeneral(c.hidden_size, axis=(-2, -1), kernel_init=_init, dtype=c.compute_dtype,
+                           name="output")(out_BxTxNxD)
+
+
+class TransformerLayer(nn.Module):
+  """A post-LayerNorm BERT layer: attention and a GELU feed-forward block, each with residual."""
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxH: Array, mask_bias_Bx1x1xT: Array, deterministic: bool) -> Array:
+    c = self.cfg
+    attn = SelfAttention(c, name="attention")(x_BxTxH, mask_bias_Bx1x1xT, deterministic)
+    attn = nn.Dropout(c.dropout_rate)(attn, deterministic=deterministic)
+    x_BxTxH = nn.LayerNorm(epsilon=_LN_EPS, dtype=c.compute_dtype, name="attention_norm")(
+        x_BxTxH + attn)
+    h_BxTxF = nn.Dense(c.intermediate_size, kernel_init=_init, dtype=c.compute_dtype,
+                       name="intermediate")(x_BxTxH)
+    h_BxTxF = nn.gelu(h_BxTxF, approximate=False)
+    h_BxTxH = nn.Dense(c.hidden_size, kernel_init=_init, dtype=c.compute_dtype,
+                       name="ffn_output")(h_BxTxF)
+    h_BxTxH = nn.Dropout(c.dropout_rate)(h_BxTxH, deterministic=deterministic)
+    return nn.LayerNorm(epsilon=_LN_EPS, dtype=c.compute_dtype, name="ffn_norm")(x_BxTxH + h_BxTxH)
+
+
+class Transformer(nn.Module):
+  """Embedding projection (when E != H) and L transformer layers: [B, T, E] -> [B, T, H]."""
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxE: Array, input_mask_BxT: Array, deterministic: bool) -> Array:
+    c = self.cfg
+    if c.embedding_size != c.hidden_size:
+      x_BxTxE = nn.Dense(c.hidden_size, kernel_init=_init, dtype=c.compute_dtype,
+                         name="embeddings_project")(x_BxTxE)
+    # Large negative (not -inf) so a fully padded row stays finite.
+    mask_bias_Bx1x1xT = jnp.where(input_mask_BxT[:, None, None, :] > 0, 0.0, -1e9).astype(
+        jnp.float32)
+    layer_cls = TransformerLayer
+    if c.remat:
+      layer_cls = nn.remat(TransformerLayer, static_argnums=(3,))
+    for i in range(c.num_layers):
+      x_BxTxE = layer_cls(c, name=f"layer_{i}")(x_BxTxE, mask_bias_Bx1x1xT, deterministic)
+    return x_BxTxE
+
+
+class MLMHeadTransform(nn.Module):
+  """ELECTRA's MLM head before the tied decoder: dense to E, GELU, LayerNorm."""
+  embedding_size: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h_BxNxH: Array) -> Array:
+    x = nn.Dense(self.embedding_size, kernel_init=_init, dtype=self.dtype, name="dense")(h_BxNxH)
+    x = nn.gelu(x, approximate=False)
+    return nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="layer_norm")(x)
+
+
+def tied_logits(features_xE: Array, table_VxE: Array, bias_V: Array) -> Array:
+  """Softmax-layer logits s = W e + b in float32 (matmul in the features' dtype)."""
+  logits = jnp.einsum("...e,ve->...v", features_xE, table_VxE.astype(features_xE.dtype),
+                      preferred_element_type=jnp.float32)
+  return logits + bias_V.astype(jnp.float32)
+
+
+def gather_positions(x_BxTxH: Array, positions_BxP: Array) -> Array:
+  """x at the given positions of each sequence: [B, T, H], [B, P] -> [B, P, H]."""
+  return jnp.take_along_axis(x_BxTxH, positions_BxP[..., None], axis=1)
+
+
+class MaskedLM(nn.Module):
+  """BERT with a tied softmax output layer; the model both SCRIPT and MLM train.
+
+  `__call__` returns the MLM-head features [B, T or P, E]; with `output_embedding()` (W and b)
+  these give logits s_t = W e_t + b. Keeping the logits out of the module lets the objectives
+  compute them only where needed (masked positions) or in chunks (the critic's logsumexp).
+  """
+  cfg: EncoderConfig
+
+  def setup(self):
+    c = self.cfg
+    self.embeddings = Embeddings(c)
+    self.encoder = Transformer(c)
+    self.mlm_head = MLMHeadTransform(c.embedding_size, c.compute_dtype)
+    self.output_bias = self.param("output_bias", nn.initializers.zeros, (c.vocab_size,))
+
+  def __call__(self, ids_BxT, segment_ids_BxT, input_mask_BxT, positions_BxP=None,
+               deterministic: bool = True):
+    """Head features at `positions_BxP` (all positions when None): [B, P or T, E]."""
+    hidden_BxTxH = self.encode(ids_BxT, segment_ids_BxT, input_mask_BxT, deterministic)
+    if positions_BxP is not None:
+      hidden_BxTxH = gather_positions(hidden_BxTxH, positions_BxP)
+    return self.mlm_head(hidden_BxTxH)
+
+  def encode(self, ids_BxT, segment_ids_BxT, input_mask_BxT, deterministic: bool = True):
+    """The encoder's last hidden states [B, T, H] (what fine-tuning builds on)."""
+    x_BxTxE = self.embeddings(ids_BxT, segment_ids_BxT, deterministic)
+    return self.encoder(x_BxTxE, input_mask_BxT, deterministic)
+
+  def output_embedding(self):
+    """(W [V, E], b [V]) of the tied softmax layer."""
+    return self.embeddings.table(), self.output_bias
+
+
+class ElectraPretrainer(nn.Module):
+  """ELECTRA: a small MLM generator and a discriminator sharing the embeddings."""
+  disc_cfg: EncoderConfig
+  gen_cfg: EncoderConfig
+
+  def setup(self):
+    self.embeddings = Embeddings(self.disc_cfg)
+    self.generator = Transformer(self.gen_cfg)
+    self.generator_head = MLMHeadTransform(self.gen_cfg.embedding_size, self.gen_cfg.compute_dtype)
+    self.generator_output_bias = self.param("generator_output_bias", nn.initializers.zeros,
+                                            (self.gen_cfg.vocab_size,))
+    self.discriminator = Transformer(self.disc_cfg)
+    self.disc_dense = nn.Dense(self.disc_cfg.hidden_size, kernel_init=_init,
+                               dtype=self.disc_cfg.compute_dtype)
+    self.disc_output = nn.Dense(1, kernel_init=_init, dtype=jnp.float32)
+
+  def __call__(self, ids_BxT, segment_ids_BxT, input_mask_BxT, positions_BxP,
+               deterministic: bool = True):
+    """Both networks on the same input (used for initialisation)."""
+    return (self.generate(ids_BxT, segment_ids_BxT, input_mask_BxT, positions_BxP, deterministic),
+            self.discriminate(ids_BxT, segment_ids_BxT, input_mask_BxT, deterministic))
+
+  def generate(self, ids_BxT, segment_ids_BxT, input_mask_BxT, positions_BxP,
+               deterministic: bool = True):
+    """Generator logits at the masked positions: [B, P, V] float32."""
+    x_BxTxE = self.embeddings(ids_BxT, segment_ids_BxT, deterministic)
+    h_BxTxH = self.generator(x_BxTxE, input_mask_BxT, deterministic)
+    features_BxPxE = self.generator_head(gather_positions(h_BxTxH, positions_BxP))
+    return tied_logits(features_BxPxE, self.embeddings.table(), self.generator_output_bias)
+
+  def discriminate(self, ids_BxT, segment_ids_BxT, input_mask_BxT, deterministic: bool = True):
+    """Discriminator logits of "token is original" [B, T] float32."""
+    return self.discriminator_logits(self.encode(ids_BxT, segment_ids_BxT, input_mask_BxT,
+                                                 deterministic))
+
+  def encode(self, ids_BxT, segment_ids_BxT, input_mask_BxT, deterministic: bool = True):
+    """The discriminator's last hidden states [B, T, H] (what fine-tuning builds on)."""
+    x_BxTxE = self.embeddings(ids_BxT, segment_ids_BxT, deterministic)
+    return self.discriminator(x_BxTxE, input_mask_BxT, deterministic)
+
+  def discriminator_logits(self, h_BxTxH):
+    h = nn.gelu(self.disc_dense(h_BxTxH), approximate=False)
+    return self.disc_output(h.astype(jnp.float32))[..., 0]
+
+
+def generator_config(config) -> EncoderConfig:
+  """ELECTRA's generator: the discriminator's sizes but for hidden, heads, FFN and depth."""
+  e = config.electra
+  return encoder_config_from(config.model, hidden_size=e.generator_hidden_size,
+                             num_heads=e.generator_num_heads,
+                             intermediate_size=e.generator_intermediate_size,
+                             num_layers=e.generator_num_layers)
+
+
+def build_model(config) -> nn.Module:
+  """The Flax module that `config.objective` trains."""
+  disc_cfg = encoder_config_from(config.model)
+  if config.objective == "electra":
+    return ElectraPretrainer(disc_cfg, generator_config(config))
+  return MaskedLM(disc_cfg)

@@ -1,0 +1,214 @@
+"""Pretraining objectives: SCRIPT, ELECTRA and BERT-MLM, each a pure function -> (loss, metrics).
+
+Every loss function has the signature `loss_fn(params, batch, rng, *, model, config)` where
+`batch` holds the masked input from the data pipeline:
+  input_ids [B, T] (masked), input_mask [B, T], segment_ids [B, T],
+  masked_positions [B, P], masked_ids [B, P] (the originals), masked_weights [B, P].
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from script_jax import models
+
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------- the critic (eqs. 4-5)
+
+def critic_log_probs(logsumexp_BxT: Array) -> tuple[Array, Array]:
+  """(log p(t+|x), log p(t-|x)) from logsumexp_v s_tv, eqs. 4-5.
+
+  The V+1-class softmax with a zero logit for "replaced" gives p(t+) = sigmoid(lse(s_t)).
+  """
+  return jax.nn.log_sigmoid(logsumexp_BxT), jax.nn.log_sigmoid(-logsumexp_BxT)
+
+
+def binary_disc_loss(original_logit_BxT: Array, is_original_BxT: Array, weights_BxT: Array):
+  """Weighted mean binary cross-entropy of "token is original" (eq. 6) and its accuracy.
+
+  `original_logit` is the logit of p(original): logsumexp(s_t) for SCRIPT, the discriminator's
+  output for ELECTRA. Averaged over weighted tokens, as ELECTRA does.
+  """
+  label = is_original_BxT.astype(jnp.float32)
+  log_p_pos = jax.nn.log_sigmoid(original_logit_BxT)
+  log_p_neg = jax.nn.log_sigmoid(-original_logit_BxT)
+  nll_BxT = -(label * log_p_pos + (1.0 - label) * log_p_neg)
+  denom = jnp.maximum(weights_BxT.sum(), 1e-6)
+  loss = (nll_BxT * weights_BxT).sum() / denom
+  predicted_original = original_logit_BxT > 0
+  accuracy = ((predicted_original == is_original_BxT) * weights_BxT).sum() / denom
+  original_share = (label * weights_BxT).sum() / denom
+  return loss, {"disc_loss": loss, "disc_accuracy": accuracy, "disc_original_share": original_share}
+
+
+def chunked_logsumexp(features_NxE: Array, table_VxE: Array, bias_V: Array,
+                      chunk_size: int) -> Array:
+  """logsumexp_v (W e_n + b)_v for every row n, in row chunks so [N, V] never exists at once.
+
+  Each chunk is rematerialised in the backward pass (jax.checkpoint), so the peak temporary
+  memory is one [chunk, V] block instead of [N, V] logits plus softmax.
+  """
+  n, e = features_NxE.shape
+  num_chunks = -(-n // chunk_size)
+  padded = jnp.pad(features_NxE, ((0, num_chunks * chunk_size - n), (0, 0)))
+
+  @jax.checkpoint
+  def one_chunk(chunk_CxE):
+    return jax.nn.logsumexp(models.tied_logits(chunk_CxE, table_VxE, bias_V), axis=-1)
+
+  lse = jax.lax.map(one_chunk, padded.reshape(num_chunks, chunk_size, e))
+  return lse.reshape(-1)[:n]
+
+
+def critic_logsumexp(features_BxTxE: Array, table_VxE: Array, bias_V: Array,
+                     chunk_size: int = 0) -> Array:
+  """logsumexp over the vocabulary of the tied logits at every position: [B, T] float32."""
+  if chunk_size and chunk_size > 0:
+    b, t, e = features_BxTxE.shape
+    return chunked_logsumexp(features_BxTxE.reshape(b * t, e), table_VxE, bias_V,
+                             chunk_size).reshape(b, t)
+  return jax.nn.logsumexp(models.tied_logits(features_BxTxE, table_VxE, bias_V), axis=-1)
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+def mlm_loss(logits_BxPxV: Array, masked_ids_BxP: Array, masked_weights_BxP: Array):
+  """Weighted mean negative log-likelihood of the original tokens (eqs. 1-2) and accuracy."""
+  log_probs = jax.nn.log_softmax(logits_BxPxV.astype(jnp.float32), axis=-1)
+  nll_BxP = -jnp.take_along_axis(log_probs, masked_ids_BxP[..., None], axis=-1)[..., 0]
+  denom = jnp.maximum(masked_weights_BxP.sum(), 1e-6)
+  loss = (nll_BxP * masked_weights_BxP).sum() / denom
+  correct = (jnp.argmax(logits_BxPxV, axis=-1) == masked_ids_BxP)
+  accuracy = (correct * masked_weights_BxP).sum() / denom
+  return loss, {"mlm_loss": loss, "mlm_accuracy": accuracy}
+
+
+def gumbel_max_sample(rng: Array, logits_BxPxV: Array, temperature: float) -> Array:
+  """A hard sample from softmax(logits / tau) by Gumbel-max (eq. 3); no gradient through it."""
+  logits = jax.lax.stop_gradient(logits_BxPxV).astype(jnp.float32)
+  gumbel = jax.random.gumbel(rng, logits.shape, jnp.float32)
+  return jnp.argmax(logits / temperature + gumbel, axis=-1).astype(jnp.int32)
+
+
+def scatter_at_positions(ids_BxT: Array, positions_BxP: Array, values_BxP: Array,
+                         weights_BxP: Array) -> Array:
+  """ids with values written at the (weighted) positions; padding slots are left alone."""
+  b, t = ids_BxT.shape
+  # Padding slots point past the end and are dropped, so they never overwrite position 0.
+  positions = jnp.where(weights_BxP > 0, positions_BxP, t)
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None], positions.shape)
+  return ids_BxT.at[rows, positions].set(values_BxP.astype(ids_BxT.dtype), mode="drop")
+
+
+def original_ids(batch) -> Array:
+  """The unmasked sequence: the masked input with the original tokens written back."""
+  return scatter_at_positions(batch["input_ids"], batch["masked_positions"], batch["masked_ids"],
+                              batch["masked_weights"])
+
+
+def _sample_replacements(rng, logits_BxPxV, batch, temperature):
+  """(sampled sequence x_bar [B, T], is_original [B, T], replaced share at masked positions)."""
+  sampled_BxP = gumbel_max_sample(rng, logits_BxPxV, temperature)
+  weights = batch["masked_weights"]
+  sampled_ids = scatter_at_positions(batch["input_ids"], batch["masked_positions"], sampled_BxP,
+                                     weights)
+  is_original = sampled_ids == original_ids(batch)
+  replaced = ((sampled_BxP != batch["masked_ids"]) * weights).sum() / jnp.maximum(weights.sum(), 1)
+  return sampled_ids, is_original, replaced
+
+
+def _disc_weights(batch, positions: str) -> Array:
+  """Which positions the critic loss covers: all non-padding tokens or the masked ones only."""
+  if positions == "all":
+    return batch["input_mask"].astype(jnp.float32)
+  if positions == "masked":
+    t = batch["input_ids"].shape[1]
+    hit = (batch["masked_positions"][..., None] == jnp.arange(t)) & (
+        batch["masked_weights"][..., None] > 0)
+    return hit.any(axis=1).astype(jnp.float32)
+  raise ValueError(f"disc_positions must be 'all' or 'masked', got {positions!r}")
+
+
+# ----------------------------------------------------------------------------- the objectives
+
+def script_objective(params, batch, rng, *, model: models.MaskedLM, config):
+  """SCRIPT: L = L_MLM + alpha * L_Disc, one model, two forward passes (Section 2)."""
+  dropout1, dropout2, sample_rng = jax.random.split(rng, 3)
+  apply = functools.partial(model.apply, {"params": params})
+  table_VxE, bias_V = apply(method=model.output_embedding)
+
+  # Pass 1: MLM on the masked input, logits only at the masked positions.
+  features_BxPxE = apply(batch["input_ids"], batch["segment_ids"], batch["input_mask"],
+                         batch["masked_positions"], deterministic=False,
+                         rngs={"dropout": dropout1})
+  logits_BxPxV = models.tied_logits(features_BxPxE, table_VxE, bias_V)
+  loss_mlm, metrics = mlm_loss(logits_BxPxV, batch["masked_ids"], batch["masked_weights"])
+
+  # The model proposes replacements from its own distribution.
+  sampled_ids, is_original, replaced = _sample_replacements(
+      sample_rng, logits_BxPxV, batch, config.script.temperature)
+
+  # Pass 2: the same model is the critic, p(t+) = sigmoid(logsumexp(s_t)) at every position.
+  features_BxTxE = apply(sampled_ids, batch["segment_ids"], batch["input_mask"],
+                         deterministic=False, rngs={"dropout": dropout2})
+  lse_BxT = critic_logsumexp(features_BxTxE, table_VxE, bias_V, config.model.logsumexp_chunk)
+  weights = _disc_weights(batch, config.script.disc_positions)
+  loss_disc, disc_metrics = binary_disc_loss(lse_BxT, is_original, weights)
+
+  loss = loss_mlm + config.script.alpha * loss_disc
+  metrics.update(disc_metrics, loss=loss, replaced_fraction=replaced)
+  return loss, metrics
+
+
+def electra_objective(params, batch, rng, *, model: models.ElectraPretrainer, config):
+  """ELECTRA: L = L_gen + 50 * L_disc with a separate small generator (Clark et al., 2020)."""
+  dropout1, dropout2, sample_rng = jax.random.split(rng, 3)
+  apply = functools.partial(model.apply, {"params": params})
+  logits_BxPxV = apply(batch["input_ids"], batch["segment_ids"], batch["input_mask"],
+                       batch["masked_positions"], deterministic=False,
+                       rngs={"dropout": dropout1}, method=model.generate)
+  loss_gen, metrics = mlm_loss(logits_BxPxV, batch["masked_ids"], batch["masked_weights"])
+  sampled_ids, is_original, replaced = _sample_replacements(
+      sample_rng, logits_BxPxV, batch, config.electra.temperature)
+  disc_logit_BxT = apply(sampled_ids, batch["segment_ids"], batch["input_mask"],
+                         deterministic=False, rngs={"dropout": dropout2},
+                         method=model.discriminate)
+  loss_disc, disc_metrics = binary_disc_loss(disc_logit_BxT, is_original,
+                                             batch["input_mask"].astype(jnp.float32))
+  loss = loss_gen + config.electra.disc_weight * loss_disc
+  metrics.update(disc_metrics, loss=loss, replaced_fraction=replaced)
+  return loss, metrics
+
+
+def mlm_objective(params, batch, rng, *, model: models.MaskedLM, config):
+  """BERT's masked language modelling."""
+  del config
+  apply = functools.partial(model.apply, {"params": params})
+  table_VxE, bias_V = apply(method=model.output_embedding)
+  features_BxPxE = apply(batch["input_ids"], batch["segment_ids"], batch["input_mask"],
+                         batch["masked_positions"], deterministic=False, rngs={"dropout": rng})
+  logits_BxPxV = models.tied_logits(features_BxPxE, table_VxE, bias_V)
+  loss, metrics = mlm_loss(logits_BxPxV, batch["masked_ids"], batch["masked_weights"])
+  metrics["loss"] = loss
+  return loss, metrics
+
+
+OBJECTIVES: dict[str, Callable] = {
+    "script": script_objective,
+    "electra": electra_objective,
+    "mlm": mlm_objective,
+}
+
+
+def get_objective(name: str) -> Callable:
+  """The loss function for `config.objective`, with a clear error for an unknown name."""
+  if name not in OBJECTIVES:
+    raise ValueError(f"Unknown objective {name!r}: choose one of {', '.join(OBJECTIVES)} "
+                     "(--config.objective=...).")
+  return OBJECTIVES[name]

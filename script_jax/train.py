@@ -1,0 +1,353 @@
+"""The pretraining loop: one pure, sharded train step for every objective.
+
+  state, metrics = train_step(state, batch)   # two forward passes, one value_and_grad, optax
+
+The state is replicated over a `Mesh(('data', 'model'))`, the batch is split over 'data'. The
+random numbers of step s are `fold_in(key(seed), s)` and the data pipeline can start at any step,
+so a resumed run is the same run.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+from clu import parameter_overview
+from clu import periodic_actions
+import flax
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from script_jax import checkpoints
+from script_jax import config_lib
+from script_jax import models
+from script_jax import objectives
+
+Array = jax.Array
+P = jax.sharding.PartitionSpec
+BATCH_KEYS = ("input_ids", "input_mask", "segment_ids", "masked_positions", "masked_ids",
+              "masked_weights")
+
+
+class ConfigError(ValueError):
+  """The config is inconsistent; raised at start, before any work is done."""
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN or Inf; the last good checkpoint is left intact."""
+
+
+# ----------------------------------------------------------------------------- config and mesh
+
+def validate_config(config, num_devices: int | None = None, process_count: int | None = None):
+  """Raises ConfigError with a clear message for every inconsistency we can see up front."""
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  process_count = jax.process_count() if process_count is None else process_count
+  m = config.model
+  problems = []
+  if config.objective not in config_lib.OBJECTIVES:
+    problems.append(f"unknown objective {config.objective!r}; choose one of "
+                    f"{', '.join(config_lib.OBJECTIVES)}")
+  if m.hidden_size % m.num_heads:
+    problems.append(f"model.hidden_size {m.hidden_size} is not divisible by model.num_heads "
+                    f"{m.num_heads}")
+  if config.objective == "electra" and (
+      config.electra.generator_hidden_size % config.electra.generator_num_heads):
+    problems.append("electra.generator_hidden_size is not divisible by generator_num_heads")
+  if config.seq_len > m.max_position_embeddings:
+    problems.append(f"seq_len {config.seq_len} exceeds model.max_position_embeddings "
+                    f"{m.max_position_embeddings}")
+  if not 0 < config.mask.max_predictions_per_seq <= config.seq_len:
+    problems.append(f"mask.max_predictions_per_seq {config.mask.max_predictions_per_seq} must be "
+                    f"in [1, seq_len={config.seq_len}]")
+  if m.dtype not in ("float32", "bfloat16"):
+    problems.append(f"model.dtype must be 'float32' or 'bfloat16', got {m.dtype!r}")
+  if config.script.disc_positions not in ("all", "masked"):
+    problems.append(f"script.disc_positions must be 'all' or 'masked', got "
+                    f"{config.script.disc_positions!r}")
+  if config.optim.warmup_steps > config.num_train_steps:
+    problems.append(f"optim.warmup_steps {config.optim.warmup_steps} exceeds num_train_steps "
+                    f"{config.num_train_steps}")
+  model_axis = config.mesh.model
+  data_axis = config.mesh.data if config.mesh.data > 0 else num_devices // max(model_axis, 1)
+  if model_axis < 1 or data_axis * model_axis != num_devices:
+    problems.append(f"mesh data={config.mesh.data} x model={config.mesh.model} does not cover "
+                    f"the {num_devices} devices")
+  elif config.batch_size % data_axis:
+    problems.append(f"batch_size {config.batch_size} is not divisible by the {data_axis} "
+                    "data-parallel devices; choose a multiple (--config.batch_size=...)")
+  if config.batch_size % process_count:
+    problems.append(f"batch_size {config.batch_size} is not divisible by the {process_count} "
+                    "host processes")
+  if problems:
+    raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def create_mesh(config, devices=None) -> jax.sharding.Mesh:
+  """The ('data', 'model') mesh; data-parallel over every device by default."""
+  devices = jax.devices() if devices is None else devices
+  model_axis = config.mesh.model
+  data_axis = config.mesh.data if config.mesh.data > 0 else len(devices) // model_axis
+  return jax.make_mesh((data_axis, model_axis), ("data", "model"), devices=devices)
+
+
+# ----------------------------------------------------------------------------- state and step
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  """Linear warmup to the peak, then linear decay to zero at num_train_steps (Table 4)."""
+  o = config.optim
+  decay = optax.linear_schedule(o.learning_rate, 0.0, config.num_train_steps - o.warmup_steps)
+  if o.warmup_steps == 0:
+    return decay
+  warmup = optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
+  return optax.join_schedules([warmup, decay], [o.warmup_steps])
+
+
+def weight_decay_mask(params) -> Any:
+  """True for the weights that decay: not LayerNorm parameters, not biases."""
+  def decays(path, _):
+    name = str(getattr(path[-1], "key", path[-1]))
+    return name not in ("bias", "scale") and not name.endswith("output_bias")
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """AdamW (b 0.9/0.999, eps 1e-6, decay 0.01 off LayerNorm and biases), clipped at norm 1."""
+  o = config.optim
+  return optax.chain(
+      optax.clip_by_global_norm(o.grad_clip_norm),
+      optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
+                  weight_decay=o.weight_decay, mask=weight_decay_mask))
+
+
+def dummy_batch(config, batch_size: int = 1) -> dict[str, np.ndarray]:
+  """A batch of the right shapes and dtypes (for initialisation and shape checks)."""
+  t, p = config.seq_len, config.mask.max_predictions_per_seq
+  return {
+      "input_ids": np.zeros((batch_size, t), np.int32),
+      "input_mask": np.ones((batch_size, t), np.int32),
+      "segment_ids": np.zeros((batch_size, t), np.int32),
+      "masked_positions": np.zeros((batch_size, p), np.int32),
+      "masked_ids": np.zeros((batch_size, p), np.int32),
+      "masked_weights": np.zeros((batch_size, p), np.float32),
+  }
+
+
+def create_train_state(config, model, rng) -> train_state.TrainState:
+  """Fresh parameters and optimizer state (call under jit or eval_shape)."""
+  b = dummy_batch(config)
+  variables = model.init(rng, b["input_ids"], b["segment_ids"], b["input_mask"],
+                         b["masked_positions"])
+  return train_state.TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                       tx=make_optimizer(config))
+
+
+def init_state(config, model, mesh):
+  """Initialises abstractly, then runs a sharded jit(init): (state, state_sharding)."""
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  init_fn = functools.partial(create_train_state, config, model)
+  abstract = jax.eval_shape(init_fn, jax.random.key(config.seed))
+  state_sharding = jax.tree.map(lambda _: replicated, abstract)
+  state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.key(config.seed))
+  return state, state_sharding
+
+
+def abstract_state_with(state_sharding, config, model):
+  """ShapeDtypeStructs carrying the target shardings, for orbax restore."""
+  abstract = jax.eval_shape(functools.partial(create_train_state, config, model),
+                            jax.random.key(config.seed))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, state_sharding)
+
+
+def make_train_step(config, model, state_sharding, mesh):
+  """The jitted, sharded train step: (state, batch) -> (state, metrics). State is donated."""
+  loss_fn = functools.partial(objectives.get_objective(config.objective), model=model,
+                              config=config)
+  schedule = learning_rate_schedule(config)
+  seed = config.seed
+
+  def train_step(state, batch):
+    # Step-indexed randomness: the same step draws the same numbers, resumed or not.
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    metrics["loss"] = loss
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["learning_rate"] = schedule(state.step)
+    return state.apply_gradients(grads=grads), metrics
+
+  batch_sharding = jax.sharding.NamedSharding(mesh, P("data"))
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+
+def to_global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, Array]:
+  """This host's slice of the batch -> global arrays split over the 'data' axis."""
+  sharding = jax.sharding.NamedSharding(mesh, P("data"))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[k]))
+          for k in BATCH_KEYS}
+
+
+# ----------------------------------------------------------------------------- logging
+
+class JsonlWriter:
+  """Appends one JSON object per logged step to WORKDIR/metrics.jsonl (process 0 only)."""
+
+  def __init__(self, path: str, resume_step: int, enabled: bool):
+    self.path, self.enabled = path, enabled
+    if enabled and os.path.exists(path):
+      # Steps after the checkpoint we resume from are re-run: keep one record per step.
+      with open(path) as f:
+        kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+      with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(path + ".tmp", path)
+
+  def write(self, record: dict[str, Any]):
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _format_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  h, rem = divmod(int(seconds), 3600)
+  return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _prepare_data(config, workdir):
+  """(metadata, data_dir) of the prepared pretraining data; checks the vocab against the model."""
+  from script_jax import prepare_data  # pylint: disable=g-import-not-at-top
+  metadata = prepare_data.prepare_pretraining_data(config, workdir)
+  if metadata["vocab_size"] != config.model.vocab_size:
+    raise ConfigError(
+        f"The tokenizer has {metadata['vocab_size']} entries but model.vocab_size is "
+        f"{config.model.vocab_size}: set --config.model.vocab_size={metadata['vocab_size']}.")
+  data_dir = config.data.prepared_dir or os.path.join(workdir, "data")
+  return metadata, data_dir
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Pretrains `config.objective` in `workdir`, resuming from its checkpoint if there is one.
+
+  Returns the last logged metrics.
+  """
+  validate_config(config)
+  checkpoints.check_run_config(workdir, config)
+  metadata, data_dir = _prepare_data(config, workdir)
+
+  mesh = create_mesh(config)
+  model = models.build_model(config)
+  state, state_sharding = init_state(config, model, mesh)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info("Model for objective %s: %s parameters\n%s", config.objective, f"{num_params:,}",
+               parameter_overview.get_parameter_overview(state.params))
+
+  manager = checkpoints.make_manager(workdir, config)
+  latest = manager.latest_step()
+  if latest is not None:
+    state = checkpoints.restore_state(manager, latest,
+                                      abstract_state_with(state_sharding, config, model))
+    logging.info("Resumed from %s at step %d", manager.directory, latest)
+  elif config.get("init_from"):
+    _, _, pretrained = checkpoints.load_pretrained(config.init_from)
+    state = state.replace(params=jax.device_put(pretrained, state_sharding.params))
+    logging.info("Initialised parameters from %s", config.init_from)
+  start_step = int(state.step)
+
+  from script_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  dataset = input_pipeline.create_pretraining_dataset(
+      config, metadata, data_dir, start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  batches = iter(dataset.as_numpy_iterator())
+  train_step = make_train_step(config, model, state_sharding, mesh)
+
+  is_chief = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  if start_step == 0:
+    writer.write_hparams(dict(flax.traverse_util.flatten_dict(json.loads(config.to_json()),
+                                                              sep=".")))
+  jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl"), start_step, is_chief)
+  report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
+                                                    writer=writer, every_secs=None,
+                                                    every_steps=config.log_every_steps)
+  stop_requested = []
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+
+  totals: dict[str, float] = {}
+  count, last_log_time, last_log_step = 0, time.time(), start_step
+  last_record: dict[str, float] = {}
+
+  def absorb(step: int, device_metrics) -> None:
+    """Fetches one step's metrics (a step late, so the device stays busy) and checks them."""
+    nonlocal count
+    host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
+      raise NonFiniteLossError(
+          f"Step {step}: loss {host['loss']}, gradient norm {host['grad_norm']}. Training "
+          f"stopped; the last good checkpoint in {manager.directory} is intact (latest: "
+          f"{manager.latest_step()}). Try a lower learning rate or float32.")
+    for k, v in host.items():
+      totals[k] = totals.get(k, 0.0) + v
+    count += 1
+
+  def log(step: int) -> None:
+    nonlocal count, last_log_time, last_log_step, totals, last_record
+    now = time.time()
+    rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+    record = {k: v / max(count, 1) for k, v in totals.items()}
+    record["steps_per_sec"] = rate
+    writer.write_scalars(step, record)
+    jsonl.write({"step": step, **record})
+    eta = (config.num_train_steps - step) / rate if rate > 0 else float("inf")
+    shown = " ".join(f"{k} {record[k]:.4g}" for k in
+                     ("loss", "mlm_loss", "mlm_accuracy", "disc_loss", "disc_accuracy")
+                     if k in record)
+    logging.info("step %d/%d | %s | %.2f steps/s | ETA %s", step, config.num_train_steps, shown,
+                 rate, _format_eta(eta))
+    last_record, totals, count = record, {}, 0
+    last_log_time, last_log_step = now, step
+
+  pending = None
+  step = start_step
+  try:
+    while step < config.num_train_steps:
+      batch = to_global_batch(next(batches), mesh)
+      state, metrics = train_step(state, batch)
+      if pending is not None:
+        absorb(*pending)
+      pending = (step, metrics)
+      step += 1
+      report_progress(step)
+      stopping = bool(stop_requested) or manager.reached_preemption(step)
+      must_log = step % config.log_every_steps == 0 or step == config.num_train_steps
+      if must_log or stopping or manager.should_save(step):
+        absorb(*pending)  # never save or log a state whose step went NaN
+        pending = None
+      if must_log:
+        log(step)
+      if stopping or manager.should_save(step) or step == config.num_train_steps:
+        manager.save(step, args=checkpoints.ocp.args.StandardSave(state), force=True)
+      if stopping:
+        logging.warning("Stop requested (SIGTERM or preemption): saved step %d, exiting.", step)
+        break
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    signal.signal(signal.SIGTERM, previous_handler)
+  return last_record

@@ -1,0 +1,36 @@
+"""script_jax: SCRIPT (Self-CRItic Pretraining of Transformers) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="script_jax",
+    version="0.1.0",
+    description="Pretrain text encoders with SCRIPT, ELECTRA and BERT-MLM in JAX/Flax; "
+                "score sentences with the self-critic.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["script_jax", "script_jax.*"]),
+    install_requires=[
+        "jax>=0.5",
+        "flax>=0.10",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.9",
+        "tensorflow-cpu>=2.16",
+        "tensorflow-datasets>=4.9",
+        "tensorboard>=2.16",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.19",
+        "ml-collections>=0.1.1",
+        "clu>=0.0.12",
+        "jiwer>=3.0",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "tpu": ["jax[tpu]"],
+        "gpu": ["jax[cuda12]"],
+        # Only for benchmarks/hf_peer.py: never imported by the library.
+        "bench": ["torch", "transformers"],
+    },
+)

@@ -1,0 +1,234 @@
+"""The SCRIPT critic, the losses and the sampling against independent float64 NumPy references."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_config
+
+from script_jax import models
+from script_jax import objectives
+
+
+def _np_logsumexp(x, axis=-1):
+  m = x.max(axis=axis, keepdims=True)
+  return (m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_critic_probability_matches_both_float64_forms(seed):
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(scale=3.0, size=(3, 7, 50))  # fresh random logits s_t
+  # Form 1: sigmoid(logsumexp(s_t)).
+  p_pos_sigmoid = 1.0 / (1.0 + np.exp(-_np_logsumexp(logits)))
+  # Form 2: the V+1-class softmax with a zero logit for "replaced" (eqs. 4-5), summed over V.
+  augmented = np.concatenate([logits, np.zeros(logits.shape[:-1] + (1,))], axis=-1)
+  softmax = np.exp(augmented - _np_logsumexp(augmented)[..., None])
+  p_pos_softmax, p_neg_softmax = softmax[..., :-1].sum(-1), softmax[..., -1]
+  np.testing.assert_allclose(p_pos_sigmoid, p_pos_softmax, rtol=1e-12)
+
+  lse = jax.nn.logsumexp(jnp.asarray(logits, jnp.float32), axis=-1)
+  log_pos, log_neg = objectives.critic_log_probs(lse)
+  np.testing.assert_allclose(np.exp(log_pos), p_pos_softmax, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.exp(log_neg), p_neg_softmax, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_disc_loss_matches_float64_cross_entropy(seed):
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(scale=2.0, size=(4, 9, 30))
+  is_original = rng.random((4, 9)) < 0.7
+  weights = (rng.random((4, 9)) < 0.8).astype(np.float64)
+  augmented = np.concatenate([logits, np.zeros((4, 9, 1))], axis=-1)
+  log_softmax = augmented - _np_logsumexp(augmented)[..., None]
+  log_pos = _np_logsumexp(log_softmax[..., :-1])
+  log_neg = log_softmax[..., -1]
+  nll = -(is_original * log_pos + (~is_original) * log_neg)
+  want = (nll * weights).sum() / weights.sum()
+  want_acc = (((log_pos > log_neg) == is_original) * weights).sum() / weights.sum()
+
+  lse = jax.nn.logsumexp(jnp.asarray(logits, jnp.float32), axis=-1)
+  loss, metrics = objectives.binary_disc_loss(lse, jnp.asarray(is_original),
+                                              jnp.asarray(weights, jnp.float32))
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["disc_accuracy"]), want_acc, rtol=1e-6)
+
+
+def test_mlm_loss_matches_float64_reference():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(2, 5, 40))
+  ids = rng.integers(0, 40, size=(2, 5))
+  weights = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.float64)
+  log_probs = logits - _np_logsumexp(logits)[..., None]
+  nll = -np.take_along_axis(log_probs, ids[..., None], -1)[..., 0]
+  want = (nll * weights).sum() / weights.sum()
+  loss, _ = objectives.mlm_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(ids),
+                                jnp.asarray(weights, jnp.float32))
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+
+
+def test_gumbel_max_sample_follows_tempered_softmax():
+  logits = jnp.log(jnp.array([0.6, 0.3, 0.1]))
+  draws = jax.vmap(lambda k: objectives.gumbel_max_sample(k, logits[None, None], 1.0))(
+      jax.random.split(jax.random.key(0), 20000)).ravel()
+  freq = np.bincount(np.asarray(draws), minlength=3) / draws.size
+  np.testing.assert_allclose(freq, [0.6, 0.3, 0.1], atol=0.015)
+  # tau = 2 flattens: softmax(log p / 2) is proportional to sqrt(p).
+  draws = jax.vmap(lambda k: objectives.gumbel_max_sample(k, logits[None, None], 2.0))(
+      jax.random.split(jax.random.key(1), 20000)).ravel()
+  want = np.sqrt([0.6, 0.3, 0.1]) / np.sqrt([0.6, 0.3, 0.1]).sum()
+  np.testing.assert_allclose(np.bincount(np.asarray(draws), minlength=3) / draws.size, want,
+                             atol=0.015)
+
+
+def test_scatter_leaves_padding_slots_and_position_zero_alone():
+  ids = jnp.array([[7, 8, 9, 10]])
+  out = objectives.scatter_at_positions(ids, jnp.array([[2, 0]]), jnp.array([[99, 55]]),
+                                        jnp.array([[1.0, 0.0]]))
+  np.testing.assert_array_equal(out, [[7, 8, 99, 10]])
+
+
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_chunked_logsumexp_equals_plain_value_and_gradients(chunk):
+  rng = np.random.default_rng(4)
+  feats = jnp.asarray(rng.normal(size=(3, 11, 16)), jnp.float32)
+  table = jnp.asarray(rng.normal(size=(50, 16)) * 0.3, jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(50,)), jnp.float32)
+  cot = jnp.asarray(rng.normal(size=(3, 11)), jnp.float32)
+  f = lambda c: lambda *a: (objectives.critic_logsumexp(*a, chunk_size=c) * cot).sum()
+  plain, plain_grads = jax.value_and_grad(f(0), argnums=(0, 1, 2))(feats, table, bias)
+  chunked, chunked_grads = jax.value_and_grad(f(chunk), argnums=(0, 1, 2))(feats, table, bias)
+  np.testing.assert_allclose(chunked, plain, rtol=1e-5)
+  for g_c, g_p in zip(chunked_grads, plain_grads):
+    np.testing.assert_allclose(g_c, g_p, rtol=1e-4, atol=1e-5)
+
+
+def _random_batch(config, batch_size, seed):
+  rng = np.random.default_rng(seed)
+  t, p, v = config.seq_len, config.mask.max_predictions_per_seq, config.model.vocab_size
+  ids = rng.integers(5, v, size=(batch_size, t))
+  lengths = rng.integers(t // 2, t + 1, size=batch_size)
+  input_mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+  positions = np.stack([np.sort(rng.permutation(np.arange(1, n - 1))[:p]) for n in lengths])
+  weights = (np.arange(p)[None] < rng.integers(p // 2, p + 1, size=(batch_size, 1)))
+  positions = np.where(weights, positions, 0)
+  masked_ids = np.where(weights, np.take_along_axis(ids, positions, 1), 0)
+  masked_input = ids.copy()
+  for b in range(batch_size):
+    masked_input[b, positions[b][weights[b]]] = 4
+  return {"input_ids": jnp.asarray(masked_input * input_mask, jnp.int32),
+          "input_mask": jnp.asarray(input_mask),
+          "segment_ids": jnp.asarray((np.arange(t)[None] >= lengths[:, None] // 2) * input_mask,
+                                     jnp.int32),
+          "masked_positions": jnp.asarray(positions, jnp.int32),
+          "masked_ids": jnp.asarray(masked_ids, jnp.int32),
+          "masked_weights": jnp.asarray(weights, jnp.float32)}
+
+
+def _init(config, batch):
+  model = models.build_model(config)
+  params = model.init(jax.random.key(0), batch["input_ids"], batch["segment_ids"],
+                      batch["input_mask"], batch["masked_positions"])["params"]
+  return model, params
+
+
+def test_script_gradients_flow_through_both_passes_and_not_through_the_sample():
+  config = load_config("tiny")
+  batch = _random_batch(config, 4, seed=5)
+  model, params = _init(config, batch)
+  rng = jax.random.key(7)
+  loss_fn = functools.partial(objectives.script_objective, model=model, config=config)
+  grads = jax.grad(lambda p: loss_fn(p, batch, rng)[0])(params)
+
+  # Rebuild the same step with the sample frozen as a constant input.
+  _, _, sample_rng = jax.random.split(rng, 3)
+  table, bias = model.apply({"params": params}, method=model.output_embedding)
+  feats = model.apply({"params": params}, batch["input_ids"], batch["segment_ids"],
+                      batch["input_mask"], batch["masked_positions"])
+  sampled_ids, is_original, _ = objectives._sample_replacements(  # pylint: disable=protected-access
+      sample_rng, models.tied_logits(feats, table, bias), batch, config.script.temperature)
+
+  def pass1(p):
+    t, b = model.apply({"params": p}, method=model.output_embedding)
+    f = model.apply({"params": p}, batch["input_ids"], batch["segment_ids"], batch["input_mask"],
+                    batch["masked_positions"])
+    return objectives.mlm_loss(models.tied_logits(f, t, b), batch["masked_ids"],
+                               batch["masked_weights"])[0]
+
+  def pass2(p):
+    t, b = model.apply({"params": p}, method=model.output_embedding)
+    f = model.apply({"params": p}, sampled_ids, batch["segment_ids"], batch["input_mask"])
+    lse = objectives.critic_logsumexp(f, t, b)
+    return config.script.alpha * objectives.binary_disc_loss(
+        lse, is_original, batch["input_mask"].astype(jnp.float32))[0]
+
+  g1, g2 = jax.grad(pass1)(params), jax.grad(pass2)(params)
+  layer_kernel = lambda g: g["encoder"]["layer_0"]["intermediate"]["kernel"]
+  assert float(jnp.abs(layer_kernel(g1)).sum()) > 0  # MLM pass reaches the encoder
+  assert float(jnp.abs(layer_kernel(g2)).sum()) > 0  # critic pass reaches the encoder
+  expected = jax.tree.map(jnp.add, g1, g2)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
+
+
+def test_script_and_mlm_have_identical_parameter_trees():
+  shapes = {}
+  for objective in ("script", "mlm"):
+    config = load_config("small", objective=objective)
+    model = models.build_model(config)
+    b = {k: jnp.zeros((1, config.seq_len), jnp.int32) for k in ("ids", "seg", "mask")}
+    pos = jnp.zeros((1, config.mask.max_predictions_per_seq), jnp.int32)
+    tree = jax.eval_shape(model.init, jax.random.key(0), b["ids"], b["seg"], b["mask"], pos)
+    shapes[objective] = jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+  assert shapes["script"] == shapes["mlm"]
+
+
+def _param_shapes(config):
+  model = models.build_model(config)
+  z = jnp.zeros((1, config.seq_len), jnp.int32)
+  pos = jnp.zeros((1, config.mask.max_predictions_per_seq), jnp.int32)
+  return jax.eval_shape(model.init, jax.random.key(0), z, z, z, pos)["params"]
+
+
+@pytest.mark.parametrize("name,low,high", [("small", 13e6, 15e6), ("base", 105e6, 115e6)])
+def test_parameter_counts_match_the_paper(name, low, high):
+  config = load_config(name)
+  count = sum(x.size for x in jax.tree.leaves(_param_shapes(config)))
+  assert low < count < high
+  assert count == models.encoder_config_from(config.model).num_params()
+
+
+def test_electra_generator_sizes():
+  params = _param_shapes(load_config("small", objective="electra"))
+  gen, disc = params["generator"], params["discriminator"]
+  assert gen["embeddings_project"]["kernel"].shape == (128, 64)
+  assert gen["layer_0"]["intermediate"]["kernel"].shape == (64, 256)
+  assert gen["layer_0"]["attention"]["query"]["kernel"].shape == (64, 1, 64)  # 1 head of 64
+  assert len([k for k in gen if k.startswith("layer_")]) == 12
+  assert disc["layer_0"]["intermediate"]["kernel"].shape == (256, 1024)
+  # One embedding table, shared by generator and discriminator.
+  assert params["embeddings"]["word_embeddings"]["embedding"].shape == (30522, 128)
+  assert params["generator_head"]["dense"]["kernel"].shape == (64, 128)
+  assert params["disc_output"]["kernel"].shape == (256, 1)
+
+
+@pytest.mark.parametrize("objective", ["script", "electra", "mlm"])
+def test_bfloat16_compute_keeps_float32_params_and_close_loss(objective):
+  batch = _random_batch(load_config("tiny"), 2, seed=6)
+  losses = {}
+  for dtype in ("float32", "bfloat16"):
+    config = load_config("tiny", objective=objective, **{"model.dtype": dtype})
+    model, params = _init(config, batch)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    loss, _ = objectives.get_objective(objective)(params, batch, jax.random.key(0), model=model,
+                                                  config=config)
+    losses[dtype] = float(loss)
+  assert np.isfinite(losses["bfloat16"])
+  np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.05)
+
+
+def test_unknown_objective_is_a_clear_error():
+  with pytest.raises(ValueError, match="Unknown objective 'gan'.*script, electra, mlm"):
+    objectives.get_objective("gan")
