@@ -98,7 +98,9 @@ def create_mesh(config, devices=None) -> jax.sharding.Mesh:
   devices = jax.devices() if devices is None else devices
   model_axis = config.mesh.model
   data_axis = config.mesh.data if config.mesh.data > 0 else len(devices) // model_axis
-  return jax.make_mesh((data_axis, model_axis), ("data", "model"), devices=devices)
+  # Auto axes: XLA propagates the shardings (make_mesh defaults to Explicit in new JAX).
+  return jax.make_mesh((data_axis, model_axis), ("data", "model"), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 # ----------------------------------------------------------------------------- state and step
@@ -182,7 +184,7 @@ def make_train_step(config, model, state_sharding, mesh):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
     metrics["loss"] = loss
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = schedule(state.step)
     return state.apply_gradients(grads=grads), metrics
 
