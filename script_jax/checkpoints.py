@@ -108,3 +108,15 @@ def load_pretrained(workdir: str, step: int | None = None):
                                                                    jax.random.key(0)))
   state = restore_state(manager, step, abstract_state)
   return config, model, state.params
+
+
+def encoder_params(config, params) -> dict:
+  """The transformer encoder that fine-tuning builds on, in one layout for every objective.
+
+  Returns {"embeddings": ..., "encoder": ...}, the parameters `models.MaskedLM.encode` uses:
+  for script and mlm the model itself, for electra the discriminator (the generator is dropped,
+  as ELECTRA does after pretraining).
+  """
+  if config.objective == "electra":
+    return {"embeddings": params["embeddings"], "encoder": params["discriminator"]}
+  return {"embeddings": params["embeddings"], "encoder": params["encoder"]}

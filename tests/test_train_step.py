@@ -70,3 +70,16 @@ def test_inconsistent_configs_are_clear_errors(override, message):
   config = load_config("tiny", **override)
   with pytest.raises(train.ConfigError, match=message):
     train.validate_config(config)
+
+
+def test_encoder_params_have_one_layout_whatever_the_objective():
+  from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  trees = {}
+  for objective in ("script", "electra", "mlm"):
+    config = load_config("tiny", objective=objective)
+    model = models.build_model(config)
+    abstract = jax.eval_shape(lambda m=model, c=config: train.create_train_state(
+        c, m, jax.random.key(0)).params)
+    trees[objective] = jax.tree.map(lambda x: x.shape,
+                                    checkpoints.encoder_params(config, abstract))
+  assert trees["script"] == trees["electra"] == trees["mlm"]
