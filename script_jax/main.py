@@ -4,7 +4,8 @@
   python -m script_jax.main --config=configs/small.py --config.objective=electra --workdir=...
 
 Resumes from WORKDIR's latest checkpoint when there is one. On a multi-host TPU VM pod slice pass
---distributed so every host joins `jax.distributed` before anything else touches JAX.
+--distributed so every host joins `jax.distributed` before anything else touches JAX (see
+launch/). SIGTERM (a preempted VM) saves a checkpoint and exits cleanly.
 """
 
 import sys
@@ -18,16 +19,31 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and prepared data.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() first (multi-host). On TPU VMs and SLURM "
+                  "the cluster is detected; elsewhere also pass the three flags below.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries:
+  """Drops the INFO chatter of orbax and friends from the console; warnings still show."""
+  NOISY = ("/orbax/", "/jax/_src/", "replica_slices", "/tensorstore/")
+
+  def filter(self, record):
+    return record.levelno >= 30 or not any(n in record.pathname for n in self.NOISY)
+
+
 def main(argv):
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # tf.data only: leave the accelerators to JAX
   from script_jax import cli_errors, train  # pylint: disable=g-import-not-at-top

@@ -20,7 +20,6 @@ from typing import Any
 from absl import logging
 from clu import metric_writers
 from clu import parameter_overview
-from clu import periodic_actions
 import flax
 from flax.training import train_state
 import jax
@@ -279,14 +278,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   train_step = make_train_step(config, model, state_sharding, mesh)
 
   is_chief = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  # TensorBoard on process 0; the console gets one progress line per log step (below).
+  writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir) if is_chief
+                                      else metric_writers.MultiWriter([]))
   if start_step == 0:
     writer.write_hparams(dict(flax.traverse_util.flatten_dict(json.loads(config.to_json()),
                                                               sep=".")))
   jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl"), start_step, is_chief)
-  report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
-                                                    writer=writer, every_secs=None,
-                                                    every_steps=config.log_every_steps)
   stop_requested = []
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
 
@@ -334,7 +332,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         absorb(*pending)
       pending = (step, metrics)
       step += 1
-      report_progress(step)
       stopping = bool(stop_requested) or manager.reached_preemption(step)
       must_log = step % config.log_every_steps == 0 or step == config.num_train_steps
       if must_log or stopping or manager.should_save(step):
