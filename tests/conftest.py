@@ -3,9 +3,12 @@
 import os
 import sys
 
-# Must be set before JAX is imported anywhere.
+# Must be set before JAX is imported anywhere. On a busy 2-core machine one of the eight device
+# threads can reach a collective long after the others: wait instead of aborting at 40 s.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=1200"
+                           " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
