@@ -11,6 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["script_jax", "script_jax.*"]),
+    package_data={"script_jax": ["assets/*"]},
     install_requires=[
         "jax>=0.5",
         "flax>=0.10",
@@ -25,6 +26,8 @@ setup(
         "clu>=0.0.12",
         "jiwer>=3.0",
         "numpy>=1.26",
+        "absl-py>=1.0",
+        "importlib_resources",  # TFDS's own builders need it and do not always pull it in
     ],
     extras_require={
         "test": ["pytest>=8"],

@@ -31,4 +31,5 @@ def get_config(arg=None):
   c.electra.generator_num_heads = 4
   c.electra.generator_intermediate_size = 1024
   c.data.tokenizer = "wordpiece"
+  c.data.vocab_file = config_lib.BERT_UNCASED_VOCAB
   return c

@@ -31,5 +31,6 @@ def get_config(arg=None):
   c.electra.generator_hidden_size = 64
   c.electra.generator_num_heads = 1
   c.electra.generator_intermediate_size = 256
-  c.data.tokenizer = "wordpiece"  # ELECTRA's BERT-uncased vocab, 30522 entries
+  c.data.tokenizer = "wordpiece"
+  c.data.vocab_file = config_lib.BERT_UNCASED_VOCAB  # ELECTRA's BERT-uncased vocab, 30522 entries
   return c

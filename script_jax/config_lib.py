@@ -4,9 +4,14 @@ Config files in configs/ start from `base_config()` and write out the paper's nu
 Every key here can be overridden from the command line, e.g. `--config.objective=electra`.
 """
 
+import os
+
 import ml_collections
 
 OBJECTIVES = ("script", "electra", "mlm")
+# ELECTRA's (and BERT's) uncased WordPiece vocab, shipped with the package (Apache-2.0).
+BERT_UNCASED_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
+                                  "bert_uncased_vocab.txt")
 
 
 def max_predictions_for(seq_len: int, mask_prob: float = 0.15) -> int:
@@ -64,7 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = ""  # "" = the embedded default corpus; else text files/folders or "tfds:NAME"
   c.data.prepared_dir = ""  # "" = WORKDIR/data
-  c.data.tokenizer = "sentencepiece"  # "sentencepiece" (trained on the corpus) or "wordpiece"
+  # "sentencepiece" (unigram, trained on the corpus), "sentencepiece_bpe", or "wordpiece"
+  c.data.tokenizer = "sentencepiece"
   c.data.vocab_file = ""  # a vocab.txt (wordpiece) or a .model (sentencepiece) to use as is
   c.data.num_shards = 8
   c.data.shuffle_buffer = 10_000

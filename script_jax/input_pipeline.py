@@ -1,0 +1,223 @@
+"""Prepared shards to per-host batches of dynamically masked sequences, as a tf.data pipeline.
+
+  metadata = prepare_data.prepare_pretraining_data(config, workdir)
+  ds = input_pipeline.create_pretraining_dataset(config, metadata, data_dir, start_step=step,
+                                                 process_index=jax.process_index(),
+                                                 process_count=jax.process_count())
+  for batch in ds.as_numpy_iterator(): ...
+
+Each host reads its own shards (shards[process_index::process_count]), shuffles them with
+config.seed, repeats them without end, and batches config.batch_size // process_count sequences
+with static shapes. Masking (BERT's, Devlin et al., 2019, Section 3.1) is done in the graph on
+whole batches, seeded by (config.seed, process index, step) with stateless random ops: the same
+seed gives the same batches, and `start_step=N` gives exactly the batches an uninterrupted run
+gives from step N, without reading through the first N.
+
+A batch (B = per-host batch size, T = config.seq_len, P = config.mask.max_predictions_per_seq):
+  input_ids        int32 [B, T]  the masked input
+  input_mask       int32 [B, T]  1 for tokens, 0 for padding
+  segment_ids      int32 [B, T]  0 for [CLS] A [SEP], 1 for B [SEP]
+  masked_positions int32 [B, P]  positions chosen for prediction, ascending; 0 in unused slots
+  masked_ids       int32 [B, P]  the ORIGINAL ids there; 0 in unused slots
+  masked_weights float32 [B, P]  1.0 for a prediction, 0.0 for an unused slot
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from script_jax import prepare_data
+from script_jax.corpus import DataError
+
+_EPOCHS = 2**62  # "repeat forever" as a range, so an epoch's number can seed its shuffle
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskingSpec:
+  """What masking needs to know: the config's mask.* and the tokenizer's ids."""
+  vocab_size: int
+  special_ids: tuple[int, ...]  # never masked, never used as random replacements
+  pad_id: int
+  mask_id: int
+  mask_prob: float = 0.15
+  max_predictions: int = 20
+  mask_token_prob: float = 0.8
+  random_token_prob: float = 0.1
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, metadata: dict) -> "MaskingSpec":
+    special = metadata["special_ids"]
+    return cls(vocab_size=metadata["vocab_size"],
+               special_ids=tuple(sorted(set(special.values()))),
+               pad_id=special["pad"], mask_id=special["mask"],
+               mask_prob=config.mask.mask_prob,
+               max_predictions=config.mask.max_predictions_per_seq,
+               mask_token_prob=config.mask.mask_token_prob,
+               random_token_prob=config.mask.random_token_prob)
+
+
+def mask_batch(input_ids_BxT: tf.Tensor, seed: tf.Tensor, spec: MaskingSpec) -> dict:
+  """BERT's masking of a batch, vectorised; a pure function of (ids, seed).
+
+  In each sequence, round(mask_prob * n) of its n non-special, non-padding tokens (at least 1,
+  at most spec.max_predictions, never more than n) are chosen uniformly at random. Each chosen
+  token becomes [MASK] with probability mask_token_prob, a random non-special token with
+  probability random_token_prob, and stays as it is otherwise.
+
+  Args:
+    input_ids_BxT: int32 token ids.
+    seed: int32/int64 [2], the seed of tf.random.stateless_*.
+    spec: see MaskingSpec.
+
+  Returns:
+    input_ids, input_mask, masked_positions, masked_ids, masked_weights (see the module
+    docstring).
+  """
+  input_ids_BxT = tf.cast(input_ids_BxT, tf.int32)
+  batch_size, seq_len = tf.shape(input_ids_BxT)[0], tf.shape(input_ids_BxT)[1]
+  num_predictions = spec.max_predictions
+  is_special_V = np.zeros(spec.vocab_size, bool)
+  is_special_V[list(spec.special_ids)] = True
+  normal_ids_N = np.flatnonzero(~is_special_V).astype(np.int32)
+  select_seed, action_seed, random_id_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 3))
+
+  input_mask_BxT = tf.not_equal(input_ids_BxT, spec.pad_id)
+  is_candidate_BxT = tf.logical_and(tf.logical_not(tf.gather(is_special_V, input_ids_BxT)),
+                                    input_mask_BxT)
+  num_candidates_B = tf.reduce_sum(tf.cast(is_candidate_BxT, tf.int32), axis=-1)
+  num_to_mask_B = tf.cast(tf.round(tf.cast(num_candidates_B, tf.float32) * spec.mask_prob),
+                          tf.int32)
+  num_to_mask_B = tf.minimum(tf.clip_by_value(num_to_mask_B, 1, num_predictions), num_candidates_B)
+
+  # A uniform random subset of k candidates: the k candidates with the highest random scores.
+  scores_BxT = tf.where(is_candidate_BxT,
+                        tf.random.stateless_uniform([batch_size, seq_len], select_seed), -1.0)
+  _, top_positions_BxP = tf.math.top_k(scores_BxT, k=num_predictions)
+  is_real_BxP = tf.range(num_predictions)[None, :] < num_to_mask_B[:, None]
+  # Ascending positions, as BERT writes them; unused slots sort last (seq_len), then become 0.
+  positions_BxP = tf.sort(tf.where(is_real_BxP, top_positions_BxP, seq_len), axis=-1)
+  positions_BxP = tf.where(is_real_BxP, positions_BxP, 0)
+  original_ids_BxP = tf.gather(input_ids_BxT, positions_BxP, batch_dims=1)
+
+  action_BxP = tf.random.stateless_uniform([batch_size, num_predictions], action_seed)
+  to_mask_token_BxP = action_BxP < spec.mask_token_prob
+  to_random_token_BxP = tf.logical_and(
+      action_BxP >= spec.mask_token_prob,
+      action_BxP < spec.mask_token_prob + spec.random_token_prob)
+  random_ids_BxP = tf.gather(normal_ids_N, tf.random.stateless_uniform(
+      [batch_size, num_predictions], random_id_seed, minval=0, maxval=len(normal_ids_N),
+      dtype=tf.int32))
+  new_ids_BxP = tf.where(to_mask_token_BxP, spec.mask_id,
+                         tf.where(to_random_token_BxP, random_ids_BxP, original_ids_BxP))
+  # Write the replacements as a sum of deltas: unused slots add 0 at position 0, so duplicate
+  # indices are harmless.
+  delta_BxP = tf.where(is_real_BxP, new_ids_BxP - original_ids_BxP, 0)
+  batch_index_BxP = tf.broadcast_to(tf.range(batch_size)[:, None], [batch_size, num_predictions])
+  indices_BxPx2 = tf.stack([batch_index_BxP, positions_BxP], axis=-1)
+  masked_input_ids_BxT = input_ids_BxT + tf.scatter_nd(indices_BxPx2, delta_BxP,
+                                                       [batch_size, seq_len])
+  return {
+      "input_ids": masked_input_ids_BxT,
+      "input_mask": tf.cast(input_mask_BxT, tf.int32),
+      "masked_positions": positions_BxP,
+      "masked_ids": tf.where(is_real_BxP, original_ids_BxP, 0),
+      "masked_weights": tf.cast(is_real_BxP, tf.float32),
+  }
+
+
+def parse_batch(serialized_B: tf.Tensor, seq_len: int) -> dict:
+  """Serialized tf.train.Examples -> input_ids, segment_ids int32 [B, seq_len]."""
+  features = {"input_ids": tf.io.FixedLenFeature([seq_len], tf.int64),
+              "segment_ids": tf.io.FixedLenFeature([seq_len], tf.int64)}
+  parsed = tf.io.parse_example(serialized_B, features)  # one op for the whole batch: fast
+  return {k: tf.cast(v, tf.int32) for k, v in parsed.items()}
+
+
+def _epoch_records(files: list[str], seed: int, shuffle_buffer: int):
+  """A function epoch -> that epoch's shuffled serialized records; depends on (seed, epoch) only."""
+
+  def records(epoch):
+    epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
+    file_seed, buffer_seed = tf.unstack(tf.random.experimental.stateless_split(epoch_seed, 2))
+    shuffled_files = tf.random.experimental.stateless_shuffle(tf.constant(files), file_seed)
+    ds = tf.data.Dataset.from_tensor_slices(shuffled_files).interleave(
+        tf.data.TFRecordDataset, cycle_length=min(len(files), 16), block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # An int64 drawn from (seed, epoch): each epoch its own, reproducible order.
+    shuffle_seed = tf.random.stateless_uniform([], buffer_seed, minval=None, maxval=None,
+                                               dtype=tf.int64)
+    return ds.shuffle(max(shuffle_buffer, 1), seed=shuffle_seed, reshuffle_each_iteration=False)
+
+  return records
+
+
+def create_pretraining_dataset(config: ml_collections.ConfigDict, metadata: dict, data_dir: str,
+                               start_step: int = 0, process_index: int = 0,
+                               process_count: int = 1) -> tf.data.Dataset:
+  """This host's endless, deterministic stream of masked batches (see the module docstring).
+
+  Args:
+    config: uses seed, seq_len, batch_size (global), mask.* and data.shuffle_buffer.
+    metadata: of the prepared data (prepare_data.prepare / load_metadata).
+    data_dir: the folder with the shards.
+    start_step: the first batch is the one an uninterrupted run yields at this step.
+    process_index, process_count: this host and the number of hosts (jax.process_*()).
+  """
+  prepare_data.check_metadata_matches(config, metadata, data_dir=data_dir)
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise DataError(f"process_index={process_index} of process_count={process_count}.")
+  if config.batch_size % process_count:
+    raise DataError(f"config.batch_size={config.batch_size} does not divide evenly over "
+                    f"{process_count} processes; use a multiple of {process_count}.")
+  per_host_batch = config.batch_size // process_count
+  shards = metadata["shards"]
+  if len(shards) < process_count:
+    raise DataError(f"{data_dir} has {len(shards)} shards but there are {process_count} "
+                    "processes, each of which needs its own: prepare it again with "
+                    f"--config.data.num_shards={process_count} (or a multiple).")
+  host_shards = shards[process_index::process_count]
+  examples_per_epoch = sum(s["num_examples"] for s in host_shards)
+  if examples_per_epoch == 0:
+    raise DataError(f"Process {process_index}'s shards of {data_dir} are empty; add text or use "
+                    "fewer shards.")
+  max_predictions = config.mask.max_predictions_per_seq
+  if not 1 <= max_predictions <= config.seq_len:
+    raise DataError(f"config.mask.max_predictions_per_seq={max_predictions}; it must be between "
+                    f"1 and config.seq_len={config.seq_len}.")
+  files = [os.path.join(data_dir, s["file"]) for s in host_shards]
+  missing = [f for f in files if not tf.io.gfile.exists(f)]
+  if missing:
+    raise DataError(f"Shards listed in {data_dir}/metadata.json are missing: {missing[:3]}. "
+                    "Prepare the data again.")
+  if start_step < 0:
+    raise DataError(f"start_step={start_step}")
+
+  spec = MaskingSpec.from_config(config, metadata)
+  seq_len = config.seq_len
+  host_seed = tf.constant([config.seed, process_index], tf.int64)
+
+  def masked_batch(step, serialized_B):
+    batch = parse_batch(serialized_B, seq_len)
+    seed = tf.random.experimental.stateless_fold_in(host_seed, step)
+    masked = mask_batch(batch["input_ids"], seed, spec)
+    masked["segment_ids"] = batch["segment_ids"]
+    return masked
+
+  # Resume without replaying: whole epochs are skipped by their number, the rest record by record.
+  start_epoch, offset = divmod(start_step * per_host_batch, examples_per_epoch)
+  ds = tf.data.Dataset.range(start_epoch, _EPOCHS).flat_map(
+      _epoch_records(files, config.seed, config.data.shuffle_buffer))
+  ds = ds.skip(offset)
+  ds = ds.batch(per_host_batch, drop_remainder=True)
+  ds = ds.enumerate(start=start_step)  # the step numbers seed the masking
+  ds = ds.map(masked_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  options = tf.data.Options()
+  options.deterministic = True
+  ds = ds.with_options(options)
+  return ds.prefetch(tf.data.AUTOTUNE)
