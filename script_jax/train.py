@@ -163,12 +163,10 @@ def init_state(config, model, mesh):
   return state, state_sharding
 
 
-def abstract_state_with(state_sharding, config, model):
-  """ShapeDtypeStructs carrying the target shardings, for orbax restore."""
-  abstract = jax.eval_shape(functools.partial(create_train_state, config, model),
-                            jax.random.key(config.seed))
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, state_sharding)
+def abstract_like(state):
+  """ShapeDtypeStructs with the shardings of `state` (the orbax restore target)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      state)
 
 
 def make_train_step(config, model, state_sharding, mesh):
@@ -261,8 +259,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   manager = checkpoints.make_manager(workdir, config)
   latest = manager.latest_step()
   if latest is not None:
-    state = checkpoints.restore_state(manager, latest,
-                                      abstract_state_with(state_sharding, config, model))
+    state = checkpoints.restore_state(manager, latest, abstract_like(state))
     logging.info("Resumed from %s at step %d", manager.directory, latest)
   elif config.get("init_from"):
     _, _, pretrained = checkpoints.load_pretrained(config.init_from)
@@ -334,12 +331,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       step += 1
       stopping = bool(stop_requested) or manager.reached_preemption(step)
       must_log = step % config.log_every_steps == 0 or step == config.num_train_steps
-      if must_log or stopping or manager.should_save(step):
+      must_save = (stopping or step % config.checkpoint_every_steps == 0
+                   or step == config.num_train_steps)
+      if must_log or must_save:
         absorb(*pending)  # never save or log a state whose step went NaN
         pending = None
       if must_log:
         log(step)
-      if stopping or manager.should_save(step) or step == config.num_train_steps:
+      if must_save:
         manager.save(step, args=checkpoints.ocp.args.StandardSave(state), force=True)
       if stopping:
         logging.warning("Stop requested (SIGTERM or preemption): saved step %d, exiting.", step)

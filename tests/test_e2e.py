@@ -1,0 +1,167 @@
+"""End to end through the real entry point: tiny runs, exact resume, SIGTERM, kill -9, errors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT, load_config, run_main
+
+from script_jax import checkpoints
+from script_jax import prepare_data
+
+FAST = ["--config=configs/tiny.py", "--config.num_train_steps=40",
+        "--config.checkpoint_every_steps=20", "--config.log_every_steps=10",
+        "--config.batch_size=8", "--config.keep_checkpoints=5", "--config.optim.warmup_steps=10"]
+
+
+@pytest.fixture(scope="module")
+def shared_data(tmp_path_factory):
+  """The embedded corpus prepared once for this module (as the first run of main does)."""
+  workdir = tmp_path_factory.mktemp("prep")
+  prepare_data.prepare_pretraining_data(load_config("tiny"), str(workdir))
+  return str(workdir / "data")
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _params(workdir, step=None):
+  return jax.device_get(checkpoints.load_pretrained(str(workdir), step)[2])
+
+
+def _assert_same_params(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("objective", ["script", "electra", "mlm"])
+def test_tiny_run_of_each_objective_through_main(objective, tmp_path, shared_data):
+  result = run_main(FAST + [f"--workdir={tmp_path}", f"--config.objective={objective}",
+                            f"--config.data.prepared_dir={shared_data}"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = _metrics(tmp_path)
+  assert [r["step"] for r in records] == [10, 20, 30, 40]
+  for key in ("loss", "mlm_loss", "mlm_accuracy", "steps_per_sec", "grad_norm",
+              "learning_rate"):
+    assert all(np.isfinite(r[key]) for r in records), key
+  if objective != "mlm":
+    assert all(0 <= r["disc_accuracy"] <= 1 for r in records)
+    assert "replaced_fraction" in records[0]
+  assert records[-1]["mlm_loss"] < records[0]["mlm_loss"]
+  assert "ETA" in result.stderr  # progress on the console
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["20", "40"]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+
+
+def test_resume_after_kill_between_checkpoints_is_exact(tmp_path, shared_data):
+  """2N steps in one go == N steps, a crash after N (checkpoint 2N lost), resume to 2N."""
+  data = f"--config.data.prepared_dir={shared_data}"
+  one_go = tmp_path / "one_go"
+  assert run_main(FAST + [f"--workdir={one_go}", data]).returncode == 0
+  want = _params(one_go)
+
+  # A kill -9 between checkpoints leaves checkpoint N, metrics past N, and no checkpoint 2N.
+  crashed = tmp_path / "crashed"
+  shutil.copytree(one_go, crashed)
+  shutil.rmtree(crashed / "checkpoints" / "40")
+  result = run_main(FAST + [f"--workdir={crashed}", data])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resumed" in result.stderr
+  _assert_same_params(_params(crashed), want)
+  assert [r["step"] for r in _metrics(crashed)] == [10, 20, 30, 40]
+
+
+def _wait_for(predicate, timeout):
+  end = time.time() + timeout
+  while time.time() < end:
+    if predicate():
+      return True
+    time.sleep(0.05)
+  return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_real_signal_mid_run_then_resume_equals_uninterrupted(sig, tmp_path, shared_data):
+  data = f"--config.data.prepared_dir={shared_data}"
+  args = FAST[:1] + ["--config.num_train_steps=400", "--config.checkpoint_every_steps=100",
+                     "--config.log_every_steps=10", "--config.batch_size=8",
+                     "--config.keep_checkpoints=10", data]
+  workdir = tmp_path / "interrupted"
+  env = dict(os.environ, XLA_FLAGS="")
+  proc = subprocess.Popen([sys.executable, "-m", "script_jax.main", *args,
+                           f"--workdir={workdir}"], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  assert _wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, 300)
+  proc.send_signal(sig)
+  _, stderr = proc.communicate(timeout=120)
+  if sig == signal.SIGTERM:
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Stop requested" in stderr
+    saved = checkpoints.make_manager(str(workdir), checkpoints.read_run_config(str(workdir)),
+                                     read_only=True).latest_step()
+    assert saved is not None and 0 < saved < 400
+  else:
+    assert proc.returncode == -signal.SIGKILL
+
+  result = run_main(args + [f"--workdir={workdir}"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  straight = tmp_path / "straight"
+  assert run_main(args + [f"--workdir={straight}"]).returncode == 0
+  _assert_same_params(_params(workdir), _params(straight))
+
+
+def test_unknown_objective_is_a_clear_error_and_writes_nothing(tmp_path):
+  result = run_main(FAST + [f"--workdir={tmp_path / 'w'}", "--config.objective=gan"])
+  assert result.returncode == 2
+  assert "unknown objective 'gan'" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
+  result = run_main(FAST + [f"--workdir={tmp_path}", "--config.batch_size=12"],
+                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert result.returncode == 2
+  assert "batch_size 12 is not divisible by the 8 data-parallel devices" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_workdir_of_a_different_model_is_a_clear_error_and_kept(tmp_path, shared_data):
+  data = f"--config.data.prepared_dir={shared_data}"
+  assert run_main(FAST + [f"--workdir={tmp_path}", data]).returncode == 0
+  before = _params(tmp_path)
+  result = run_main(FAST + [f"--workdir={tmp_path}", data, "--config.model.hidden_size=32",
+                            "--config.num_train_steps=60"])
+  assert result.returncode == 2
+  assert "model.hidden_size: workdir has 64, config asks for 32" in result.stderr
+  assert "Traceback" not in result.stderr
+  _assert_same_params(_params(tmp_path), before)
+
+
+def test_nan_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, shared_data):
+  data = f"--config.data.prepared_dir={shared_data}"
+  assert run_main(FAST + [f"--workdir={tmp_path}", data, "--config.num_train_steps=40",
+                          "--config.checkpoint_every_steps=20"]).returncode == 0
+  good = _params(tmp_path, 40)
+  # Continue the same model with a learning rate that overflows the weights.
+  config = json.loads((tmp_path / "run_config.json").read_text())
+  result = run_main(FAST + [f"--workdir={tmp_path}", data, "--config.num_train_steps=80",
+                            "--config.optim.learning_rate=1e38"])
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "loss nan" in result.stderr.lower() or "inf" in result.stderr.lower()
+  assert "last good checkpoint" in result.stderr
+  manager = checkpoints.make_manager(str(tmp_path), checkpoints.read_run_config(str(tmp_path)),
+                                     read_only=True)
+  assert manager.latest_step() == 40
+  _assert_same_params(_params(tmp_path, 40), good)
+  del config
