@@ -104,8 +104,11 @@ def load_pretrained(workdir: str, step: int | None = None):
     raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: train longer than "
                             "checkpoint_every_steps, or let the run finish.")
   model = models.build_model(config)
-  abstract_state = jax.eval_shape(lambda: train.create_train_state(config, model,
-                                                                   jax.random.key(0)))
+  # Restore onto this process's first device, whatever topology wrote the checkpoint.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract_state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      jax.eval_shape(lambda: train.create_train_state(config, model, jax.random.key(0))))
   state = restore_state(manager, step, abstract_state)
   return config, model, state.params
 
