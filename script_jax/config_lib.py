@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dropout_rate = 0.1
   c.model.attention_dropout_rate = 0.1
   c.model.dtype = "float32"  # "bfloat16": bf16 compute, f32 params, f32 softmax/logsumexp
+  c.model.initializer_range = 0.02  # BERT's truncated-normal stddev
   c.model.remat = False  # rematerialise each transformer layer in the backward pass
   c.model.logsumexp_chunk = 0  # >0: the critic's logsumexp over V in chunks of this many tokens
 

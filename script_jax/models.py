@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-_init = nn.initializers.truncated_normal(stddev=0.02)  # BERT's initializer range
 _LN_EPS = 1e-12  # BERT's LayerNorm epsilon
 
 
@@ -37,6 +36,11 @@ class EncoderConfig:
   attention_dropout_rate: float = 0.1
   dtype: str = "float32"
   remat: bool = False
+  initializer_range: float = 0.02  # BERT's; tiny models need more to learn attention quickly
+
+  @property
+  def init(self):
+    return nn.initializers.truncated_normal(stddev=self.initializer_range)
 
   @property
   def compute_dtype(self) -> Any:
@@ -67,11 +71,11 @@ class Embeddings(nn.Module):
 
   def setup(self):
     c = self.cfg
-    self.word_embeddings = nn.Embed(c.vocab_size, c.embedding_size, embedding_init=_init)
+    self.word_embeddings = nn.Embed(c.vocab_size, c.embedding_size, embedding_init=c.init)
     self.position_embeddings = nn.Embed(c.max_position_embeddings, c.embedding_size,
-                                        embedding_init=_init)
+                                        embedding_init=c.init)
     self.token_type_embeddings = nn.Embed(c.type_vocab_size, c.embedding_size,
-                                          embedding_init=_init)
+                                          embedding_init=c.init)
     self.layer_norm = nn.LayerNorm(epsilon=_LN_EPS)
     self.dropout = nn.Dropout(c.dropout_rate)
 
@@ -95,7 +99,7 @@ class SelfAttention(nn.Module):
   def __call__(self, x_BxTxH: Array, mask_bias_Bx1x1xT: Array, deterministic: bool) -> Array:
     c = self.cfg
     head_dim = c.hidden_size // c.num_heads
-    dense = lambda name: nn.DenseGeneral((c.num_heads, head_dim), kernel_init=_init,
+    dense = lambda name: nn.DenseGeneral((c.num_heads, head_dim), kernel_init=c.init,
                                          dtype=c.compute_dtype, name=name)
     q_BxTxNxD = dense("query")(x_BxTxH)
     k_BxTxNxD = dense("key")(x_BxTxH)
@@ -105,7 +109,7 @@ class SelfAttention(nn.Module):
     probs_BxNxTxT = jax.nn.softmax(scores_BxNxTxT + mask_bias_Bx1x1xT, axis=-1)
     probs_BxNxTxT = nn.Dropout(c.attention_dropout_rate)(probs_BxNxTxT, deterministic=deterministic)
     out_BxTxNxD = jnp.einsum("bnts,bsnd->btnd", probs_BxNxTxT.astype(c.compute_dtype), v_BxTxNxD)
-    return nn.DenseGeneral(c.hidden_size, axis=(-2, -1), kernel_init=_init, dtype=c.compute_dtype,
+    return nn.DenseGeneral(c.hidden_size, axis=(-2, -1), kernel_init=c.init, dtype=c.compute_dtype,
                            name="output")(out_BxTxNxD)
 
 
@@ -120,10 +124,10 @@ class TransformerLayer(nn.Module):
     attn = nn.Dropout(c.dropout_rate)(attn, deterministic=deterministic)
     x_BxTxH = nn.LayerNorm(epsilon=_LN_EPS, dtype=c.compute_dtype, name="attention_norm")(
         x_BxTxH + attn)
-    h_BxTxF = nn.Dense(c.intermediate_size, kernel_init=_init, dtype=c.compute_dtype,
+    h_BxTxF = nn.Dense(c.intermediate_size, kernel_init=c.init, dtype=c.compute_dtype,
                        name="intermediate")(x_BxTxH)
     h_BxTxF = nn.gelu(h_BxTxF, approximate=False)
-    h_BxTxH = nn.Dense(c.hidden_size, kernel_init=_init, dtype=c.compute_dtype,
+    h_BxTxH = nn.Dense(c.hidden_size, kernel_init=c.init, dtype=c.compute_dtype,
                        name="ffn_output")(h_BxTxF)
     h_BxTxH = nn.Dropout(c.dropout_rate)(h_BxTxH, deterministic=deterministic)
     return nn.LayerNorm(epsilon=_LN_EPS, dtype=c.compute_dtype, name="ffn_norm")(x_BxTxH + h_BxTxH)
@@ -137,7 +141,7 @@ class Transformer(nn.Module):
   def __call__(self, x_BxTxE: Array, input_mask_BxT: Array, deterministic: bool) -> Array:
     c = self.cfg
     if c.embedding_size != c.hidden_size:
-      x_BxTxE = nn.Dense(c.hidden_size, kernel_init=_init, dtype=c.compute_dtype,
+      x_BxTxE = nn.Dense(c.hidden_size, kernel_init=c.init, dtype=c.compute_dtype,
                          name="embeddings_project")(x_BxTxE)
     # Large negative (not -inf) so a fully padded row stays finite.
     mask_bias_Bx1x1xT = jnp.where(input_mask_BxT[:, None, None, :] > 0, 0.0, -1e9).astype(
@@ -154,10 +158,13 @@ class MLMHeadTransform(nn.Module):
   """ELECTRA's MLM head before the tied decoder: dense to E, GELU, LayerNorm."""
   embedding_size: int
   dtype: Any = jnp.float32
+  initializer_range: float = 0.02
 
   @nn.compact
   def __call__(self, h_BxNxH: Array) -> Array:
-    x = nn.Dense(self.embedding_size, kernel_init=_init, dtype=self.dtype, name="dense")(h_BxNxH)
+    x = nn.Dense(self.embedding_size,
+                 kernel_init=nn.initializers.truncated_normal(stddev=self.initializer_range),
+                 dtype=self.dtype, name="dense")(h_BxNxH)
     x = nn.gelu(x, approximate=False)
     return nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="layer_norm")(x)
 
@@ -187,7 +194,7 @@ class MaskedLM(nn.Module):
     c = self.cfg
     self.embeddings = Embeddings(c)
     self.encoder = Transformer(c)
-    self.mlm_head = MLMHeadTransform(c.embedding_size, c.compute_dtype)
+    self.mlm_head = MLMHeadTransform(c.embedding_size, c.compute_dtype, c.initializer_range)
     self.output_bias = self.param("output_bias", nn.initializers.zeros, (c.vocab_size,))
 
   def __call__(self, ids_BxT, segment_ids_BxT, input_mask_BxT, positions_BxP=None,
@@ -216,13 +223,14 @@ class ElectraPretrainer(nn.Module):
   def setup(self):
     self.embeddings = Embeddings(self.disc_cfg)
     self.generator = Transformer(self.gen_cfg)
-    self.generator_head = MLMHeadTransform(self.gen_cfg.embedding_size, self.gen_cfg.compute_dtype)
+    g = self.gen_cfg
+    self.generator_head = MLMHeadTransform(g.embedding_size, g.compute_dtype, g.initializer_range)
     self.generator_output_bias = self.param("generator_output_bias", nn.initializers.zeros,
                                             (self.gen_cfg.vocab_size,))
     self.discriminator = Transformer(self.disc_cfg)
-    self.disc_dense = nn.Dense(self.disc_cfg.hidden_size, kernel_init=_init,
+    self.disc_dense = nn.Dense(self.disc_cfg.hidden_size, kernel_init=self.disc_cfg.init,
                                dtype=self.disc_cfg.compute_dtype)
-    self.disc_output = nn.Dense(1, kernel_init=_init, dtype=jnp.float32)
+    self.disc_output = nn.Dense(1, kernel_init=self.disc_cfg.init, dtype=jnp.float32)
 
   def __call__(self, ids_BxT, segment_ids_BxT, input_mask_BxT, positions_BxP,
                deterministic: bool = True):
