@@ -94,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1: all devices not used by the model axis
   c.mesh.model = 1
 
+  # Start from another pretraining workdir's parameters when this workdir has no checkpoint.
+  c.init_from = ""
+
   # Checkpoints and logging.
   c.checkpoint_every_steps = 5_000
   c.keep_checkpoints = 3
