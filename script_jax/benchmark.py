@@ -1,0 +1,421 @@
+"""Iteration rate of SCRIPT, ELECTRA and BERT-MLM train steps under identical settings.
+
+  python -m script_jax.benchmark --config=configs/small.py --batch_size=8 --output=bench.json
+  python -m script_jax.benchmark --config=configs/small.py --objectives=script,electra \
+      --config.model.dtype=bfloat16 --steps=50
+  python -m script_jax.benchmark --config=configs/small.py --objectives=script --memory_only \
+      --config.model.logsumexp_chunk=2048           # batch 128: compile and report memory only
+
+In one process, for each objective: build the sharded state, compile the real train step
+(`train.make_train_step`), warm up, then time `--steps` steps on one fixed random batch that
+stays on the device; the loop never waits on the host, only the end of the window does. The
+table reports steps/s, tokens/s, model FLOPs per step (`flops.py`), achieved FLOP/s and the
+utilisation against the matmul peak measured in the same run, and XLA's memory analysis of the
+compiled step. Paper, Section 3.3 (TPU v3-8, small models): ELECTRA 31.3 it/s, SCRIPT 22.7 it/s,
+a SCRIPT/ELECTRA ratio of 0.725. Benchmarks are run on purpose; they are not tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from script_jax import config_lib
+from script_jax import flops
+from script_jax import models
+from script_jax import train
+
+PAPER_STEPS_PER_SEC = {"electra": 31.3, "script": 22.7}  # TPU v3-8, small models (Sec. 3.3)
+PAPER_SCRIPT_OVER_ELECTRA = PAPER_STEPS_PER_SEC["script"] / PAPER_STEPS_PER_SEC["electra"]
+MIB = 2 ** 20
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a program, so importing stays free)."""
+  config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                  lock_config=True)
+  flags.DEFINE_list("objectives", list(config_lib.OBJECTIVES), "Objectives to time, in order.")
+  flags.DEFINE_integer("batch_size", None, "Global batch size (default: the config's).")
+  flags.DEFINE_integer("steps", 20, "Timed train steps per window.")
+  flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+  flags.DEFINE_integer("repeats", 1, "Timed windows of --steps steps; the fastest is reported.")
+  flags.DEFINE_bool("memory_only", False, "Only compile and report XLA's memory analysis.")
+  flags.DEFINE_integer("peak_size", 2048, "n of the n x n x n matmul that measures the peak.")
+  flags.DEFINE_integer("peak_iters", 10, "Chained matmuls per peak measurement window.")
+  flags.DEFINE_string("output", None, "Write the results as JSON to this path.")
+  flags.mark_flags_as_required(["config"])
+
+
+def _print(message: str) -> None:
+  print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A full-length masked batch: random ids, P distinct masked positions per sequence.
+
+  The values do not change the speed (shapes are static); every prediction slot is used.
+  """
+  rng = np.random.default_rng(seed)
+  t, p, v = config.seq_len, config.mask.max_predictions_per_seq, config.model.vocab_size
+  ids = rng.integers(5, v, size=(batch_size, t), dtype=np.int32)
+  positions = np.sort(np.stack([rng.choice(np.arange(1, t - 1), size=p, replace=False)
+                                for _ in range(batch_size)]), axis=1).astype(np.int32)
+  masked_ids = np.take_along_axis(ids, positions, axis=1)
+  masked_input = ids.copy()
+  np.put_along_axis(masked_input, positions, 4, axis=1)  # a [MASK]-like id
+  return {
+      "input_ids": masked_input,
+      "input_mask": np.ones((batch_size, t), np.int32),
+      "segment_ids": (np.arange(t)[None] >= t // 2).repeat(batch_size, 0).astype(np.int32),
+      "masked_positions": positions,
+      "masked_ids": masked_ids,
+      "masked_weights": np.ones((batch_size, p), np.float32),
+  }
+
+
+def with_settings(config, objective: str, batch_size: int | None = None):
+  """A copy of `config` for one objective (and batch size), the rest untouched."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.objective = objective
+    if batch_size is not None:
+      config.batch_size = batch_size
+  return config
+
+
+# ----------------------------------------------------------------------------- the peak
+
+def measure_matmul_peak(mesh, size: int = 2048, iters: int = 10, dtype: str = "float32",
+                        windows: int = 2) -> dict[str, Any]:
+  """FLOP/s of chained n x n x n jitted matmuls, one per device (the same devices as the step).
+
+  Each device multiplies its own [n, n] block (sharded over every device of `mesh`), so the
+  figure is the aggregate peak the train step could reach. Best of `windows` windows.
+  """
+  devices = mesh.devices.reshape(-1)
+  flat = jax.sharding.Mesh(devices, ("d",))
+  sharding = jax.sharding.NamedSharding(flat, jax.sharding.PartitionSpec("d"))
+  d = len(devices)
+  key_a, key_b = jax.random.split(jax.random.key(0))
+  a = jax.device_put(jax.random.normal(key_a, (d, size, size), dtype), sharding)
+  # Scaled so a chain of products stays O(1) and never overflows.
+  b = jax.device_put(jax.random.normal(key_b, (d, size, size), dtype) / math.sqrt(size), sharding)
+  matmul = jax.jit(lambda x, y: jnp.einsum("dij,djk->dik", x, y), out_shardings=sharding)
+  jax.block_until_ready(matmul(a, b))  # compile and warm up
+  best, others = math.inf, None
+  for _ in range(windows):
+    share = CpuShare()
+    start = time.perf_counter()
+    x = a
+    for _ in range(iters):
+      x = matmul(x, b)
+    jax.block_until_ready(x)
+    seconds = time.perf_counter() - start
+    if seconds < best:
+      best, others = seconds, share.others()
+  flop = iters * d * 2 * size ** 3
+  return {"flops_per_sec": flop / best, "size": size, "iters": iters, "dtype": dtype,
+          "num_devices": d, "seconds": best, "others_cpu_share": others}
+
+
+# ----------------------------------------------------------------------------- one objective
+
+class CpuShare:
+  """The share of the machine's CPUs that other processes used during a window (Linux).
+
+  On a shared machine this says how far a window's figures can be trusted: 0 is a quiet
+  machine, 0.5 means others kept half of the cores busy. None where /proc/stat is missing.
+  """
+
+  def __init__(self):
+    self._start = self._snapshot()
+
+  @staticmethod
+  def _snapshot():
+    try:
+      with open("/proc/stat") as f:
+        jiffies = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+      return None
+    busy = (sum(jiffies) - jiffies[3] - jiffies[4]) / os.sysconf("SC_CLK_TCK")
+    own = sum(os.times()[:2])  # this process's user + system seconds
+    return busy, own, time.perf_counter()
+
+  def others(self) -> float | None:
+    end = self._snapshot()
+    if self._start is None or end is None:
+      return None
+    busy, own, wall = (e - s for e, s in zip(end, self._start))
+    return max(0.0, (busy - own) / max(wall * (os.cpu_count() or 1), 1e-9))
+
+
+def _memory(compiled) -> dict[str, int]:
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return {}
+  names = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+           "alias_size_in_bytes", "generated_code_size_in_bytes", "peak_memory_in_bytes")
+  return {n: int(getattr(stats, n)) for n in names if hasattr(stats, n)}
+
+
+def _xla_flops(compiled) -> float | None:
+  """XLA's own count (all ops, per device); None where the backend gives none."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def benchmark_objective(config, objective: str, *, batch_size: int | None = None, steps: int = 20,
+                        warmup: int = 3, repeats: int = 1, memory_only: bool = False,
+                        mesh=None, compiler_options: dict[str, Any] | None = None,
+                        log: Callable[[str], None] = _print) -> dict[str, Any]:
+  """Compiles and times `objective`'s real train step; returns its figures (see module doc).
+
+  `compiler_options` go to XLA's compile; e.g. {"xla_backend_optimization_level": 0} compiles
+  faster on CPU (slower code, the same buffers: memory figures are unchanged).
+  """
+  config = with_settings(config, objective, batch_size)
+  mesh = train.create_mesh(config) if mesh is None else mesh
+  train.validate_config(config, num_devices=mesh.devices.size)
+  b, t = config.batch_size, config.seq_len
+  model = models.build_model(config)
+
+  start = time.perf_counter()
+  if memory_only:
+    # Compiling needs only shapes: trace the sharded init abstractly (nothing is allocated).
+    shardings = []
+
+    def init():
+      state, state_sharding = train.init_state(config, model, mesh)
+      shardings.append(state_sharding)
+      return state
+    state = jax.eval_shape(init)
+    state_sharding = shardings[0]
+  else:
+    state, state_sharding = train.init_state(config, model, mesh)
+    jax.block_until_ready(state)
+  num_params = int(sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)))
+  log(f"[{objective}] state {'traced' if memory_only else 'initialised'} "
+      f"({num_params:,} parameters) in {time.perf_counter() - start:.1f} s")
+
+  local = b // jax.process_count()
+  batch = train.to_global_batch(random_batch(config, local, seed=jax.process_index()), mesh)
+  train_step = train.make_train_step(config, model, state_sharding, mesh)
+  start = time.perf_counter()
+  traced = train_step.trace(state, batch)
+  compiled = traced.lower().compile(compiler_options=compiler_options)
+  compile_s = time.perf_counter() - start
+  memory = _memory(compiled)
+  model_flops = flops.train_step_flops(config)
+  result = {
+      "objective": objective, "batch_size": b, "seq_len": t, "num_params": num_params,
+      "compile_s": compile_s, "memory": memory,
+      "model_flops_per_step": model_flops["total"],
+      "model_flops_forward": model_flops["forward"],
+      # What the traced program multiplies: above the model FLOPs when it rematerialises.
+      "executed_matmul_flops_per_step": flops.jaxpr_matmul_flops(traced.jaxpr.jaxpr),
+      "xla_flops_per_step_per_device": _xla_flops(compiled),
+  }
+  log(f"[{objective}] compiled in {compile_s:.1f} s; temp "
+      f"{memory.get('temp_size_in_bytes', 0) / MIB:.1f} MiB")
+  if memory_only:
+    return result
+
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch)
+  if warmup:
+    loss = float(metrics["loss"])  # the one host sync, outside the timed windows
+    if not math.isfinite(loss):
+      raise FloatingPointError(f"[{objective}] loss is {loss} after warm-up")
+    result["loss_after_warmup"] = loss
+  jax.block_until_ready(state)
+  log(f"[{objective}] warmed up ({warmup} steps); timing {repeats} x {steps} steps")
+
+  windows, others = [], []
+  for _ in range(repeats):
+    share = CpuShare()
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, _ = compiled(state, batch)
+    jax.block_until_ready(state)
+    windows.append(time.perf_counter() - start)
+    others.append(share.others())
+    busy = f"; other processes used {100 * others[-1]:.0f}% of the CPUs" if others[-1] is not None \
+        else ""
+    log(f"[{objective}] {steps} steps in {windows[-1]:.3f} s ({steps / windows[-1]:.3f} "
+        f"steps/s{busy})")
+  best = int(np.argmin(windows))
+  steps_per_sec = steps / windows[best]
+  result.update(
+      steps=steps, warmup=warmup, window_seconds=windows, others_cpu_share=others,
+      others_cpu_share_best_window=others[best], steps_per_sec=steps_per_sec,
+      tokens_per_sec=steps_per_sec * b * t,
+      model_flops_per_sec=steps_per_sec * model_flops["total"])
+  return result
+
+
+# ----------------------------------------------------------------------------- the whole run
+
+def environment() -> dict[str, Any]:
+  """Where and with what the figures were measured."""
+  import flax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  cpu_model = platform.processor()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu_model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")),
+                       cpu_model)
+  except OSError:
+    pass
+  device = jax.devices()[0]
+  return {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "platform": device.platform, "device_kind": device.device_kind,
+      "num_devices": jax.device_count(), "process_count": jax.process_count(),
+      "cpu_count": os.cpu_count(), "cpu_model": cpu_model,
+      "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+      "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                   "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+                   "optax": optax.__version__, "numpy": np.__version__},
+  }
+
+
+def run_benchmark(config, objectives=config_lib.OBJECTIVES, *, batch_size: int | None = None,
+                  steps: int = 20, warmup: int = 3, repeats: int = 1, memory_only: bool = False,
+                  peak_size: int = 2048, peak_iters: int = 10, devices=None,
+                  compiler_options: dict[str, Any] | None = None,
+                  log: Callable[[str], None] = _print) -> dict[str, Any]:
+  """Every objective under the same settings, plus the matmul peak: the JSON report.
+
+  `devices` (default: all) are the devices of the mesh; memory figures are per device.
+  """
+  for name in objectives:
+    if name not in config_lib.OBJECTIVES:
+      raise ValueError(f"Unknown objective {name!r}; choose from {config_lib.OBJECTIVES}")
+  mesh = train.create_mesh(config, devices)
+  report = environment()
+  report["num_devices"] = int(mesh.devices.size)
+  b = config.batch_size if batch_size is None else batch_size
+  report["settings"] = {
+      "objectives": list(objectives), "batch_size": b, "seq_len": config.seq_len,
+      "max_predictions_per_seq": config.mask.max_predictions_per_seq,
+      "dtype": config.model.dtype, "remat": config.model.remat,
+      "logsumexp_chunk": config.model.logsumexp_chunk, "steps": steps, "warmup": warmup,
+      "repeats": repeats, "memory_only": memory_only, "mesh": dict(mesh.shape),
+      "compiler_options": compiler_options or {},
+      "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  log(f"Benchmark on {report['num_devices']} x {report['device_kind']} ({report['cpu_count']} "
+      f"CPUs, load {report['load_average']}): batch {b} x {config.seq_len}, "
+      f"{config.model.dtype}")
+
+  def peak(when):
+    log(f"Measuring the matmul peak {when} ({peak_size}^3, {config.model.dtype}) ...")
+    measured = measure_matmul_peak(mesh, peak_size, peak_iters, config.model.dtype)
+    log(f"Matmul peak {when}: {measured['flops_per_sec'] / 1e9:.1f} GFLOP/s")
+    return measured
+
+  peaks = [] if memory_only else [peak("before")]
+  results = {}
+  for name in objectives:
+    results[name] = benchmark_objective(
+        config, name, batch_size=batch_size, steps=steps, warmup=warmup, repeats=repeats,
+        memory_only=memory_only, mesh=mesh, compiler_options=compiler_options, log=log)
+  if not memory_only:
+    # Before and after the steps; the higher one is the peak (a conservative utilisation).
+    peaks.append(peak("after"))
+    report["matmul_peak"] = dict(max(peaks, key=lambda p: p["flops_per_sec"]),
+                                 all_flops_per_sec=[p["flops_per_sec"] for p in peaks])
+    for r in results.values():
+      r["utilisation"] = r["model_flops_per_sec"] / report["matmul_peak"]["flops_per_sec"]
+  report["results"] = results
+  if not memory_only and "script" in results and "electra" in results:
+    report["script_over_electra"] = (results["script"]["steps_per_sec"]
+                                     / results["electra"]["steps_per_sec"])
+  report["paper_script_over_electra"] = PAPER_SCRIPT_OVER_ELECTRA
+  report["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+  report["config"] = config.to_dict()
+  return report
+
+
+def percent(share: float | None) -> str:
+  """A CpuShare figure for tables."""
+  return "?" if share is None else f"{100 * share:.0f}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+  """The human-readable summary of `run_benchmark`'s report."""
+  mem_cols = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+              "alias_size_in_bytes")
+  memory_only = report["settings"]["memory_only"]
+  head = f"{'objective':<9} {'compile s':>9} "
+  if not memory_only:
+    head += (f"{'steps/s':>8} {'tokens/s':>9} {'GFLOP/step':>10} {'GFLOP/s':>8} "
+             f"{'util %':>6} {'others %':>8} ")
+  head += f"{'temp MiB':>9} {'args MiB':>9} {'out MiB':>8} {'alias MiB':>9}"
+  lines = [head]
+  for name, r in report["results"].items():
+    line = f"{name:<9} {r['compile_s']:>9.1f} "
+    if not memory_only:
+      line += (f"{r['steps_per_sec']:>8.3f} {r['tokens_per_sec']:>9.0f} "
+               f"{r['model_flops_per_step'] / 1e9:>10.2f} {r['model_flops_per_sec'] / 1e9:>8.1f} "
+               f"{100 * r['utilisation']:>6.1f} {percent(r['others_cpu_share_best_window']):>8} ")
+    line += " ".join(f"{r['memory'].get(c, 0) / MIB:>{w}.1f}"
+                     for c, w in zip(mem_cols, (9, 9, 8, 9)))
+    lines.append(line)
+  if "matmul_peak" in report:
+    p = report["matmul_peak"]
+    lines.append(f"matmul peak: {p['flops_per_sec'] / 1e9:.1f} GFLOP/s "
+                 f"({p['size']}^3 {p['dtype']} on {p['num_devices']} device(s); best of "
+                 f"{', '.join(f'{x / 1e9:.1f}' for x in p['all_flops_per_sec'])} before/after)")
+  if not memory_only:
+    lines.append("others %: CPU share other processes used during the reported window")
+  if "script_over_electra" in report:
+    lines.append(f"SCRIPT/ELECTRA steps/s: {report['script_over_electra']:.3f} "
+                 f"(paper, TPU v3-8: 22.7/31.3 = {report['paper_script_over_electra']:.3f})")
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  report = run_benchmark(FLAGS.config, FLAGS.objectives, batch_size=FLAGS.batch_size,
+                         steps=FLAGS.steps, warmup=FLAGS.warmup, repeats=FLAGS.repeats,
+                         memory_only=FLAGS.memory_only, peak_size=FLAGS.peak_size,
+                         peak_iters=FLAGS.peak_iters)
+  report["command"] = " ".join([os.path.basename(sys.executable), "-m", "script_jax.benchmark",
+                                *sys.argv[1:]])
+  report["config_file"] = config_flags.get_config_filename(FLAGS["config"])
+  _print(format_table(report))
+  if FLAGS.output:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+    with open(FLAGS.output, "w") as f:
+      json.dump(report, f, indent=2, default=str)
+    _print(f"Wrote {FLAGS.output}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,199 @@
+"""The FLOPs count against a hand count and the traced program; the benchmark runs end to end.
+
+No timing is asserted: benchmarks print figures, tests check that the figures are computed.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import ROOT, load_config
+
+from script_jax import benchmark
+from script_jax import flops
+from script_jax import models
+from script_jax import objectives
+from script_jax import train
+
+# configs/tiny.py pinned to the sizes this hand count is written for (E != H, so both encoders
+# project): V 2048, E 32, H 64, F 256, L 2, 2 heads, T 64, P = int(0.155 * 64) = 9;
+# generator H 16, F 64, L 2. Batch B = 2, so B*T = 128 tokens and B*P = 18 predictions.
+PINNED = {"model.vocab_size": 2048, "model.embedding_size": 32, "model.hidden_size": 64,
+          "model.intermediate_size": 256, "model.num_layers": 2, "model.num_heads": 2,
+          "seq_len": 64, "mask.max_predictions_per_seq": 9, "electra.generator_hidden_size": 16,
+          "electra.generator_intermediate_size": 64, "electra.generator_num_layers": 2,
+          "electra.generator_num_heads": 1}
+TINY_ENCODER = {  # one discriminator-sized pass
+    "embeddings_project": 2 * 128 * 32 * 64,
+    "attention_qkv": 2 * 3 * (2 * 128 * 64 * 64),
+    "attention_output": 2 * (2 * 128 * 64 * 64),
+    "attention_scores": 2 * (2 * 128 * 64 * 64),  # 2 layers x 2*(B*T)*T*H
+    "attention_values": 2 * (2 * 128 * 64 * 64),
+    "ffn": 2 * 2 * (2 * 128 * 64 * 256),
+}
+TINY_GENERATOR = {
+    "embeddings_project": 2 * 128 * 32 * 16,
+    "attention_qkv": 2 * 3 * (2 * 128 * 16 * 16),
+    "attention_output": 2 * (2 * 128 * 16 * 16),
+    "attention_scores": 2 * (2 * 128 * 64 * 16),
+    "attention_values": 2 * (2 * 128 * 64 * 16),
+    "ffn": 2 * 2 * (2 * 128 * 16 * 64),
+}
+
+
+def _hand_count(objective):
+  """The forward FLOPs of tiny at batch 2, written out term by term."""
+  enc = sum(TINY_ENCODER.values())  # 29,884,416
+  mlm_pass = enc + 2 * 18 * 64 * 32 + 2 * 18 * 32 * 2048  # head dense and logits at B*P
+  if objective == "mlm":
+    return mlm_pass
+  if objective == "script":
+    critic_pass = enc + 2 * 128 * 64 * 32 + 2 * 128 * 32 * 2048  # head and logits at all B*T
+    return mlm_pass + critic_pass
+  generator = sum(TINY_GENERATOR.values()) + 2 * 18 * 16 * 32 + 2 * 18 * 32 * 2048
+  discriminator = enc + 2 * 128 * 64 * 64 + 2 * 128 * 64 * 1  # dense H->H and H->1 heads
+  return generator + discriminator
+
+
+@pytest.mark.parametrize("objective", ["script", "electra", "mlm"])
+def test_flops_match_a_hand_count_on_tiny(objective):
+  config = load_config("tiny", objective=objective, **PINNED)
+  counted = flops.train_step_flops(config, batch_size=2)
+  assert counted["forward"] == _hand_count(objective)
+  assert counted["backward"] == 2 * _hand_count(objective)  # every pass gets gradients
+  assert counted["total"] == 3 * _hand_count(objective)
+  encoder_part = {k.split("/")[1]: v for k, v in counted["by_component"].items()
+                  if k.startswith(("mlm_pass/", "discriminator/")) and k.split("/")[1]
+                  in TINY_ENCODER}
+  assert encoder_part == TINY_ENCODER
+
+
+def test_flops_literal_totals():
+  # The sums of _hand_count, by hand: a second guard against an error in both places.
+  assert _hand_count("mlm") == 32_317_440
+  assert _hand_count("script") == 79_503_360
+  assert _hand_count("electra") == 36_079_616
+
+
+def test_flops_scale_with_batch_and_default_to_the_config():
+  config = load_config("tiny", batch_size=6, **PINNED)
+  assert flops.train_step_flops(config)["total"] == 3 * flops.train_step_flops(
+      config, batch_size=2)["total"]
+  with pytest.raises(ValueError, match="Unknown objective"):
+    flops.train_step_flops(config, objective="gan")
+
+
+def _traced_loss_flops(config, batch_size=2):
+  model = models.build_model(config)
+  batch = {k: jnp.asarray(v) for k, v in
+           benchmark.random_batch(config, batch_size, seed=1).items()}
+  params = jax.eval_shape(lambda r: model.init(
+      r, batch["input_ids"], batch["segment_ids"], batch["input_mask"],
+      batch["masked_positions"]), jax.random.key(0))["params"]
+  loss_fn = functools.partial(objectives.get_objective(config.objective), model=model,
+                              config=config)
+  loss = lambda p: loss_fn(p, batch, jax.random.key(1))[0]
+  return (flops.traced_matmul_flops(loss, params),
+          flops.traced_matmul_flops(jax.value_and_grad(loss), params))
+
+
+@pytest.mark.parametrize("objective", ["script", "electra", "mlm"])
+def test_analytic_count_equals_the_matmuls_of_the_traced_step(objective):
+  config = load_config("tiny", objective=objective, **PINNED)
+  forward, with_grad = _traced_loss_flops(config)
+  counted = flops.train_step_flops(config, batch_size=2)
+  assert forward == counted["forward"]
+  assert with_grad == counted["total"]
+
+
+def test_rematerialisation_is_executed_but_not_model_flops():
+  # The chunked critic logsumexp recomputes its logits in the backward pass: one more
+  # forward of critic_pass/logits is executed, the model FLOPs stay the same.
+  config = load_config("tiny", objective="script", **PINNED, **{"model.logsumexp_chunk": 32})
+  _, with_grad = _traced_loss_flops(config)
+  counted = flops.train_step_flops(config, batch_size=2)
+  assert with_grad == counted["total"] + counted["by_component"]["critic_pass/logits"]
+
+
+def test_random_batch_is_a_valid_masked_batch():
+  config = load_config("tiny")
+  batch = benchmark.random_batch(config, 3, seed=0)
+  assert batch["masked_positions"].shape == (3, config.mask.max_predictions_per_seq)
+  for row in batch["masked_positions"]:
+    assert len(set(row.tolist())) == len(row) and row.min() >= 1
+    assert row.max() < config.seq_len - 1
+  assert (batch["masked_ids"] >= 5).all()
+  assert set(train.BATCH_KEYS) == set(batch)
+
+
+def _run_benchmark_cli(args, timeout=300):
+  # The one real CPU device; LLVM's optimisation off compiles faster (no timing is asserted).
+  env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
+  # A one-layer tiny model keeps compilation short; the code paths are the real ones.
+  small = ["--config=configs/tiny.py", "--config.model.num_layers=1",
+           "--config.electra.generator_num_layers=1", "--batch_size=4"]
+  return subprocess.run([sys.executable, "-m", "script_jax.benchmark", *small, *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_benchmark_runs_end_to_end_and_writes_json(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = _run_benchmark_cli(["--steps=2", "--warmup=1", "--repeats=2", "--peak_size=128",
+                             "--peak_iters=2", f"--output={out}"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  for key in ("date", "device_kind", "platform", "num_devices", "cpu_count", "versions",
+              "settings", "matmul_peak", "results", "script_over_electra",
+              "paper_script_over_electra", "config", "command"):
+    assert key in report, key
+  assert {"jax", "flax", "optax"} <= set(report["versions"])
+  assert report["settings"]["batch_size"] == 4 and report["settings"]["steps"] == 2
+  assert report["paper_script_over_electra"] == pytest.approx(22.7 / 31.3)
+  peak = report["matmul_peak"]
+  assert peak["flops_per_sec"] == max(peak["all_flops_per_sec"]) > 0  # before and after
+  assert len(peak["all_flops_per_sec"]) == 2
+  assert list(report["results"]) == ["script", "electra", "mlm"]
+  config = load_config("tiny", **{"model.num_layers": 1, "electra.generator_num_layers": 1})
+  for objective, r in report["results"].items():
+    assert r["steps_per_sec"] == pytest.approx(2 / min(r["window_seconds"]))
+    assert len(r["window_seconds"]) == len(r["others_cpu_share"]) == 2
+    assert r["tokens_per_sec"] == pytest.approx(r["steps_per_sec"] * 4 * 64)
+    assert r["model_flops_per_step"] == flops.train_step_flops(config, objective, 4)["total"]
+    assert r["executed_matmul_flops_per_step"] == r["model_flops_per_step"]  # no remat here
+    assert r["utilisation"] == pytest.approx(
+        r["model_flops_per_sec"] / report["matmul_peak"]["flops_per_sec"])
+    assert r["memory"]["temp_size_in_bytes"] > 0 and r["memory"]["argument_size_in_bytes"] > 0
+    assert r["compile_s"] > 0
+  assert report["script_over_electra"] == pytest.approx(
+      report["results"]["script"]["steps_per_sec"] / report["results"]["electra"]["steps_per_sec"])
+  assert "SCRIPT/ELECTRA steps/s" in proc.stdout and "util %" in proc.stdout
+  assert "others %" in proc.stdout
+  assert "[script] compiled in" in proc.stdout  # progress lines
+
+
+def test_memory_only_compiles_and_reports_memory():
+  one_layer = dict(PINNED, **{"model.num_layers": 1})
+  config = load_config("tiny", **one_layer)
+  lines = []
+  run = functools.partial(benchmark.run_benchmark, objectives=["script"], batch_size=8,
+                          memory_only=True, devices=jax.devices()[:1], log=lines.append,
+                          compiler_options={"xla_backend_optimization_level": 0})
+  report = run(config)
+  assert report["settings"]["memory_only"] and "matmul_peak" not in report
+  result = report["results"]["script"]
+  assert "steps_per_sec" not in result
+  assert result["memory"]["temp_size_in_bytes"] > 0
+  assert result["model_flops_per_step"] == flops.train_step_flops(config, "script", 8)["total"]
+  table = benchmark.format_table(report)
+  assert "temp MiB" in table and "steps/s" not in table
+  assert any("[script] compiled in" in line for line in lines)
+  # The figure follows the setting it is there to check: chunking the critic's logsumexp
+  # (B*T = 512 rows of V = 2048 logits) in chunks of 64 rows shrinks the temporaries.
+  chunked = run(load_config("tiny", **one_layer, **{"model.logsumexp_chunk": 64}))
+  assert (chunked["results"]["script"]["memory"]["temp_size_in_bytes"]
+          < result["memory"]["temp_size_in_bytes"])
