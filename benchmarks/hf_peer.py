@@ -19,6 +19,9 @@ its decoder tied to them, as in ELECTRA. The masked-position logits are computed
 HF submodules (`model.electra`, gather, `generator_predictions`, `generator_lm_head`); the stock
 `forward(labels=...)` computes logits at all B*T positions, which `--hf_stock` times as well.
 Same number of predictions P = int(0.155 * T), same dropout, float32, torch threads = CPU count.
+Torch's OpenMP threads wait passively by default (`--omp_wait_policy`): spinning threads make
+torch 20-150x slower whenever other jobs share the CPUs; on a quiet machine pass
+`--omp_wait_policy=` for torch's fastest figure. Ours runs first, then HF's, in one process.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("threads", None, "torch.set_num_threads (default: the CPU count).")
   flags.DEFINE_string("omp_wait_policy", "PASSIVE", "OMP_WAIT_POLICY for torch's OpenMP threads "
                       "(set before torch loads; '' leaves the environment alone). With OpenMP's "
-                      "active spinning torch ran ~30x slower while other jobs shared the CPUs; "
+                      "active spinning torch ran 20-150x slower while other jobs shared the CPUs; "
                       "on a quiet machine '' can be faster: time both (docs/benchmarks.md).")
   flags.DEFINE_enum("adamw", "fused", ["fused", "foreach", "for-loop"],
                     "torch.optim.AdamW implementation (fused is the fastest on CPU).")
@@ -75,7 +78,7 @@ def hf_configs(config):
                 max_position_embeddings=m.max_position_embeddings,
                 type_vocab_size=m.type_vocab_size, hidden_dropout_prob=m.dropout_rate,
                 attention_probs_dropout_prob=m.attention_dropout_rate, hidden_act="gelu",
-                layer_norm_eps=1e-12, initializer_range=0.02)
+                layer_norm_eps=1e-12, initializer_range=m.get("initializer_range", 0.02))
   gen = ElectraConfig(hidden_size=g.generator_hidden_size,
                       num_hidden_layers=g.generator_num_layers,
                       num_attention_heads=g.generator_num_heads,
@@ -119,6 +122,7 @@ def _masked_logits(mlm_model, batch, full_logits: bool):
 
 
 def _mlm_loss(logits, batch):
+  """Weighted mean NLL of the original tokens at the masked positions (objectives.mlm_loss)."""
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   weights = batch["masked_weights"].reshape(-1)
   nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["masked_ids"].reshape(-1),
@@ -259,6 +263,7 @@ def run_peer(config, objectives, *, batch_size: int, steps: int, warmup: int, re
 
 
 def format_table(report) -> str:
+  """The human-readable summary of `run_peer`'s report."""
   lines = [f"{'objective':<9} {'side':<10} {'params':>11} {'steps/s':>8} {'GFLOP/s':>8} "
            f"{'ours/hf':>7} {'others %':>8}"]
   for objective, entry in report["results"].items():

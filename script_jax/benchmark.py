@@ -101,6 +101,42 @@ def with_settings(config, objective: str, batch_size: int | None = None):
   return config
 
 
+# ----------------------------------------------------------------------------- the machine
+
+class CpuShare:
+  """The share of the machine's CPUs that other processes used during a window (Linux).
+
+  On a shared machine this says how far a window's figures can be trusted: 0 is a quiet
+  machine, 0.5 means others kept half of the cores busy. None where /proc/stat is missing.
+  """
+
+  def __init__(self):
+    self._start = self._snapshot()
+
+  @staticmethod
+  def _snapshot():
+    try:
+      with open("/proc/stat") as f:
+        jiffies = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+      return None
+    busy = (sum(jiffies) - jiffies[3] - jiffies[4]) / os.sysconf("SC_CLK_TCK")
+    own = sum(os.times()[:2])  # this process's user + system seconds
+    return busy, own, time.perf_counter()
+
+  def others(self) -> float | None:
+    end = self._snapshot()
+    if self._start is None or end is None:
+      return None
+    busy, own, wall = (e - s for e, s in zip(end, self._start))
+    return max(0.0, (busy - own) / max(wall * (os.cpu_count() or 1), 1e-9))
+
+
+def percent(share: float | None) -> str:
+  """A CpuShare figure for tables: "12" (per cent) or "?" where it is unknown."""
+  return "?" if share is None else f"{100 * share:.0f}"
+
+
 # ----------------------------------------------------------------------------- the peak
 
 def measure_matmul_peak(mesh, size: int = 2048, iters: int = 10, dtype: str = "float32",
@@ -137,35 +173,6 @@ def measure_matmul_peak(mesh, size: int = 2048, iters: int = 10, dtype: str = "f
 
 
 # ----------------------------------------------------------------------------- one objective
-
-class CpuShare:
-  """The share of the machine's CPUs that other processes used during a window (Linux).
-
-  On a shared machine this says how far a window's figures can be trusted: 0 is a quiet
-  machine, 0.5 means others kept half of the cores busy. None where /proc/stat is missing.
-  """
-
-  def __init__(self):
-    self._start = self._snapshot()
-
-  @staticmethod
-  def _snapshot():
-    try:
-      with open("/proc/stat") as f:
-        jiffies = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-      return None
-    busy = (sum(jiffies) - jiffies[3] - jiffies[4]) / os.sysconf("SC_CLK_TCK")
-    own = sum(os.times()[:2])  # this process's user + system seconds
-    return busy, own, time.perf_counter()
-
-  def others(self) -> float | None:
-    end = self._snapshot()
-    if self._start is None or end is None:
-      return None
-    busy, own, wall = (e - s for e, s in zip(end, self._start))
-    return max(0.0, (busy - own) / max(wall * (os.cpu_count() or 1), 1e-9))
-
 
 def _memory(compiled) -> dict[str, int]:
   stats = compiled.memory_analysis()
@@ -262,10 +269,8 @@ def benchmark_objective(config, objective: str, *, batch_size: int | None = None
     jax.block_until_ready(state)
     windows.append(time.perf_counter() - start)
     others.append(share.others())
-    busy = f"; other processes used {100 * others[-1]:.0f}% of the CPUs" if others[-1] is not None \
-        else ""
     log(f"[{objective}] {steps} steps in {windows[-1]:.3f} s ({steps / windows[-1]:.3f} "
-        f"steps/s{busy})")
+        f"steps/s; other processes used {percent(others[-1])}% of the CPUs)")
   best = int(np.argmin(windows))
   steps_per_sec = steps / windows[best]
   result.update(
@@ -358,11 +363,6 @@ def run_benchmark(config, objectives=config_lib.OBJECTIVES, *, batch_size: int |
   report["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
   report["config"] = config.to_dict()
   return report
-
-
-def percent(share: float | None) -> str:
-  """A CpuShare figure for tables."""
-  return "?" if share is None else f"{100 * share:.0f}"
 
 
 def format_table(report: dict[str, Any]) -> str:

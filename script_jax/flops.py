@@ -25,7 +25,8 @@ The objectives:
   mlm      one pass ("mlm_pass": encoder + head at P).
   script   the MLM pass, then the critic pass on the sampled sequence with the same model
            ("critic_pass": encoder + mlm_head_dense and logits at all B*T positions, because the
-           critic needs logsumexp_v s_tv everywhere, eqs. 4-5).
+           critic needs logsumexp_v s_tv everywhere, eqs. 4-5; the code computes it there
+           also with script.disc_positions="masked", which only zero-weights the rest).
   electra  the generator (its own H, F, L and heads; shared embeddings of size E, so its
            embeddings_project is E->H_gen) with head and logits at P, and the discriminator
            encoder + its head at all B*T positions: dense H->H and dense H->1.
