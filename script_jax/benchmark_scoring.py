@@ -18,7 +18,6 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 import numpy as np
 
@@ -118,39 +117,39 @@ def format_table(result: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.ERROR)  # orbax logs each restore at INFO and WARNING
+def _load_and_benchmark():
+  """(config, source, result) for the model that --workdir or --config names."""
   from script_jax import scoring  # pylint: disable=g-import-not-at-top
-  try:
-    if FLAGS.workdir:
-      from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
-      if not os.path.isdir(FLAGS.workdir):
-        raise scoring.ScoringError(f"The workdir {FLAGS.workdir} does not exist.")
-      config, model, params = checkpoints.load_pretrained(FLAGS.workdir)
-      source = FLAGS.workdir
-      try:
-        _, special_ids = scoring.load_workdir_tokenizer(FLAGS.workdir, config)
-      except Exception as e:  # pylint: disable=broad-except
-        if not scoring.is_user_error(e):
-          raise
-        special_ids = None  # ids are random anyway; only [CLS]/[SEP]/[MASK] matter
-    elif FLAGS.config is not None:
-      config = FLAGS.config
-      model, params = random_model(config, FLAGS.seed)
-      source = "random init from --config"
-      special_ids = None
-    else:
-      raise scoring.ScoringError("Give --workdir=DIR or --config=configs/small.py.")
-    special_ids = special_ids or {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
-    max_len = min(int(config.seq_len), int(config.model.max_position_embeddings))
-    result = benchmark(model, params, special_ids, max_len, int(config.model.vocab_size),
-                       FLAGS.num_sentences, FLAGS.num_tokens, FLAGS.batch_size, FLAGS.repeats,
-                       FLAGS.seed, int(config.model.get("logsumexp_chunk", 0) or 0))
-  except Exception as e:  # pylint: disable=broad-except
-    scoring.exit_on_user_error(e)
+  if FLAGS.workdir:
+    from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
+    if not os.path.isdir(FLAGS.workdir):
+      raise scoring.ScoringError(f"The workdir {FLAGS.workdir} does not exist.")
+    config, model, params = checkpoints.load_pretrained(FLAGS.workdir)
+    source = FLAGS.workdir
+    try:
+      _, special_ids = scoring.load_workdir_tokenizer(FLAGS.workdir, config)
+    except Exception as e:  # pylint: disable=broad-except
+      if not scoring.is_user_error(e):
+        raise
+      special_ids = None  # ids are random anyway; only [CLS]/[SEP]/[MASK] matter
+  elif FLAGS.config is not None:
+    config = FLAGS.config
+    model, params = random_model(config, FLAGS.seed)
+    source = "random init from --config"
+    special_ids = None
+  else:
+    raise scoring.ScoringError("Give --workdir=DIR or --config=configs/small.py.")
+  special_ids = special_ids or {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+  max_len = min(int(config.seq_len), int(config.model.max_position_embeddings))
+  result = benchmark(model, params, special_ids, max_len, int(config.model.vocab_size),
+                     FLAGS.num_sentences, FLAGS.num_tokens, FLAGS.batch_size, FLAGS.repeats,
+                     FLAGS.seed, int(config.model.get("logsumexp_chunk", 0) or 0))
+  return config, source, result
+
+
+def main(argv):
+  from script_jax import scoring  # pylint: disable=g-import-not-at-top
+  config, source, result = scoring.run_cli(argv, _load_and_benchmark)
   result["setup"].update(source=source, objective=config.objective,
                          model={k: config.model[k] for k in (
                              "vocab_size", "hidden_size", "embedding_size", "num_layers",

@@ -28,7 +28,6 @@ from typing import Optional, Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
 import numpy as np
 
 FLAGS = flags.FLAGS
@@ -329,17 +328,11 @@ def run(workdir: str, dev_path: str, test_paths: Sequence[str], method: str = "c
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.ERROR)  # orbax logs each restore at INFO and WARNING
   from script_jax import scoring  # pylint: disable=g-import-not-at-top
-  try:
-    run(FLAGS.workdir, FLAGS.dev, FLAGS.test, FLAGS.method, FLAGS.length_penalty,
-        FLAGS.length_alpha, FLAGS.lambdas, FLAGS.batch_size, FLAGS.long, FLAGS.step,
-        FLAGS.output_json)
-  except Exception as e:  # pylint: disable=broad-except
-    scoring.exit_on_user_error(e)
+  scoring.run_cli(argv, lambda: run(
+      FLAGS.workdir, FLAGS.dev, FLAGS.test, FLAGS.method, FLAGS.length_penalty,
+      FLAGS.length_alpha, FLAGS.lambdas, FLAGS.batch_size, FLAGS.long, FLAGS.step,
+      FLAGS.output_json))
 
 
 if __name__ == "__main__":

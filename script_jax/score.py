@@ -20,7 +20,6 @@ from typing import IO, Iterator, Optional
 
 from absl import app
 from absl import flags
-from absl import logging
 
 FLAGS = flags.FLAGS
 
@@ -175,16 +174,10 @@ def run(workdir: str, input_path: str, output_path: str = "-", method: str = "cr
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.ERROR)  # orbax logs each restore at INFO and WARNING
   from script_jax import scoring  # pylint: disable=g-import-not-at-top
-  try:
-    run(FLAGS.workdir, FLAGS.input, FLAGS.output, FLAGS.method, FLAGS.batch_size, FLAGS.long,
-        FLAGS.errors, FLAGS.step, FLAGS.progress_every_secs)
-  except Exception as e:  # pylint: disable=broad-except
-    scoring.exit_on_user_error(e)
+  scoring.run_cli(argv, lambda: run(FLAGS.workdir, FLAGS.input, FLAGS.output, FLAGS.method,
+                                    FLAGS.batch_size, FLAGS.long, FLAGS.errors, FLAGS.step,
+                                    FLAGS.progress_every_secs))
 
 
 if __name__ == "__main__":

@@ -402,3 +402,17 @@ def exit_on_user_error(error: BaseException) -> None:
     raise error
   print(f"error: {error}", file=sys.stderr)
   sys.exit(2)
+
+
+def run_cli(argv: Sequence[str], body: Callable[[], object]):
+  """The shared `main` of the scoring CLIs: no stray arguments, quiet libraries, and user
+  errors as one message with exit status 2. Returns what `body` returns."""
+  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-multiple-import
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.ERROR)  # orbax logs each restore at INFO and WARNING
+  try:
+    return body()
+  except Exception as e:  # pylint: disable=broad-except
+    exit_on_user_error(e)
