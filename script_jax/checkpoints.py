@@ -18,7 +18,7 @@ RUN_CONFIG = "run_config.json"
 # What fixes the shapes of the parameters: a checkpoint only resumes under the same values.
 SHAPE_KEYS = ("objective", "model.vocab_size", "model.embedding_size", "model.hidden_size",
               "model.num_layers", "model.num_heads", "model.intermediate_size",
-              "model.max_position_embeddings", "model.type_vocab_size",
+              "model.max_position_embeddings", "model.type_vocab_size", "model.scan_layers",
               "electra.generator_hidden_size", "electra.generator_num_heads",
               "electra.generator_intermediate_size", "electra.generator_num_layers")
 
@@ -118,8 +118,11 @@ def encoder_params(config, params) -> dict:
 
   Returns {"embeddings": ..., "encoder": ...}, the parameters `models.MaskedLM.encode` uses:
   for script and mlm the model itself, for electra the discriminator (the generator is dropped,
-  as ELECTRA does after pretraining).
+  as ELECTRA does after pretraining). Layers are always per-layer (layer_0 ...), as a model
+  built with model.scan_layers=False expects, whichever layout the run trained in.
   """
+  from script_jax import models  # pylint: disable=g-import-not-at-top
+  params = models.unstack_layers(params)  # one layout whether or not the run scanned its layers
   if config.objective == "electra":
     return {"embeddings": params["embeddings"], "encoder": params["discriminator"]}
   return {"embeddings": params["embeddings"], "encoder": params["encoder"]}

@@ -40,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # "bfloat16": bf16 compute, f32 params, f32 softmax/logsumexp
   c.model.initializer_range = 0.02  # BERT's truncated-normal stddev
   c.model.remat = False  # rematerialise each transformer layer in the backward pass
+  # Scan one layer body over stacked parameters: compiles once; with remat it is what bounds
+  # activation memory on XLA:CPU. Changes the checkpoint layout (models.unstack_layers converts).
+  c.model.scan_layers = False
   c.model.logsumexp_chunk = 0  # >0: the critic's logsumexp over V in chunks of this many tokens
 
   # SCRIPT (paper Section 2): L = L_MLM + alpha * L_Disc.

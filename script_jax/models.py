@@ -36,6 +36,7 @@ class EncoderConfig:
   attention_dropout_rate: float = 0.1
   dtype: str = "float32"
   remat: bool = False
+  scan_layers: bool = False  # one scanned layer with stacked [L, ...] parameters
   initializer_range: float = 0.02  # BERT's; tiny models need more to learn attention quickly
 
   @property
@@ -146,12 +147,69 @@ class Transformer(nn.Module):
     # Large negative (not -inf) so a fully padded row stays finite.
     mask_bias_Bx1x1xT = jnp.where(input_mask_BxT[:, None, None, :] > 0, 0.0, -1e9).astype(
         jnp.float32)
+    if c.scan_layers:
+      # One layer body compiled once and looped L times. With remat, XLA:CPU (which ignores
+      # rematerialisation in unrolled code) keeps one layer's activations at a time.
+      body = _ScanBody
+      if c.remat:
+        body = nn.remat(_ScanBody, prevent_cse=False)
+      scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True,
+                                                                      "dropout": True},
+                        in_axes=nn.broadcast, length=c.num_layers)
+      x_BxTxE, _ = scanned(c, deterministic, name="layers")(x_BxTxE, mask_bias_Bx1x1xT)
+      return x_BxTxE
     layer_cls = TransformerLayer
     if c.remat:
       layer_cls = nn.remat(TransformerLayer, static_argnums=(3,))
     for i in range(c.num_layers):
       x_BxTxE = layer_cls(c, name=f"layer_{i}")(x_BxTxE, mask_bias_Bx1x1xT, deterministic)
     return x_BxTxE
+
+
+class _ScanBody(nn.Module):
+  """One TransformerLayer in nn.scan's (carry, x) -> (carry, y) form."""
+  cfg: EncoderConfig
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BxTxH: Array, mask_bias_Bx1x1xT: Array):
+    return TransformerLayer(self.cfg, name="layer")(x_BxTxH, mask_bias_Bx1x1xT,
+                                                    self.deterministic), None
+
+
+def _is_transformer(tree) -> bool:
+  return isinstance(tree, dict) and ("layers" in tree or "layer_0" in tree)
+
+
+def stack_layers(params):
+  """Per-layer parameters (layer_0 ... layer_{L-1}) -> the `scan_layers` layout, in any tree."""
+  if not isinstance(params, dict):
+    return params
+  if _is_transformer(params) and "layer_0" in params:
+    names = sorted((k for k in params if k.startswith("layer_")), key=lambda k: int(k[6:]))
+    rest = {k: v for k, v in params.items() if k not in names}
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(params[k] for k in names))
+    return {**rest, "layers": {"layer": stacked}}
+  return {k: stack_layers(v) for k, v in params.items()}
+
+
+def to_layout(params, scan_layers: bool):
+  """`params` in the layout a model with this `model.scan_layers` expects, from either layout."""
+  params = unstack_layers(params)
+  return stack_layers(params) if scan_layers else params
+
+
+def unstack_layers(params):
+  """The `scan_layers` layout -> per-layer parameters (layer_0 ...), in any tree."""
+  if not isinstance(params, dict):
+    return params
+  if _is_transformer(params) and "layers" in params:
+    stacked = params["layers"]["layer"]
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    rest = {k: v for k, v in params.items() if k != "layers"}
+    return {**rest, **{f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked)
+                       for i in range(num_layers)}}
+  return {k: unstack_layers(v) for k, v in params.items()}
 
 
 class MLMHeadTransform(nn.Module):

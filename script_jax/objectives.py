@@ -80,8 +80,10 @@ def critic_logsumexp(features_BxTxE: Array, table_VxE: Array, bias_V: Array,
 
 def mlm_loss(logits_BxPxV: Array, masked_ids_BxP: Array, masked_weights_BxP: Array):
   """Weighted mean negative log-likelihood of the original tokens (eqs. 1-2) and accuracy."""
-  log_probs = jax.nn.log_softmax(logits_BxPxV.astype(jnp.float32), axis=-1)
-  nll_BxP = -jnp.take_along_axis(log_probs, masked_ids_BxP[..., None], axis=-1)[..., 0]
+  logits_BxPxV = logits_BxPxV.astype(jnp.float32)
+  # -log softmax(s)_y = logsumexp(s) - s_y: no [B, P, V] log-probabilities kept for backward.
+  target_BxP = jnp.take_along_axis(logits_BxPxV, masked_ids_BxP[..., None], axis=-1)[..., 0]
+  nll_BxP = jax.nn.logsumexp(logits_BxPxV, axis=-1) - target_BxP
   denom = jnp.maximum(masked_weights_BxP.sum(), 1e-6)
   loss = (nll_BxP * masked_weights_BxP).sum() / denom
   correct = (jnp.argmax(logits_BxPxV, axis=-1) == masked_ids_BxP)

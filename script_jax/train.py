@@ -263,6 +263,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     logging.info("Resumed from %s at step %d", manager.directory, latest)
   elif config.get("init_from"):
     _, _, pretrained = checkpoints.load_pretrained(config.init_from)
+    pretrained = models.to_layout(pretrained, config.model.scan_layers)
     state = state.replace(params=jax.device_put(pretrained, state_sharding.params))
     logging.info("Initialised parameters from %s", config.init_from)
   start_step = int(state.step)

@@ -83,3 +83,53 @@ def test_encoder_params_have_one_layout_whatever_the_objective():
     trees[objective] = jax.tree.map(lambda x: x.shape,
                                     checkpoints.encoder_params(config, abstract))
   assert trees["script"] == trees["electra"] == trees["mlm"]
+
+
+@pytest.mark.parametrize("objective", ["script", "electra"])
+def test_scanned_layers_give_the_unrolled_loss_and_gradients(objective):
+  """model.scan_layers (with remat) is a layout and a schedule, not a different model."""
+  from script_jax import objectives  # pylint: disable=g-import-not-at-top
+  plain = load_config("tiny", objective=objective, batch_size=4)
+  scanned = load_config("tiny", objective=objective, batch_size=4,
+                        **{"model.scan_layers": True, "model.remat": True})
+  batch = {k: jax.numpy.asarray(v) for k, v in _random_batch(plain, 4, seed=3).items()}
+  rng = jax.random.key(7)
+  results = {}
+  for name, config in (("plain", plain), ("scanned", scanned)):
+    model = models.build_model(config)
+    params = jax.jit(lambda m=model, c=config: train.create_train_state(
+        c, m, jax.random.key(0)).params)()
+    if name == "scanned":
+      # The scanned init draws its own numbers: start both from the plain parameters.
+      assert jax.tree.map(np.shape, params) == jax.tree.map(
+          np.shape, models.stack_layers(results["plain"][2]))
+      params = models.stack_layers(results["plain"][2])
+    loss_fn = lambda p, c=config, m=model: objectives.get_objective(objective)(
+        p, batch, rng, model=m, config=c)
+    (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+    results[name] = (float(loss), models.unstack_layers(jax.device_get(grads)), params)
+  np.testing.assert_allclose(results["scanned"][0], results["plain"][0], rtol=1e-5)
+  flat_plain = jax.tree_util.tree_leaves_with_path(results["plain"][1])
+  flat_scanned = dict(jax.tree_util.tree_leaves_with_path(results["scanned"][1]))
+  assert len(flat_plain) == len(flat_scanned)
+  for path, g in flat_plain:
+    np.testing.assert_allclose(flat_scanned[path], g, rtol=2e-4, atol=1e-6, err_msg=str(path))
+  assert any(np.abs(g).max() > 0 for p, g in flat_plain if "layer_1" in str(p))
+
+
+def test_layer_layouts_convert_both_ways():
+  config = load_config("tiny")
+  model = models.build_model(config)
+  params = jax.device_get(jax.jit(lambda: train.create_train_state(
+      config, model, jax.random.key(0)).params)())
+  stacked = models.stack_layers(params)
+  assert "layer_0" not in stacked["encoder"]
+  assert stacked["encoder"]["layers"]["layer"]["intermediate"]["kernel"].shape[0] == 2
+  back = models.unstack_layers(stacked)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  assert models.to_layout(params, scan_layers=True).keys() == stacked.keys()
+  from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  enc = checkpoints.encoder_params(config, stacked)
+  assert "layer_1" in enc["encoder"]
