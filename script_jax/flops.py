@@ -25,8 +25,8 @@ The objectives:
   mlm      one pass ("mlm_pass": encoder + head at P).
   script   the MLM pass, then the critic pass on the sampled sequence with the same model
            ("critic_pass": encoder + mlm_head_dense and logits at all B*T positions, because the
-           critic needs logsumexp_v s_tv everywhere, eqs. 4-5; the code computes it there
-           also with script.disc_positions="masked", which only zero-weights the rest).
+           critic needs logsumexp_v s_tv everywhere, eqs. 4-5; at the B*P masked positions
+           only with script.disc_positions="masked").
   electra  the generator (its own H, F, L and heads; shared embeddings of size E, so its
            embeddings_project is E->H_gen) with head and logits at P, and the discriminator
            encoder + its head at all B*T positions: dense H->H and dense H->1.
@@ -96,7 +96,8 @@ def forward_flops(config, objective: str | None = None,
   mlm_pass = dict(encoder, **_mlm_head_flops(b * p, h, e, v))
   if objective == "mlm":
     return _prefixed("mlm_pass", mlm_pass)
-  critic_pass = dict(encoder, **_mlm_head_flops(b * t, h, e, v))
+  critic_positions = p if config.script.disc_positions == "masked" else t
+  critic_pass = dict(encoder, **_mlm_head_flops(b * critic_positions, h, e, v))
   return {**_prefixed("mlm_pass", mlm_pass), **_prefixed("critic_pass", critic_pass)}
 
 

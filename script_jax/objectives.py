@@ -125,18 +125,6 @@ def _sample_replacements(rng, logits_BxPxV, batch, temperature):
   return sampled_ids, is_original, replaced
 
 
-def _disc_weights(batch, positions: str) -> Array:
-  """Which positions the critic loss covers: all non-padding tokens or the masked ones only."""
-  if positions == "all":
-    return batch["input_mask"].astype(jnp.float32)
-  if positions == "masked":
-    t = batch["input_ids"].shape[1]
-    hit = (batch["masked_positions"][..., None] == jnp.arange(t)) & (
-        batch["masked_weights"][..., None] > 0)
-    return hit.any(axis=1).astype(jnp.float32)
-  raise ValueError(f"disc_positions must be 'all' or 'masked', got {positions!r}")
-
-
 # ----------------------------------------------------------------------------- the objectives
 
 def script_objective(params, batch, rng, *, model: models.MaskedLM, config):
@@ -156,12 +144,23 @@ def script_objective(params, batch, rng, *, model: models.MaskedLM, config):
   sampled_ids, is_original, replaced = _sample_replacements(
       sample_rng, logits_BxPxV, batch, config.script.temperature)
 
-  # Pass 2: the same model is the critic, p(t+) = sigmoid(logsumexp(s_t)) at every position.
-  features_BxTxE = apply(sampled_ids, batch["segment_ids"], batch["input_mask"],
-                         deterministic=False, rngs={"dropout": dropout2})
-  lse_BxT = critic_logsumexp(features_BxTxE, table_VxE, bias_V, config.model.logsumexp_chunk)
-  weights = _disc_weights(batch, config.script.disc_positions)
-  loss_disc, disc_metrics = binary_disc_loss(lse_BxT, is_original, weights)
+  # Pass 2: the same model is the critic, p(t+) = sigmoid(logsumexp(s_t)) at every position
+  # ("all"), or at the masked positions only ("masked": the head and the V-wide logsumexp run
+  # at those P positions alone).
+  if config.script.disc_positions == "masked":
+    critic_positions = batch["masked_positions"]
+    is_original = jnp.take_along_axis(is_original, critic_positions, axis=1)
+    weights = batch["masked_weights"].astype(jnp.float32)
+  elif config.script.disc_positions == "all":
+    critic_positions = None
+    weights = batch["input_mask"].astype(jnp.float32)
+  else:
+    raise ValueError(f"disc_positions must be 'all' or 'masked', got "
+                     f"{config.script.disc_positions!r}")
+  features = apply(sampled_ids, batch["segment_ids"], batch["input_mask"], critic_positions,
+                   deterministic=False, rngs={"dropout": dropout2})
+  lse = critic_logsumexp(features, table_VxE, bias_V, config.model.logsumexp_chunk)
+  loss_disc, disc_metrics = binary_disc_loss(lse, is_original, weights)
 
   loss = loss_mlm + config.script.alpha * loss_disc
   metrics.update(disc_metrics, loss=loss, replaced_fraction=replaced)

@@ -102,9 +102,13 @@ def _traced_loss_flops(config, batch_size=2):
           flops.traced_matmul_flops(jax.value_and_grad(loss), params))
 
 
-@pytest.mark.parametrize("objective", ["script", "electra", "mlm"])
-def test_analytic_count_equals_the_matmuls_of_the_traced_step(objective):
-  config = load_config("tiny", objective=objective, **PINNED)
+@pytest.mark.parametrize("objective,override", [
+    ("script", {}), ("electra", {}), ("mlm", {}),
+    ("script", {"script.disc_positions": "masked"}),
+    ("electra", {"model.scan_layers": True}),
+])
+def test_analytic_count_equals_the_matmuls_of_the_traced_step(objective, override):
+  config = load_config("tiny", objective=objective, **PINNED, **override)
   forward, with_grad = _traced_loss_flops(config)
   counted = flops.train_step_flops(config, batch_size=2)
   assert forward == counted["forward"]

@@ -173,6 +173,38 @@ def test_script_gradients_flow_through_both_passes_and_not_through_the_sample():
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
 
 
+def test_critic_on_masked_positions_only_equals_the_full_pass_weighted_there():
+  """disc_positions="masked" runs the head at P positions; the loss is the full pass's there."""
+  config = load_config("tiny", **{"script.disc_positions": "masked"})
+  batch = _random_batch(config, 4, seed=8)
+  model, params = _init(config, batch)
+  rng = jax.random.key(3)
+  loss, metrics = objectives.script_objective(params, batch, rng, model=model, config=config)
+
+  _, _, sample_rng = jax.random.split(rng, 3)
+  table, bias = model.apply({"params": params}, method=model.output_embedding)
+  feats = model.apply({"params": params}, batch["input_ids"], batch["segment_ids"],
+                      batch["input_mask"], batch["masked_positions"])
+  logits = models.tied_logits(feats, table, bias)
+  sampled_ids, is_original, _ = objectives._sample_replacements(  # pylint: disable=protected-access
+      sample_rng, logits, batch, config.script.temperature)
+  full = model.apply({"params": params}, sampled_ids, batch["segment_ids"], batch["input_mask"])
+  lse = np.asarray(objectives.critic_logsumexp(full, table, bias), np.float64)
+  label = np.asarray(is_original, np.float64)
+  nll = np.logaddexp(0, -lse) * label + np.logaddexp(0, lse) * (1 - label)
+  weights = np.zeros_like(lse)
+  for b, (pos, w) in enumerate(zip(np.asarray(batch["masked_positions"]),
+                                   np.asarray(batch["masked_weights"]))):
+    weights[b, pos[w > 0]] = 1.0
+  want_disc = (nll * weights).sum() / weights.sum()
+  want_mlm = float(objectives.mlm_loss(logits, batch["masked_ids"], batch["masked_weights"])[0])
+  np.testing.assert_allclose(float(metrics["disc_loss"]), want_disc, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), want_mlm + config.script.alpha * want_disc, rtol=1e-5)
+  # Some sampled tokens equal the original in a tiny random model's draws, or none; either way
+  # the share is over the masked positions only, well below the all-positions share.
+  assert float(metrics["disc_original_share"]) < 0.5
+
+
 def test_script_and_mlm_have_identical_parameter_trees():
   shapes = {}
   for objective in ("script", "mlm"):
