@@ -229,6 +229,9 @@ def run_peer(config, objectives, *, batch_size: int, steps: int, warmup: int, re
   import transformers  # pylint: disable=g-import-not-at-top
   threads = threads or os.cpu_count()
   torch.set_num_threads(threads)
+  # Equal shapes: HF's softmax layer has exactly vocab_size rows, so ours is not padded here.
+  config = config.copy_and_resolve_references()
+  config.model.vocab_pad_multiple = 1
   report_env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
                 "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
   report = benchmark.environment()

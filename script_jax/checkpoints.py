@@ -19,6 +19,7 @@ RUN_CONFIG = "run_config.json"
 SHAPE_KEYS = ("objective", "model.vocab_size", "model.embedding_size", "model.hidden_size",
               "model.num_layers", "model.num_heads", "model.intermediate_size",
               "model.max_position_embeddings", "model.type_vocab_size", "model.scan_layers",
+              "model.vocab_pad_multiple",
               "electra.generator_hidden_size", "electra.generator_num_heads",
               "electra.generator_intermediate_size", "electra.generator_num_layers")
 

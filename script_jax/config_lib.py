@@ -43,6 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Scan one layer body over stacked parameters: compiles once; with remat it is what bounds
   # activation memory on XLA:CPU. Changes the checkpoint layout (models.unstack_layers converts).
   c.model.scan_layers = False
+  # Softmax rows padded to a multiple of this (128 suits TPU/GPU tiles; pad columns are masked).
+  c.model.vocab_pad_multiple = 128
   c.model.logsumexp_chunk = 0  # >0: the critic's logsumexp over V in chunks of this many tokens
 
   # SCRIPT (paper Section 2): L = L_MLM + alpha * L_Disc.

@@ -43,6 +43,7 @@ import math
 from typing import Any
 
 from script_jax import config_lib
+from script_jax import models
 
 BACKWARD_FACTOR = 2  # gradients w.r.t. both operands of each matmul
 
@@ -82,7 +83,9 @@ def forward_flops(config, objective: str | None = None,
     raise ValueError(f"Unknown objective {objective!r}; choose one of {config_lib.OBJECTIVES}")
   b = config.batch_size if batch_size is None else batch_size
   m, t, p = config.model, config.seq_len, config.mask.max_predictions_per_seq
-  v, e, h = m.vocab_size, m.embedding_size, m.hidden_size
+  # The padded vocabulary: its pad columns are multiplied too (then masked).
+  v = models.encoder_config_from(m).padded_vocab_size
+  e, h = m.embedding_size, m.hidden_size
   encoder = encoder_forward_flops(b, t, e, h, m.num_layers, m.intermediate_size)
 
   if objective == "electra":

@@ -37,6 +37,9 @@ class EncoderConfig:
   dtype: str = "float32"
   remat: bool = False
   scan_layers: bool = False  # one scanned layer with stacked [L, ...] parameters
+  # The softmax layer's rows are padded to a multiple of this (TPU/GPU tiles are 128 wide);
+  # the pad columns are masked out of every softmax, logsumexp and sample (output_bias_and_mask).
+  vocab_pad_multiple: int = 1
   initializer_range: float = 0.02  # BERT's; tiny models need more to learn attention quickly
 
   @property
@@ -44,12 +47,17 @@ class EncoderConfig:
     return nn.initializers.truncated_normal(stddev=self.initializer_range)
 
   @property
+  def padded_vocab_size(self) -> int:
+    m = max(1, self.vocab_pad_multiple)
+    return -(-self.vocab_size // m) * m
+
+  @property
   def compute_dtype(self) -> Any:
     return jnp.dtype(self.dtype)
 
   def num_params(self, with_embeddings: bool = True) -> int:
     """Analytic parameter count of this encoder with its MLM head (for the start-up log)."""
-    v, e, h, f, l = (self.vocab_size, self.embedding_size, self.hidden_size,
+    v, e, h, f, l = (self.padded_vocab_size, self.embedding_size, self.hidden_size,
                      self.intermediate_size, self.num_layers)
     emb = (v + self.max_position_embeddings + self.type_vocab_size) * e + 2 * e
     proj = (e * h + h) if e != h else 0
@@ -72,7 +80,7 @@ class Embeddings(nn.Module):
 
   def setup(self):
     c = self.cfg
-    self.word_embeddings = nn.Embed(c.vocab_size, c.embedding_size, embedding_init=c.init)
+    self.word_embeddings = nn.Embed(c.padded_vocab_size, c.embedding_size, embedding_init=c.init)
     self.position_embeddings = nn.Embed(c.max_position_embeddings, c.embedding_size,
                                         embedding_init=c.init)
     self.token_type_embeddings = nn.Embed(c.type_vocab_size, c.embedding_size,
@@ -234,6 +242,16 @@ def tied_logits(features_xE: Array, table_VxE: Array, bias_V: Array) -> Array:
   return logits + bias_V.astype(jnp.float32)
 
 
+def mask_vocab_padding(bias_V: Array, vocab_size: int) -> Array:
+  """The output bias with the padding columns (ids >= vocab_size) at -1e9: exp() of them is 0,
+  so no softmax, logsumexp, argmax or Gumbel-max sample ever sees them, and they get no gradient.
+  """
+  if bias_V.shape[0] == vocab_size:
+    return bias_V
+  real = jnp.arange(bias_V.shape[0]) < vocab_size
+  return jnp.where(real, bias_V.astype(jnp.float32), -1e9)
+
+
 def gather_positions(x_BxTxH: Array, positions_BxP: Array) -> Array:
   """x at the given positions of each sequence: [B, T, H], [B, P] -> [B, P, H]."""
   return jnp.take_along_axis(x_BxTxH, positions_BxP[..., None], axis=1)
@@ -253,7 +271,7 @@ class MaskedLM(nn.Module):
     self.embeddings = Embeddings(c)
     self.encoder = Transformer(c)
     self.mlm_head = MLMHeadTransform(c.embedding_size, c.compute_dtype, c.initializer_range)
-    self.output_bias = self.param("output_bias", nn.initializers.zeros, (c.vocab_size,))
+    self.output_bias = self.param("output_bias", nn.initializers.zeros, (c.padded_vocab_size,))
 
   def __call__(self, ids_BxT, segment_ids_BxT, input_mask_BxT, positions_BxP=None,
                deterministic: bool = True):
@@ -269,8 +287,8 @@ class MaskedLM(nn.Module):
     return self.encoder(x_BxTxE, input_mask_BxT, deterministic)
 
   def output_embedding(self):
-    """(W [V, E], b [V]) of the tied softmax layer."""
-    return self.embeddings.table(), self.output_bias
+    """(W [V, E], b [V]) of the tied softmax layer; b is -1e9 on vocabulary padding columns."""
+    return self.embeddings.table(), mask_vocab_padding(self.output_bias, self.cfg.vocab_size)
 
 
 class ElectraPretrainer(nn.Module):
@@ -284,7 +302,7 @@ class ElectraPretrainer(nn.Module):
     g = self.gen_cfg
     self.generator_head = MLMHeadTransform(g.embedding_size, g.compute_dtype, g.initializer_range)
     self.generator_output_bias = self.param("generator_output_bias", nn.initializers.zeros,
-                                            (self.gen_cfg.vocab_size,))
+                                            (self.gen_cfg.padded_vocab_size,))
     self.discriminator = Transformer(self.disc_cfg)
     self.disc_dense = nn.Dense(self.disc_cfg.hidden_size, kernel_init=self.disc_cfg.init,
                                dtype=self.disc_cfg.compute_dtype)
@@ -302,7 +320,8 @@ class ElectraPretrainer(nn.Module):
     x_BxTxE = self.embeddings(ids_BxT, segment_ids_BxT, deterministic)
     h_BxTxH = self.generator(x_BxTxE, input_mask_BxT, deterministic)
     features_BxPxE = self.generator_head(gather_positions(h_BxTxH, positions_BxP))
-    return tied_logits(features_BxPxE, self.embeddings.table(), self.generator_output_bias)
+    bias_V = mask_vocab_padding(self.generator_output_bias, self.gen_cfg.vocab_size)
+    return tied_logits(features_BxPxE, self.embeddings.table(), bias_V)
 
   def discriminate(self, ids_BxT, segment_ids_BxT, input_mask_BxT, deterministic: bool = True):
     """Discriminator logits of "token is original" [B, T] float32."""

@@ -114,8 +114,14 @@ def original_ids(batch) -> Array:
                               batch["masked_weights"])
 
 
-def _sample_replacements(rng, logits_BxPxV, batch, temperature):
-  """(sampled sequence x_bar [B, T], is_original [B, T], replaced share at masked positions)."""
+def _sample_replacements(rng, logits_BxPxV, batch, temperature, vocab_size=None):
+  """(sampled sequence x_bar [B, T], is_original [B, T], replaced share at masked positions).
+
+  With `vocab_size`, only the first vocab_size columns are candidates: padding columns are
+  never drawn, and the noise (so the sample) is the same as without padding.
+  """
+  if vocab_size is not None:
+    logits_BxPxV = logits_BxPxV[..., :vocab_size]
   sampled_BxP = gumbel_max_sample(rng, logits_BxPxV, temperature)
   weights = batch["masked_weights"]
   sampled_ids = scatter_at_positions(batch["input_ids"], batch["masked_positions"], sampled_BxP,
@@ -142,7 +148,7 @@ def script_objective(params, batch, rng, *, model: models.MaskedLM, config):
 
   # The model proposes replacements from its own distribution.
   sampled_ids, is_original, replaced = _sample_replacements(
-      sample_rng, logits_BxPxV, batch, config.script.temperature)
+      sample_rng, logits_BxPxV, batch, config.script.temperature, config.model.vocab_size)
 
   # Pass 2: the same model is the critic, p(t+) = sigmoid(logsumexp(s_t)) at every position
   # ("all"), or at the masked positions only ("masked": the head and the V-wide logsumexp run
@@ -176,7 +182,7 @@ def electra_objective(params, batch, rng, *, model: models.ElectraPretrainer, co
                        rngs={"dropout": dropout1}, method=model.generate)
   loss_gen, metrics = mlm_loss(logits_BxPxV, batch["masked_ids"], batch["masked_weights"])
   sampled_ids, is_original, replaced = _sample_replacements(
-      sample_rng, logits_BxPxV, batch, config.electra.temperature)
+      sample_rng, logits_BxPxV, batch, config.electra.temperature, config.model.vocab_size)
   disc_logit_BxT = apply(sampled_ids, batch["segment_ids"], batch["input_mask"],
                          deterministic=False, rngs={"dropout": dropout2},
                          method=model.discriminate)

@@ -241,7 +241,8 @@ def test_electra_generator_sizes():
   assert len([k for k in gen if k.startswith("layer_")]) == 12
   assert disc["layer_0"]["intermediate"]["kernel"].shape == (256, 1024)
   # One embedding table, shared by generator and discriminator.
-  assert params["embeddings"]["word_embeddings"]["embedding"].shape == (30522, 128)
+  # 30522 padded to 239 x 128 rows (model.vocab_pad_multiple).
+  assert params["embeddings"]["word_embeddings"]["embedding"].shape == (30592, 128)
   assert params["generator_head"]["dense"]["kernel"].shape == (64, 128)
   assert params["disc_output"]["kernel"].shape == (256, 1)
 
@@ -264,3 +265,42 @@ def test_bfloat16_compute_keeps_float32_params_and_close_loss(objective):
 def test_unknown_objective_is_a_clear_error():
   with pytest.raises(ValueError, match="Unknown objective 'gan'.*script, electra, mlm"):
     objectives.get_objective("gan")
+
+
+@pytest.mark.parametrize("objective", ["script", "electra", "mlm"])
+def test_vocabulary_padding_changes_nothing_but_the_shapes(objective):
+  """Pad rows of W (whatever their values) never reach a loss, a sample or a gradient."""
+  plain = load_config("tiny", objective=objective, **{"model.vocab_size": 500,
+                                                      "model.vocab_pad_multiple": 1})
+  padded = load_config("tiny", objective=objective, **{"model.vocab_size": 500,
+                                                       "model.vocab_pad_multiple": 128})
+  batch = _random_batch(plain, 4, seed=9)
+  model_plain, params_plain = _init(plain, batch)
+  model_padded, params_padded = _init(padded, batch)
+  assert params_padded["embeddings"]["word_embeddings"]["embedding"].shape[0] == 512
+
+  # The padded model with the plain model's real rows, random pad rows and pad biases.
+  rng = np.random.default_rng(0)
+  def pad(plain_leaf, padded_leaf):
+    if plain_leaf.shape == padded_leaf.shape:
+      return plain_leaf
+    extra = rng.normal(size=(padded_leaf.shape[0] - plain_leaf.shape[0],) + plain_leaf.shape[1:])
+    return jnp.concatenate([plain_leaf, jnp.asarray(extra * 10, plain_leaf.dtype)])
+  params_padded = jax.tree.map(pad, params_plain, params_padded)
+
+  rng_key = jax.random.key(11)
+  fn = objectives.get_objective(objective)
+  (loss_p, m_p), g_p = jax.value_and_grad(
+      lambda p: fn(p, batch, rng_key, model=model_plain, config=plain), has_aux=True)(params_plain)
+  (loss_q, m_q), g_q = jax.value_and_grad(
+      lambda p: fn(p, batch, rng_key, model=model_padded, config=padded),
+      has_aux=True)(params_padded)
+  np.testing.assert_allclose(float(loss_q), float(loss_p), rtol=1e-5)
+  for key in m_p:
+    np.testing.assert_allclose(float(m_q[key]), float(m_p[key]), rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_q)):
+    if a.shape != b.shape:  # real rows equal, pad rows get nothing
+      np.testing.assert_allclose(b[:a.shape[0]], a, rtol=1e-4, atol=1e-6)
+      np.testing.assert_array_equal(b[a.shape[0]:], 0)
+    else:
+      np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
