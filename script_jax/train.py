@@ -349,7 +349,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     manager.close()
     writer.flush()
     signal.signal(signal.SIGTERM, previous_handler)
-  logging.info("Stopped at step %d of %d. Checkpoints: %s; metrics: %s (TensorBoard: "
-               "tensorboard --logdir %s).", step, config.num_train_steps, manager.directory,
-               os.path.join(workdir, "metrics.jsonl"), workdir)
+  logging.info("%s at step %d of %d. Checkpoints: %s; metrics: %s (TensorBoard: "
+               "tensorboard --logdir %s).",
+               "Finished" if step >= config.num_train_steps else "Stopped", step,
+               config.num_train_steps, manager.directory, os.path.join(workdir, "metrics.jsonl"),
+               workdir)
   return last_record
