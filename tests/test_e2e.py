@@ -165,3 +165,25 @@ def test_nan_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_p
   assert manager.latest_step() == 40
   _assert_same_params(_params(tmp_path, 40), good)
   del config
+
+
+def test_init_from_starts_from_another_run_whatever_its_layer_layout(tmp_path, shared_data):
+  """Continued pretraining: an unrolled run's parameters start a scanned-layer run."""
+  data = f"--config.data.prepared_dir={shared_data}"
+  first, second = tmp_path / "first", tmp_path / "second"
+  assert run_main(FAST + [f"--workdir={first}", data, "--config.num_train_steps=20"]
+                  ).returncode == 0
+  # Learning rate 0 (so no weight decay either): the second run's parameters stay the first's.
+  result = run_main(FAST + [f"--workdir={second}", data, "--config.num_train_steps=20",
+                            f"--config.init_from={first}", "--config.model.scan_layers=True",
+                            "--config.optim.learning_rate=0.0"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"Initialised parameters from {first}" in result.stderr
+  scanned = _params(second)
+  assert "layers" in scanned["encoder"] and "layer_0" not in scanned["encoder"]
+  from script_jax import models  # pylint: disable=g-import-not-at-top
+  _assert_same_params(models.unstack_layers(scanned), _params(first))
+  # Resuming the scanned workdir with unrolled layers is refused, not silently reshaped.
+  again = run_main(FAST + [f"--workdir={second}", data, "--config.num_train_steps=40"])
+  assert again.returncode == 2
+  assert "model.scan_layers: workdir has True, config asks for False" in again.stderr
