@@ -24,6 +24,10 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.objective = "script"  # one of OBJECTIVES
   c.seed = 0
+  # How replacements are drawn from softmax(logits / tau) (script and electra): "gumbel" is the
+  # paper's Gumbel-max; "inverse_cdf" draws from the same distribution with one uniform per
+  # position (cheaper on CPU, a different random stream).
+  c.sampler = "gumbel"
 
   # Model (ELECTRA/BERT encoder). vocab_size must match the tokenizer's.
   c.model = ml_collections.ConfigDict()

@@ -98,6 +98,23 @@ def gumbel_max_sample(rng: Array, logits_BxPxV: Array, temperature: float) -> Ar
   return jnp.argmax(logits / temperature + gumbel, axis=-1).astype(jnp.int32)
 
 
+def inverse_cdf_sample(rng: Array, logits_BxPxV: Array, temperature: float) -> Array:
+  """The same distribution as gumbel_max_sample, from one uniform per position instead of V.
+
+  Returns the first v whose cumulative probability exceeds u ~ U(0, total). Cheaper on CPU
+  (one [B, P] draw and a cumulative sum instead of [B, P, V] Gumbel noise); opt-in through
+  `config.sampler`, since it consumes the random stream differently.
+  """
+  logits = jax.lax.stop_gradient(logits_BxPxV).astype(jnp.float32) / temperature
+  cdf_BxPxV = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+  u_BxPx1 = jax.random.uniform(rng, logits.shape[:-1] + (1,)) * cdf_BxPxV[..., -1:]
+  sample = jnp.sum(cdf_BxPxV <= u_BxPx1, axis=-1)
+  return jnp.minimum(sample, logits.shape[-1] - 1).astype(jnp.int32)
+
+
+SAMPLERS = {"gumbel": gumbel_max_sample, "inverse_cdf": inverse_cdf_sample}
+
+
 def scatter_at_positions(ids_BxT: Array, positions_BxP: Array, values_BxP: Array,
                          weights_BxP: Array) -> Array:
   """ids with values written at the (weighted) positions; padding slots are left alone."""
@@ -114,7 +131,8 @@ def original_ids(batch) -> Array:
                               batch["masked_weights"])
 
 
-def _sample_replacements(rng, logits_BxPxV, batch, temperature, vocab_size=None):
+def _sample_replacements(rng, logits_BxPxV, batch, temperature, vocab_size=None,
+                         sampler: str = "gumbel"):
   """(sampled sequence x_bar [B, T], is_original [B, T], replaced share at masked positions).
 
   With `vocab_size`, only the first vocab_size columns are candidates: padding columns are
@@ -122,7 +140,7 @@ def _sample_replacements(rng, logits_BxPxV, batch, temperature, vocab_size=None)
   """
   if vocab_size is not None:
     logits_BxPxV = logits_BxPxV[..., :vocab_size]
-  sampled_BxP = gumbel_max_sample(rng, logits_BxPxV, temperature)
+  sampled_BxP = SAMPLERS[sampler](rng, logits_BxPxV, temperature)
   weights = batch["masked_weights"]
   sampled_ids = scatter_at_positions(batch["input_ids"], batch["masked_positions"], sampled_BxP,
                                      weights)
@@ -148,7 +166,8 @@ def script_objective(params, batch, rng, *, model: models.MaskedLM, config):
 
   # The model proposes replacements from its own distribution.
   sampled_ids, is_original, replaced = _sample_replacements(
-      sample_rng, logits_BxPxV, batch, config.script.temperature, config.model.vocab_size)
+      sample_rng, logits_BxPxV, batch, config.script.temperature, config.model.vocab_size,
+      config.sampler)
 
   # Pass 2: the same model is the critic, p(t+) = sigmoid(logsumexp(s_t)) at every position
   # ("all"), or at the masked positions only ("masked": the head and the V-wide logsumexp run
@@ -182,7 +201,8 @@ def electra_objective(params, batch, rng, *, model: models.ElectraPretrainer, co
                        rngs={"dropout": dropout1}, method=model.generate)
   loss_gen, metrics = mlm_loss(logits_BxPxV, batch["masked_ids"], batch["masked_weights"])
   sampled_ids, is_original, replaced = _sample_replacements(
-      sample_rng, logits_BxPxV, batch, config.electra.temperature, config.model.vocab_size)
+      sample_rng, logits_BxPxV, batch, config.electra.temperature, config.model.vocab_size,
+      config.sampler)
   disc_logit_BxT = apply(sampled_ids, batch["segment_ids"], batch["input_mask"],
                          deterministic=False, rngs={"dropout": dropout2},
                          method=model.discriminate)

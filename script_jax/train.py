@@ -74,6 +74,9 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
   if config.script.disc_positions not in ("all", "masked"):
     problems.append(f"script.disc_positions must be 'all' or 'masked', got "
                     f"{config.script.disc_positions!r}")
+  if config.sampler not in objectives.SAMPLERS:
+    problems.append(f"sampler must be one of {', '.join(objectives.SAMPLERS)}, got "
+                    f"{config.sampler!r}")
   if config.optim.warmup_steps > config.num_train_steps:
     problems.append(f"optim.warmup_steps {config.optim.warmup_steps} exceeds num_train_steps "
                     f"{config.num_train_steps}")

@@ -62,6 +62,16 @@ def test_tiny_run_of_each_objective_through_main(objective, tmp_path, shared_dat
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
 
 
+def test_inverse_cdf_sampler_through_main(tmp_path, shared_data):
+  result = run_main(FAST + [f"--workdir={tmp_path}", "--config.objective=electra",
+                            "--config.sampler=inverse_cdf",
+                            f"--config.data.prepared_dir={shared_data}"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = _metrics(tmp_path)
+  assert all(np.isfinite(r["disc_loss"]) and 0 < r["replaced_fraction"] <= 1 for r in records)
+  assert records[-1]["mlm_loss"] < records[0]["mlm_loss"]
+
+
 def test_resume_after_kill_between_checkpoints_is_exact(tmp_path, shared_data):
   """2N steps in one go == N steps, a crash after N (checkpoint 2N lost), resume to 2N."""
   data = f"--config.data.prepared_dir={shared_data}"

@@ -83,6 +83,22 @@ def test_gumbel_max_sample_follows_tempered_softmax():
                              atol=0.015)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_inverse_cdf_sample_follows_tempered_softmax(temperature):
+  rng = np.random.default_rng(int(temperature * 10))
+  logits = jnp.asarray(rng.normal(size=(6,)) * 2, jnp.float32)
+  draws = objectives.inverse_cdf_sample(
+      jax.random.key(3), jnp.broadcast_to(logits, (200, 100, 6)), temperature).ravel()
+  z = np.asarray(logits, np.float64) / temperature
+  want = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+  np.testing.assert_allclose(np.bincount(np.asarray(draws), minlength=6) / draws.size, want,
+                             atol=0.01)
+  # A near-one-hot distribution never yields another token, nor one past the end.
+  peaked = objectives.inverse_cdf_sample(
+      jax.random.key(4), jnp.array([[[-50.0, -50.0, 50.0]]] * 1000), 1.0)
+  assert set(np.asarray(peaked).ravel().tolist()) == {2}
+
+
 def test_scatter_leaves_padding_slots_and_position_zero_alone():
   ids = jnp.array([[7, 8, 9, 10]])
   out = objectives.scatter_at_positions(ids, jnp.array([[2, 0]]), jnp.array([[99, 55]]),

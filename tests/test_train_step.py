@@ -65,6 +65,7 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     ({"model.num_heads": 3}, "not divisible by model.num_heads"),
     ({"seq_len": 512}, "exceeds model.max_position_embeddings"),
     ({"mesh.model": 3}, "does not cover the 8 devices"),
+    ({"sampler": "topk"}, "sampler must be one of gumbel, inverse_cdf"),
 ])
 def test_inconsistent_configs_are_clear_errors(override, message):
   config = load_config("tiny", **override)
