@@ -38,7 +38,7 @@ class EncoderConfig:
   remat: bool = False
   scan_layers: bool = False  # one scanned layer with stacked [L, ...] parameters
   # The softmax layer's rows are padded to a multiple of this (TPU/GPU tiles are 128 wide);
-  # the pad columns are masked out of every softmax, logsumexp and sample (output_bias_and_mask).
+  # the pad columns are masked out of every softmax, logsumexp and sample (mask_vocab_padding).
   vocab_pad_multiple: int = 1
   initializer_range: float = 0.02  # BERT's; tiny models need more to learn attention quickly
 
