@@ -28,6 +28,11 @@ def base_config() -> ml_collections.ConfigDict:
   # paper's Gumbel-max; "inverse_cdf" draws from the same distribution with one uniform per
   # position (cheaper on CPU, a different random stream).
   c.sampler = "gumbel"
+  # PRNG behind each step's dropout masks and samples (init always uses threefry2x32, so the
+  # initial parameters do not depend on it). "rbg" draws bits with XLA's RngBitGenerator, much
+  # cheaper than threefry on GPU/TPU; its streams may differ across platforms, jax versions and
+  # device counts (the distributions do not).
+  c.rng_impl = "threefry2x32"
 
   # Model (ELECTRA/BERT encoder). vocab_size must match the tokenizer's.
   c.model = ml_collections.ConfigDict()

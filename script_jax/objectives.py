@@ -56,6 +56,7 @@ def chunked_logsumexp(features_NxE: Array, table_VxE: Array, bias_V: Array,
   """
   n, e = features_NxE.shape
   num_chunks = -(-n // chunk_size)
+  chunk_size = -(-n // num_chunks)  # equal chunks of at most chunk_size rows: the least padding
   padded = jnp.pad(features_NxE, ((0, num_chunks * chunk_size - n), (0, 0)))
 
   @jax.checkpoint

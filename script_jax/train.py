@@ -18,8 +18,6 @@ import time
 from typing import Any
 
 from absl import logging
-from clu import metric_writers
-from clu import parameter_overview
 import flax
 from flax.training import train_state
 import jax
@@ -34,6 +32,8 @@ from script_jax import objectives
 
 Array = jax.Array
 P = jax.sharding.PartitionSpec
+# jax.random implementations a run may draw its step randomness from (config.rng_impl).
+RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 BATCH_KEYS = ("input_ids", "input_mask", "segment_ids", "masked_positions", "masked_ids",
               "masked_weights")
 
@@ -74,6 +74,8 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
   if config.script.disc_positions not in ("all", "masked"):
     problems.append(f"script.disc_positions must be 'all' or 'masked', got "
                     f"{config.script.disc_positions!r}")
+  if config.get("rng_impl", "threefry2x32") not in RNG_IMPLS:
+    problems.append(f"rng_impl must be one of {', '.join(RNG_IMPLS)}, got {config.rng_impl!r}")
   if config.sampler not in objectives.SAMPLERS:
     problems.append(f"sampler must be one of {', '.join(objectives.SAMPLERS)}, got "
                     f"{config.sampler!r}")
@@ -177,11 +179,11 @@ def make_train_step(config, model, state_sharding, mesh):
   loss_fn = functools.partial(objectives.get_objective(config.objective), model=model,
                               config=config)
   schedule = learning_rate_schedule(config)
-  seed = config.seed
+  seed, rng_impl = config.seed, config.get("rng_impl", "threefry2x32")
 
   def train_step(state, batch):
     # Step-indexed randomness: the same step draws the same numbers, resumed or not.
-    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    rng = jax.random.fold_in(jax.random.key(seed, impl=rng_impl), state.step)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
     metrics["loss"] = loss
     metrics["grad_norm"] = optax.tree.norm(grads)
@@ -251,6 +253,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   validate_config(config)
   checkpoints.check_run_config(workdir, config)
   metadata, data_dir = _prepare_data(config, workdir)
+
+  # clu's writers import TensorFlow: only the training loop needs them, not the step functions
+  # that benchmarks import on accelerator images without TensorFlow.
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from clu import parameter_overview  # pylint: disable=g-import-not-at-top
 
   mesh = create_mesh(config)
   model = models.build_model(config)

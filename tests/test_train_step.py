@@ -37,6 +37,30 @@ def test_sharded_step_on_8_devices_equals_1_device(objective):
   assert losses8[1] != losses8[0]
 
 
+def test_rbg_step_randomness_is_sharded_step_indexed_and_its_own_stream():
+  """rng_impl=rbg: a real sharded step, the same numbers for the same step, not threefry's."""
+  config = load_config("tiny", batch_size=8, **{"optim.warmup_steps": 1})
+  batch = _random_batch(config, 8, seed=12)
+  _, losses_rbg = _run_steps(load_config("tiny", batch_size=8, rng_impl="rbg",
+                                         **{"optim.warmup_steps": 1}), jax.devices(), [batch])
+  _, again = _run_steps(load_config("tiny", batch_size=8, rng_impl="rbg",
+                                    **{"optim.warmup_steps": 1}), jax.devices(), [batch])
+  _, losses_fry = _run_steps(config, jax.devices(), [batch])
+  assert np.isfinite(losses_rbg[0]) and losses_rbg == again
+  assert losses_rbg[0] != losses_fry[0]
+
+
+@pytest.mark.parametrize("rng_impl", ["threefry2x32", "rbg"])
+def test_dropout_keeps_its_rate_under_each_rng_impl(rng_impl):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = jax.numpy.ones((64, 128, 256))
+  y = nn.Dropout(0.1, deterministic=False).apply(
+      {}, x, rngs={"dropout": jax.random.key(5, impl=rng_impl)})
+  kept = float((y != 0).mean())
+  assert abs(kept - 0.9) < 0.003
+  np.testing.assert_allclose(float(y.max()), 1 / 0.9, rtol=1e-6)
+
+
 def test_weight_decay_skips_layernorm_and_biases():
   config = load_config("tiny")
   model = models.build_model(config)
@@ -66,6 +90,7 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     ({"seq_len": 512}, "exceeds model.max_position_embeddings"),
     ({"mesh.model": 3}, "does not cover the 8 devices"),
     ({"sampler": "topk"}, "sampler must be one of gumbel, inverse_cdf"),
+    ({"rng_impl": "philox"}, "rng_impl must be one of threefry2x32, rbg, unsafe_rbg"),
 ])
 def test_inconsistent_configs_are_clear_errors(override, message):
   config = load_config("tiny", **override)
