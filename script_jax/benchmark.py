@@ -59,6 +59,10 @@ def define_flags() -> None:
   flags.DEFINE_integer("peak_size", 2048, "n of the n x n x n matmul that measures the peak.")
   flags.DEFINE_integer("peak_iters", 10, "Chained matmuls per peak measurement window.")
   flags.DEFINE_string("output", None, "Write the results as JSON to this path.")
+  flags.DEFINE_string("profile_dir", None, "Also trace --profile_steps steps of each objective "
+                      "(after the timed windows) with jax.profiler into DIR/OBJECTIVE, and print "
+                      "the device ops that took the most time.")
+  flags.DEFINE_integer("profile_steps", 5, "Steps traced per objective with --profile_dir.")
   flags.mark_flags_as_required(["config"])
 
 
@@ -197,8 +201,12 @@ def _xla_flops(compiled) -> float | None:
 def benchmark_objective(config, objective: str, *, batch_size: int | None = None, steps: int = 20,
                         warmup: int = 3, repeats: int = 1, memory_only: bool = False,
                         mesh=None, compiler_options: dict[str, Any] | None = None,
+                        profile_dir: str | None = None, profile_steps: int = 5,
                         log: Callable[[str], None] = _print) -> dict[str, Any]:
   """Compiles and times `objective`'s real train step; returns its figures (see module doc).
+
+  With `profile_dir`, `profile_steps` more steps run under jax.profiler (outside the timed
+  windows) and the result holds the trace's op summary (`summarise_trace`).
 
   `compiler_options` go to XLA's compile; e.g. {"xla_backend_optimization_level": 0} compiles
   faster on CPU (slower code, the same buffers: memory figures are unchanged).
@@ -278,7 +286,93 @@ def benchmark_objective(config, objective: str, *, batch_size: int | None = None
       others_cpu_share_best_window=others[best], steps_per_sec=steps_per_sec,
       tokens_per_sec=steps_per_sec * b * t,
       model_flops_per_sec=steps_per_sec * model_flops["total"])
+  if profile_dir:
+    trace_dir = os.path.join(profile_dir, objective)
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(profile_steps):
+        state, _ = compiled(state, batch)
+      jax.block_until_ready(state)
+    summary = summarise_trace(find_perfetto_trace(trace_dir), steps=profile_steps)
+    result["profile"] = dict(summary, trace_dir=trace_dir)
+    log(f"[{objective}] profile of {profile_steps} steps in {trace_dir}:\n"
+        + format_profile(summary))
   return result
+
+
+# ----------------------------------------------------------------------------- profiles
+
+def find_perfetto_trace(trace_dir: str) -> str:
+  """The newest perfetto_trace.json.gz that jax.profiler wrote under `trace_dir`."""
+  found = [os.path.join(root, name) for root, _, names in os.walk(trace_dir) for name in names
+           if name.endswith("perfetto_trace.json.gz")]
+  if not found:
+    raise FileNotFoundError(f"jax.profiler wrote no perfetto_trace.json.gz under {trace_dir}")
+  return max(found, key=os.path.getmtime)
+
+
+def summarise_trace(path: str, steps: int, top: int = 20) -> dict[str, Any]:
+  """Time per name on a perfetto trace's timelines, in ms per step.
+
+  "kernels": the device streams (GPU "Stream #..." threads, else every device timeline but the
+  XLA summary rows) or, on a CPU run, XLA's own host threads; "xla_ops": the device's "XLA Ops"
+  row (HLO op names), where there is one. Trailing ".N" clone suffixes are dropped from names
+  (fusion.12 and fusion.13 are both "fusion").
+  """
+  import gzip  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  with gzip.open(path, "rt") as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  process = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+  thread = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
+            if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  device = {(p, t): n for (p, t), n in thread.items() if process.get(p, "").startswith("/device:")}
+  summary_rows = ("XLA Modules", "XLA Ops", "Steps", "Launch Stats", "TensorFlow Ops")
+  if device:
+    kernels = {k for k, n in device.items() if n.startswith("Stream")} or {
+        k for k, n in device.items() if n not in summary_rows}
+    ops = {k for k, n in device.items() if n == "XLA Ops"}
+  else:
+    kernels, ops = {k for k, n in thread.items() if n.startswith("tf_XLA")}, set()
+
+  def table(rows):
+    spans = [e for e in events if e.get("ph") == "X" and "dur" in e
+             and (e["pid"], e.get("tid")) in rows]
+    per_name: dict[str, list[float]] = {}
+    for e in spans:
+      total = per_name.setdefault(re.sub(r"(\.\d+)+$", "", e["name"]), [0.0, 0])
+      total[0] += float(e["dur"])
+      total[1] += 1
+    busy_us = sum(v[0] for v in per_name.values())
+    first = min((float(e["ts"]) for e in spans), default=0.0)
+    last = max((float(e["ts"]) + float(e["dur"]) for e in spans), default=0.0)
+    ranked = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"timelines": sorted({thread[k] for k in rows}), "per_step": len(spans) / steps,
+            "busy_ms_per_step": busy_us / 1e3 / steps,
+            "span_ms_per_step": (last - first) / 1e3 / steps,
+            "top": [{"name": k, "ms_per_step": v[0] / 1e3 / steps,
+                     "count_per_step": v[1] / steps, "share": v[0] / busy_us if busy_us else 0.0}
+                    for k, v in ranked]}
+
+  result = {"steps": steps, "kernels": table(kernels)}
+  if ops:
+    result["xla_ops"] = table(ops)
+  return result
+
+
+def format_profile(summary: dict[str, Any]) -> str:
+  lines = []
+  for view in ("kernels", "xla_ops"):
+    if view not in summary:
+      continue
+    t = summary[view]
+    lines += [f"  {view}: {t['per_step']:.0f} per step, busy {t['busy_ms_per_step']:.2f} ms of a "
+              f"{t['span_ms_per_step']:.2f} ms span per step ({len(t['timelines'])} timelines)",
+              f"  {'ms/step':>8} {'share':>6} {'n/step':>7}  name"]
+    lines += [f"  {r['ms_per_step']:>8.3f} {100 * r['share']:>5.1f}% {r['count_per_step']:>7.1f}  "
+              f"{r['name'][:90]}" for r in t["top"]]
+  return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -312,6 +406,7 @@ def run_benchmark(config, objectives=config_lib.OBJECTIVES, *, batch_size: int |
                   steps: int = 20, warmup: int = 3, repeats: int = 1, memory_only: bool = False,
                   peak_size: int = 2048, peak_iters: int = 10, devices=None,
                   compiler_options: dict[str, Any] | None = None,
+                  profile_dir: str | None = None, profile_steps: int = 5,
                   log: Callable[[str], None] = _print) -> dict[str, Any]:
   """Every objective under the same settings, plus the matmul peak: the JSON report.
 
@@ -347,7 +442,8 @@ def run_benchmark(config, objectives=config_lib.OBJECTIVES, *, batch_size: int |
   for name in objectives:
     results[name] = benchmark_objective(
         config, name, batch_size=batch_size, steps=steps, warmup=warmup, repeats=repeats,
-        memory_only=memory_only, mesh=mesh, compiler_options=compiler_options, log=log)
+        memory_only=memory_only, mesh=mesh, compiler_options=compiler_options,
+        profile_dir=profile_dir, profile_steps=profile_steps, log=log)
   if not memory_only:
     # Before and after the steps; the higher one is the peak (a conservative utilisation).
     peaks.append(peak("after"))
@@ -404,7 +500,8 @@ def main(argv):
   report = run_benchmark(FLAGS.config, FLAGS.objectives, batch_size=FLAGS.batch_size,
                          steps=FLAGS.steps, warmup=FLAGS.warmup, repeats=FLAGS.repeats,
                          memory_only=FLAGS.memory_only, peak_size=FLAGS.peak_size,
-                         peak_iters=FLAGS.peak_iters)
+                         peak_iters=FLAGS.peak_iters, profile_dir=FLAGS.profile_dir,
+                         profile_steps=FLAGS.profile_steps)
   report["command"] = " ".join([os.path.basename(sys.executable), "-m", "script_jax.benchmark",
                                 *sys.argv[1:]])
   report["config_file"] = config_flags.get_config_filename(FLAGS["config"])

@@ -11,6 +11,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import ROOT, load_config
 
@@ -201,3 +202,53 @@ def test_memory_only_compiles_and_reports_memory():
   chunked = run(load_config("tiny", **one_layer, **{"model.logsumexp_chunk": 64}))
   assert (chunked["results"]["script"]["memory"]["temp_size_in_bytes"]
           < result["memory"]["temp_size_in_bytes"])
+
+
+def test_trace_summary_counts_device_streams_and_xla_ops(tmp_path):
+  """A GPU-shaped perfetto trace with fresh random spans against a direct count."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng()
+  meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+          {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
+  threads = {(1, 10): "python", (2, 20): "Stream #13(Compute)", (2, 21): "Stream #14(Copy)",
+             (2, 30): "XLA Ops", (2, 31): "XLA Modules"}
+  meta += [{"ph": "M", "pid": p, "tid": t, "name": "thread_name", "args": {"name": n}}
+           for (p, t), n in threads.items()]
+  spans, want = [], {}
+  for (pid, tid), thread_name in threads.items():
+    for _ in range(int(rng.integers(5, 30))):
+      name = f"{rng.choice(['gemm', 'loop_fusion', 'reduce'])}.{rng.integers(0, 99)}"
+      dur = float(rng.uniform(1, 500))
+      spans.append({"ph": "X", "pid": pid, "tid": tid, "name": name, "dur": dur,
+                    "ts": float(rng.uniform(0, 1e5))})
+      view = ("kernels" if thread_name.startswith("Stream") else
+              "xla_ops" if thread_name == "XLA Ops" else None)
+      if view:
+        want.setdefault(view, {}).setdefault(name.split(".")[0], 0.0)
+        want[view][name.split(".")[0]] += dur
+  path = tmp_path / "perfetto_trace.json.gz"
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": meta + spans}, f)
+  steps = int(rng.integers(1, 6))
+  summary = benchmark.summarise_trace(str(path), steps=steps)
+  for view in ("kernels", "xla_ops"):
+    got = {r["name"]: r["ms_per_step"] for r in summary[view]["top"]}
+    assert got == pytest.approx({k: v / 1e3 / steps for k, v in want[view].items()})
+    assert summary[view]["busy_ms_per_step"] == pytest.approx(
+        sum(want[view].values()) / 1e3 / steps)
+    shares = [r["share"] for r in summary[view]["top"]]
+    assert sum(shares) == pytest.approx(1.0) and shares == sorted(shares, reverse=True)
+  assert summary["kernels"]["timelines"] == ["Stream #13(Compute)", "Stream #14(Copy)"]
+  assert "kernels:" in benchmark.format_profile(summary)
+
+
+def test_benchmark_profiles_through_the_cli(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = _run_benchmark_cli(["--objectives=mlm", "--steps=2", "--warmup=1", "--peak_size=64",
+                             "--peak_iters=1", f"--profile_dir={tmp_path / 'prof'}",
+                             "--profile_steps=2", f"--output={out}"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  profile = json.loads(out.read_text())["results"]["mlm"]["profile"]
+  assert profile["steps"] == 2 and profile["kernels"]["busy_ms_per_step"] > 0
+  assert profile["kernels"]["top"] and os.path.isdir(profile["trace_dir"])
+  assert "[mlm] profile of 2 steps" in proc.stdout
