@@ -236,10 +236,46 @@ class MLMHeadTransform(nn.Module):
 
 
 def tied_logits(features_xE: Array, table_VxE: Array, bias_V: Array) -> Array:
-  """Softmax-layer logits s = W e + b in float32 (matmul in the features' dtype)."""
+  """Softmax-layer logits s = W e + b in float32 (matmul in the features' dtype).
+
+  With low-precision features the backward matmuls run in that dtype too: autodiff alone would
+  multiply the float32 cotangent of the logits by W and by e in float32, the step's largest
+  matmuls at a fraction of the bf16 rate (4 TF32 GEMMs, 5% of a SCRIPT-small step on an H200).
+  """
+  if features_xE.dtype == jnp.float32:
+    return _tied_logits(features_xE, table_VxE, bias_V)
+  return _tied_logits_low_precision_backward(features_xE, table_VxE, bias_V)
+
+
+def _tied_logits(features_xE: Array, table_VxE: Array, bias_V: Array) -> Array:
   logits = jnp.einsum("...e,ve->...v", features_xE, table_VxE.astype(features_xE.dtype),
                       preferred_element_type=jnp.float32)
   return logits + bias_V.astype(jnp.float32)
+
+
+@jax.custom_vjp
+def _tied_logits_low_precision_backward(features_xE, table_VxE, bias_V):
+  return _tied_logits(features_xE, table_VxE, bias_V)
+
+
+def _tied_logits_fwd(features_xE, table_VxE, bias_V):
+  return _tied_logits(features_xE, table_VxE, bias_V), (features_xE, table_VxE, bias_V)
+
+
+def _tied_logits_bwd(residuals, g_xV):
+  features_xE, table_VxE, bias_V = residuals
+  low = features_xE.dtype
+  g_low_xV = g_xV.astype(low)  # bf16 operands, float32 accumulation: the forward's precision
+  d_features = jnp.einsum("...v,ve->...e", g_low_xV, table_VxE.astype(low),
+                          preferred_element_type=jnp.float32).astype(low)
+  g_low_NxV = g_low_xV.reshape(-1, g_xV.shape[-1])
+  d_table = jnp.einsum("nv,ne->ve", g_low_NxV, features_xE.reshape(-1, features_xE.shape[-1]),
+                       preferred_element_type=jnp.float32).astype(table_VxE.dtype)
+  d_bias = g_xV.reshape(-1, g_xV.shape[-1]).sum(0).astype(bias_V.dtype)  # float32 sum
+  return d_features, d_table, d_bias
+
+
+_tied_logits_low_precision_backward.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
 def mask_vocab_padding(bias_V: Array, vocab_size: int) -> Array:
