@@ -4,9 +4,10 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
 #
 # SCRIPT, ELECTRA and MLM small models at the paper's batch (128 x 128), bfloat16 compute, as
-# configured (threefry randomness) and with each speed option (rng_impl=rbg, the inverse-CDF
-# sampler, the chunked logsumexp). Each variant is one `script_jax.benchmark` process with its
-# own JSON and log under $OUT; a variant that fails or overruns its time does not stop the rest.
+# configured and with model.fused_qkv. (On an H200 on 2026-11-26, rng_impl=rbg and the
+# inverse-CDF sampler made no measurable difference: docs/benchmarks.md section (e).) Each
+# variant is one `script_jax.benchmark` process with its own JSON and log under $OUT; a variant
+# that fails or overruns its time does not stop the rest.
 # Needs only jax, flax, optax, orbax-checkpoint, ml-collections and absl (no TensorFlow).
 set -u
 OUT=${OUT:-/tmp/script_jax_gpu}
@@ -33,9 +34,7 @@ run() {  # name, seconds, extra flags...
     tail -5 "$OUT/$name.log"
 }
 
-run as_configured "${T1:-150}" --objectives=script,electra,mlm
-run rbg "${T2:-150}" --objectives=script,electra,mlm --config.rng_impl=rbg
-run rbg_inverse_cdf "${T3:-100}" --objectives=script,electra --config.rng_impl=rbg \
-  --config.sampler=inverse_cdf
-run rbg_chunk "${T4:-70}" --objectives=script --config.rng_impl=rbg \
-  --config.model.logsumexp_chunk=8192
+# On an H200 each objective spends ~20-45 s initialising and ~40-55 s compiling before ~5 s of
+# timing, so the default plan (two processes) needs about 8 minutes of device time.
+run as_configured "${T1:-330}" --objectives=script,electra,mlm
+run fused_qkv "${T2:-230}" --objectives=script,electra --config.model.fused_qkv=True

@@ -159,3 +159,32 @@ def test_layer_layouts_convert_both_ways():
   from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
   enc = checkpoints.encoder_params(config, stacked)
   assert "layer_1" in enc["encoder"]
+
+
+@pytest.mark.parametrize("objective", ["script", "electra"])
+def test_fused_qkv_has_the_same_parameters_loss_and_gradients(objective):
+  """model.fused_qkv is one matmul over the same three projections, not a different model."""
+  from script_jax import objectives  # pylint: disable=g-import-not-at-top
+  batch = None
+  results = {}
+  for fused in (False, True):
+    config = load_config("tiny", objective=objective, batch_size=4,
+                         **{"model.fused_qkv": fused})
+    batch = batch or {k: jax.numpy.asarray(v)
+                      for k, v in _random_batch(config, 4, seed=5).items()}
+    model = models.build_model(config)
+    params = jax.jit(lambda m=model, c=config: train.create_train_state(
+        c, m, jax.random.key(0)).params)()
+    loss_fn = lambda p, c=config, m=model: objectives.get_objective(objective)(
+        p, batch, jax.random.key(9), model=m, config=c)
+    (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+    results[fused] = (params, float(loss), jax.device_get(grads))
+  (p0, l0, g0), (p1, l1, g1) = results[False], results[True]
+  assert jax.tree.structure(p0) == jax.tree.structure(p1)
+  for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)):
+    np.testing.assert_array_equal(a, b)  # the same draws: checkpoints load either way
+  np.testing.assert_allclose(l1, l0, rtol=1e-5)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6, err_msg=str(path))
+  top = "encoder" if objective == "script" else "discriminator"
+  assert np.abs(g0[top]["layer_0"]["attention"]["query"]["kernel"]).max() > 0
