@@ -56,8 +56,11 @@ def define_flags() -> None:
   flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
   flags.DEFINE_integer("repeats", 1, "Timed windows of --steps steps; the fastest is reported.")
   flags.DEFINE_bool("memory_only", False, "Only compile and report XLA's memory analysis.")
-  flags.DEFINE_integer("peak_size", 2048, "n of the n x n x n matmul that measures the peak.")
-  flags.DEFINE_integer("peak_iters", 10, "Chained matmuls per peak measurement window.")
+  flags.DEFINE_integer("peak_size", None, "n of the n x n x n matmul that measures the peak "
+                       "(default: 2048 on CPU, 8192 on accelerators, where 2048 is too small "
+                       "to reach their peak).")
+  flags.DEFINE_integer("peak_iters", None, "Chained matmuls per peak measurement window "
+                       "(default: 10 on CPU, 20 on accelerators).")
   flags.DEFINE_string("output", None, "Write the results as JSON to this path.")
   flags.DEFINE_string("profile_dir", None, "Also trace --profile_steps steps of each objective "
                       "(after the timed windows) with jax.profiler into DIR/OBJECTIVE, and print "
@@ -404,7 +407,7 @@ def environment() -> dict[str, Any]:
 
 def run_benchmark(config, objectives=config_lib.OBJECTIVES, *, batch_size: int | None = None,
                   steps: int = 20, warmup: int = 3, repeats: int = 1, memory_only: bool = False,
-                  peak_size: int = 2048, peak_iters: int = 10, devices=None,
+                  peak_size: int | None = None, peak_iters: int | None = None, devices=None,
                   compiler_options: dict[str, Any] | None = None,
                   profile_dir: str | None = None, profile_steps: int = 5,
                   log: Callable[[str], None] = _print) -> dict[str, Any]:
@@ -430,6 +433,10 @@ def run_benchmark(config, objectives=config_lib.OBJECTIVES, *, batch_size: int |
   log(f"Benchmark on {report['num_devices']} x {report['device_kind']} ({report['cpu_count']} "
       f"CPUs, load {report['load_average']}): batch {b} x {config.seq_len}, "
       f"{config.model.dtype}")
+
+  on_cpu = mesh.devices.flat[0].platform == "cpu"
+  peak_size = peak_size or (2048 if on_cpu else 8192)
+  peak_iters = peak_iters or (10 if on_cpu else 20)
 
   def peak(when):
     log(f"Measuring the matmul peak {when} ({peak_size}^3, {config.model.dtype}) ...")
