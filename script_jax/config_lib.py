@@ -29,8 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
   # position (cheaper on CPU, a different random stream).
   c.sampler = "gumbel"
   # PRNG behind each step's dropout masks and samples (init always uses threefry2x32, so the
-  # initial parameters do not depend on it). "rbg" draws bits with XLA's RngBitGenerator, much
-  # cheaper than threefry on GPU/TPU; its streams may differ across platforms, jax versions and
+  # initial parameters do not depend on it). "rbg" draws bits with XLA's RngBitGenerator
+  # (commonly cheaper than threefry on TPUs; no measurable change on an H200, see
+  # docs/benchmarks.md); its streams may differ across platforms, jax versions and
   # device counts (the distributions do not).
   c.rng_impl = "threefry2x32"
 
