@@ -35,6 +35,10 @@ Backward = 2x forward (one matmul for the gradient of each operand) for every pa
 gradients. In all three objectives every pass does: SCRIPT's critic pass and MLM pass both
 train the one model, ELECTRA trains generator and discriminator. The sampling (Gumbel-max on
 stop_gradient'ed logits) gets no gradient and has no matmul, so a train step is 3x forward.
+
+Executed but not model FLOPs: besides rematerialisation, the tied softmax layer computes its
+bias gradient (a column sum of the [rows, V] cotangent) as a matrix-vector product, 2*rows*V
+per softmax layer (`softmax_bias_grad_flops`), because XLA:CPU's column reduction is far slower.
 """
 
 from __future__ import annotations
@@ -125,6 +129,20 @@ def train_step_flops(config, objective: str | None = None,
                                    if k.split("/")[0] in trained)
   return {"forward": forward, "backward": backward, "total": forward + backward,
           "by_component": by_component}
+
+
+def softmax_bias_grad_flops(config, objective: str | None = None,
+                            batch_size: int | None = None) -> int:
+  """The matrix-vector FLOPs of the tied softmax layers' bias gradients (`models.tied_logits`):
+  executed by a train step, not model FLOPs (2 * rows * V for each softmax layer)."""
+  objective = objective or config.objective
+  b = config.batch_size if batch_size is None else batch_size
+  v = models.encoder_config_from(config.model).padded_vocab_size
+  p, t = config.mask.max_predictions_per_seq, config.seq_len
+  rows = b * p  # the MLM (or generator) logits at the masked positions
+  if objective == "script":
+    rows += b * (p if config.script.disc_positions == "masked" else t)  # the critic's logits
+  return 2 * rows * v
 
 
 # ----------------------------------------------------------------------------- a traced count

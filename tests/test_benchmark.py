@@ -81,6 +81,17 @@ def test_flops_literal_totals():
   assert _hand_count("electra") == 36_079_616
 
 
+def test_softmax_bias_grad_flops_by_hand():
+  # 2 * rows * V with V = 2048, B = 2, P = 9, T = 64: the MLM logits at 18 rows, SCRIPT's critic
+  # at 128 more (or at the 18 masked ones).
+  config = load_config("tiny", **PINNED)
+  assert flops.softmax_bias_grad_flops(config, "mlm", 2) == 2 * 18 * 2048
+  assert flops.softmax_bias_grad_flops(config, "electra", 2) == 2 * 18 * 2048
+  assert flops.softmax_bias_grad_flops(config, "script", 2) == 2 * (18 + 128) * 2048
+  masked = load_config("tiny", **PINNED, **{"script.disc_positions": "masked"})
+  assert flops.softmax_bias_grad_flops(masked, "script", 2) == 2 * 36 * 2048
+
+
 def test_flops_scale_with_batch_and_default_to_the_config():
   config = load_config("tiny", batch_size=6, **PINNED)
   assert flops.train_step_flops(config)["total"] == 3 * flops.train_step_flops(
@@ -113,7 +124,8 @@ def test_analytic_count_equals_the_matmuls_of_the_traced_step(objective, overrid
   forward, with_grad = _traced_loss_flops(config)
   counted = flops.train_step_flops(config, batch_size=2)
   assert forward == counted["forward"]
-  assert with_grad == counted["total"]
+  # The backward also runs the softmax bias gradients as matrix-vector products.
+  assert with_grad == counted["total"] + flops.softmax_bias_grad_flops(config, batch_size=2)
 
 
 def test_rematerialisation_is_executed_but_not_model_flops():
@@ -122,7 +134,8 @@ def test_rematerialisation_is_executed_but_not_model_flops():
   config = load_config("tiny", objective="script", **PINNED, **{"model.logsumexp_chunk": 32})
   _, with_grad = _traced_loss_flops(config)
   counted = flops.train_step_flops(config, batch_size=2)
-  assert with_grad == counted["total"] + counted["by_component"]["critic_pass/logits"]
+  assert with_grad == (counted["total"] + counted["by_component"]["critic_pass/logits"]
+                       + flops.softmax_bias_grad_flops(config, batch_size=2))
 
 
 def test_random_batch_is_a_valid_masked_batch():
@@ -169,7 +182,8 @@ def test_benchmark_runs_end_to_end_and_writes_json(tmp_path):
     assert len(r["window_seconds"]) == len(r["others_cpu_share"]) == 2
     assert r["tokens_per_sec"] == pytest.approx(r["steps_per_sec"] * 4 * 64)
     assert r["model_flops_per_step"] == flops.train_step_flops(config, objective, 4)["total"]
-    assert r["executed_matmul_flops_per_step"] == r["model_flops_per_step"]  # no remat here
+    assert r["executed_matmul_flops_per_step"] == (  # no remat here; the bias mat-vecs
+        r["model_flops_per_step"] + flops.softmax_bias_grad_flops(config, objective, 4))
     assert r["utilisation"] == pytest.approx(
         r["model_flops_per_sec"] / report["matmul_peak"]["flops_per_sec"])
     assert r["memory"]["temp_size_in_bytes"] > 0 and r["memory"]["argument_size_in_bytes"] > 0
