@@ -266,3 +266,20 @@ def test_benchmark_profiles_through_the_cli(tmp_path):
   assert profile["steps"] == 2 and profile["kernels"]["busy_ms_per_step"] > 0
   assert profile["kernels"]["top"] and os.path.isdir(profile["trace_dir"])
   assert "[mlm] profile of 2 steps" in proc.stdout
+
+
+def test_gpu_check_script_runs_every_variant_on_cpu(tmp_path):
+  """benchmarks/gpu_check.sh end to end on the CPU with tiny settings: each variant writes its
+  JSON and the table lines reach the output (no GPU needed; nvidia-smi may be missing)."""
+  env = dict(os.environ, OUT=str(tmp_path), CONFIG="configs/tiny.py", BATCH="8", STEPS="1",
+             REPEATS="1", PEAK="64", PYTHON=sys.executable, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_backend_optimization_level=0")
+  proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=600, env=env)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  for variant in ("as_configured", "fused_qkv"):
+    report = json.loads((tmp_path / f"{variant}.json").read_text())
+    assert list(report["results"]) == ["script", "electra"]
+    assert report["config"]["model"]["fused_qkv"] == (variant == "fused_qkv")
+    assert report["config"]["model"]["dtype"] == "bfloat16"
+  assert proc.stdout.count("SCRIPT/ELECTRA steps/s") == 2
