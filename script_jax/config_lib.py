@@ -55,7 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = False
   # Softmax rows padded to a multiple of this (128 suits TPU/GPU tiles; pad columns are masked).
   c.model.vocab_pad_multiple = 128
-  # Query/key/value projections as one matmul (same parameters and checkpoints, fewer kernels).
+  # Query/key/value projections as one matmul (same parameters and checkpoints; meant to cut
+  # GPU kernels, not yet timed on one).
   c.model.fused_qkv = False
   c.model.logsumexp_chunk = 0  # >0: the critic's logsumexp over V in chunks of this many tokens
 

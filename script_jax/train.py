@@ -74,7 +74,7 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
   if config.script.disc_positions not in ("all", "masked"):
     problems.append(f"script.disc_positions must be 'all' or 'masked', got "
                     f"{config.script.disc_positions!r}")
-  if config.get("rng_impl", "threefry2x32") not in RNG_IMPLS:
+  if config.rng_impl not in RNG_IMPLS:
     problems.append(f"rng_impl must be one of {', '.join(RNG_IMPLS)}, got {config.rng_impl!r}")
   if config.sampler not in objectives.SAMPLERS:
     problems.append(f"sampler must be one of {', '.join(objectives.SAMPLERS)}, got "
@@ -179,7 +179,7 @@ def make_train_step(config, model, state_sharding, mesh):
   loss_fn = functools.partial(objectives.get_objective(config.objective), model=model,
                               config=config)
   schedule = learning_rate_schedule(config)
-  seed, rng_impl = config.seed, config.get("rng_impl", "threefry2x32")
+  seed, rng_impl = config.seed, config.rng_impl
 
   def train_step(state, batch):
     # Step-indexed randomness: the same step draws the same numbers, resumed or not.
