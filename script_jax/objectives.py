@@ -14,7 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from script_jax import models
+from script_jax import models, random_bits
 
 Array = jax.Array
 
@@ -95,7 +95,7 @@ def mlm_loss(logits_BxPxV: Array, masked_ids_BxP: Array, masked_weights_BxP: Arr
 def gumbel_max_sample(rng: Array, logits_BxPxV: Array, temperature: float) -> Array:
   """A hard sample from softmax(logits / tau) by Gumbel-max (eq. 3); no gradient through it."""
   logits = jax.lax.stop_gradient(logits_BxPxV).astype(jnp.float32)
-  gumbel = jax.random.gumbel(rng, logits.shape, jnp.float32)
+  gumbel = random_bits.gumbel(rng, logits.shape, jnp.float32)
   return jnp.argmax(logits / temperature + gumbel, axis=-1).astype(jnp.int32)
 
 
@@ -108,7 +108,7 @@ def inverse_cdf_sample(rng: Array, logits_BxPxV: Array, temperature: float) -> A
   """
   logits = jax.lax.stop_gradient(logits_BxPxV).astype(jnp.float32) / temperature
   cdf_BxPxV = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
-  u_BxPx1 = jax.random.uniform(rng, logits.shape[:-1] + (1,)) * cdf_BxPxV[..., -1:]
+  u_BxPx1 = random_bits.uniform(rng, logits.shape[:-1] + (1,)) * cdf_BxPxV[..., -1:]
   sample = jnp.sum(cdf_BxPxV <= u_BxPx1, axis=-1)
   return jnp.minimum(sample, logits.shape[-1] - 1).astype(jnp.int32)
 
