@@ -69,6 +69,18 @@ def test_mlm_loss_matches_float64_reference():
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
 
 
+def test_first_argmax_equals_numpy_argmax_with_ties_and_masked_columns():
+  rng = np.random.default_rng()
+  # Small integers make ties common; -inf columns are masked vocabulary padding.
+  x = rng.integers(-3, 4, size=(4, 7, 301)).astype(np.float32)
+  x[..., -5:] = -np.inf
+  x[0, 0, :] = -np.inf  # a row with nothing but -inf: index 0, like argmax
+  x[1] = rng.normal(size=(7, 301))
+  got = jax.jit(objectives.first_argmax)(jnp.asarray(x))
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(got), np.argmax(x, axis=-1))
+
+
 @pytest.mark.parametrize("rng_impl", ["threefry2x32", "rbg"])
 def test_gumbel_max_sample_follows_tempered_softmax(rng_impl):
   logits = jnp.log(jnp.array([0.6, 0.3, 0.1]))
