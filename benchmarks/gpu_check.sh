@@ -3,40 +3,30 @@
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
 #
-# SCRIPT and ELECTRA small models at the paper's batch (128 x 128), bfloat16 compute, as
-# configured and with model.fused_qkv. (On an H200 on 2026-11-26, rng_impl=rbg and the
-# inverse-CDF sampler made no measurable difference: docs/benchmarks.md section (e).) Each
-# variant is one `script_jax.benchmark` process with its own JSON and log under $OUT; a variant
-# that fails or overruns its time does not stop the rest.
-# Needs only jax, flax, optax, orbax-checkpoint, ml-collections and absl (no TensorFlow).
+# SCRIPT and ELECTRA small models at the paper's batch (128 x 128), bfloat16 compute: as
+# configured, then the variants of benchmarks/variants.py (stacked SCRIPT passes, fused_qkv,
+# several steps per call, XLA fusion options), all in one process on the same device, each
+# objective's state initialised once. The log and JSON go under $OUT and the JSON is rewritten
+# after every variant, so a run cut short keeps what it measured. (On an H200 on 2026-11-26,
+# rng_impl=rbg and the inverse-CDF sampler made no measurable difference: docs/benchmarks.md
+# section (e).) Needs only jax, flax, optax, orbax-checkpoint, ml-collections and absl.
 set -u
 OUT=${OUT:-/tmp/script_jax_gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-# CONFIG, BATCH, STEPS, REPEATS, PEAK override the defaults (a CPU smoke run uses tiny ones).
-COMMON=(--config=${CONFIG:-configs/small.py} --batch_size=${BATCH:-128}
-        --config.model.dtype=bfloat16 --steps=${STEPS:-50} --repeats=${REPEATS:-3} --warmup=5
-        --peak_size=${PEAK:-8192} --peak_iters=20)
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
   --format=csv 2>&1 | tee "$OUT/gpu.txt"
 $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__,
 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/gpu.txt"
 
-run() {  # name, seconds, extra flags...
-  local name=$1 limit=$2; shift 2
-  echo "=== $name: $*"
-  timeout "$limit" $PY -m script_jax.benchmark "${COMMON[@]}" "$@" \
-    --output="$OUT/$name.json" >"$OUT/$name.log" 2>&1
-  echo "exit $? after ${SECONDS}s in all"
-  grep -E "^(objective|script |electra |mlm |matmul peak|SCRIPT/ELECTRA)" "$OUT/$name.log" ||
-    tail -5 "$OUT/$name.log"
-}
-
-# On an H200 each objective spends ~20-45 s initialising and ~25-55 s compiling before ~5 s of
-# timing: two processes of SCRIPT and ELECTRA fit one 10-minute device call (OBJECTIVES=...
-# adds mlm, which needs one more call's worth of minutes).
-OBJECTIVES=${OBJECTIVES:-script,electra}
-run as_configured "${T1:-270}" --objectives="$OBJECTIVES"
-run fused_qkv "${T2:-270}" --objectives="$OBJECTIVES" --config.model.fused_qkv=True
+# CONFIG, BATCH, STEPS, BUDGET override the defaults (a CPU smoke run uses tiny ones). On an
+# H200 each objective spends ~20-45 s initialising and each variant ~25-55 s compiling.
+timeout "${LIMIT:-540}" $PY benchmarks/variants.py --config=${CONFIG:-configs/small.py} \
+  --batch_size=${BATCH:-128} --config.model.dtype=bfloat16 --steps=${STEPS:-50} --repeats=2 \
+  --warmup=10 --budget_s=${BUDGET:-500} --output="$OUT/variants.json" 2>&1 | tee "$OUT/variants.log" |
+  grep -vE "^\[.*\] (state|warmed|compiled)"
+status=${PIPESTATUS[0]}
+echo "exit $status after ${SECONDS}s"
+exit $status

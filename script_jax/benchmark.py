@@ -55,6 +55,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("steps", 20, "Timed train steps per window.")
   flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
   flags.DEFINE_integer("repeats", 1, "Timed windows of --steps steps; the fastest is reported.")
+  flags.DEFINE_integer("steps_per_call", 1, "Train steps compiled into one call (a lax.scan); "
+                       "--steps must be a multiple.")
   flags.DEFINE_bool("memory_only", False, "Only compile and report XLA's memory analysis.")
   flags.DEFINE_integer("peak_size", None, "n of the n x n x n matmul that measures the peak "
                        "(default: 2048 on CPU, 8192 on accelerators, where 2048 is too small "
@@ -205,8 +207,15 @@ def benchmark_objective(config, objective: str, *, batch_size: int | None = None
                         warmup: int = 3, repeats: int = 1, memory_only: bool = False,
                         mesh=None, compiler_options: dict[str, Any] | None = None,
                         profile_dir: str | None = None, profile_steps: int = 5,
+                        steps_per_call: int = 1, states: dict[str, Any] | None = None,
                         log: Callable[[str], None] = _print) -> dict[str, Any]:
   """Compiles and times `objective`'s real train step; returns its figures (see module doc).
+
+  `steps_per_call` > 1 compiles that many train steps into one call (a `lax.scan` over the
+  step, like TF's iterations_per_loop): one dispatch per call instead of per step. `states`,
+  a dict, keeps each objective's train state between calls, so variants that leave the
+  parameters' shapes alone (compiler options, fused_qkv, stacked_passes) skip the
+  initialisation.
 
   With `profile_dir`, `profile_steps` more steps run under jax.profiler (outside the timed
   windows) and the result holds the trace's op summary (`summarise_trace`).
@@ -220,8 +229,13 @@ def benchmark_objective(config, objective: str, *, batch_size: int | None = None
   b, t = config.batch_size, config.seq_len
   model = models.build_model(config)
 
+  if steps % steps_per_call:
+    raise ValueError(f"steps ({steps}) must be a multiple of steps_per_call ({steps_per_call})")
   start = time.perf_counter()
-  if memory_only:
+  reused = states is not None and objective in states and not memory_only
+  if reused:
+    state, state_sharding = states.pop(objective)
+  elif memory_only:
     # Compiling needs only shapes: trace the sharded init abstractly (nothing is allocated).
     shardings = []
 
@@ -235,12 +249,20 @@ def benchmark_objective(config, objective: str, *, batch_size: int | None = None
     state, state_sharding = train.init_state(config, model, mesh)
     jax.block_until_ready(state)
   num_params = int(sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)))
-  log(f"[{objective}] state {'traced' if memory_only else 'initialised'} "
+  log(f"[{objective}] state {'traced' if memory_only else 'reused' if reused else 'initialised'} "
       f"({num_params:,} parameters) in {time.perf_counter() - start:.1f} s")
 
   local = b // jax.process_count()
   batch = train.to_global_batch(random_batch(config, local, seed=jax.process_index()), mesh)
   train_step = train.make_train_step(config, model, state_sharding, mesh)
+  if steps_per_call > 1:
+    one_step = train_step
+
+    def several_steps(state, batch):
+      state, metrics = jax.lax.scan(lambda s, _: one_step(s, batch), state, None,
+                                    length=steps_per_call)
+      return state, jax.tree.map(lambda m: m[-1], metrics)
+    train_step = jax.jit(several_steps, donate_argnums=0)
   start = time.perf_counter()
   traced = train_step.trace(state, batch)
   compiled = traced.lower().compile(compiler_options=compiler_options)
@@ -261,7 +283,7 @@ def benchmark_objective(config, objective: str, *, batch_size: int | None = None
   if memory_only:
     return result
 
-  for _ in range(warmup):
+  for _ in range(-(-warmup // steps_per_call)):
     state, metrics = compiled(state, batch)
   if warmup:
     loss = float(metrics["loss"])  # the one host sync, outside the timed windows
@@ -275,7 +297,7 @@ def benchmark_objective(config, objective: str, *, batch_size: int | None = None
   for _ in range(repeats):
     share = CpuShare()
     start = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(steps // steps_per_call):
       state, _ = compiled(state, batch)
     jax.block_until_ready(state)
     windows.append(time.perf_counter() - start)
@@ -285,7 +307,7 @@ def benchmark_objective(config, objective: str, *, batch_size: int | None = None
   best = int(np.argmin(windows))
   steps_per_sec = steps / windows[best]
   result.update(
-      steps=steps, warmup=warmup, window_seconds=windows, others_cpu_share=others,
+      steps=steps, warmup=warmup, steps_per_call=steps_per_call, window_seconds=windows, others_cpu_share=others,
       others_cpu_share_best_window=others[best], steps_per_sec=steps_per_sec,
       tokens_per_sec=steps_per_sec * b * t,
       model_flops_per_sec=steps_per_sec * model_flops["total"])
@@ -299,6 +321,8 @@ def benchmark_objective(config, objective: str, *, batch_size: int | None = None
     result["profile"] = dict(summary, trace_dir=trace_dir)
     log(f"[{objective}] profile of {profile_steps} steps in {trace_dir}:\n"
         + format_profile(summary))
+  if states is not None:
+    states[objective] = (state, state_sharding)
   return result
 
 
@@ -410,6 +434,7 @@ def run_benchmark(config, objectives=config_lib.OBJECTIVES, *, batch_size: int |
                   peak_size: int | None = None, peak_iters: int | None = None, devices=None,
                   compiler_options: dict[str, Any] | None = None,
                   profile_dir: str | None = None, profile_steps: int = 5,
+                  steps_per_call: int = 1,
                   log: Callable[[str], None] = _print) -> dict[str, Any]:
   """Every objective under the same settings, plus the matmul peak: the JSON report.
 
@@ -427,7 +452,8 @@ def run_benchmark(config, objectives=config_lib.OBJECTIVES, *, batch_size: int |
       "max_predictions_per_seq": config.mask.max_predictions_per_seq,
       "dtype": config.model.dtype, "remat": config.model.remat,
       "logsumexp_chunk": config.model.logsumexp_chunk, "steps": steps, "warmup": warmup,
-      "repeats": repeats, "memory_only": memory_only, "mesh": dict(mesh.shape),
+      "repeats": repeats, "steps_per_call": steps_per_call, "memory_only": memory_only,
+      "mesh": dict(mesh.shape),
       "compiler_options": compiler_options or {},
       "xla_flags": os.environ.get("XLA_FLAGS", "")}
   log(f"Benchmark on {report['num_devices']} x {report['device_kind']} ({report['cpu_count']} "
@@ -450,7 +476,8 @@ def run_benchmark(config, objectives=config_lib.OBJECTIVES, *, batch_size: int |
     results[name] = benchmark_objective(
         config, name, batch_size=batch_size, steps=steps, warmup=warmup, repeats=repeats,
         memory_only=memory_only, mesh=mesh, compiler_options=compiler_options,
-        profile_dir=profile_dir, profile_steps=profile_steps, log=log)
+        profile_dir=profile_dir, profile_steps=profile_steps, steps_per_call=steps_per_call,
+        log=log)
   if not memory_only:
     # Before and after the steps; the higher one is the peak (a conservative utilisation).
     peaks.append(peak("after"))
@@ -508,7 +535,7 @@ def main(argv):
                          steps=FLAGS.steps, warmup=FLAGS.warmup, repeats=FLAGS.repeats,
                          memory_only=FLAGS.memory_only, peak_size=FLAGS.peak_size,
                          peak_iters=FLAGS.peak_iters, profile_dir=FLAGS.profile_dir,
-                         profile_steps=FLAGS.profile_steps)
+                         profile_steps=FLAGS.profile_steps, steps_per_call=FLAGS.steps_per_call)
   report["command"] = " ".join([os.path.basename(sys.executable), "-m", "script_jax.benchmark",
                                 *sys.argv[1:]])
   report["config_file"] = config_flags.get_config_filename(FLAGS["config"])

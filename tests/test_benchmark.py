@@ -218,6 +218,26 @@ def test_memory_only_compiles_and_reports_memory():
           < result["memory"]["temp_size_in_bytes"])
 
 
+def test_steps_per_call_runs_that_many_real_steps_and_states_are_reused():
+  """A call of steps_per_call=3 advances the optimizer 3 steps; a second run reuses the state."""
+  config = load_config("tiny", **dict(PINNED, **{"model.num_layers": 1}))
+  states, lines = {}, []
+  run = functools.partial(benchmark.benchmark_objective, config, "mlm", batch_size=8,
+                          mesh=train.create_mesh(config, jax.devices()[:1]), states=states,
+                          compiler_options={"xla_backend_optimization_level": 0},
+                          log=lines.append)
+  result = run(steps=6, warmup=3, repeats=2, steps_per_call=3)
+  assert result["steps_per_call"] == 3 and result["steps_per_sec"] > 0
+  state, _ = states["mlm"]
+  assert int(state.step) == 3 + 2 * 6  # warm-up and both windows, 3 steps per call
+  run(steps=2, warmup=1, repeats=1)
+  assert int(states["mlm"][0].step) == 15 + 1 + 2
+  assert sum("state initialised" in line for line in lines) == 1
+  assert sum("state reused" in line for line in lines) == 1
+  with pytest.raises(ValueError, match="multiple of steps_per_call"):
+    run(steps=5, steps_per_call=3)
+
+
 def test_trace_summary_counts_device_streams_and_xla_ops(tmp_path):
   """A GPU-shaped perfetto trace with fresh random spans against a direct count."""
   import gzip  # pylint: disable=g-import-not-at-top
@@ -269,17 +289,26 @@ def test_benchmark_profiles_through_the_cli(tmp_path):
 
 
 def test_gpu_check_script_runs_every_variant_on_cpu(tmp_path):
-  """benchmarks/gpu_check.sh end to end on the CPU with tiny settings: each variant writes its
-  JSON and the table lines reach the output (no GPU needed; nvidia-smi may be missing)."""
-  env = dict(os.environ, OUT=str(tmp_path), CONFIG="configs/tiny.py", BATCH="8", STEPS="1",
-             REPEATS="1", PEAK="64", PYTHON=sys.executable, JAX_PLATFORMS="cpu",
+  """benchmarks/gpu_check.sh end to end on the CPU with tiny settings: every variant of
+  benchmarks/variants.py is timed in one process, each objective's state initialised once, and
+  the JSON and table name them all (no GPU needed; nvidia-smi may be missing)."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import variants  # pylint: disable=import-outside-toplevel
+  env = dict(os.environ, OUT=str(tmp_path), CONFIG="configs/tiny.py", BATCH="8", STEPS="2",
+             PYTHON=sys.executable, JAX_PLATFORMS="cpu", BUDGET="1000",
              XLA_FLAGS="--xla_backend_optimization_level=0")
   proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, capture_output=True,
                         text=True, timeout=600, env=env)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-  for variant in ("as_configured", "fused_qkv"):
-    report = json.loads((tmp_path / f"{variant}.json").read_text())
-    assert list(report["results"]) == ["script", "electra"]
-    assert report["config"]["model"]["fused_qkv"] == (variant == "fused_qkv")
-    assert report["config"]["model"]["dtype"] == "bfloat16"
-  assert proc.stdout.count("SCRIPT/ELECTRA steps/s") == 2
+  report = json.loads((tmp_path / "variants.json").read_text())
+  assert report["settings"]["dtype"] == "bfloat16"
+  rows = report["variants"]
+  assert [row["name"] for row in rows] == [v[0] for v in variants.VARIANTS]
+  for row, (name, objective, _, _, per_call) in zip(rows, variants.VARIANTS):
+    assert row["objective"] == objective and row.get("steps_per_sec", 0) > 0, row
+    assert row["steps_per_call"] == per_call and row["steps"] % per_call == 0, row
+    assert name in proc.stdout
+  log = (tmp_path / "variants.log").read_text()
+  for objective in ("script", "electra"):
+    assert log.count(f"[{objective}] state initialised") == 1
+    assert f"[{objective}] state reused" in log
