@@ -4,8 +4,8 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
 #
 # SCRIPT and ELECTRA small models at the paper's batch (128 x 128), bfloat16 compute: as
-# configured, then the variants of benchmarks/variants.py (stacked SCRIPT passes, fused_qkv,
-# several steps per call, XLA fusion options), all in one process on the same device, each
+# configured, then the variants of benchmarks/variants.py (fused_qkv, cuDNN LayerNorm,
+# several steps per call), all in one process on the same device, each
 # objective's state initialised once. The log and JSON go under $OUT and the JSON is rewritten
 # after every variant, so a run cut short keeps what it measured. (On an H200 on 2026-11-26,
 # rng_impl=rbg and the inverse-CDF sampler made no measurable difference: docs/benchmarks.md

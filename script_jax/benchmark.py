@@ -214,7 +214,7 @@ def benchmark_objective(config, objective: str, *, batch_size: int | None = None
   `steps_per_call` > 1 compiles that many train steps into one call (a `lax.scan` over the
   step, like TF's iterations_per_loop): one dispatch per call instead of per step. `states`,
   a dict, keeps each objective's train state between calls, so variants that leave the
-  parameters' shapes alone (compiler options, fused_qkv, stacked_passes) skip the
+  parameters' shapes alone (compiler options, fused_qkv, steps_per_call) skip the
   initialisation.
 
   With `profile_dir`, `profile_steps` more steps run under jax.profiler (outside the timed

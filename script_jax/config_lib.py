@@ -65,11 +65,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.script.alpha = 50.0
   c.script.temperature = 1.0  # tau of the Gumbel-max sample
   c.script.disc_positions = "all"  # "all" non-padding positions or "masked" positions only
-  # True: pass 1 runs once without gradient for the sample, then both passes run again stacked
-  # as one [2, B, T] forward and one backward (same dropout masks, loss and gradients; 1/6 more
-  # FLOPs, about half the kernels of the two backwards: for accelerators, where the small
-  # model's kernels are latency-bound).
-  c.script.stacked_passes = False
 
   # ELECTRA baseline: generator 1/4 of the discriminator's hidden size, shared embeddings.
   c.electra = ml_collections.ConfigDict()

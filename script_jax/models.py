@@ -363,16 +363,12 @@ class MaskedLM(nn.Module):
     hidden_BxTxH = self.encode(ids_BxT, segment_ids_BxT, input_mask_BxT, deterministic)
     if positions_BxP is not None:
       hidden_BxTxH = gather_positions(hidden_BxTxH, positions_BxP)
-    return self.head(hidden_BxTxH)
+    return self.mlm_head(hidden_BxTxH)
 
   def encode(self, ids_BxT, segment_ids_BxT, input_mask_BxT, deterministic: bool = True):
     """The encoder's last hidden states [B, T, H] (what fine-tuning builds on)."""
     x_BxTxE = self.embeddings(ids_BxT, segment_ids_BxT, deterministic)
     return self.encoder(x_BxTxE, input_mask_BxT, deterministic)
-
-  def head(self, hidden_BxNxH):
-    """The MLM head's features [B, N, E] of encoder states [B, N, H] (`__call__`'s last step)."""
-    return self.mlm_head(hidden_BxNxH)
 
   def output_embedding(self):
     """(W [V, E], b [V]) of the tied softmax layer; b is -1e9 on vocabulary padding columns."""

@@ -169,11 +169,13 @@ def script_objective(params, batch, rng, *, model: models.MaskedLM, config):
   dropout1, dropout2, sample_rng = jax.random.split(rng, 3)
   apply = functools.partial(model.apply, {"params": params})
   table_VxE, bias_V = apply(method=model.output_embedding)
-  inputs = (batch["segment_ids"], batch["input_mask"])
+
   # Pass 1: MLM on the masked input, logits only at the masked positions.
-  features_BxPxE = apply(batch["input_ids"], *inputs, batch["masked_positions"],
-                         deterministic=False, rngs={"dropout": dropout1})
+  features_BxPxE = apply(batch["input_ids"], batch["segment_ids"], batch["input_mask"],
+                         batch["masked_positions"], deterministic=False,
+                         rngs={"dropout": dropout1})
   logits_BxPxV = models.tied_logits(features_BxPxE, table_VxE, bias_V)
+  loss_mlm, metrics = mlm_loss(logits_BxPxV, batch["masked_ids"], batch["masked_weights"])
 
   # The model proposes replacements from its own distribution.
   sampled_ids, is_original, replaced = _sample_replacements(
@@ -193,29 +195,8 @@ def script_objective(params, batch, rng, *, model: models.MaskedLM, config):
   else:
     raise ValueError(f"disc_positions must be 'all' or 'masked', got "
                      f"{config.script.disc_positions!r}")
-
-  if config.script.stacked_passes:
-    # Pass 1 above only drew the sample: its logits get no gradient, so XLA keeps no backward
-    # of it. Both passes run again as one [2, B, T] encoder forward with pass 1's and pass 2's
-    # dropout keys (vmap: the same masks as separate passes), so the backward is one set of
-    # twice-as-large kernels instead of two.
-    logits_BxPxV = jax.lax.stop_gradient(logits_BxPxV)
-    ids_2xBxT = jnp.stack([batch["input_ids"], sampled_ids])
-    hidden_2xBxTxH = jax.vmap(
-        lambda ids, key: apply(ids, *inputs, deterministic=False, rngs={"dropout": key},
-                               method=model.encode))(ids_2xBxT, jnp.stack([dropout1, dropout2]))
-    features_BxPxE = apply(models.gather_positions(hidden_2xBxTxH[0], batch["masked_positions"]),
-                           method=model.head)
-    logits_for_loss_BxPxV = models.tied_logits(features_BxPxE, table_VxE, bias_V)
-    hidden_BxNxH = hidden_2xBxTxH[1]
-    if critic_positions is not None:
-      hidden_BxNxH = models.gather_positions(hidden_BxNxH, critic_positions)
-    features = apply(hidden_BxNxH, method=model.head)
-  else:
-    logits_for_loss_BxPxV = logits_BxPxV
-    features = apply(sampled_ids, *inputs, critic_positions, deterministic=False,
-                     rngs={"dropout": dropout2})
-  loss_mlm, metrics = mlm_loss(logits_for_loss_BxPxV, batch["masked_ids"], batch["masked_weights"])
+  features = apply(sampled_ids, batch["segment_ids"], batch["input_mask"], critic_positions,
+                   deterministic=False, rngs={"dropout": dropout2})
   lse = critic_logsumexp(features, table_VxE, bias_V, config.model.logsumexp_chunk)
   loss_disc, disc_metrics = binary_disc_loss(lse, is_original, weights)
 

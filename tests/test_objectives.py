@@ -234,34 +234,6 @@ def test_critic_on_masked_positions_only_equals_the_full_pass_weighted_there():
   assert float(metrics["disc_original_share"]) < 0.5
 
 
-@pytest.mark.parametrize("overrides", [
-    {}, {"script.disc_positions": "masked"}, {"model.scan_layers": True, "model.remat": True}])
-def test_stacked_passes_equal_the_two_separate_passes_with_dropout(overrides):
-  """script.stacked_passes: same loss, metrics and gradients, dropout masks included."""
-  settings = {"model.dropout_rate": 0.2, "model.attention_dropout_rate": 0.2, **overrides}
-  results = []
-  for stacked in (False, True):
-    config = load_config("tiny", **settings, **{"script.stacked_passes": stacked})
-    batch = _random_batch(config, 4, seed=11)
-    model, params = _init(config, batch)
-    loss_fn = functools.partial(objectives.script_objective, model=model, config=config)
-    results.append(jax.jit(jax.value_and_grad(
-        lambda p, b, r: loss_fn(p, b, r), has_aux=True))(params, batch, jax.random.key(4)))
-  ((loss, metrics), grads), ((loss_s, metrics_s), grads_s) = results
-  np.testing.assert_allclose(float(loss_s), float(loss), rtol=1e-5)
-  assert metrics.keys() == metrics_s.keys()
-  for name in metrics:
-    np.testing.assert_allclose(float(metrics_s[name]), float(metrics[name]), rtol=1e-5,
-                               err_msg=name)
-  for path, got in jax.tree_util.tree_leaves_with_path(grads_s):
-    want = functools.reduce(lambda t, k: t[k.key], path, grads)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6,
-                               err_msg=jax.tree_util.keystr(path))
-  # Dropout is on: a different key changes the loss, so equal losses above mean equal masks.
-  other = loss_fn(params, batch, jax.random.key(5))[0]
-  assert abs(float(other) - float(loss)) > 1e-4
-
-
 def test_script_and_mlm_have_identical_parameter_trees():
   shapes = {}
   for objective in ("script", "mlm"):
