@@ -275,9 +275,12 @@ def benchmark_objective(config, objective: str, *, batch_size: int | None = None
       "model_flops_per_step": model_flops["total"],
       "model_flops_forward": model_flops["forward"],
       # What the traced program multiplies: above the model FLOPs when it rematerialises.
-      "executed_matmul_flops_per_step": flops.jaxpr_matmul_flops(traced.jaxpr.jaxpr),
+      "executed_matmul_flops_per_step": (flops.jaxpr_matmul_flops(traced.jaxpr.jaxpr)
+                                         // steps_per_call),
       "xla_flops_per_step_per_device": _xla_flops(compiled),
   }
+  if steps_per_call > 1 and result["xla_flops_per_step_per_device"] is not None:
+    result["xla_flops_per_step_per_device"] /= steps_per_call  # the analysis is per call
   log(f"[{objective}] compiled in {compile_s:.1f} s; temp "
       f"{memory.get('temp_size_in_bytes', 0) / MIB:.1f} MiB")
   if memory_only:
@@ -313,8 +316,10 @@ def benchmark_objective(config, objective: str, *, batch_size: int | None = None
       model_flops_per_sec=steps_per_sec * model_flops["total"])
   if profile_dir:
     trace_dir = os.path.join(profile_dir, objective)
+    calls = -(-profile_steps // steps_per_call)
+    profile_steps = calls * steps_per_call
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      for _ in range(profile_steps):
+      for _ in range(calls):
         state, _ = compiled(state, batch)
       jax.block_until_ready(state)
     summary = summarise_trace(find_perfetto_trace(trace_dir), steps=profile_steps)

@@ -228,6 +228,9 @@ def test_steps_per_call_runs_that_many_real_steps_and_states_are_reused():
                           log=lines.append)
   result = run(steps=6, warmup=3, repeats=2, steps_per_call=3)
   assert result["steps_per_call"] == 3 and result["steps_per_sec"] > 0
+  # FLOPs stay per step: the scanned program's matmuls over its 3 steps.
+  assert result["executed_matmul_flops_per_step"] == flops.train_step_flops(
+      config, "mlm", 8)["total"] + flops.softmax_bias_grad_flops(config, "mlm", 8)
   state, _ = states["mlm"]
   assert int(state.step) == 3 + 2 * 6  # warm-up and both windows, 3 steps per call
   run(steps=2, warmup=1, repeats=1)
