@@ -311,6 +311,7 @@ def test_gpu_check_script_runs_every_variant_on_cpu(tmp_path):
     assert row["objective"] == objective and row.get("steps_per_sec", 0) > 0, row
     assert row["steps_per_call"] == per_call and row["steps"] % per_call == 0, row
     assert name in proc.stdout
+  assert "SCRIPT/ELECTRA as configured: " in proc.stdout and "util %" in proc.stdout
   log = (tmp_path / "variants.log").read_text()
   for objective in ("script", "electra"):
     assert log.count(f"[{objective}] state initialised") == 1
