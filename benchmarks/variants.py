@@ -13,6 +13,7 @@ measured. Made for a GPU lent for minutes (benchmarks/gpu_check.sh); it runs any
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -109,10 +110,8 @@ def main(argv):
                         "seq_len": config.seq_len, "dtype": config.model.dtype,
                         "steps": FLAGS.steps, "warmup": FLAGS.warmup, "repeats": FLAGS.repeats}
   report["command"] = " ".join(["python", *sys.argv])
-  on_cpu = mesh.devices.flat[0].platform == "cpu"
   report["matmul_peak"] = benchmark.measure_matmul_peak(
-      mesh, FLAGS.peak_size or (2048 if on_cpu else 8192), 10 if on_cpu else 20,
-      config.model.dtype)
+      mesh, *benchmark.peak_settings(mesh, FLAGS.peak_size), config.model.dtype)
   _print(f"Matmul peak: {report['matmul_peak']['flops_per_sec'] / 1e12:.1f} TFLOP/s")
   rows, states = [], {}
   report["variants"] = rows
@@ -136,8 +135,9 @@ def main(argv):
       try:
         row.update(benchmark.benchmark_objective(
             with_overrides(config, overrides), objective, batch_size=FLAGS.batch_size,
-            steps=-(-FLAGS.steps // per_call) * per_call, warmup=FLAGS.warmup, repeats=FLAGS.repeats, mesh=mesh,
-            compiler_options=options or None, steps_per_call=per_call, states=states))
+            steps=math.ceil(FLAGS.steps / per_call) * per_call, warmup=FLAGS.warmup,
+            repeats=FLAGS.repeats, mesh=mesh, compiler_options=options or None,
+            steps_per_call=per_call, states=states))
       except Exception as error:  # pylint: disable=broad-except
         row["note"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
         _print(f"[{name}] {row['note']}")

@@ -183,6 +183,13 @@ def measure_matmul_peak(mesh, size: int = 2048, iters: int = 10, dtype: str = "f
 
 # ----------------------------------------------------------------------------- one objective
 
+def peak_settings(mesh, size: int | None = None, iters: int | None = None) -> tuple[int, int]:
+  """(n, chained matmuls) of the peak measurement: 2048^3 x 10 on CPU; 8192^3 x 20 on
+  accelerators, which 2048^3 products do not fill. Given values are kept."""
+  on_cpu = mesh.devices.flat[0].platform == "cpu"
+  return size or (2048 if on_cpu else 8192), iters or (10 if on_cpu else 20)
+
+
 def _memory(compiled) -> dict[str, int]:
   stats = compiled.memory_analysis()
   if stats is None:
@@ -286,7 +293,7 @@ def benchmark_objective(config, objective: str, *, batch_size: int | None = None
   if memory_only:
     return result
 
-  for _ in range(-(-warmup // steps_per_call)):
+  for _ in range(math.ceil(warmup / steps_per_call)):
     state, metrics = compiled(state, batch)
   if warmup:
     loss = float(metrics["loss"])  # the one host sync, outside the timed windows
@@ -310,13 +317,13 @@ def benchmark_objective(config, objective: str, *, batch_size: int | None = None
   best = int(np.argmin(windows))
   steps_per_sec = steps / windows[best]
   result.update(
-      steps=steps, warmup=warmup, steps_per_call=steps_per_call, window_seconds=windows, others_cpu_share=others,
-      others_cpu_share_best_window=others[best], steps_per_sec=steps_per_sec,
-      tokens_per_sec=steps_per_sec * b * t,
+      steps=steps, warmup=warmup, steps_per_call=steps_per_call, window_seconds=windows,
+      others_cpu_share=others, others_cpu_share_best_window=others[best],
+      steps_per_sec=steps_per_sec, tokens_per_sec=steps_per_sec * b * t,
       model_flops_per_sec=steps_per_sec * model_flops["total"])
   if profile_dir:
     trace_dir = os.path.join(profile_dir, objective)
-    calls = -(-profile_steps // steps_per_call)
+    calls = math.ceil(profile_steps / steps_per_call)
     profile_steps = calls * steps_per_call
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for _ in range(calls):
@@ -465,9 +472,7 @@ def run_benchmark(config, objectives=config_lib.OBJECTIVES, *, batch_size: int |
       f"CPUs, load {report['load_average']}): batch {b} x {config.seq_len}, "
       f"{config.model.dtype}")
 
-  on_cpu = mesh.devices.flat[0].platform == "cpu"
-  peak_size = peak_size or (2048 if on_cpu else 8192)
-  peak_iters = peak_iters or (10 if on_cpu else 20)
+  peak_size, peak_iters = peak_settings(mesh, peak_size, peak_iters)
 
   def peak(when):
     log(f"Measuring the matmul peak {when} ({peak_size}^3, {config.model.dtype}) ...")

@@ -14,7 +14,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from script_jax import models, random_bits
+from script_jax import models
+from script_jax import random_bits
 
 Array = jax.Array
 
