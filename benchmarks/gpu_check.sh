@@ -4,7 +4,7 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
 #
 # SCRIPT and ELECTRA small models at the paper's batch (128 x 128), bfloat16 compute: as
-# configured, then the variants of benchmarks/variants.py (fused_qkv, cuDNN LayerNorm,
+# configured, then the variants of script_jax/bench/variants.py (fused_qkv, cuDNN LayerNorm,
 # several steps per call), all in one process on the same device, each
 # objective's state initialised once. The log and JSON go under $OUT and the JSON is rewritten
 # after every variant, so a run cut short keeps what it measured. (On an H200 on 2026-11-26,
@@ -23,7 +23,7 @@ $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__ve
 
 # CONFIG, BATCH, STEPS, BUDGET override the defaults (a CPU smoke run uses tiny ones). On an
 # H200 each objective spends ~20-45 s initialising and each variant ~25-55 s compiling.
-timeout "${LIMIT:-540}" $PY benchmarks/variants.py --config=${CONFIG:-configs/small.py} \
+timeout "${LIMIT:-540}" $PY -m script_jax.bench.variants --config=${CONFIG:-configs/small.py} \
   --batch_size=${BATCH:-128} --config.model.dtype=bfloat16 --steps=${STEPS:-50} --repeats=2 \
   --warmup=10 --budget_s=${BUDGET:-500} --output="$OUT/variants.json" 2>&1 | tee "$OUT/variants.log" |
   grep -vE "^\[.*\] (state|warmed|compiled)"

@@ -37,8 +37,7 @@ def get_config(arg=None):
   # context slowly: after 3,000 steps at tau = 2, mlm_loss 4.61 against 3.43 at alpha = 5, and
   # its critic PLL prefers a real sentence to its shuffled words in 47.5% against 78.5% of 200
   # pairs (docs/scoring.md). ELECTRA's discriminator weight follows, for identical settings.
-  c.script.alpha = 5.0
-  c.electra.disc_weight = 5.0
+  c.disc_weight = 5.0  # alpha, and ELECTRA's lambda
   c.seq_len = 64
   c.mask.max_predictions_per_seq = config_lib.max_predictions_for(c.seq_len)
   c.batch_size = 32

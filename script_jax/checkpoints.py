@@ -14,6 +14,10 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from script_jax import cli_errors
+from script_jax import models
+from script_jax import state as state_lib
+
 RUN_CONFIG = "run_config.json"
 # What fixes the shapes of the parameters: a checkpoint only resumes under the same values.
 SHAPE_KEYS = ("objective", "model.vocab_size", "model.embedding_size", "model.hidden_size",
@@ -24,7 +28,7 @@ SHAPE_KEYS = ("objective", "model.vocab_size", "model.embedding_size", "model.hi
               "electra.generator_intermediate_size", "electra.generator_num_layers")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(cli_errors.UserError):
   """The workdir holds a run whose model differs from the config asked for."""
 
 
@@ -95,9 +99,11 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
 
 
 def load_pretrained(workdir: str, step: int | None = None):
-  """(config, model, params) of the latest (or given) checkpoint of a pretraining workdir."""
-  # Imported here: train imports this module.
-  from script_jax import models, train  # pylint: disable=g-import-not-at-top
+  """(config, model, params) of the latest (or given) checkpoint of a pretraining workdir.
+
+  Restores the parameters alone, onto this process's first device, whatever topology wrote the
+  checkpoint: no optimizer is built and its state is not read.
+  """
   config = read_run_config(workdir)
   manager = make_manager(workdir, config, read_only=True)
   step = manager.latest_step() if step is None else step
@@ -105,16 +111,24 @@ def load_pretrained(workdir: str, step: int | None = None):
     raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: train longer than "
                             "checkpoint_every_steps, or let the run finish.")
   model = models.build_model(config)
-  # Restore onto this process's first device, whatever topology wrote the checkpoint.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract_state = jax.tree.map(
+  abstract = {"params": jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      jax.eval_shape(lambda: train.create_train_state(config, model, jax.random.key(0))))
-  state = restore_state(manager, step, abstract_state)
-  return config, model, state.params
+      state_lib.abstract_params(config, model))}
+  try:
+    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True))
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointMismatchError(
+        f"Checkpoint {step} in {manager.directory} does not match the model of its "
+        f"run_config.json ({type(e).__name__}: {str(e)[:500]}).") from e
+  return config, model, restored["params"]
+
 
 
 def encoder_params(config, params) -> dict:
+
   """The transformer encoder that fine-tuning builds on, in one layout for every objective.
 
   Returns {"embeddings": ..., "encoder": ...}, the parameters `models.MaskedLM.encode` uses:
@@ -122,7 +136,6 @@ def encoder_params(config, params) -> dict:
   as ELECTRA does after pretraining). Layers are always per-layer (layer_0 ...), as a model
   built with model.scan_layers=False expects, whichever layout the run trained in.
   """
-  from script_jax import models  # pylint: disable=g-import-not-at-top
   params = models.unstack_layers(params)  # one layout whether or not the run scanned its layers
   if config.objective == "electra":
     return {"embeddings": params["embeddings"], "encoder": params["discriminator"]}

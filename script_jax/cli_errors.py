@@ -1,22 +1,28 @@
-"""Turns the errors a user can fix into one clear message and exit status 2, not a traceback."""
+"""One path from a mistake a user can fix to `error: <message>` and exit status 2, no traceback.
+
+Every error class whose message is the whole story for the user subclasses `UserError`
+(ConfigError, DataError, CheckpointMismatchError, ScoringError, NonFiniteLossError, the
+fine-tuning errors ...); a missing file counts too. Each command's `main` runs its body through
+`run_cli`, or wraps it in `friendly_errors()`.
+"""
+
+from __future__ import annotations
 
 import contextlib
 import sys
+from typing import Callable, Sequence
 
-from absl import logging
+
+class UserError(ValueError):
+  """A mistake the user can fix; the message says what and how."""
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-  """The exception classes whose message is the whole story for the user."""
-  from script_jax import checkpoints, train  # pylint: disable=g-import-not-at-top
-  types = [train.ConfigError, train.NonFiniteLossError, checkpoints.CheckpointMismatchError,
-           FileNotFoundError]
-  try:
-    from script_jax import corpus  # pylint: disable=g-import-not-at-top
-    types.append(corpus.DataError)
-  except (ImportError, AttributeError):
-    pass
-  return tuple(types)
+USER_ERRORS = (UserError, FileNotFoundError)
+
+
+def is_user_error(error: BaseException) -> bool:
+  """Whether `error` is reported as one message with exit status 2."""
+  return isinstance(error, USER_ERRORS)
 
 
 @contextlib.contextmanager
@@ -24,7 +30,21 @@ def friendly_errors():
   """Prints `error: <message>` and exits with status 2 for the errors a user can fix."""
   try:
     yield
-  except user_error_types() as e:  # pylint: disable=catching-non-exception
+  except USER_ERRORS as e:
+    from absl import logging  # pylint: disable=g-import-not-at-top
     logging.flush()
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+def run_cli(argv: Sequence[str], body: Callable[[], object], quiet: bool = True):
+  """The shared `main` of the commands: no stray arguments, quiet libraries (unless
+  --verbosity is given), and user errors as one message with exit status 2. Returns what
+  `body` returns."""
+  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-multiple-import
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if quiet and not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.ERROR)  # orbax logs each restore at INFO and WARNING
+  with friendly_errors():
+    return body()

@@ -5,13 +5,27 @@ Every key here can be overridden from the command line, e.g. `--config.objective
 """
 
 import os
+from typing import Optional
 
 import ml_collections
 
+from script_jax import cli_errors
+
 OBJECTIVES = ("script", "electra", "mlm")
+# How replacements are drawn (objectives.py has one function per name).
+SAMPLERS = ("gumbel", "inverse_cdf")
+# jax.random implementations a run may draw its step randomness from (config.rng_impl).
+RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+# Where the critic's (SCRIPT's) loss is taken: all non-padding tokens, or the masked ones.
+DISC_POSITIONS = ("all", "masked")
+DTYPES = ("float32", "bfloat16")
 # ELECTRA's (and BERT's) uncased WordPiece vocab, shipped with the package (Apache-2.0).
 BERT_UNCASED_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
                                   "bert_uncased_vocab.txt")
+
+
+class ConfigError(cli_errors.UserError):
+  """The config is inconsistent; raised at start, before any work is done."""
 
 
 def max_predictions_for(seq_len: int, mask_prob: float = 0.15) -> int:
@@ -58,11 +72,16 @@ def base_config() -> ml_collections.ConfigDict:
   # Query/key/value projections as one matmul (same parameters and checkpoints; meant to cut
   # GPU kernels, not yet timed on one).
   c.model.fused_qkv = False
-  c.model.logsumexp_chunk = 0  # >0: the critic's logsumexp over V in chunks of this many tokens
 
-  # SCRIPT (paper Section 2): L = L_MLM + alpha * L_Disc.
+  # Weight of the critic's loss: SCRIPT's alpha (Section 2: L = L_MLM + alpha * L_Disc), and
+  # ELECTRA's lambda on its discriminator's loss (the same knob, one value for both).
+  c.disc_weight = 50.0
+
+  # SCRIPT (paper Section 2).
   c.script = ml_collections.ConfigDict()
-  c.script.alpha = 50.0
+  # > 0: the critic's logsumexp over the vocabulary in chunks of this many tokens, so the B x T
+  # x V logits never exist at once; 0: the whole vocabulary at once.
+  c.script.logsumexp_chunk = 0
   c.script.temperature = 1.0  # tau of the Gumbel-max sample
   c.script.disc_positions = "all"  # "all" non-padding positions or "masked" positions only
 
@@ -72,7 +91,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.electra.generator_num_heads = 1
   c.electra.generator_intermediate_size = 256
   c.electra.generator_num_layers = 12
-  c.electra.disc_weight = 50.0
   c.electra.temperature = 1.0
 
   # Batches and masking (paper appendix: 15%, of those 80% [MASK] / 10% kept / 10% random).
@@ -84,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mask.mask_token_prob = 0.8
   c.mask.random_token_prob = 0.1
 
-  # Data: see script_jax/input_pipeline.py and prepare_data.py.
+  # Data: see script_jax/data/ (prepare.py writes the folder, pipeline.py reads it).
   c.data = ml_collections.ConfigDict()
   c.data.source = ""  # "" = the embedded default corpus; else text files/folders or "tfds:NAME"
   c.data.prepared_dir = ""  # "" = WORKDIR/data
@@ -110,7 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Mesh: data-parallel over all devices by default.
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the model axis
-  c.mesh.model = 1
+  c.mesh.model = 1  # only 1: no parameter is sharded over a model axis (validate_config)
 
   # Start from another pretraining workdir's parameters when this workdir has no checkpoint.
   c.init_from = ""
@@ -120,3 +138,131 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.log_every_steps = 100
   return c
+
+
+def finetune_config(size: str = "small") -> ml_collections.ConfigDict:
+  """Defaults of fine-tuning: ELECTRA's recipe, the SCRIPT paper's Table 5 (configs/finetune.py).
+
+  `size` picks Table 5's learning rate: 3e-4 for "small" (and smaller) models, 1e-4 for "base".
+  """
+  if size not in ("small", "base"):
+    raise ConfigError(f"finetune size {size!r}: use 'small' or 'base'.")
+  c = ml_collections.ConfigDict()
+  c.learning_rate = 3e-4 if size == "small" else 1e-4
+  c.layerwise_lr_decay = 0.8
+  # ELECTRA's code gives the top layer 0.8^2 (a kept quirk, finetune/optim.py); False: 0.8^1.
+  c.top_layer_at_decay_2 = True
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.eps = 1e-6
+  c.adam_bias_correction = False  # ELECTRA's AdamWeightDecayOptimizer has none
+  c.weight_decay = 0.0  # Table 5 (ELECTRA's code default is 0.01); never on LayerNorm, biases
+  c.grad_clip_norm = 1.0
+  c.warmup_fraction = 0.1
+  c.batch_size = 32
+  c.epochs = 0  # 0: the task's own (3; 10 for RTE and STS-B; 2 for SQuAD)
+  c.dropout_rate = 0.1
+  c.attention_dropout_rate = 0.1
+  c.max_length = 128
+  # ELECTRA sums the task loss over the batch (it only interacts with the clip and eps).
+  c.loss_reduction = "sum"
+  c.swap_pairs = True  # MRPC and STS-B also trained with the two sentences swapped
+  c.num_seeds = 8  # the paper's mean of 8 (ELECTRA: median of 10)
+  c.first_seed = 0
+  c.eval_batch_size = 128
+  c.log_every_steps = 50
+  c.save_model = False  # write each run's final parameters (for `predict`)
+
+  c.squad = ml_collections.ConfigDict()
+  c.squad.max_length = 512  # ELECTRA's; 128 or 256 for models pretrained on short sequences
+  c.squad.doc_stride = 128
+  c.squad.max_query_length = 64
+  c.squad.n_best = 20
+  c.squad.max_answer_length = 30
+  c.squad.epochs = 2
+  c.squad.no_answer_weight = 0.5  # the no-answer classifier's loss weight (SQuAD 2.0)
+  return c
+
+
+# ----------------------------------------------------------------------------- checks
+# Each rule has one home here; a `*_problem` function returns the message (None when fine), so
+# the trainer, the data pipeline and the scorers raise their own error type with the same words.
+
+
+def max_predictions_problem(config: ml_collections.ConfigDict) -> Optional[str]:
+  """mask.max_predictions_per_seq must be in [1, seq_len]."""
+  p = config.mask.max_predictions_per_seq
+  if 1 <= p <= config.seq_len:
+    return None
+  return f"mask.max_predictions_per_seq {p} must be in [1, seq_len={config.seq_len}]"
+
+
+def batch_per_host_problem(batch_size: int, process_count: int) -> Optional[str]:
+  """The global batch is split evenly over the host processes."""
+  if batch_size % process_count == 0:
+    return None
+  return (f"config.batch_size={batch_size} does not divide evenly over {process_count} "
+          f"processes (hosts); use a multiple of {process_count}.")
+
+
+def vocab_size_problem(tokenizer_vocab_size: int, config: ml_collections.ConfigDict,
+                       tokenizer_path: str) -> Optional[str]:
+  """The model's vocabulary must be the tokenizer's."""
+  if tokenizer_vocab_size == config.model.vocab_size:
+    return None
+  return (f"The tokenizer {tokenizer_path} has {tokenizer_vocab_size} entries but "
+          f"config.model.vocab_size={config.model.vocab_size}; set "
+          f"--config.model.vocab_size={tokenizer_vocab_size}.")
+
+
+def validate_config(config, num_devices: int | None = None, process_count: int | None = None):
+  """Raises ConfigError with a clear message for every inconsistency we can see up front."""
+  import jax  # pylint: disable=g-import-not-at-top
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  process_count = jax.process_count() if process_count is None else process_count
+  m = config.model
+  problems = []
+  if config.objective not in OBJECTIVES:
+    problems.append(f"unknown objective {config.objective!r}; choose one of "
+                    f"{', '.join(OBJECTIVES)}")
+  if m.hidden_size % m.num_heads:
+    problems.append(f"model.hidden_size {m.hidden_size} is not divisible by model.num_heads "
+                    f"{m.num_heads}")
+  if config.objective == "electra" and (
+      config.electra.generator_hidden_size % config.electra.generator_num_heads):
+    problems.append("electra.generator_hidden_size is not divisible by generator_num_heads")
+  if config.seq_len > m.max_position_embeddings:
+    problems.append(f"seq_len {config.seq_len} exceeds model.max_position_embeddings "
+                    f"{m.max_position_embeddings}")
+  problems.append(max_predictions_problem(config))
+  if m.dtype not in DTYPES:
+    problems.append(f"model.dtype must be one of {', '.join(DTYPES)}, got {m.dtype!r}")
+  if config.script.disc_positions not in DISC_POSITIONS:
+    problems.append(f"script.disc_positions must be one of {', '.join(DISC_POSITIONS)}, got "
+                    f"{config.script.disc_positions!r}")
+  if config.rng_impl not in RNG_IMPLS:
+    problems.append(f"rng_impl must be one of {', '.join(RNG_IMPLS)}, got {config.rng_impl!r}")
+  if config.sampler not in SAMPLERS:
+    problems.append(f"sampler must be one of {', '.join(SAMPLERS)}, got "
+                    f"{config.sampler!r}")
+  if config.optim.warmup_steps > config.num_train_steps:
+    problems.append(f"optim.warmup_steps {config.optim.warmup_steps} exceeds num_train_steps "
+                    f"{config.num_train_steps}")
+  model_axis = config.mesh.model
+  data_axis = config.mesh.data if config.mesh.data > 0 else num_devices // max(model_axis, 1)
+  if model_axis < 1 or data_axis * model_axis != num_devices:
+    problems.append(f"mesh data={config.mesh.data} x model={config.mesh.model} does not cover "
+                    f"the {num_devices} devices")
+  elif config.batch_size % data_axis:
+    problems.append(f"batch_size {config.batch_size} is not divisible by the {data_axis} "
+                    "data-parallel devices; choose a multiple (--config.batch_size=...)")
+  if model_axis > 1:
+    # Nothing is sharded over a model axis yet: it would only run the same work twice.
+    problems.append(f"mesh.model={model_axis}: model parallelism is not implemented (no "
+                    "parameter is sharded over a model axis), so a model axis would only "
+                    "duplicate work; use mesh.model=1 (the default: data parallel over all "
+                    "devices)")
+  problems.append(batch_per_host_problem(config.batch_size, process_count))
+  problems = [p for p in problems if p]
+  if problems:
+    raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))

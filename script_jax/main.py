@@ -8,8 +8,6 @@ Resumes from WORKDIR's latest checkpoint when there is one. On a multi-host TPU 
 launch/). SIGTERM (a preempted VM) saves a checkpoint and exits cleanly.
 """
 
-import sys
-
 from absl import app
 from absl import flags
 from absl import logging

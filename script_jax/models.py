@@ -68,7 +68,8 @@ class EncoderConfig:
   initializer_range: float = 0.02  # BERT's; tiny models need more to learn attention quickly
 
   @property
-  def init(self):
+  def kernel_init(self):
+    """The weights' initializer (BERT's truncated normal); not Flax's Module.init."""
     return nn.initializers.truncated_normal(stddev=self.initializer_range)
 
   @property
@@ -105,11 +106,11 @@ class Embeddings(nn.Module):
 
   def setup(self):
     c = self.cfg
-    self.word_embeddings = nn.Embed(c.padded_vocab_size, c.embedding_size, embedding_init=c.init)
+    self.word_embeddings = nn.Embed(c.padded_vocab_size, c.embedding_size, embedding_init=c.kernel_init)
     self.position_embeddings = nn.Embed(c.max_position_embeddings, c.embedding_size,
-                                        embedding_init=c.init)
+                                        embedding_init=c.kernel_init)
     self.token_type_embeddings = nn.Embed(c.type_vocab_size, c.embedding_size,
-                                          embedding_init=c.init)
+                                          embedding_init=c.kernel_init)
     self.layer_norm = nn.LayerNorm(epsilon=_LN_EPS)
     self.dropout = Dropout(c.dropout_rate)
 
@@ -149,7 +150,7 @@ class SelfAttention(nn.Module):
     c = self.cfg
     head_dim = c.hidden_size // c.num_heads
     if c.fused_qkv:
-      pairs = [_ProjectionParams((c.num_heads, head_dim), c.init, name=n)(c.hidden_size)
+      pairs = [_ProjectionParams((c.num_heads, head_dim), c.kernel_init, name=n)(c.hidden_size)
                for n in ("query", "key", "value")]
       w_Hx3xNxD = jnp.stack([w for w, _ in pairs], axis=1).astype(c.compute_dtype)
       b_3xNxD = jnp.stack([b for _, b in pairs]).astype(c.compute_dtype)
@@ -157,7 +158,7 @@ class SelfAttention(nn.Module):
                                  w_Hx3xNxD) + b_3xNxD
       q_BxTxNxD, k_BxTxNxD, v_BxTxNxD = (qkv_BxTx3xNxD[:, :, i] for i in range(3))
     else:
-      dense = lambda name: nn.DenseGeneral((c.num_heads, head_dim), kernel_init=c.init,
+      dense = lambda name: nn.DenseGeneral((c.num_heads, head_dim), kernel_init=c.kernel_init,
                                            dtype=c.compute_dtype, name=name)
       q_BxTxNxD = dense("query")(x_BxTxH)
       k_BxTxNxD = dense("key")(x_BxTxH)
@@ -167,7 +168,7 @@ class SelfAttention(nn.Module):
     probs_BxNxTxT = jax.nn.softmax(scores_BxNxTxT + mask_bias_Bx1x1xT, axis=-1)
     probs_BxNxTxT = Dropout(c.attention_dropout_rate)(probs_BxNxTxT, deterministic=deterministic)
     out_BxTxNxD = jnp.einsum("bnts,bsnd->btnd", probs_BxNxTxT.astype(c.compute_dtype), v_BxTxNxD)
-    return nn.DenseGeneral(c.hidden_size, axis=(-2, -1), kernel_init=c.init, dtype=c.compute_dtype,
+    return nn.DenseGeneral(c.hidden_size, axis=(-2, -1), kernel_init=c.kernel_init, dtype=c.compute_dtype,
                            name="output")(out_BxTxNxD)
 
 
@@ -182,10 +183,10 @@ class TransformerLayer(nn.Module):
     attn = Dropout(c.dropout_rate)(attn, deterministic=deterministic)
     x_BxTxH = nn.LayerNorm(epsilon=_LN_EPS, dtype=c.compute_dtype, name="attention_norm")(
         x_BxTxH + attn)
-    h_BxTxF = nn.Dense(c.intermediate_size, kernel_init=c.init, dtype=c.compute_dtype,
+    h_BxTxF = nn.Dense(c.intermediate_size, kernel_init=c.kernel_init, dtype=c.compute_dtype,
                        name="intermediate")(x_BxTxH)
     h_BxTxF = nn.gelu(h_BxTxF, approximate=False)
-    h_BxTxH = nn.Dense(c.hidden_size, kernel_init=c.init, dtype=c.compute_dtype,
+    h_BxTxH = nn.Dense(c.hidden_size, kernel_init=c.kernel_init, dtype=c.compute_dtype,
                        name="ffn_output")(h_BxTxF)
     h_BxTxH = Dropout(c.dropout_rate)(h_BxTxH, deterministic=deterministic)
     return nn.LayerNorm(epsilon=_LN_EPS, dtype=c.compute_dtype, name="ffn_norm")(x_BxTxH + h_BxTxH)
@@ -199,7 +200,7 @@ class Transformer(nn.Module):
   def __call__(self, x_BxTxE: Array, input_mask_BxT: Array, deterministic: bool) -> Array:
     c = self.cfg
     if c.embedding_size != c.hidden_size:
-      x_BxTxE = nn.Dense(c.hidden_size, kernel_init=c.init, dtype=c.compute_dtype,
+      x_BxTxE = nn.Dense(c.hidden_size, kernel_init=c.kernel_init, dtype=c.compute_dtype,
                          name="embeddings_project")(x_BxTxE)
     # Large negative (not -inf) so a fully padded row stays finite.
     mask_bias_Bx1x1xT = jnp.where(input_mask_BxT[:, None, None, :] > 0, 0.0, -1e9).astype(
@@ -388,9 +389,9 @@ class ElectraPretrainer(nn.Module):
     self.generator_output_bias = self.param("generator_output_bias", nn.initializers.zeros,
                                             (self.gen_cfg.padded_vocab_size,))
     self.discriminator = Transformer(self.disc_cfg)
-    self.disc_dense = nn.Dense(self.disc_cfg.hidden_size, kernel_init=self.disc_cfg.init,
+    self.disc_dense = nn.Dense(self.disc_cfg.hidden_size, kernel_init=self.disc_cfg.kernel_init,
                                dtype=self.disc_cfg.compute_dtype)
-    self.disc_output = nn.Dense(1, kernel_init=self.disc_cfg.init, dtype=jnp.float32)
+    self.disc_output = nn.Dense(1, kernel_init=self.disc_cfg.kernel_init, dtype=jnp.float32)
 
   def __call__(self, ids_BxT, segment_ids_BxT, input_mask_BxT, positions_BxP,
                deterministic: bool = True):

@@ -166,7 +166,8 @@ def _sample_replacements(rng, logits_BxPxV, batch, temperature, vocab_size=None,
 # ----------------------------------------------------------------------------- the objectives
 
 def script_objective(params, batch, rng, *, model: models.MaskedLM, config):
-  """SCRIPT: L = L_MLM + alpha * L_Disc, one model, two forward passes (Section 2)."""
+  """SCRIPT: L = L_MLM + alpha * L_Disc (alpha = config.disc_weight), one model, two forward
+  passes (Section 2)."""
   dropout1, dropout2, sample_rng = jax.random.split(rng, 3)
   apply = functools.partial(model.apply, {"params": params})
   table_VxE, bias_V = apply(method=model.output_embedding)
@@ -198,10 +199,10 @@ def script_objective(params, batch, rng, *, model: models.MaskedLM, config):
                      f"{config.script.disc_positions!r}")
   features = apply(sampled_ids, batch["segment_ids"], batch["input_mask"], critic_positions,
                    deterministic=False, rngs={"dropout": dropout2})
-  lse = critic_logsumexp(features, table_VxE, bias_V, config.model.logsumexp_chunk)
+  lse = critic_logsumexp(features, table_VxE, bias_V, config.script.logsumexp_chunk)
   loss_disc, disc_metrics = binary_disc_loss(lse, is_original, weights)
 
-  loss = loss_mlm + config.script.alpha * loss_disc
+  loss = loss_mlm + config.disc_weight * loss_disc
   metrics.update(disc_metrics, loss=loss, replaced_fraction=replaced)
   return loss, metrics
 
@@ -222,7 +223,7 @@ def electra_objective(params, batch, rng, *, model: models.ElectraPretrainer, co
                          method=model.discriminate)
   loss_disc, disc_metrics = binary_disc_loss(disc_logit_BxT, is_original,
                                              batch["input_mask"].astype(jnp.float32))
-  loss = loss_gen + config.electra.disc_weight * loss_disc
+  loss = loss_gen + config.disc_weight * loss_disc
   metrics.update(disc_metrics, loss=loss, replaced_fraction=replaced)
   return loss, metrics
 

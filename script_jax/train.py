@@ -19,83 +19,28 @@ from typing import Any
 
 from absl import logging
 import flax
-from flax.training import train_state
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
+from script_jax import cli_errors
 from script_jax import checkpoints
 from script_jax import config_lib
 from script_jax import models
 from script_jax import objectives
+from script_jax import state as state_lib
 
 Array = jax.Array
 P = jax.sharding.PartitionSpec
-# jax.random implementations a run may draw its step randomness from (config.rng_impl).
-RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 BATCH_KEYS = ("input_ids", "input_mask", "segment_ids", "masked_positions", "masked_ids",
               "masked_weights")
 
 
-class ConfigError(ValueError):
-  """The config is inconsistent; raised at start, before any work is done."""
-
-
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(FloatingPointError, cli_errors.UserError):
   """Training produced a NaN or Inf; the last good checkpoint is left intact."""
 
 
 # ----------------------------------------------------------------------------- config and mesh
-
-def validate_config(config, num_devices: int | None = None, process_count: int | None = None):
-  """Raises ConfigError with a clear message for every inconsistency we can see up front."""
-  num_devices = jax.device_count() if num_devices is None else num_devices
-  process_count = jax.process_count() if process_count is None else process_count
-  m = config.model
-  problems = []
-  if config.objective not in config_lib.OBJECTIVES:
-    problems.append(f"unknown objective {config.objective!r}; choose one of "
-                    f"{', '.join(config_lib.OBJECTIVES)}")
-  if m.hidden_size % m.num_heads:
-    problems.append(f"model.hidden_size {m.hidden_size} is not divisible by model.num_heads "
-                    f"{m.num_heads}")
-  if config.objective == "electra" and (
-      config.electra.generator_hidden_size % config.electra.generator_num_heads):
-    problems.append("electra.generator_hidden_size is not divisible by generator_num_heads")
-  if config.seq_len > m.max_position_embeddings:
-    problems.append(f"seq_len {config.seq_len} exceeds model.max_position_embeddings "
-                    f"{m.max_position_embeddings}")
-  if not 0 < config.mask.max_predictions_per_seq <= config.seq_len:
-    problems.append(f"mask.max_predictions_per_seq {config.mask.max_predictions_per_seq} must be "
-                    f"in [1, seq_len={config.seq_len}]")
-  if m.dtype not in ("float32", "bfloat16"):
-    problems.append(f"model.dtype must be 'float32' or 'bfloat16', got {m.dtype!r}")
-  if config.script.disc_positions not in ("all", "masked"):
-    problems.append(f"script.disc_positions must be 'all' or 'masked', got "
-                    f"{config.script.disc_positions!r}")
-  if config.rng_impl not in RNG_IMPLS:
-    problems.append(f"rng_impl must be one of {', '.join(RNG_IMPLS)}, got {config.rng_impl!r}")
-  if config.sampler not in objectives.SAMPLERS:
-    problems.append(f"sampler must be one of {', '.join(objectives.SAMPLERS)}, got "
-                    f"{config.sampler!r}")
-  if config.optim.warmup_steps > config.num_train_steps:
-    problems.append(f"optim.warmup_steps {config.optim.warmup_steps} exceeds num_train_steps "
-                    f"{config.num_train_steps}")
-  model_axis = config.mesh.model
-  data_axis = config.mesh.data if config.mesh.data > 0 else num_devices // max(model_axis, 1)
-  if model_axis < 1 or data_axis * model_axis != num_devices:
-    problems.append(f"mesh data={config.mesh.data} x model={config.mesh.model} does not cover "
-                    f"the {num_devices} devices")
-  elif config.batch_size % data_axis:
-    problems.append(f"batch_size {config.batch_size} is not divisible by the {data_axis} "
-                    "data-parallel devices; choose a multiple (--config.batch_size=...)")
-  if config.batch_size % process_count:
-    problems.append(f"batch_size {config.batch_size} is not divisible by the {process_count} "
-                    "host processes")
-  if problems:
-    raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
-
 
 def create_mesh(config, devices=None) -> jax.sharding.Mesh:
   """The ('data', 'model') mesh; data-parallel over every device by default."""
@@ -109,76 +54,11 @@ def create_mesh(config, devices=None) -> jax.sharding.Mesh:
 
 # ----------------------------------------------------------------------------- state and step
 
-def learning_rate_schedule(config) -> optax.Schedule:
-  """Linear warmup to the peak, then linear decay to zero at num_train_steps (Table 4)."""
-  o = config.optim
-  decay = optax.linear_schedule(o.learning_rate, 0.0, config.num_train_steps - o.warmup_steps)
-  if o.warmup_steps == 0:
-    return decay
-  warmup = optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
-  return optax.join_schedules([warmup, decay], [o.warmup_steps])
-
-
-def weight_decay_mask(params) -> Any:
-  """True for the weights that decay: not LayerNorm parameters, not biases."""
-  def decays(path, _):
-    name = str(getattr(path[-1], "key", path[-1]))
-    return name not in ("bias", "scale") and not name.endswith("output_bias")
-  return jax.tree_util.tree_map_with_path(decays, params)
-
-
-def make_optimizer(config) -> optax.GradientTransformation:
-  """AdamW (b 0.9/0.999, eps 1e-6, decay 0.01 off LayerNorm and biases), clipped at norm 1."""
-  o = config.optim
-  return optax.chain(
-      optax.clip_by_global_norm(o.grad_clip_norm),
-      optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
-                  weight_decay=o.weight_decay, mask=weight_decay_mask))
-
-
-def dummy_batch(config, batch_size: int = 1) -> dict[str, np.ndarray]:
-  """A batch of the right shapes and dtypes (for initialisation and shape checks)."""
-  t, p = config.seq_len, config.mask.max_predictions_per_seq
-  return {
-      "input_ids": np.zeros((batch_size, t), np.int32),
-      "input_mask": np.ones((batch_size, t), np.int32),
-      "segment_ids": np.zeros((batch_size, t), np.int32),
-      "masked_positions": np.zeros((batch_size, p), np.int32),
-      "masked_ids": np.zeros((batch_size, p), np.int32),
-      "masked_weights": np.zeros((batch_size, p), np.float32),
-  }
-
-
-def create_train_state(config, model, rng) -> train_state.TrainState:
-  """Fresh parameters and optimizer state (call under jit or eval_shape)."""
-  b = dummy_batch(config)
-  variables = model.init(rng, b["input_ids"], b["segment_ids"], b["input_mask"],
-                         b["masked_positions"])
-  return train_state.TrainState.create(apply_fn=model.apply, params=variables["params"],
-                                       tx=make_optimizer(config))
-
-
-def init_state(config, model, mesh):
-  """Initialises abstractly, then runs a sharded jit(init): (state, state_sharding)."""
-  replicated = jax.sharding.NamedSharding(mesh, P())
-  init_fn = functools.partial(create_train_state, config, model)
-  abstract = jax.eval_shape(init_fn, jax.random.key(config.seed))
-  state_sharding = jax.tree.map(lambda _: replicated, abstract)
-  state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.key(config.seed))
-  return state, state_sharding
-
-
-def abstract_like(state):
-  """ShapeDtypeStructs with the shardings of `state` (the orbax restore target)."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      state)
-
-
 def make_train_step(config, model, state_sharding, mesh):
   """The jitted, sharded train step: (state, batch) -> (state, metrics). State is donated."""
   loss_fn = functools.partial(objectives.get_objective(config.objective), model=model,
                               config=config)
-  schedule = learning_rate_schedule(config)
+  schedule = state_lib.learning_rate_schedule(config)
   seed, rng_impl = config.seed, config.rng_impl
 
   def train_step(state, batch):
@@ -235,13 +115,14 @@ def _format_eta(seconds: float) -> str:
 
 def _prepare_data(config, workdir):
   """(metadata, data_dir) of the prepared pretraining data; checks the vocab against the model."""
-  from script_jax import prepare_data  # pylint: disable=g-import-not-at-top
-  metadata = prepare_data.prepare_pretraining_data(config, workdir)
-  if metadata["vocab_size"] != config.model.vocab_size:
-    raise ConfigError(
-        f"The tokenizer has {metadata['vocab_size']} entries but model.vocab_size is "
-        f"{config.model.vocab_size}: set --config.model.vocab_size={metadata['vocab_size']}.")
-  data_dir = config.data.prepared_dir or os.path.join(workdir, "data")
+  from script_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
+  metadata = prepare.prepare_pretraining_data(config, workdir)
+  problem = config_lib.vocab_size_problem(metadata["vocab_size"], config,
+                                         metadata.get("tokenizer", {}).get("path", "?"))
+  if problem:
+    raise config_lib.ConfigError(problem)
+  data_dir = prepared.data_dir_of(config, workdir)
   return metadata, data_dir
 
 
@@ -250,7 +131,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   Returns the last logged metrics.
   """
-  validate_config(config)
+  config_lib.validate_config(config)
   checkpoints.check_run_config(workdir, config)
   metadata, data_dir = _prepare_data(config, workdir)
 
@@ -261,7 +142,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   mesh = create_mesh(config)
   model = models.build_model(config)
-  state, state_sharding = init_state(config, model, mesh)
+  state, state_sharding = state_lib.init_state(config, model, mesh)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("Model for objective %s: %s parameters\n%s", config.objective, f"{num_params:,}",
                parameter_overview.get_parameter_overview(state.params))
@@ -269,7 +150,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   manager = checkpoints.make_manager(workdir, config)
   latest = manager.latest_step()
   if latest is not None:
-    state = checkpoints.restore_state(manager, latest, abstract_like(state))
+    state = checkpoints.restore_state(manager, latest, state_lib.abstract_like(state))
     logging.info("Resumed from %s at step %d", manager.directory, latest)
   elif config.get("init_from"):
     _, _, pretrained = checkpoints.load_pretrained(config.init_from)
@@ -278,8 +159,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     logging.info("Initialised parameters from %s", config.init_from)
   start_step = int(state.step)
 
-  from script_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  dataset = input_pipeline.create_pretraining_dataset(
+  from script_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  dataset = pipeline.create_pretraining_dataset(
       config, metadata, data_dir, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count())
   batches = iter(dataset.as_numpy_iterator())

@@ -1,6 +1,7 @@
 """Test set-up: eight fake CPU devices, so sharding is tested without an accelerator."""
 
 import os
+import subprocess
 import sys
 
 # Must be set before JAX is imported anywhere. On a busy 2-core machine one of the eight device
@@ -43,9 +44,77 @@ def tiny_config():
 
 def run_main(args, timeout=600, env=None):
   """Runs `python -m script_jax.main ARGS` as a user would; returns the CompletedProcess."""
-  import subprocess  # pylint: disable=g-import-not-at-top
   full_env = dict(os.environ)
   full_env["XLA_FLAGS"] = ""  # the entry point runs on the one real CPU device
   full_env.update(env or {})
   return subprocess.run([sys.executable, "-m", "script_jax.main", *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def random_batch(config, batch_size, seed):
+  """A ragged masked batch (synthetic.random_masked_batch) as jax arrays, for the losses."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from script_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  return {k: jnp.asarray(v) for k, v in
+          synthetic.random_masked_batch(config, batch_size, seed, ragged=True).items()}
+
+
+def run_steps(config, devices, batch_list):
+  """Train steps on `devices` from the config's initial state: (final params, losses)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from script_jax import models, train  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from script_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  mesh = train.create_mesh(config, devices=devices)
+  model = models.build_model(config)
+  state, sharding = state_lib.init_state(config, model, mesh)
+  step = train.make_train_step(config, model, sharding, mesh)
+  losses = []
+  for b in batch_list:
+    state, metrics = step(state, train.to_global_batch({k: np.asarray(v) for k, v in b.items()},
+                                                       mesh))
+    losses.append(float(metrics["loss"]))
+  return jax.device_get(state.params), losses
+
+
+def _training_lines(count=400):
+  from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
+  lines = [l.strip() for t in topics.values() for l in t.splitlines() if len(l.split()) > 4]
+  return lines[:count]
+
+
+def make_workdir(root, objective="script"):
+  """A pretraining workdir made by the real entry point: one step of a one-layer tiny model on
+  400 lines of text, with a 512-piece SentencePiece tokenizer (random-ish weights)."""
+  root = str(root)
+  source = os.path.join(root, "corpus.txt")
+  with open(source, "w") as f:
+    f.write("\n".join(_training_lines()) + "\n")
+  workdir = os.path.join(root, f"workdir_{objective}")
+  result = run_main([
+      "--config=configs/tiny.py", f"--workdir={workdir}", f"--config.objective={objective}",
+      f"--config.data.source={source}", "--config.model.vocab_size=512",
+      "--config.data.num_shards=1", "--config.model.num_layers=1",
+      "--config.electra.generator_num_layers=1", "--config.seq_len=32",
+      "--config.batch_size=8", "--config.num_train_steps=1", "--config.optim.warmup_steps=0",
+      "--config.checkpoint_every_steps=1"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def run_module(module, args, stdin=None, timeout=300):
+  """`python -m script_jax.<module> ARGS` as a user runs it, on the one real CPU device."""
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", f"script_jax.{module}", *args], cwd=ROOT,
+                        input=stdin, capture_output=True, timeout=timeout, env=env)
+
+
+_SHARED = {}
+
+
+def shared_workdir(tmp_path_factory):
+  """One tiny pretraining workdir per session for the scoring, rescoring and fine-tuning
+  tests (building it runs the trainer once)."""
+  if "workdir" not in _SHARED:
+    _SHARED["workdir"] = make_workdir(tmp_path_factory.mktemp("score"))
+  return _SHARED["workdir"]

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, load_config
 
-from script_jax import benchmark
-from script_jax import flops
+from script_jax.bench import step_speed
+from script_jax.data import synthetic
+from script_jax.bench import flops
 from script_jax import models
 from script_jax import objectives
 from script_jax import train
@@ -103,7 +104,7 @@ def test_flops_scale_with_batch_and_default_to_the_config():
 def _traced_loss_flops(config, batch_size=2):
   model = models.build_model(config)
   batch = {k: jnp.asarray(v) for k, v in
-           benchmark.random_batch(config, batch_size, seed=1).items()}
+           synthetic.random_masked_batch(config, batch_size, seed=1).items()}
   params = jax.eval_shape(lambda r: model.init(
       r, batch["input_ids"], batch["segment_ids"], batch["input_mask"],
       batch["masked_positions"]), jax.random.key(0))["params"]
@@ -131,7 +132,7 @@ def test_analytic_count_equals_the_matmuls_of_the_traced_step(objective, overrid
 def test_rematerialisation_is_executed_but_not_model_flops():
   # The chunked critic logsumexp recomputes its logits in the backward pass: one more
   # forward of critic_pass/logits is executed, the model FLOPs stay the same.
-  config = load_config("tiny", objective="script", **PINNED, **{"model.logsumexp_chunk": 32})
+  config = load_config("tiny", objective="script", **PINNED, **{"script.logsumexp_chunk": 32})
   _, with_grad = _traced_loss_flops(config)
   counted = flops.train_step_flops(config, batch_size=2)
   assert with_grad == (counted["total"] + counted["by_component"]["critic_pass/logits"]
@@ -140,7 +141,7 @@ def test_rematerialisation_is_executed_but_not_model_flops():
 
 def test_random_batch_is_a_valid_masked_batch():
   config = load_config("tiny")
-  batch = benchmark.random_batch(config, 3, seed=0)
+  batch = synthetic.random_masked_batch(config, 3, seed=0)
   assert batch["masked_positions"].shape == (3, config.mask.max_predictions_per_seq)
   for row in batch["masked_positions"]:
     assert len(set(row.tolist())) == len(row) and row.min() >= 1
@@ -155,7 +156,7 @@ def _run_benchmark_cli(args, timeout=300):
   # A one-layer tiny model keeps compilation short; the code paths are the real ones.
   small = ["--config=configs/tiny.py", "--config.model.num_layers=1",
            "--config.electra.generator_num_layers=1", "--batch_size=4"]
-  return subprocess.run([sys.executable, "-m", "script_jax.benchmark", *small, *args],
+  return subprocess.run([sys.executable, "-m", "script_jax.bench.step_speed", *small, *args],
                         cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -199,7 +200,7 @@ def test_memory_only_compiles_and_reports_memory():
   one_layer = dict(PINNED, **{"model.num_layers": 1})
   config = load_config("tiny", **one_layer)
   lines = []
-  run = functools.partial(benchmark.run_benchmark, objectives=["script"], batch_size=8,
+  run = functools.partial(step_speed.run_benchmark, objectives=["script"], batch_size=8,
                           memory_only=True, devices=jax.devices()[:1], log=lines.append,
                           compiler_options={"xla_backend_optimization_level": 0})
   report = run(config)
@@ -208,12 +209,12 @@ def test_memory_only_compiles_and_reports_memory():
   assert "steps_per_sec" not in result
   assert result["memory"]["temp_size_in_bytes"] > 0
   assert result["model_flops_per_step"] == flops.train_step_flops(config, "script", 8)["total"]
-  table = benchmark.format_table(report)
+  table = step_speed.format_table(report)
   assert "temp MiB" in table and "steps/s" not in table
   assert any("[script] compiled in" in line for line in lines)
   # The figure follows the setting it is there to check: chunking the critic's logsumexp
   # (B*T = 512 rows of V = 2048 logits) in chunks of 64 rows shrinks the temporaries.
-  chunked = run(load_config("tiny", **one_layer, **{"model.logsumexp_chunk": 64}))
+  chunked = run(load_config("tiny", **one_layer, **{"script.logsumexp_chunk": 64}))
   assert (chunked["results"]["script"]["memory"]["temp_size_in_bytes"]
           < result["memory"]["temp_size_in_bytes"])
 
@@ -222,7 +223,7 @@ def test_steps_per_call_runs_that_many_real_steps_and_states_are_reused():
   """A call of steps_per_call=3 advances the optimizer 3 steps; a second run reuses the state."""
   config = load_config("tiny", **dict(PINNED, **{"model.num_layers": 1}))
   states, lines = {}, []
-  run = functools.partial(benchmark.benchmark_objective, config, "mlm", batch_size=8,
+  run = functools.partial(step_speed.benchmark_objective, config, "mlm", batch_size=8,
                           mesh=train.create_mesh(config, jax.devices()[:1]), states=states,
                           compiler_options={"xla_backend_optimization_level": 0},
                           log=lines.append)
@@ -267,7 +268,7 @@ def test_trace_summary_counts_device_streams_and_xla_ops(tmp_path):
   with gzip.open(path, "wt") as f:
     json.dump({"traceEvents": meta + spans}, f)
   steps = int(rng.integers(1, 6))
-  summary = benchmark.summarise_trace(str(path), steps=steps)
+  summary = step_speed.summarise_trace(str(path), steps=steps)
   for view in ("kernels", "xla_ops"):
     got = {r["name"]: r["ms_per_step"] for r in summary[view]["top"]}
     assert got == pytest.approx({k: v / 1e3 / steps for k, v in want[view].items()})
@@ -276,7 +277,7 @@ def test_trace_summary_counts_device_streams_and_xla_ops(tmp_path):
     shares = [r["share"] for r in summary[view]["top"]]
     assert sum(shares) == pytest.approx(1.0) and shares == sorted(shares, reverse=True)
   assert summary["kernels"]["timelines"] == ["Stream #13(Compute)", "Stream #14(Copy)"]
-  assert "kernels:" in benchmark.format_profile(summary)
+  assert "kernels:" in step_speed.format_profile(summary)
 
 
 def test_benchmark_profiles_through_the_cli(tmp_path):
@@ -293,10 +294,9 @@ def test_benchmark_profiles_through_the_cli(tmp_path):
 
 def test_gpu_check_script_runs_every_variant_on_cpu(tmp_path):
   """benchmarks/gpu_check.sh end to end on the CPU with tiny settings: every variant of
-  benchmarks/variants.py is timed in one process, each objective's state initialised once, and
+  script_jax/bench/variants.py is timed in one process, each objective's state initialised once, and
   the JSON and table name them all (no GPU needed; nvidia-smi may be missing)."""
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  import variants  # pylint: disable=import-outside-toplevel
+  from script_jax.bench import variants  # pylint: disable=import-outside-toplevel
   env = dict(os.environ, OUT=str(tmp_path), CONFIG="configs/tiny.py", BATCH="8", STEPS="2",
              PYTHON=sys.executable, JAX_PLATFORMS="cpu", BUDGET="1000",
              XLA_FLAGS="--xla_backend_optimization_level=0")

@@ -3,15 +3,13 @@
 torch and transformers are optional benchmark dependencies: without them these tests skip.
 """
 
-import importlib.util
 import math
-import os
 
 import jax
 import pytest
-from conftest import ROOT, load_config
+from conftest import load_config
 
-from script_jax import benchmark
+from script_jax.data import synthetic
 from script_jax import models
 
 torch = pytest.importorskip("torch")
@@ -19,16 +17,13 @@ pytest.importorskip("transformers")
 
 
 def _hf_peer():
-  spec = importlib.util.spec_from_file_location(
-      "hf_peer", os.path.join(ROOT, "benchmarks", "hf_peer.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from script_jax.bench import hf_peer  # pylint: disable=import-outside-toplevel
+  return hf_peer
 
 
 def _our_num_params(config):
   model = models.build_model(config)
-  b = benchmark.random_batch(config, 1)
+  b = synthetic.random_masked_batch(config, 1)
   params = jax.eval_shape(lambda r: model.init(r, b["input_ids"], b["segment_ids"],
                                                b["input_mask"], b["masked_positions"]),
                           jax.random.key(0))["params"]
@@ -46,6 +41,6 @@ def test_hf_models_have_our_shapes_and_train(objective):
     assert hf_model.generator.electra.embeddings is hf_model.discriminator.electra.embeddings
     assert (hf_model.generator.generator_lm_head.weight
             is hf_model.discriminator.electra.embeddings.word_embeddings.weight)
-  result = hf_peer.time_hf(config, objective, benchmark.random_batch(config, 2), steps=1,
+  result = hf_peer.time_hf(config, objective, synthetic.random_masked_batch(config, 2), steps=1,
                            warmup=1, repeats=1, log=lambda _: None)
   assert result["steps_per_sec"] > 0 and result["num_params"] == _our_num_params(config)

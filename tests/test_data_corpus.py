@@ -1,4 +1,4 @@
-"""Tests of script_jax/corpus.py: text files, the embedded default, TFDS and OpenWebText."""
+"""Tests of script_jax/data/corpus.py: text files, the embedded default, TFDS and OpenWebText."""
 
 import gzip
 import io
@@ -7,8 +7,8 @@ import tarfile
 
 import pytest
 
-from script_jax import corpus
-from script_jax.corpus import DataError
+from script_jax.data import corpus
+from script_jax.data.corpus import DataError
 
 
 def _write(path, text: str, compress: bool = False):

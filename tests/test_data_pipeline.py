@@ -1,4 +1,4 @@
-"""Tests of script_jax/input_pipeline.py: masking, sharding over hosts, determinism, resume."""
+"""Tests of script_jax/data/pipeline.py: masking, sharding over hosts, determinism, resume."""
 
 import collections
 import itertools
@@ -9,9 +9,9 @@ import pytest
 import tensorflow as tf
 
 from script_jax import config_lib
-from script_jax import input_pipeline
-from script_jax import prepare_data
-from script_jax.corpus import DataError
+from script_jax.data import pipeline
+from script_jax.data import prepare
+from script_jax.data.corpus import DataError
 
 SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 
@@ -31,12 +31,12 @@ def small_config(batch_size=16):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("data"))
-  return out, prepare_data.prepare(small_config(), out, num_workers=1)
+  return out, prepare.prepare(small_config(), out, num_workers=1)
 
 
 def batches(config, data, n, **kwargs):
   out, metadata = data
-  ds = input_pipeline.create_pretraining_dataset(config, metadata, out, **kwargs)
+  ds = pipeline.create_pretraining_dataset(config, metadata, out, **kwargs)
   return list(itertools.islice(ds.as_numpy_iterator(), n))
 
 
@@ -74,7 +74,7 @@ def synthetic_ids(rng, batch_size, seq_len, vocab_size):
 
 
 def run_mask(ids, spec, seed=(1, 2)):
-  out = input_pipeline.mask_batch(tf.constant(ids), tf.constant(seed, tf.int64), spec)
+  out = pipeline.mask_batch(tf.constant(ids), tf.constant(seed, tf.int64), spec)
   return {k: v.numpy() for k, v in out.items()}
 
 
@@ -82,7 +82,7 @@ def run_mask(ids, spec, seed=(1, 2)):
 def test_masking_statistics(mask_token_prob, random_token_prob):
   rng = np.random.default_rng(0)
   seq_len, max_predictions, vocab_size = 128, 20, 1000
-  spec = input_pipeline.MaskingSpec(
+  spec = pipeline.MaskingSpec(
       vocab_size=vocab_size, special_ids=tuple(SPECIAL.values()), pad_id=0, mask_id=4,
       mask_prob=0.15, max_predictions=max_predictions, mask_token_prob=mask_token_prob,
       random_token_prob=random_token_prob)
@@ -132,7 +132,7 @@ def test_masking_statistics(mask_token_prob, random_token_prob):
 
 
 def test_masking_caps_at_max_predictions_and_handles_no_candidates():
-  spec = input_pipeline.MaskingSpec(vocab_size=50, special_ids=(0, 1, 2, 3, 4), pad_id=0,
+  spec = pipeline.MaskingSpec(vocab_size=50, special_ids=(0, 1, 2, 3, 4), pad_id=0,
                                     mask_id=4, max_predictions=3)
   ids = np.array([[2] + [7] * 60 + [3],  # 60 candidates: 15% = 9, capped at 3
                   [2, 1, 1, 3] + [0] * 58,  # only [UNK]s: nothing to mask
@@ -145,7 +145,7 @@ def test_masking_caps_at_max_predictions_and_handles_no_candidates():
 
 
 def test_masking_is_a_function_of_the_seed():
-  spec = input_pipeline.MaskingSpec(vocab_size=100, special_ids=(0, 1, 2, 3, 4), pad_id=0,
+  spec = pipeline.MaskingSpec(vocab_size=100, special_ids=(0, 1, 2, 3, 4), pad_id=0,
                                     mask_id=4)
   ids = synthetic_ids(np.random.default_rng(1), 8, 64, 100)
   a, b, c = run_mask(ids, spec, (5, 6)), run_mask(ids, spec, (5, 6)), run_mask(ids, spec, (5, 7))
@@ -175,7 +175,7 @@ def test_batches_shapes_and_contents(data):
 
 def test_static_shapes(data):
   out, metadata = data
-  ds = input_pipeline.create_pretraining_dataset(small_config(), metadata, out, process_count=2)
+  ds = pipeline.create_pretraining_dataset(small_config(), metadata, out, process_count=2)
   assert ds.element_spec["input_ids"].shape == (8, 64)
   assert ds.element_spec["masked_weights"].shape == (8, 9)
 
@@ -235,20 +235,20 @@ def test_epochs_cover_the_data_and_hosts_are_disjoint(data):
 def test_errors(data):
   out, metadata = data
   with pytest.raises(DataError, match="batch_size=16 does not divide evenly over 3 processes"):
-    input_pipeline.create_pretraining_dataset(small_config(), metadata, out, process_count=3)
+    pipeline.create_pretraining_dataset(small_config(), metadata, out, process_count=3)
   with pytest.raises(DataError, match="has 4 shards but there are 8 processes"):
-    input_pipeline.create_pretraining_dataset(small_config(), metadata, out, process_count=8)
+    pipeline.create_pretraining_dataset(small_config(), metadata, out, process_count=8)
   config = small_config()
   config.seq_len = 128
   with pytest.raises(DataError, match="prepared with seq_len 64, not config.seq_len=128"):
-    input_pipeline.create_pretraining_dataset(config, metadata, out)
+    pipeline.create_pretraining_dataset(config, metadata, out)
   config = small_config()
   config.data.tokenizer = "wordpiece"
   with pytest.raises(DataError, match="tokenizer 'sentencepiece', not config.data.tokenizer"):
-    input_pipeline.create_pretraining_dataset(config, metadata, out)
+    pipeline.create_pretraining_dataset(config, metadata, out)
   config = small_config()
   config.model.vocab_size = 30522
   with pytest.raises(DataError, match="vocab_size 512, not config.model.vocab_size=30522"):
-    input_pipeline.create_pretraining_dataset(config, metadata, out)
+    pipeline.create_pretraining_dataset(config, metadata, out)
   with pytest.raises(DataError, match="missing"):
-    input_pipeline.create_pretraining_dataset(small_config(), metadata, "/nonexistent")
+    pipeline.create_pretraining_dataset(small_config(), metadata, "/nonexistent")

@@ -1,4 +1,4 @@
-"""Tests of script_jax/prepare_data.py: packing, shards, metadata, reruns and errors."""
+"""Tests of script_jax/data/prepare.py: packing, shards, metadata, reruns and errors."""
 
 import collections
 import json
@@ -10,10 +10,10 @@ import pytest
 import tensorflow as tf
 
 from script_jax import config_lib
-from script_jax import corpus
-from script_jax import prepare_data
-from script_jax import tokenizers_lib
-from script_jax.corpus import DataError
+from script_jax.data import corpus
+from script_jax.data import prepare, prepared, packing
+from script_jax.data import tokenizers
+from script_jax.data.corpus import DataError
 
 SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 
@@ -54,7 +54,7 @@ def read_all_in_order(data_dir, metadata):
 def default_data(tmp_path_factory):
   """The embedded default corpus, prepared once for these tests (in-process: fast)."""
   out = str(tmp_path_factory.mktemp("default"))
-  metadata = prepare_data.prepare(small_config(), out, num_workers=1)
+  metadata = prepare.prepare(small_config(), out, num_workers=1)
   return out, metadata
 
 
@@ -83,9 +83,9 @@ def test_pack_document_lossless_and_within_length():
     seq_len = rng.choice([8, 16, 64, 128])
     lines = [[rng.randrange(5, 100) for _ in range(rng.randrange(1, 3 * seq_len))]
              for _ in range(rng.randrange(1, 12))]
-    pairs = prepare_data.pack_document(lines, seq_len, random.Random(trial), 0.1)
+    pairs = packing.pack_document(lines, seq_len, random.Random(trial), 0.1)
     assert [t for a, b in pairs for t in a + b] == [t for line in lines for t in line]
-    ids, segments = prepare_data.pairs_to_arrays(pairs, seq_len, SPECIAL)
+    ids, segments = packing.pairs_to_arrays(pairs, seq_len, SPECIAL)
     for ids_T, segments_T in zip(ids, segments):
       check_layout(ids_T, segments_T, seq_len)
 
@@ -93,7 +93,7 @@ def test_pack_document_lossless_and_within_length():
 def test_pack_document_fills_sequences_and_mostly_two_segments():
   rng = random.Random(1)
   lines = [[rng.randrange(5, 100) for _ in range(rng.randrange(5, 40))] for _ in range(5000)]
-  pairs = prepare_data.pack_document(lines, 128, random.Random(0), short_seq_prob=0.1)
+  pairs = packing.pack_document(lines, 128, random.Random(0), short_seq_prob=0.1)
   lengths = np.array([len(a) + len(b) + (3 if b else 2) for a, b in pairs])
   two_segments = np.mean([bool(b) for a, b in pairs])
   assert 0.85 < two_segments < 0.95  # ELECTRA: 10% have one segment
@@ -104,7 +104,7 @@ def test_pack_document_fills_sequences_and_mostly_two_segments():
 
 def test_pack_document_short_seq_prob_zero():
   lines = [[7] * 30] * 100
-  pairs = prepare_data.pack_document(lines, 64, random.Random(0), short_seq_prob=0.0)
+  pairs = packing.pack_document(lines, 64, random.Random(0), short_seq_prob=0.0)
   lengths = [len(a) + len(b) + (3 if b else 2) for a, b in pairs]
   assert all(n >= 63 for n in lengths[:-1])  # all but the document's last are full
 
@@ -127,11 +127,11 @@ def test_default_corpus_end_to_end(default_data):
   assert sum(counts) == metadata["num_examples"] > 1000 and max(counts) - min(counts) <= 1
   with open(os.path.join(out, "metadata.json")) as f:
     assert json.load(f)["num_examples"] == metadata["num_examples"]
-  assert prepare_data.load_metadata(out)["fingerprint"] == metadata["fingerprint"]
+  assert prepared.load_metadata(out)["fingerprint"] == metadata["fingerprint"]
   # The trainer and the scorer rebuild the tokenizer from the metadata alone.
-  tokenizer = tokenizers_lib.load_tokenizer(metadata["tokenizer"])
+  tokenizer = tokenizers.load_tokenizer(metadata["tokenizer"])
   assert tokenizer.special_ids == SPECIAL and tokenizer.vocab_size == config.model.vocab_size
-  assert f"{metadata['num_examples']:,} of 64 tokens in 4 shards" in prepare_data.summary(metadata)
+  assert f"{metadata['num_examples']:,} of 64 tokens in 4 shards" in prepared.summary(metadata)
 
 
 def test_every_token_accounted_for(default_data):
@@ -139,7 +139,7 @@ def test_every_token_accounted_for(default_data):
   ids, segments = read_all_in_order(out, metadata)
   two = [check_layout(i, s, 64) for i, s in zip(ids, segments)]
   assert np.mean(np.array(two) == 2) > 0.75  # most sequences have two segments
-  tokenizer = tokenizers_lib.load_tokenizer(metadata["tokenizer"])
+  tokenizer = tokenizers.load_tokenizer(metadata["tokenizer"])
   corpus_ids = [t for doc in corpus.read_documents("") for line in tokenizer.encode_batch(doc)
                 for t in line]
   structural = [SPECIAL["cls"], SPECIAL["sep"], SPECIAL["pad"]]
@@ -153,7 +153,7 @@ def test_every_token_accounted_for(default_data):
 
 def test_worker_processes_give_the_same_shards(default_data, tmp_path):
   out, metadata = default_data
-  again = prepare_data.prepare(small_config(), str(tmp_path), num_workers=2)
+  again = prepare.prepare(small_config(), str(tmp_path), num_workers=2)
   assert again["fingerprint"] == metadata["fingerprint"]
   for s in metadata["shards"]:
     with open(os.path.join(out, s["file"]), "rb") as a, \
@@ -168,15 +168,15 @@ def _mtimes(path):
 def test_rerun_skips_finished_work(default_data):
   out, metadata = default_data
   before = _mtimes(out)
-  again = prepare_data.prepare(small_config(), out, num_workers=1)
-  assert again == prepare_data.load_metadata(out)
+  again = prepare.prepare(small_config(), out, num_workers=1)
+  assert again == prepared.load_metadata(out)
   assert _mtimes(out) == before  # nothing rewritten, not even metadata.json
 
 
 def test_rerun_completes_an_interrupted_preparation(tmp_path):
   out = str(tmp_path)
   config = small_config()
-  metadata = prepare_data.prepare(config, out, num_workers=1)
+  metadata = prepare.prepare(config, out, num_workers=1)
   shard = metadata["shards"][2]["file"]
   with open(os.path.join(out, shard), "rb") as f:
     shard_bytes = f.read()
@@ -187,7 +187,7 @@ def test_rerun_completes_an_interrupted_preparation(tmp_path):
   with open(os.path.join(out, shard + ".tmp-99999"), "wb") as f:
     f.write(b"garbage")
   before = _mtimes(out)
-  again = prepare_data.prepare(config, out, num_workers=1)
+  again = prepare.prepare(config, out, num_workers=1)
   after = _mtimes(out)
   for s in metadata["shards"]:
     if s["file"] != shard:
@@ -201,14 +201,14 @@ def test_rerun_completes_an_interrupted_preparation(tmp_path):
   # Finished shards without metadata.json (killed just before it): only metadata is written.
   os.remove(os.path.join(out, "metadata.json"))
   before = _mtimes(out)
-  assert prepare_data.prepare(config, out, num_workers=1)["shards"] == metadata["shards"]
+  assert prepare.prepare(config, out, num_workers=1)["shards"] == metadata["shards"]
   assert {k: v for k, v in _mtimes(out).items() if k != "metadata.json"} == before
 
 
 def test_changing_num_shards_rewrites_the_shards(tmp_path):
   out = str(tmp_path)
-  prepare_data.prepare(small_config(), out, num_workers=1)
-  metadata = prepare_data.prepare(small_config(num_shards=2), out, num_workers=1)
+  prepare.prepare(small_config(), out, num_workers=1)
+  metadata = prepare.prepare(small_config(num_shards=2), out, num_workers=1)
   assert [s["file"] for s in metadata["shards"]] == [
       "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
   assert not [n for n in os.listdir(out) if "-of-00004" in n]  # the old ones are gone
@@ -224,14 +224,14 @@ def test_prepared_with_another_config_is_a_clear_error(default_data, change, mes
   config = small_config()
   change(config)
   with pytest.raises(DataError, match=f"{out} was prepared with .*{message}.*delete this one"):
-    prepare_data.prepare(config, out)
+    prepare.prepare(config, out)
 
 
 def test_prepared_from_another_source_is_a_clear_error(default_data, tmp_path):
   out, _ = default_data
   (tmp_path / "a.txt").write_text("some text\n")
   with pytest.raises(DataError, match="was prepared with source 'embedded default"):
-    prepare_data.prepare(small_config(), out, source=str(tmp_path / "a.txt"))
+    prepare.prepare(small_config(), out, source=str(tmp_path / "a.txt"))
 
 
 def test_text_files_with_a_wordpiece_vocab(tmp_path):
@@ -245,7 +245,7 @@ def test_text_files_with_a_wordpiece_vocab(tmp_path):
   config.seq_len = 16
   config.batch_size = 8
   out = str(tmp_path / "out")
-  metadata = prepare_data.prepare(config, out, source=str(tmp_path / "corpus.txt"),
+  metadata = prepare.prepare(config, out, source=str(tmp_path / "corpus.txt"),
                                   num_workers=1)
   assert metadata["tokenizer"]["type"] == "wordpiece"
   assert metadata["tokenizer"]["path"] == os.path.join(out, "vocab.txt")  # a copy
@@ -255,20 +255,20 @@ def test_text_files_with_a_wordpiece_vocab(tmp_path):
   assert np.sum(ids == 1) == 40  # the digits are [UNK]
   config.data.invalid_utf8 = "error"
   with pytest.raises(DataError, match="corpus.txt:121: not valid UTF-8"):
-    prepare_data.prepare(config, str(tmp_path / "out3"), source=str(tmp_path / "corpus.txt"))
+    prepare.prepare(config, str(tmp_path / "out3"), source=str(tmp_path / "corpus.txt"))
 
 
 def test_wordpiece_without_vocab_file(tmp_path):
   config = small_config(tokenizer="wordpiece")
   with pytest.raises(DataError, match="needs a vocab: pass --config.data.vocab_file"):
-    prepare_data.prepare(config, str(tmp_path))
+    prepare.prepare(config, str(tmp_path))
 
 
 def test_vocab_size_must_match_the_tokenizer(tmp_path):
   (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\n")
   config = small_config(tokenizer="wordpiece", vocab_file=str(tmp_path / "vocab.txt"))
   with pytest.raises(DataError, match="has 6 entries but config.model.vocab_size=512"):
-    prepare_data.prepare(config, str(tmp_path / "out"))
+    prepare.prepare(config, str(tmp_path / "out"))
 
 
 def test_too_little_data_for_one_batch(tmp_path):
@@ -281,14 +281,14 @@ def test_too_little_data_for_one_batch(tmp_path):
   out = str(tmp_path / "out")
   with pytest.raises(DataError, match=r"Only 2 sequences.*fewer than one global batch of "
                                       r"config.batch_size=64"):
-    prepare_data.prepare(config, out, source=str(tmp_path / "small.txt"), num_workers=1)
+    prepare.prepare(config, out, source=str(tmp_path / "small.txt"), num_workers=1)
   assert not [n for n in os.listdir(out) if n.endswith(".tfrecord") or "tmp" in n]
-  assert prepare_data.load_metadata(out) is None
+  assert prepared.load_metadata(out) is None
 
 
 def test_missing_source_file(tmp_path):
   with pytest.raises(DataError, match="does not exist"):
-    prepare_data.prepare(small_config(), str(tmp_path / "out"), source=str(tmp_path / "x.txt"))
+    prepare.prepare(small_config(), str(tmp_path / "out"), source=str(tmp_path / "x.txt"))
 
 
 def test_prepare_pretraining_data_for_the_trainer(default_data, tmp_path):
@@ -296,23 +296,23 @@ def test_prepare_pretraining_data_for_the_trainer(default_data, tmp_path):
   config = small_config()
   # A workdir without data: process 0 prepares WORKDIR/data from the embedded default...
   workdir = str(tmp_path / "run")
-  first = prepare_data.prepare_pretraining_data(config, workdir, process_index=0,
+  first = prepare.prepare_pretraining_data(config, workdir, process_index=0,
                                                 process_count=1)
   assert first["fingerprint"] == metadata["fingerprint"]
   assert os.path.exists(os.path.join(workdir, "data", "metadata.json"))
   # ... and the next call (or another process) reuses it.
   before = _mtimes(os.path.join(workdir, "data"))
-  assert prepare_data.prepare_pretraining_data(config, workdir, process_index=1,
+  assert prepare.prepare_pretraining_data(config, workdir, process_index=1,
                                                process_count=2) == first
   assert _mtimes(os.path.join(workdir, "data")) == before
   # An explicit prepared_dir is used as it is.
   config.data.prepared_dir = out
-  assert prepare_data.prepare_pretraining_data(config, "/nonexistent", process_index=0,
+  assert prepare.prepare_pretraining_data(config, "/nonexistent", process_index=0,
                                                process_count=1)["num_examples"] == \
       metadata["num_examples"]
 
 
 def test_other_processes_wait_for_process_0(tmp_path):
   with pytest.raises(DataError, match="Process 1 waited"):
-    prepare_data.prepare_pretraining_data(small_config(), str(tmp_path), process_index=1,
+    prepare.prepare_pretraining_data(small_config(), str(tmp_path), process_index=1,
                                           process_count=2, poll_s=0.01, timeout_s=0.05)

@@ -1,13 +1,13 @@
-"""Tests of script_jax/tokenizers_lib.py: SentencePiece (trained or given) and WordPiece."""
+"""Tests of script_jax/data/tokenizers.py: SentencePiece (trained or given) and WordPiece."""
 
 import io
 
 import pytest
 import sentencepiece as spm
 
-from script_jax import corpus
-from script_jax import tokenizers_lib
-from script_jax.corpus import DataError
+from script_jax.data import corpus
+from script_jax.data import tokenizers
+from script_jax.data.corpus import DataError
 
 # A BERT-style vocab: [PAD]=0, [unused0]=1, then [UNK]=2 ... as in BERT's, ids are not 0-4.
 TINY_VOCAB = ["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat",
@@ -21,7 +21,7 @@ def _lines():
 @pytest.fixture(scope="module")
 def spm_model(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("spm") / "spm.model")
-  return tokenizers_lib.train_sentencepiece(_lines(), 512, path)
+  return tokenizers.train_sentencepiece(_lines(), 512, path)
 
 
 def test_sentencepiece_special_ids_are_fixed(spm_model):
@@ -41,36 +41,36 @@ def test_sentencepiece_encode_decode(spm_model):
 
 
 def test_sentencepiece_bpe(tmp_path):
-  tok = tokenizers_lib.train_sentencepiece(_lines(), 600, str(tmp_path / "bpe.model"),
+  tok = tokenizers.train_sentencepiece(_lines(), 600, str(tmp_path / "bpe.model"),
                                            model_type="bpe")
   assert tok.special_ids == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
   assert tok.vocab_size == 600
 
 
 def test_load_tokenizer_round_trip(spm_model, tmp_path):
-  again = tokenizers_lib.load_tokenizer(spm_model.info)
+  again = tokenizers.load_tokenizer(spm_model.info)
   assert again.encode("hello world") == spm_model.encode("hello world")
   (tmp_path / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
-  wordpiece = tokenizers_lib.WordPieceTokenizer(str(tmp_path / "vocab.txt"))
-  again = tokenizers_lib.load_tokenizer(wordpiece.info)
-  assert isinstance(again, tokenizers_lib.WordPieceTokenizer)
+  wordpiece = tokenizers.WordPieceTokenizer(str(tmp_path / "vocab.txt"))
+  again = tokenizers.load_tokenizer(wordpiece.info)
+  assert isinstance(again, tokenizers.WordPieceTokenizer)
   with pytest.raises(DataError, match="Unknown tokenizer type"):
-    tokenizers_lib.load_tokenizer({"type": "bytes", "path": "x"})
+    tokenizers.load_tokenizer({"type": "bytes", "path": "x"})
 
 
 def test_load_tokenizer_notices_a_changed_file(spm_model):
   info = dict(spm_model.info, sha256="0" * 64)
   with pytest.raises(DataError, match="changed since the data was prepared"):
-    tokenizers_lib.load_tokenizer(info)
+    tokenizers.load_tokenizer(info)
 
 
 def test_corpus_too_small_for_vocab(tmp_path):
   with pytest.raises(DataError, match=r"too small for a SentencePiece vocab of 5000: it supports "
                                       r"at most \d+ pieces.*--config.model.vocab_size"):
-    tokenizers_lib.train_sentencepiece(["a few words", "and a few more"] * 10, 5000,
+    tokenizers.train_sentencepiece(["a few words", "and a few more"] * 10, 5000,
                                        str(tmp_path / "x.model"))
   with pytest.raises(DataError, match="No text"):
-    tokenizers_lib.train_sentencepiece([], 100, str(tmp_path / "y.model"))
+    tokenizers.train_sentencepiece([], 100, str(tmp_path / "y.model"))
 
 
 def test_sentencepiece_model_without_special_tokens(tmp_path):
@@ -80,12 +80,12 @@ def test_sentencepiece_model_without_special_tokens(tmp_path):
   (tmp_path / "plain.model").write_bytes(model.getvalue())
   with pytest.raises(DataError, match=r"lacks the special tokens \['\[PAD\]', '\[CLS\]', "
                                       r"'\[SEP\]', '\[MASK\]'\]"):
-    tokenizers_lib.SentencePieceTokenizer(str(tmp_path / "plain.model"))
+    tokenizers.SentencePieceTokenizer(str(tmp_path / "plain.model"))
 
 
 def test_wordpiece_tiny_vocab(tmp_path):
   (tmp_path / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
-  tok = tokenizers_lib.WordPieceTokenizer(str(tmp_path / "vocab.txt"))
+  tok = tokenizers.WordPieceTokenizer(str(tmp_path / "vocab.txt"))
   assert tok.special_ids == {"pad": 0, "unk": 2, "cls": 3, "sep": 4, "mask": 5}
   assert tok.vocab_size == len(TINY_VOCAB)
   assert tok.lowercase  # no upper-case token in the vocab: uncased
@@ -103,7 +103,7 @@ def test_wordpiece_tiny_vocab(tmp_path):
 
 def test_wordpiece_cased_vocab_keeps_case(tmp_path):
   (tmp_path / "vocab.txt").write_text("\n".join(TINY_VOCAB + ["Hello"]) + "\n")
-  tok = tokenizers_lib.WordPieceTokenizer(str(tmp_path / "vocab.txt"))
+  tok = tokenizers.WordPieceTokenizer(str(tmp_path / "vocab.txt"))
   assert not tok.lowercase
   assert tok.encode("Hello hello") == [len(TINY_VOCAB), TINY_VOCAB.index("hello")]
 
@@ -112,11 +112,11 @@ def test_wordpiece_vocab_without_special_tokens(tmp_path):
   (tmp_path / "vocab.txt").write_text("the\ncat\n[UNK]\n")
   with pytest.raises(DataError, match=r"lacks the special tokens \['\[PAD\]', '\[CLS\]', "
                                       r"'\[SEP\]', '\[MASK\]'\].*--config.data.vocab_file=''"):
-    tokenizers_lib.WordPieceTokenizer(str(tmp_path / "vocab.txt"))
+    tokenizers.WordPieceTokenizer(str(tmp_path / "vocab.txt"))
 
 
 def test_missing_tokenizer_file(tmp_path):
   with pytest.raises(DataError, match="does not exist"):
-    tokenizers_lib.WordPieceTokenizer(str(tmp_path / "vocab.txt"))
+    tokenizers.WordPieceTokenizer(str(tmp_path / "vocab.txt"))
   with pytest.raises(DataError, match="does not exist"):
-    tokenizers_lib.SentencePieceTokenizer(str(tmp_path / "spm.model"))
+    tokenizers.SentencePieceTokenizer(str(tmp_path / "spm.model"))

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, load_config, run_main
 
 from script_jax import checkpoints
-from script_jax import prepare_data
+from script_jax.data import prepare
 
 FAST = ["--config=configs/tiny.py", "--config.num_train_steps=40",
         "--config.checkpoint_every_steps=20", "--config.log_every_steps=10",
@@ -25,7 +25,7 @@ FAST = ["--config=configs/tiny.py", "--config.num_train_steps=40",
 def shared_data(tmp_path_factory):
   """The embedded corpus prepared once for this module (as the first run of main does)."""
   workdir = tmp_path_factory.mktemp("prep")
-  prepare_data.prepare_pretraining_data(load_config("tiny"), str(workdir))
+  prepare.prepare_pretraining_data(load_config("tiny"), str(workdir))
   return str(workdir / "data")
 
 

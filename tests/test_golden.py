@@ -9,9 +9,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import load_config
-from test_objectives import _random_batch
-from test_train_step import _run_steps
+from conftest import load_config, random_batch, run_steps
 
 GOLDEN = {
     "script": [51.63604, 45.50145, 51.24094],
@@ -26,10 +24,9 @@ def test_first_three_steps_match_golden_losses(objective):
   # tuning leaves these alone.
   config = load_config("tiny", objective=objective, batch_size=8,
                        **{"optim.warmup_steps": 2, "script.temperature": 1.0,
-                          "electra.temperature": 1.0, "script.alpha": 50.0,
-                          "electra.disc_weight": 50.0})
-  batches = [_random_batch(config, 8, seed=100 + s) for s in range(3)]
-  _, losses = _run_steps(config, jax.devices()[:1], batches)
+                          "electra.temperature": 1.0, "disc_weight": 50.0})
+  batches = [random_batch(config, 8, seed=100 + s) for s in range(3)]
+  _, losses = run_steps(config, jax.devices()[:1], batches)
   if os.environ.get("GOLDEN_PRINT"):
     print(f'"{objective}": {[round(l, 5) for l in losses]},')
   np.testing.assert_allclose(losses, GOLDEN[objective], rtol=2e-4)

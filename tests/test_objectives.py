@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import load_config, random_batch
 
 from script_jax import models
 from script_jax import objectives
@@ -134,28 +134,6 @@ def test_chunked_logsumexp_equals_plain_value_and_gradients(chunk):
     np.testing.assert_allclose(g_c, g_p, rtol=1e-4, atol=1e-5)
 
 
-def _random_batch(config, batch_size, seed):
-  rng = np.random.default_rng(seed)
-  t, p, v = config.seq_len, config.mask.max_predictions_per_seq, config.model.vocab_size
-  ids = rng.integers(5, v, size=(batch_size, t))
-  lengths = rng.integers(t // 2, t + 1, size=batch_size)
-  input_mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
-  positions = np.stack([np.sort(rng.permutation(np.arange(1, n - 1))[:p]) for n in lengths])
-  weights = (np.arange(p)[None] < rng.integers(p // 2, p + 1, size=(batch_size, 1)))
-  positions = np.where(weights, positions, 0)
-  masked_ids = np.where(weights, np.take_along_axis(ids, positions, 1), 0)
-  masked_input = ids.copy()
-  for b in range(batch_size):
-    masked_input[b, positions[b][weights[b]]] = 4
-  return {"input_ids": jnp.asarray(masked_input * input_mask, jnp.int32),
-          "input_mask": jnp.asarray(input_mask),
-          "segment_ids": jnp.asarray((np.arange(t)[None] >= lengths[:, None] // 2) * input_mask,
-                                     jnp.int32),
-          "masked_positions": jnp.asarray(positions, jnp.int32),
-          "masked_ids": jnp.asarray(masked_ids, jnp.int32),
-          "masked_weights": jnp.asarray(weights, jnp.float32)}
-
-
 def _init(config, batch):
   model = models.build_model(config)
   params = model.init(jax.random.key(0), batch["input_ids"], batch["segment_ids"],
@@ -165,7 +143,7 @@ def _init(config, batch):
 
 def test_script_gradients_flow_through_both_passes_and_not_through_the_sample():
   config = load_config("tiny")
-  batch = _random_batch(config, 4, seed=5)
+  batch = random_batch(config, 4, seed=5)
   model, params = _init(config, batch)
   rng = jax.random.key(7)
   loss_fn = functools.partial(objectives.script_objective, model=model, config=config)
@@ -190,7 +168,7 @@ def test_script_gradients_flow_through_both_passes_and_not_through_the_sample():
     t, b = model.apply({"params": p}, method=model.output_embedding)
     f = model.apply({"params": p}, sampled_ids, batch["segment_ids"], batch["input_mask"])
     lse = objectives.critic_logsumexp(f, t, b)
-    return config.script.alpha * objectives.binary_disc_loss(
+    return config.disc_weight * objectives.binary_disc_loss(
         lse, is_original, batch["input_mask"].astype(jnp.float32))[0]
 
   g1, g2 = jax.grad(pass1)(params), jax.grad(pass2)(params)
@@ -205,7 +183,7 @@ def test_script_gradients_flow_through_both_passes_and_not_through_the_sample():
 def test_critic_on_masked_positions_only_equals_the_full_pass_weighted_there():
   """disc_positions="masked" runs the head at P positions; the loss is the full pass's there."""
   config = load_config("tiny", **{"script.disc_positions": "masked"})
-  batch = _random_batch(config, 4, seed=8)
+  batch = random_batch(config, 4, seed=8)
   model, params = _init(config, batch)
   rng = jax.random.key(3)
   loss, metrics = objectives.script_objective(params, batch, rng, model=model, config=config)
@@ -228,7 +206,7 @@ def test_critic_on_masked_positions_only_equals_the_full_pass_weighted_there():
   want_disc = (nll * weights).sum() / weights.sum()
   want_mlm = float(objectives.mlm_loss(logits, batch["masked_ids"], batch["masked_weights"])[0])
   np.testing.assert_allclose(float(metrics["disc_loss"]), want_disc, rtol=1e-5)
-  np.testing.assert_allclose(float(loss), want_mlm + config.script.alpha * want_disc, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), want_mlm + config.disc_weight * want_disc, rtol=1e-5)
   # Some sampled tokens equal the original in a tiny random model's draws, or none; either way
   # the share is over the masked positions only, well below the all-positions share.
   assert float(metrics["disc_original_share"]) < 0.5
@@ -278,7 +256,7 @@ def test_electra_generator_sizes():
 
 @pytest.mark.parametrize("objective", ["script", "electra", "mlm"])
 def test_bfloat16_compute_keeps_float32_params_and_close_loss(objective):
-  batch = _random_batch(load_config("tiny"), 2, seed=6)
+  batch = random_batch(load_config("tiny"), 2, seed=6)
   losses, grads = {}, {}
   for dtype in ("float32", "bfloat16"):
     config = load_config("tiny", objective=objective, **{"model.dtype": dtype})
@@ -318,7 +296,7 @@ def test_vocabulary_padding_changes_nothing_but_the_shapes(objective):
                                                       "model.vocab_pad_multiple": 1})
   padded = load_config("tiny", objective=objective, **{"model.vocab_size": 500,
                                                        "model.vocab_pad_multiple": 128})
-  batch = _random_batch(plain, 4, seed=9)
+  batch = random_batch(plain, 4, seed=9)
   model_plain, params_plain = _init(plain, batch)
   model_padded, params_padded = _init(padded, batch)
   assert params_padded["embeddings"]["word_embeddings"]["embedding"].shape[0] == 512

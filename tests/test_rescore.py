@@ -9,8 +9,8 @@ import jiwer
 import numpy as np
 import pytest
 
-from script_jax import rescore
-from script_jax.scoring import ScoringError
+from script_jax.scoring import rescore
+from script_jax.scoring.pll_scorer import ScoringError
 
 
 def _levenshtein(a, b):

@@ -1,10 +1,10 @@
-"""`python -m script_jax.rescore` end to end on a small workdir with plain and gzipped n-best
+"""`python -m script_jax.scoring.rescore` end to end on a small workdir with plain and gzipped n-best
 files, and its errors as a user sees them."""
 
 import gzip
 import json
 
-from test_scoring_cli import run_cli, shared_workdir
+from conftest import run_module, shared_workdir
 
 REFS = ["the function returns a new list", "a class definition is an executable statement",
         "the loop ends when the list is empty"]
@@ -30,7 +30,7 @@ def test_rescore_cli_on_plain_and_gz_nbest_files(tmp_path_factory, tmp_path):
   test = tmp_path / "test-clean.am.json.gz"
   test.write_bytes(gzip.compress(json.dumps(_nbest(REFS[::-1], 1)).encode()))
   report_path = tmp_path / "report.json"
-  result = run_cli("rescore", [f"--workdir={workdir}", f"--dev={dev}", f"--test={test}",
+  result = run_module("scoring.rescore", [f"--workdir={workdir}", f"--dev={dev}", f"--test={test}",
                                "--method=mlm", "--lambdas=0:1:0.5", "--length_penalty=gnmt",
                                f"--output_json={report_path}", "--batch_size=16"])
   assert result.returncode == 0, result.stderr.decode()[-3000:]
@@ -51,7 +51,7 @@ def test_rescore_cli_on_plain_and_gz_nbest_files(tmp_path_factory, tmp_path):
 def test_rescore_cli_bad_file_is_one_line_and_status_2(tmp_path):
   dev = tmp_path / "dev.json"
   dev.write_text('{"u1": {"ref": "a b", "hyp_1": {"score": -1.0}}}')
-  result = run_cli("rescore", [f"--workdir={tmp_path}", f"--dev={dev}"])
+  result = run_module("scoring.rescore", [f"--workdir={tmp_path}", f"--dev={dev}"])
   assert result.returncode == 2
   stderr = result.stderr.decode()
   assert "Traceback" not in stderr

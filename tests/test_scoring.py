@@ -10,7 +10,7 @@ import pytest
 from conftest import load_config
 
 from script_jax import models
-from script_jax import scoring
+from script_jax.scoring import pll_scorer
 
 SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 
@@ -84,7 +84,7 @@ def _np_logsumexp(x, axis=-1):
 
 # ----------------------------------------------------------------------------- the critic
 
-@pytest.mark.parametrize("chunk", [0, scoring.DEFAULT_LOGSUMEXP_CHUNK, 48])
+@pytest.mark.parametrize("chunk", [0, pll_scorer.DEFAULT_LOGSUMEXP_CHUNK, 48])
 def test_critic_pll_matches_float64_numpy(chunk):
   # SCRIPT and MLM checkpoints share MaskedLM and its parameter tree: one test covers both.
   _, model, params = _tiny("script")
@@ -97,7 +97,7 @@ def test_critic_pll_matches_float64_numpy(chunk):
   want = (log_p_pos * score_mask).sum(axis=1)
   assert np.ptp(log_p_pos[score_mask]) > 1.0  # p(t+) spread over (0, 1): a real test
 
-  got = scoring.critic_pll(params, ids, input_mask, score_mask, model=model,
+  got = pll_scorer.critic_pll(params, ids, input_mask, score_mask, model=model,
                            logsumexp_chunk=chunk)
   np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=1e-4)
 
@@ -108,7 +108,7 @@ def test_electra_critic_pll_is_the_discriminators_log_sigmoid():
   logit = np.asarray(_apply(params, ids, input_mask, model=model, method="discriminate"),
                      np.float64)
   want = (_np_log_sigmoid(logit) * score_mask).sum(axis=1)
-  got = scoring.critic_pll(params, ids, input_mask, score_mask, model=model)
+  got = pll_scorer.critic_pll(params, ids, input_mask, score_mask, model=model)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
@@ -138,7 +138,7 @@ def test_mlm_pll_equals_the_naive_loop(objective):
   _, model, params = _tiny(objective)
   sentences = _random_sentences([4, 11, 1, 4], seed=3)  # two lengths: two compilations
   want = [_naive_mlm_pll(model, params, s) for s in sentences]
-  scorer = scoring.Scorer(model, params, special_ids=SPECIAL, max_len=32, method="mlm",
+  scorer = pll_scorer.Scorer(model, params, special_ids=SPECIAL, max_len=32, method="mlm",
                           batch_size=4)
   pll, num_tokens = scorer.score_ids(sentences)
   np.testing.assert_allclose(pll, want, rtol=1e-5, atol=1e-4)
@@ -147,7 +147,7 @@ def test_mlm_pll_equals_the_naive_loop(objective):
 
 def test_masked_copies_equal_a_loop():
   ids, _, score_mask = _packed(_random_sentences([2, 5, 3]), 8)
-  copies, rows, positions, targets = scoring.masked_copies(ids, score_mask, mask_id=4)
+  copies, rows, positions, targets = pll_scorer.masked_copies(ids, score_mask, mask_id=4)
   want = []
   for b in range(len(ids)):
     for t in range(ids.shape[1]):
@@ -169,7 +169,7 @@ def test_batching_and_buckets_equal_one_at_a_time_in_input_order(method):
   _, model, params = _tiny("script")
   lengths = [7, 0, 25, 2, 30, 13, 3, 0, 14, 9, 1, 10, 11, 12, 6]  # buckets 8, 16 and 32
   sentences = _random_sentences(lengths, seed=4)
-  batched = scoring.Scorer(model, params, special_ids=SPECIAL, max_len=32, method=method,
+  batched = pll_scorer.Scorer(model, params, special_ids=SPECIAL, max_len=32, method=method,
                            batch_size=4)
   pll, num_tokens = batched.score_ids(sentences)
   # One sentence per call (and padding rows beside it): the same shapes, no new compilation.
@@ -187,8 +187,8 @@ def test_batching_and_buckets_equal_one_at_a_time_in_input_order(method):
 def test_chunks_of_the_input_give_the_same_scores():
   _, model, params = _tiny("script")
   sentences = _random_sentences([5, 9, 3, 12, 7], seed=5)
-  whole = scoring.Scorer(model, params, special_ids=SPECIAL, max_len=32, batch_size=4)
-  chunked = scoring.Scorer(model, params, special_ids=SPECIAL, max_len=32, batch_size=4,
+  whole = pll_scorer.Scorer(model, params, special_ids=SPECIAL, max_len=32, batch_size=4)
+  chunked = pll_scorer.Scorer(model, params, special_ids=SPECIAL, max_len=32, batch_size=4,
                            chunk_sentences=2)
   done = []
   np.testing.assert_allclose(chunked.score_ids(sentences, progress=done.append)[0],
@@ -205,7 +205,7 @@ class _CharTokenizer:
 
 def test_score_texts_tokenizes_and_scores_empty_lines_as_empty():
   _, model, params = _tiny("script")
-  scorer = scoring.Scorer(model, params, special_ids=SPECIAL, max_len=32,
+  scorer = pll_scorer.Scorer(model, params, special_ids=SPECIAL, max_len=32,
                           tokenizer=_CharTokenizer(), batch_size=4)
   texts = ["hello world", "", "   ", "scoring"]
   done = []
@@ -218,20 +218,20 @@ def test_score_texts_tokenizes_and_scores_empty_lines_as_empty():
 
 
 def test_bucket_lengths():
-  assert scoring.bucket_lengths(64) == [8, 16, 32, 64]
-  assert scoring.bucket_lengths(100) == [8, 16, 32, 64, 100]
-  assert scoring.bucket_lengths(8) == [8]
-  assert scoring.bucket_lengths(5) == [5]
+  assert pll_scorer.bucket_lengths(64) == [8, 16, 32, 64]
+  assert pll_scorer.bucket_lengths(100) == [8, 16, 32, 64, 100]
+  assert pll_scorer.bucket_lengths(8) == [8]
+  assert pll_scorer.bucket_lengths(5) == [5]
 
 
 # ----------------------------------------------------------------------------- long sentences
 
 def test_too_long_is_an_error_naming_the_sentence():
   _, model, params = _tiny("script")
-  scorer = scoring.Scorer(model, params, special_ids=SPECIAL, max_len=16, batch_size=4)
+  scorer = pll_scorer.Scorer(model, params, special_ids=SPECIAL, max_len=16, batch_size=4)
   ok = _random_sentences([14])[0]  # exactly max_len with [CLS] and [SEP]
   assert scorer.score_ids([ok])[1][0] == 14
-  with pytest.raises(scoring.ScoringError, match=r"line 7 has 15 tokens .*--long=truncate"):
+  with pytest.raises(pll_scorer.ScoringError, match=r"line 7 has 15 tokens .*--long=truncate"):
     scorer.score_ids([ok, ok + [9]], describe=lambda i: f"line {i + 6}")
 
 
@@ -240,8 +240,8 @@ def test_truncate_scores_the_first_tokens():
   long_sentence = _random_sentences([40], seed=6)[0]
   for method in ("critic", "mlm"):
     kwargs = dict(special_ids=SPECIAL, max_len=16, method=method, batch_size=4)
-    truncated = scoring.Scorer(model, params, long="truncate", **kwargs)
-    plain = scoring.Scorer(model, params, **kwargs)
+    truncated = pll_scorer.Scorer(model, params, long="truncate", **kwargs)
+    plain = pll_scorer.Scorer(model, params, **kwargs)
     pll, num_tokens = truncated.score_ids([long_sentence])
     assert num_tokens[0] == 14
     np.testing.assert_allclose(pll, plain.score_ids([long_sentence[:14]])[0], rtol=1e-6)
@@ -249,7 +249,7 @@ def test_truncate_scores_the_first_tokens():
 
 @pytest.mark.parametrize("n,window", [(10, 4), (40, 14), (15, 14), (14, 14), (101, 30), (5, 1)])
 def test_windows_score_every_token_once(n, window):
-  spans = scoring.window_spans(n, window)
+  spans = pll_scorer.window_spans(n, window)
   scored = np.concatenate([s for _, _, s in spans])
   np.testing.assert_array_equal(np.sort(scored), np.arange(n))
   for start, end, s in spans:
@@ -260,13 +260,13 @@ def test_windows_score_every_token_once(n, window):
 def test_window_pll_is_the_sum_over_windows():
   _, model, params = _tiny("script")
   sentence = _random_sentences([33], seed=7)[0]
-  scorer = scoring.Scorer(model, params, special_ids=SPECIAL, max_len=16, long="window",
+  scorer = pll_scorer.Scorer(model, params, special_ids=SPECIAL, max_len=16, long="window",
                           batch_size=4)
   pll, num_tokens = scorer.score_ids([sentence])
   assert num_tokens[0] == 33
   want = 0.0
-  token_log_probs = jax.jit(functools.partial(scoring.critic_token_log_probs, model=model))
-  for start, end, scored in scoring.window_spans(33, 14):
+  token_log_probs = jax.jit(functools.partial(pll_scorer.critic_token_log_probs, model=model))
+  for start, end, scored in pll_scorer.window_spans(33, 14):
     ids, input_mask, _ = _packed([sentence[start:end]], 16)
     log_p = np.asarray(token_log_probs(params, ids, input_mask))
     want += log_p[0, scored - start + 1].sum()
@@ -275,21 +275,21 @@ def test_window_pll_is_the_sum_over_windows():
 
 def test_bad_scorer_arguments_are_clear_errors():
   _, model, params = _tiny("script")
-  with pytest.raises(scoring.ScoringError, match="Unknown scoring method 'ppl'"):
-    scoring.Scorer(model, params, special_ids=SPECIAL, max_len=16, method="ppl")
-  with pytest.raises(scoring.ScoringError, match="long-sentence policy"):
-    scoring.Scorer(model, params, special_ids=SPECIAL, max_len=16, long="drop")
-  with pytest.raises(scoring.ScoringError, match="no tokenizer"):
-    scoring.Scorer(model, params, special_ids=SPECIAL, max_len=16).score(["a b"])
+  with pytest.raises(pll_scorer.ScoringError, match="Unknown scoring method 'ppl'"):
+    pll_scorer.Scorer(model, params, special_ids=SPECIAL, max_len=16, method="ppl")
+  with pytest.raises(pll_scorer.ScoringError, match="long-sentence policy"):
+    pll_scorer.Scorer(model, params, special_ids=SPECIAL, max_len=16, long="drop")
+  with pytest.raises(pll_scorer.ScoringError, match="no tokenizer"):
+    pll_scorer.Scorer(model, params, special_ids=SPECIAL, max_len=16).score(["a b"])
 
 
 def test_benchmark_runs_both_methods_on_the_same_sentences():
-  from script_jax import benchmark_scoring  # pylint: disable=g-import-not-at-top
+  from script_jax.bench import scoring_speed  # pylint: disable=g-import-not-at-top
   _, model, params = _tiny("script")
-  result = benchmark_scoring.benchmark(model, params, SPECIAL, max_len=32, vocab_size=2048,
+  result = scoring_speed.benchmark(model, params, SPECIAL, max_len=32, vocab_size=2048,
                                        num_sentences=6, num_tokens=20, batch_size=4)
   assert result["critic"]["sentences_per_sec"] > 0 and result["mlm"]["sentences_per_sec"] > 0
   assert result["speedup"] == pytest.approx(result["critic"]["sentences_per_sec"] /
                                             result["mlm"]["sentences_per_sec"])
   assert 16 <= result["setup"]["mean_tokens"] <= 24
-  assert "critic / MLM" in benchmark_scoring.format_table(result)
+  assert "critic / MLM" in scoring_speed.format_table(result)

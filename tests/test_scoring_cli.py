@@ -1,63 +1,18 @@
-"""`python -m script_jax.score` end to end on a workdir made by `python -m script_jax.main`: its
+"""`python -m script_jax.scoring.score` end to end on a workdir made by `python -m script_jax.main`: its
 checkpoint, its SentencePiece tokenizer and the prepared-data metadata the scorer reads."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_main
+from conftest import run_module, shared_workdir
 
-from script_jax import score
-from script_jax import scoring
+from script_jax.scoring import score
+from script_jax.scoring import pll_scorer
 
 SENTENCES = ["The function returns a new list of the items.", "",
              "A class definition is an executable statement.", "   ",
              "Caf\u00e9 names are fine too.", "the"]
-
-
-def _training_lines(count=400):
-  from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
-  lines = [l.strip() for t in topics.values() for l in t.splitlines() if len(l.split()) > 4]
-  return lines[:count]
-
-
-def make_workdir(root, objective="script"):
-  """A pretraining workdir made by the real entry point: one step of a one-layer tiny model on
-  400 lines of text, with a 512-piece SentencePiece tokenizer (random-ish weights)."""
-  root = str(root)
-  source = os.path.join(root, "corpus.txt")
-  with open(source, "w") as f:
-    f.write("\n".join(_training_lines()) + "\n")
-  workdir = os.path.join(root, f"workdir_{objective}")
-  result = run_main([
-      "--config=configs/tiny.py", f"--workdir={workdir}", f"--config.objective={objective}",
-      f"--config.data.source={source}", "--config.model.vocab_size=512",
-      "--config.data.num_shards=1", "--config.model.num_layers=1",
-      "--config.electra.generator_num_layers=1", "--config.seq_len=32",
-      "--config.batch_size=8", "--config.num_train_steps=1", "--config.optim.warmup_steps=0",
-      "--config.checkpoint_every_steps=1"])
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
-
-
-def run_cli(module, args, stdin=None, timeout=300):
-  """`python -m script_jax.<module> ARGS` as a user runs it, on the one real CPU device."""
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", f"script_jax.{module}", *args], cwd=ROOT,
-                        input=stdin, capture_output=True, timeout=timeout, env=env)
-
-
-_SHARED = {}
-
-
-def shared_workdir(tmp_path_factory):
-  """One workdir per session for this module and test_rescore_cli.py (building it compiles
-  an init); a module-level cache, since a fixture imported elsewhere is a second fixture."""
-  if "workdir" not in _SHARED:
-    _SHARED["workdir"] = make_workdir(tmp_path_factory.mktemp("score"))
-  return _SHARED["workdir"]
 
 
 @pytest.fixture
@@ -77,7 +32,7 @@ def _parse(text):
 
 def test_score_cli_writes_one_line_per_input_line(workdir):
   stdin = ("\n".join(SENTENCES) + "\n").encode()
-  result = run_cli("score", [f"--workdir={workdir}", "--input=-", "--batch_size=4"], stdin=stdin)
+  result = run_module("scoring.score", [f"--workdir={workdir}", "--input=-", "--batch_size=4"], stdin=stdin)
   assert result.returncode == 0, result.stderr.decode()[-3000:]
   assert b"sentences/s" in result.stderr
   rows = _parse(result.stdout.decode("utf-8"))
@@ -86,7 +41,7 @@ def test_score_cli_writes_one_line_per_input_line(workdir):
   assert all(p < 0 and n > 0 for i, (p, n, _) in enumerate(rows) if i not in (1, 3))
 
   # The same numbers as the library on the same checkpoint.
-  scorer = scoring.Scorer.from_workdir(workdir, batch_size=4)
+  scorer = pll_scorer.Scorer.from_workdir(workdir, batch_size=4)
   pll, num_tokens = scorer.score(SENTENCES)
   np.testing.assert_allclose([p for p, _, _ in rows], pll, atol=2e-6)
   assert [n for _, n, _ in rows] == list(num_tokens)
@@ -104,7 +59,7 @@ def test_score_run_writes_an_output_file(workdir, tmp_path):
 
 def test_score_in_process_from_stdin_like_stream_with_mlm(workdir, tmp_path):
   import io  # pylint: disable=g-import-not-at-top
-  scorer = scoring.Scorer.from_workdir(workdir, method="mlm", batch_size=16)
+  scorer = pll_scorer.Scorer.from_workdir(workdir, method="mlm", batch_size=16)
   out = io.StringIO()
   lines = score.read_lines(io.BytesIO("\n".join(SENTENCES).encode()), "<stdin>")
   assert score.score_lines(scorer, lines, out, chunk_lines=4) == len(SENTENCES)
@@ -118,7 +73,7 @@ def test_score_in_process_from_stdin_like_stream_with_mlm(workdir, tmp_path):
 def test_score_cli_errors_are_one_line_and_status_2(workdir, tmp_path):
   bad = tmp_path / "bad.txt"
   bad.write_bytes(b"fine line\nbad \xff byte\n")
-  result = run_cli("score", [f"--workdir={tmp_path / 'nope'}", f"--input={bad}"])
+  result = run_module("scoring.score", [f"--workdir={tmp_path / 'nope'}", f"--input={bad}"])
   assert result.returncode == 2
   stderr = result.stderr.decode()
   assert "Traceback" not in stderr and "bad.txt: line 2 is not valid UTF-8" in stderr
@@ -126,11 +81,11 @@ def test_score_cli_errors_are_one_line_and_status_2(workdir, tmp_path):
 
 
 def test_score_run_checks_inputs(workdir, tmp_path):
-  with pytest.raises(scoring.ScoringError, match="input file .* does not exist"):
+  with pytest.raises(pll_scorer.ScoringError, match="input file .* does not exist"):
     score.run(workdir, str(tmp_path / "missing.txt"))
   good = tmp_path / "good.txt"
   good.write_text("a line\n")
-  with pytest.raises(scoring.ScoringError, match="workdir .* does not exist"):
+  with pytest.raises(pll_scorer.ScoringError, match="workdir .* does not exist"):
     score.run(str(tmp_path / "no_workdir"), str(good))
   empty_workdir = tmp_path / "empty"
   empty_workdir.mkdir()
@@ -142,7 +97,7 @@ def test_score_run_replace_and_long_lines(workdir, tmp_path):
   path = tmp_path / "in.txt"
   long_line = " ".join(["the function returns a list"] * 20)
   path.write_bytes(b"ok \xff here\n" + long_line.encode() + b"\n")
-  with pytest.raises(scoring.ScoringError, match=r"line 2 has \d+ tokens"):
+  with pytest.raises(pll_scorer.ScoringError, match=r"line 2 has \d+ tokens"):
     score.run(workdir, str(path), str(tmp_path / "o.tsv"), errors="replace")
   assert not (tmp_path / "o.tsv").exists()  # nothing half-written
   score.run(workdir, str(path), str(tmp_path / "o.tsv"), errors="replace", long="window")

@@ -3,24 +3,12 @@
 import jax
 import numpy as np
 import pytest
-from conftest import load_config
-from test_objectives import _random_batch
+from conftest import load_config, random_batch, run_steps
 
 from script_jax import models
+from script_jax import state as state_lib
+from script_jax import config_lib
 from script_jax import train
-
-
-def _run_steps(config, devices, batch_list):
-  mesh = train.create_mesh(config, devices=devices)
-  model = models.build_model(config)
-  state, sharding = train.init_state(config, model, mesh)
-  step = train.make_train_step(config, model, sharding, mesh)
-  losses = []
-  for b in batch_list:
-    state, metrics = step(state, train.to_global_batch({k: np.asarray(v) for k, v in b.items()},
-                                                       mesh))
-    losses.append(float(metrics["loss"]))
-  return jax.device_get(state.params), losses
 
 
 @pytest.mark.parametrize("objective", ["script", "electra", "mlm"])
@@ -28,9 +16,9 @@ def test_sharded_step_on_8_devices_equals_1_device(objective):
   assert jax.device_count() == 8
   config = load_config("tiny", objective=objective, batch_size=8,
                        **{"optim.warmup_steps": 1})
-  batches = [_random_batch(config, 8, seed=s) for s in (10, 11)]
-  params8, losses8 = _run_steps(config, jax.devices(), batches)
-  params1, losses1 = _run_steps(config, jax.devices()[:1], batches)
+  batches = [random_batch(config, 8, seed=s) for s in (10, 11)]
+  params8, losses8 = run_steps(config, jax.devices(), batches)
+  params1, losses1 = run_steps(config, jax.devices()[:1], batches)
   np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(params8), jax.tree.leaves(params1)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -40,12 +28,12 @@ def test_sharded_step_on_8_devices_equals_1_device(objective):
 def test_rbg_step_randomness_is_sharded_step_indexed_and_its_own_stream():
   """rng_impl=rbg: a real sharded step, the same numbers for the same step, not threefry's."""
   config = load_config("tiny", batch_size=8, **{"optim.warmup_steps": 1})
-  batch = _random_batch(config, 8, seed=12)
-  _, losses_rbg = _run_steps(load_config("tiny", batch_size=8, rng_impl="rbg",
+  batch = random_batch(config, 8, seed=12)
+  _, losses_rbg = run_steps(load_config("tiny", batch_size=8, rng_impl="rbg",
                                          **{"optim.warmup_steps": 1}), jax.devices(), [batch])
-  _, again = _run_steps(load_config("tiny", batch_size=8, rng_impl="rbg",
+  _, again = run_steps(load_config("tiny", batch_size=8, rng_impl="rbg",
                                     **{"optim.warmup_steps": 1}), jax.devices(), [batch])
-  _, losses_fry = _run_steps(config, jax.devices(), [batch])
+  _, losses_fry = run_steps(config, jax.devices(), [batch])
   assert np.isfinite(losses_rbg[0]) and losses_rbg == again
   assert losses_rbg[0] != losses_fry[0]
 
@@ -64,8 +52,8 @@ def test_dropout_keeps_its_rate_under_each_rng_impl(rng_impl):
 def test_weight_decay_skips_layernorm_and_biases():
   config = load_config("tiny")
   model = models.build_model(config)
-  state, _ = train.init_state(config, model, train.create_mesh(config))
-  mask = train.weight_decay_mask(state.params)
+  state, _ = state_lib.init_state(config, model, train.create_mesh(config))
+  mask = state_lib.weight_decay_mask(state.params)
   flat = {"/".join(k): v for k, v in
           __import__("flax").traverse_util.flatten_dict(mask).items()}
   assert flat["encoder/layer_0/intermediate/kernel"]
@@ -78,7 +66,7 @@ def test_weight_decay_skips_layernorm_and_biases():
 def test_learning_rate_warms_up_then_decays_to_zero():
   config = load_config("tiny", num_train_steps=100, **{"optim.warmup_steps": 10,
                                                        "optim.learning_rate": 1.0})
-  schedule = train.learning_rate_schedule(config)
+  schedule = state_lib.learning_rate_schedule(config)
   np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(55), schedule(100)],
                              [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
 
@@ -89,13 +77,15 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     ({"model.num_heads": 3}, "not divisible by model.num_heads"),
     ({"seq_len": 512}, "exceeds model.max_position_embeddings"),
     ({"mesh.model": 3}, "does not cover the 8 devices"),
+    ({"mesh.model": 2}, "mesh.model=2: model parallelism is not implemented"),
+    ({"script.disc_positions": "some"}, "script.disc_positions must be one of all, masked"),
     ({"sampler": "topk"}, "sampler must be one of gumbel, inverse_cdf"),
     ({"rng_impl": "philox"}, "rng_impl must be one of threefry2x32, rbg, unsafe_rbg"),
 ])
 def test_inconsistent_configs_are_clear_errors(override, message):
   config = load_config("tiny", **override)
-  with pytest.raises(train.ConfigError, match=message):
-    train.validate_config(config)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate_config(config)
 
 
 def test_encoder_params_have_one_layout_whatever_the_objective():
@@ -104,7 +94,7 @@ def test_encoder_params_have_one_layout_whatever_the_objective():
   for objective in ("script", "electra", "mlm"):
     config = load_config("tiny", objective=objective)
     model = models.build_model(config)
-    abstract = jax.eval_shape(lambda m=model, c=config: train.create_train_state(
+    abstract = jax.eval_shape(lambda m=model, c=config: state_lib.create_train_state(
         c, m, jax.random.key(0)).params)
     trees[objective] = jax.tree.map(lambda x: x.shape,
                                     checkpoints.encoder_params(config, abstract))
@@ -118,12 +108,12 @@ def test_scanned_layers_give_the_unrolled_loss_and_gradients(objective):
   plain = load_config("tiny", objective=objective, batch_size=4)
   scanned = load_config("tiny", objective=objective, batch_size=4,
                         **{"model.scan_layers": True, "model.remat": True})
-  batch = {k: jax.numpy.asarray(v) for k, v in _random_batch(plain, 4, seed=3).items()}
+  batch = {k: jax.numpy.asarray(v) for k, v in random_batch(plain, 4, seed=3).items()}
   rng = jax.random.key(7)
   results = {}
   for name, config in (("plain", plain), ("scanned", scanned)):
     model = models.build_model(config)
-    params = jax.jit(lambda m=model, c=config: train.create_train_state(
+    params = jax.jit(lambda m=model, c=config: state_lib.create_train_state(
         c, m, jax.random.key(0)).params)()
     if name == "scanned":
       # The scanned init draws its own numbers: start both from the plain parameters.
@@ -146,7 +136,7 @@ def test_scanned_layers_give_the_unrolled_loss_and_gradients(objective):
 def test_layer_layouts_convert_both_ways():
   config = load_config("tiny")
   model = models.build_model(config)
-  params = jax.device_get(jax.jit(lambda: train.create_train_state(
+  params = jax.device_get(jax.jit(lambda: state_lib.create_train_state(
       config, model, jax.random.key(0)).params)())
   stacked = models.stack_layers(params)
   assert "layer_0" not in stacked["encoder"]
@@ -171,9 +161,9 @@ def test_fused_qkv_has_the_same_parameters_loss_and_gradients(objective):
     config = load_config("tiny", objective=objective, batch_size=4,
                          **{"model.fused_qkv": fused})
     batch = batch or {k: jax.numpy.asarray(v)
-                      for k, v in _random_batch(config, 4, seed=5).items()}
+                      for k, v in random_batch(config, 4, seed=5).items()}
     model = models.build_model(config)
-    params = jax.jit(lambda m=model, c=config: train.create_train_state(
+    params = jax.jit(lambda m=model, c=config: state_lib.create_train_state(
         c, m, jax.random.key(0)).params)()
     loss_fn = lambda p, c=config, m=model: objectives.get_objective(objective)(
         p, batch, jax.random.key(9), model=m, config=c)

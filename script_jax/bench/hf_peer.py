@@ -1,7 +1,7 @@
 """Our ELECTRA and MLM train steps beside HuggingFace transformers' (PyTorch, CPU), equal shapes.
 
   pip install torch==2.13.0 && pip install transformers   # benchmark-only, never runtime deps
-  python benchmarks/hf_peer.py --config=configs/small.py --batch_size=8 --output=hf_peer.json
+  python -m script_jax.bench.hf_peer --config=configs/small.py --batch_size=8 --output=hf_peer.json
 
 Both sides run one full training step on the same batch (configs/small.py sizes by default:
 vocab 30522, E 128, H 256, 12 layers, 4 heads, FFN 1024; generator H 64, 1 head, FFN 256):
@@ -37,18 +37,16 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from script_jax import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
-from script_jax import flops  # pylint: disable=g-import-not-at-top,wrong-import-position
+from script_jax.bench import step_speed
+from script_jax.bench import flops
+from script_jax.data import synthetic
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
   """The command-line flags (defined only when run as a program, so importing stays free)."""
-  config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs", "small.py"),
+  config_flags.DEFINE_config_file("config", "configs/small.py",
                                   "Path to a config file (configs/*.py).", lock_config=True)
   flags.DEFINE_list("objectives", ["electra", "mlm"], "Objectives to compare (electra, mlm).")
   flags.DEFINE_integer("batch_size", 8, "Batch size (both sides).")
@@ -151,11 +149,11 @@ def hf_loss(model, batch, objective: str, config, full_logits: bool = False):
   mask = batch["input_mask"].float()
   disc_nll = F.binary_cross_entropy_with_logits(disc_logits, is_original, reduction="none")
   disc_loss = (disc_nll * mask).sum() / mask.sum()
-  return gen_loss + config.electra.disc_weight * disc_loss
+  return gen_loss + config.disc_weight * disc_loss
 
 
 def make_hf_optimizer(model, config, impl: str):
-  """AdamW with decay off biases and LayerNorm, linear warmup/decay: as train.make_optimizer."""
+  """AdamW with decay off biases and LayerNorm, linear warmup/decay: as state_lib.make_optimizer."""
   import torch  # pylint: disable=g-import-not-at-top
   o = config.optim
   decay, no_decay = [], []
@@ -202,14 +200,14 @@ def time_hf(config, objective: str, np_batch, *, steps: int, warmup: int, repeat
     raise FloatingPointError(f"{label} loss is {loss} after warm-up")
   windows, others = [], []
   for _ in range(repeats):
-    share = benchmark.CpuShare()
+    share = step_speed.CpuShare()
     start = time.perf_counter()
     for _ in range(steps):
       step()
     windows.append(time.perf_counter() - start)
     others.append(share.others())
     log(f"{label} {steps} steps in {windows[-1]:.3f} s ({steps / windows[-1]:.3f} steps/s; "
-        f"other processes used {benchmark.percent(others[-1])}% of the CPUs)")
+        f"other processes used {step_speed.percent(others[-1])}% of the CPUs)")
   attn = getattr(getattr(model, "config", None) or model.discriminator.config,
                  "_attn_implementation", None)
   best = min(range(len(windows)), key=windows.__getitem__)
@@ -224,7 +222,7 @@ def time_hf(config, objective: str, np_batch, *, steps: int, warmup: int, repeat
 def run_peer(config, objectives, *, batch_size: int, steps: int, warmup: int, repeats: int,
              threads: int | None = None, adamw: str = "fused", hf_stock: bool = False,
              skip_ours: bool = False, log=print) -> dict[str, Any]:
-  """Ours (script_jax.benchmark) and HF's step for each objective, in this one process."""
+  """Ours (script_jax.bench.step_speed) and HF's step for each objective, in this one process."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   threads = threads or os.cpu_count()
@@ -234,7 +232,7 @@ def run_peer(config, objectives, *, batch_size: int, steps: int, warmup: int, re
   config.model.vocab_pad_multiple = 1
   report_env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
                 "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-  report = benchmark.environment()
+  report = step_speed.environment()
   report["versions"].update(torch=torch.__version__, transformers=transformers.__version__)
   report["settings"] = {"objectives": list(objectives), "batch_size": batch_size,
                         "seq_len": config.seq_len,
@@ -246,11 +244,11 @@ def run_peer(config, objectives, *, batch_size: int, steps: int, warmup: int, re
   for objective in objectives:
     if objective not in ("electra", "mlm"):
       raise ValueError(f"hf_peer compares electra and mlm, not {objective!r}")
-    cfg = benchmark.with_settings(config, objective, batch_size)
-    np_batch = benchmark.random_batch(cfg, batch_size)
+    cfg = step_speed.with_settings(config, objective, batch_size)
+    np_batch = synthetic.random_masked_batch(cfg, batch_size)
     entry = {"model_flops_per_step": flops.train_step_flops(cfg)["total"]}
     if not skip_ours:
-      entry["ours"] = benchmark.benchmark_objective(cfg, objective, steps=steps, warmup=warmup,
+      entry["ours"] = step_speed.benchmark_objective(cfg, objective, steps=steps, warmup=warmup,
                                                     repeats=repeats, log=log)
     entry["hf"] = time_hf(cfg, objective, np_batch, steps=steps, warmup=warmup,
                           repeats=repeats, adamw=adamw, log=log)
@@ -279,7 +277,7 @@ def format_table(report) -> str:
                 if side != "hf_stock" else math.nan)  # stock does more than the model FLOPs
       lines.append(f"{objective:<9} {side:<10} {r['num_params']:>11,} {r['steps_per_sec']:>8.3f} "
                    f"{gflops:>8.1f} {ratio:>7.2f} "
-                   f"{benchmark.percent(r['others_cpu_share_best_window']):>8}")
+                   f"{step_speed.percent(r['others_cpu_share_best_window']):>8}")
   s = report["settings"]
   lines.append("others %: CPU share other processes used during the reported window")
   lines.append(f"batch {s['batch_size']} x {s['seq_len']}, P={s['max_predictions_per_seq']}, "
@@ -299,7 +297,7 @@ def main(argv):
                     steps=FLAGS.steps, warmup=FLAGS.warmup, repeats=FLAGS.repeats,
                     threads=FLAGS.threads, adamw=FLAGS.adamw, hf_stock=FLAGS.hf_stock,
                     skip_ours=FLAGS.skip_ours)
-  report["command"] = " ".join(["python", "benchmarks/hf_peer.py", *sys.argv[1:]])
+  report["command"] = " ".join(["python", "script_jax/bench/hf_peer.py", *sys.argv[1:]])
   print(format_table(report), flush=True)
   if FLAGS.output:
     with open(FLAGS.output, "w") as f:

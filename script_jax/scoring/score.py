@@ -1,7 +1,7 @@
 """Scores sentences with a pretrained checkpoint: one output line per input line, in order.
 
-  python -m script_jax.score --workdir=/tmp/tiny_script --input=sentences.txt
-  cat sentences.txt | python -m script_jax.score --workdir=DIR --input=- --method=mlm
+  python -m script_jax.scoring.score --workdir=/tmp/tiny_script --input=sentences.txt
+  cat sentences.txt | python -m script_jax.scoring.score --workdir=DIR --input=- --method=mlm
 
 Each output line is `<pll>\\t<num_tokens>\\t<sentence>`: the pseudo-log-likelihood in nats (the
 critic's one-pass PLL of eq. 7, or the masked-LM PLL of Salazar et al. 2019 with --method=mlm),
@@ -20,6 +20,8 @@ from typing import IO, Iterator, Optional
 
 from absl import app
 from absl import flags
+
+from script_jax import cli_errors
 
 FLAGS = flags.FLAGS
 
@@ -55,7 +57,7 @@ def _decode(raw: bytes, line_number: int, source: str, errors: str) -> str:
   try:
     return raw.decode("utf-8", errors=errors)
   except UnicodeDecodeError as e:
-    from script_jax.scoring import ScoringError  # pylint: disable=g-import-not-at-top
+    from script_jax.scoring.pll_scorer import ScoringError  # pylint: disable=g-import-not-at-top
     raise ScoringError(
         f"{source}: line {line_number} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
         f"{e.start + 1}). Fix the file, or pass --errors=replace to score it with U+FFFD."
@@ -133,17 +135,17 @@ def run(workdir: str, input_path: str, output_path: str = "-", method: str = "cr
         batch_size: int = 64, long: str = "error", errors: str = "strict",
         step: Optional[int] = None, progress_every_secs: float = 10.0) -> int:
   """The CLI's work: load the checkpoint, score the input, write the output; returns lines."""
-  from script_jax import scoring  # pylint: disable=g-import-not-at-top
+  from script_jax.scoring import pll_scorer  # pylint: disable=g-import-not-at-top
   total = None
   if input_path != "-":
     if not os.path.isfile(input_path):
-      raise scoring.ScoringError(f"The input file {input_path} does not exist.")
+      raise pll_scorer.ScoringError(f"The input file {input_path} does not exist.")
     total = check_input_file(input_path, errors)
   if output_path != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(output_path))):
-    raise scoring.ScoringError(f"The folder of --output={output_path} does not exist.")
+    raise pll_scorer.ScoringError(f"The folder of --output={output_path} does not exist.")
   if not os.path.isdir(workdir):
-    raise scoring.ScoringError(f"The workdir {workdir} does not exist.")
-  scorer = scoring.Scorer.from_workdir(workdir, step=step, method=method, batch_size=batch_size,
+    raise pll_scorer.ScoringError(f"The workdir {workdir} does not exist.")
+  scorer = pll_scorer.Scorer.from_workdir(workdir, step=step, method=method, batch_size=batch_size,
                                        long=long)
   progress = Progress(total, progress_every_secs)
   in_stream = sys.stdin.buffer if input_path == "-" else open(input_path, "rb")
@@ -174,8 +176,7 @@ def run(workdir: str, input_path: str, output_path: str = "-", method: str = "cr
 
 
 def main(argv):
-  from script_jax import scoring  # pylint: disable=g-import-not-at-top
-  scoring.run_cli(argv, lambda: run(FLAGS.workdir, FLAGS.input, FLAGS.output, FLAGS.method,
+  cli_errors.run_cli(argv, lambda: run(FLAGS.workdir, FLAGS.input, FLAGS.output, FLAGS.method,
                                     FLAGS.batch_size, FLAGS.long, FLAGS.errors, FLAGS.step,
                                     FLAGS.progress_every_secs))
 

@@ -1,6 +1,6 @@
 """Variants of the train step, timed one after another in one process on the same device.
 
-  python benchmarks/variants.py --config=configs/small.py --batch_size=128 \
+  python -m script_jax.bench.variants --config=configs/small.py --batch_size=128 \
       --config.model.dtype=bfloat16 --output=/tmp/variants.json --budget_s=480
 
 Each variant is (objective, config overrides, XLA compiler options, steps per call); see
@@ -22,7 +22,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from script_jax import benchmark
+from script_jax.bench import step_speed
 from script_jax import train
 
 # (name, objective, config overrides, compiler options, steps per call), most telling first.
@@ -85,7 +85,7 @@ def format_rows(rows, peak_flops_per_sec: float) -> str:
       lines.append(f"{row['name']:<40} {row['steps_per_sec']:>9.2f} "
                    f"{100 * row['model_flops_per_sec'] / peak_flops_per_sec:>7.1f} "
                    f"{row['compile_s']:>9.1f} "
-                   f"{row['memory'].get('temp_size_in_bytes', 0) / benchmark.MIB:>9.0f}")
+                   f"{row['memory'].get('temp_size_in_bytes', 0) / step_speed.MIB:>9.0f}")
     else:
       lines.append(f"{row['name']:<40} {'-':>9} {'-':>7} {'-':>9} {'-':>9}  {row['note']}")
   rates = {row["name"]: row.get("steps_per_sec") for row in rows}
@@ -104,14 +104,14 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"Unknown variants {unknown}; choose from {names}")
   config = FLAGS.config
-  report = benchmark.environment()
+  report = step_speed.environment()
   mesh = train.create_mesh(config)
   report["settings"] = {"batch_size": FLAGS.batch_size or config.batch_size,
                         "seq_len": config.seq_len, "dtype": config.model.dtype,
                         "steps": FLAGS.steps, "warmup": FLAGS.warmup, "repeats": FLAGS.repeats}
   report["command"] = " ".join(["python", *sys.argv])
-  report["matmul_peak"] = benchmark.measure_matmul_peak(
-      mesh, *benchmark.peak_settings(mesh, FLAGS.peak_size), config.model.dtype)
+  report["matmul_peak"] = step_speed.measure_matmul_peak(
+      mesh, *step_speed.peak_settings(mesh, FLAGS.peak_size), config.model.dtype)
   _print(f"Matmul peak: {report['matmul_peak']['flops_per_sec'] / 1e12:.1f} TFLOP/s")
   rows, states = [], {}
   report["variants"] = rows
@@ -133,7 +133,7 @@ def main(argv):
     else:
       _print(f"=== {name} ({elapsed:.0f} s in)")
       try:
-        row.update(benchmark.benchmark_objective(
+        row.update(step_speed.benchmark_objective(
             with_overrides(config, overrides), objective, batch_size=FLAGS.batch_size,
             steps=math.ceil(FLAGS.steps / per_call) * per_call, warmup=FLAGS.warmup,
             repeats=FLAGS.repeats, mesh=mesh, compiler_options=options or None,

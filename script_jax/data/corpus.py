@@ -1,10 +1,10 @@
 """Pretraining text sources, read as streams of documents.
 
 A document is a list of lines: sentences or paragraphs of one article, in order. Packing
-(prepare_data.py) never lets a sequence span two documents, as in BERT's
+(prepare.py) never lets a sequence span two documents, as in BERT's
 create_pretraining_data.py and ELECTRA's build_pretraining_dataset.py.
 
-Sources (`config.data.source`, or `--source` of `python -m script_jax.prepare_data`):
+Sources (`config.data.source`, or `--source` of `python -m script_jax.data.prepare`):
 
   ""                      the embedded default: the Python standard library's
                           `pydoc_data.topics.topics` (79 topics of the language reference,
@@ -18,7 +18,7 @@ Sources (`config.data.source`, or `--source` of `python -m script_jax.prepare_da
                           such as `train[:1%]`.
 
 This module imports neither TensorFlow nor TFDS at the top: the tokenizer worker processes of
-prepare_data.py import it, and they should start in a second, not in the seconds TF takes.
+prepare.py import it, and they should start in a second, not in the seconds TF takes.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import os
 import re
 import tarfile
 from typing import Iterator, Optional
+
+from script_jax import cli_errors
 
 Document = list[str]
 
@@ -46,13 +48,13 @@ _SENTENCES_PER_PSEUDO_DOCUMENT = {"lm1b": 64}
 _UNDERLINE_RE = re.compile(r"^[\s*=\-^~#+]+$")
 
 
-class DataError(ValueError):
+class DataError(cli_errors.UserError):
   """Bad or missing pretraining data; the message says what to do about it."""
 
 
 @dataclasses.dataclass
 class ReadStats:
-  """Counts kept while a source is read; prepare_data.py reports them and writes them out."""
+  """Counts kept while a source is read; prepare.py reports them and writes them out."""
   documents: int = 0
   lines: int = 0
   skipped_lines: int = 0  # lines dropped because they were not valid UTF-8
@@ -318,7 +320,7 @@ https://skylion007.github.io/OpenWebTextCorpus/ : the file {OPENWEBTEXT_ARCHIVE}
 openwebtext/urlsf_subset*.xz archives, each a tar.xz of web pages as .txt files. Put
 {OPENWEBTEXT_ARCHIVE} (not unpacked) in the manual download folder: TFDS_DATA_DIR/downloads/manual/
 (by default ~/tensorflow_datasets/downloads/manual/), or pass --tfds_manual_dir=FOLDER to
-script_jax.prepare_data.
+script_jax.data.prepare.
 """
 
 

@@ -28,13 +28,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import sys
 from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from script_jax import cli_errors
 from script_jax import models
 from script_jax import objectives
 
@@ -47,7 +47,7 @@ MIN_BUCKET = 8
 DEFAULT_LOGSUMEXP_CHUNK = 256
 
 
-class ScoringError(ValueError):
+class ScoringError(cli_errors.UserError):
   """Bad scoring input (a sentence too long, a bad workdir or file); the message says why."""
 
 
@@ -211,13 +211,12 @@ class Scorer:
   def from_workdir(cls, workdir: str, step: Optional[int] = None, **kwargs) -> "Scorer":
     """A Scorer for a pretraining workdir: its latest (or given) checkpoint and its tokenizer."""
     from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
+    from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
     if not os.path.isdir(workdir):
       raise ScoringError(f"The workdir {workdir} does not exist.")
     config, model, params = checkpoints.load_pretrained(workdir, step)
-    tokenizer, special_ids = load_workdir_tokenizer(workdir, config)
+    tokenizer, special_ids = prepared.load_workdir_tokenizer(workdir, config)
     max_len = min(int(config.seq_len), int(config.model.max_position_embeddings))
-    kwargs.setdefault("logsumexp_chunk", int(config.model.get("logsumexp_chunk", 0) or 0)
-                      or DEFAULT_LOGSUMEXP_CHUNK)
     return cls(model, params, special_ids=special_ids, max_len=max_len, tokenizer=tokenizer,
                **kwargs)
 
@@ -359,60 +358,3 @@ def _accumulate(pending, pll_N: np.ndarray) -> None:
   for sentences, scores in pending:
     values = np.asarray(jax.device_get(scores), np.float64)[:len(sentences)]
     np.add.at(pll_N, np.asarray(sentences, np.int64), values)
-
-
-# ----------------------------------------------------------------------------- workdir helpers
-
-def data_dir_of(workdir: str, config) -> str:
-  """The prepared-data folder of a workdir: config.data.prepared_dir or WORKDIR/data."""
-  return config.data.get("prepared_dir", "") or os.path.join(workdir, "data")
-
-
-def load_workdir_tokenizer(workdir: str, config):
-  """(tokenizer, special_ids) recorded in the workdir's prepared-data metadata.json."""
-  from script_jax import prepare_data, tokenizers_lib  # pylint: disable=g-import-not-at-top
-  data_dir = data_dir_of(workdir, config)
-  path = os.path.join(data_dir, prepare_data.METADATA_FILE)
-  metadata = prepare_data.load_metadata(data_dir)  # re-points a moved folder's tokenizer path
-  if metadata is None:
-    raise ScoringError(f"No tokenizer for {workdir}: {path} does not exist (the prepared-data "
-                       "metadata written before pretraining).")
-  if "tokenizer" not in metadata:
-    raise ScoringError(f"{path} has no 'tokenizer' entry.")
-  tokenizer = tokenizers_lib.load_tokenizer(metadata["tokenizer"])
-  special_ids = dict(metadata.get("special_ids") or tokenizer.special_ids)
-  if tokenizer.vocab_size != config.model.vocab_size:
-    raise ScoringError(f"The tokenizer in {path} has {tokenizer.vocab_size} entries but the "
-                       f"model's vocab_size is {config.model.vocab_size}.")
-  return tokenizer, special_ids
-
-
-def is_user_error(error: BaseException) -> bool:
-  """Whether the scoring CLIs report `error` as one message and exit status 2, no traceback:
-  ours, a missing file, and what cli_errors lists (bad checkpoints, bad data, bad configs)."""
-  if isinstance(error, (ScoringError, FileNotFoundError)):
-    return True  # decided without importing the trainer (and TensorFlow)
-  from script_jax import cli_errors  # pylint: disable=g-import-not-at-top
-  return isinstance(error, cli_errors.user_error_types())
-
-
-def exit_on_user_error(error: BaseException) -> None:
-  """Prints `error: <message>` and exits with status 2 for a user error; re-raises others."""
-  if not is_user_error(error):
-    raise error
-  print(f"error: {error}", file=sys.stderr)
-  sys.exit(2)
-
-
-def run_cli(argv: Sequence[str], body: Callable[[], object]):
-  """The shared `main` of the scoring CLIs: no stray arguments, quiet libraries, and user
-  errors as one message with exit status 2. Returns what `body` returns."""
-  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-multiple-import
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.ERROR)  # orbax logs each restore at INFO and WARNING
-  try:
-    return body()
-  except Exception as e:  # pylint: disable=broad-except
-    exit_on_user_error(e)

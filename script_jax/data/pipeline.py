@@ -1,7 +1,7 @@
 """Prepared shards to per-host batches of dynamically masked sequences, as a tf.data pipeline.
 
-  metadata = prepare_data.prepare_pretraining_data(config, workdir)
-  ds = input_pipeline.create_pretraining_dataset(config, metadata, data_dir, start_step=step,
+  metadata = prepare.prepare_pretraining_data(config, workdir)
+  ds = pipeline.create_pretraining_dataset(config, metadata, data_dir, start_step=step,
                                                  process_index=jax.process_index(),
                                                  process_count=jax.process_count())
   for batch in ds.as_numpy_iterator(): ...
@@ -31,8 +31,9 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from script_jax import prepare_data
-from script_jax.corpus import DataError
+from script_jax import config_lib
+from script_jax.data import prepared
+from script_jax.data.corpus import DataError
 
 _EPOCHS = 2**62  # "repeat forever" as a range, so an epoch's number can seed its shuffle
 
@@ -164,17 +165,17 @@ def create_pretraining_dataset(config: ml_collections.ConfigDict, metadata: dict
 
   Args:
     config: uses seed, seq_len, batch_size (global), mask.* and data.shuffle_buffer.
-    metadata: of the prepared data (prepare_data.prepare / load_metadata).
+    metadata: of the prepared data (prepare.prepare / load_metadata).
     data_dir: the folder with the shards.
     start_step: the first batch is the one an uninterrupted run yields at this step.
     process_index, process_count: this host and the number of hosts (jax.process_*()).
   """
-  prepare_data.check_metadata_matches(config, metadata, data_dir=data_dir)
+  prepared.check_metadata_matches(config, metadata, data_dir=data_dir)
   if process_count < 1 or not 0 <= process_index < process_count:
     raise DataError(f"process_index={process_index} of process_count={process_count}.")
-  if config.batch_size % process_count:
-    raise DataError(f"config.batch_size={config.batch_size} does not divide evenly over "
-                    f"{process_count} processes; use a multiple of {process_count}.")
+  problem = config_lib.batch_per_host_problem(config.batch_size, process_count)
+  if problem:
+    raise DataError(problem)
   per_host_batch = config.batch_size // process_count
   shards = metadata["shards"]
   if len(shards) < process_count:
@@ -186,10 +187,9 @@ def create_pretraining_dataset(config: ml_collections.ConfigDict, metadata: dict
   if examples_per_epoch == 0:
     raise DataError(f"Process {process_index}'s shards of {data_dir} are empty; add text or use "
                     "fewer shards.")
-  max_predictions = config.mask.max_predictions_per_seq
-  if not 1 <= max_predictions <= config.seq_len:
-    raise DataError(f"config.mask.max_predictions_per_seq={max_predictions}; it must be between "
-                    f"1 and config.seq_len={config.seq_len}.")
+  problem = config_lib.max_predictions_problem(config)
+  if problem:
+    raise DataError(problem)
   files = [os.path.join(data_dir, s["file"]) for s in host_shards]
   missing = [f for f in files if not tf.io.gfile.exists(f)]
   if missing:

@@ -1,6 +1,6 @@
 """Rescores ASR n-best lists with a PLL and reports WERs shaped like the paper's Table 3.
 
-  python -m script_jax.rescore --workdir=DIR --dev=dev-clean.am.json \\
+  python -m script_jax.scoring.rescore --workdir=DIR --dev=dev-clean.am.json \\
       --test=test-clean.am.json --test=test-other.am.json.gz [--method=critic|mlm] \\
       [--length_penalty=none|tokens|gnmt] [--output_json=rescore.json]
 
@@ -30,6 +30,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from script_jax import cli_errors
+
 FLAGS = flags.FLAGS
 
 
@@ -46,7 +48,7 @@ def define_flags():
   flags.DEFINE_string("lambdas", "0:2:0.05", "The grid of lambda: START:STOP:STEP or a,b,c.")
   flags.DEFINE_integer("batch_size", 64, "Sequences per forward pass (masked copies for mlm).")
   flags.DEFINE_enum("long", "error", ["error", "truncate", "window"],
-                    "Hypotheses longer than the model's length: see script_jax/scoring.py.")
+                    "Hypotheses longer than the model's length: see script_jax/scoring/pll_scorer.py.")
   flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
   flags.DEFINE_string("output_json", None, "Write the WERs, lambda and the dev grid here.")
 
@@ -55,7 +57,7 @@ _HYP_KEY = re.compile(r"^hyp_(\d+)$")
 
 
 def _error(message: str) -> Exception:
-  from script_jax.scoring import ScoringError  # pylint: disable=g-import-not-at-top
+  from script_jax.scoring.pll_scorer import ScoringError  # pylint: disable=g-import-not-at-top
   return ScoringError(message)
 
 
@@ -274,7 +276,7 @@ def run(workdir: str, dev_path: str, test_paths: Sequence[str], method: str = "c
         batch_size: int = 64, long: str = "error", step: Optional[int] = None,
         output_json: Optional[str] = None, scorer=None) -> dict:
   """The CLI's work; returns the JSON report (also printed as a table)."""
-  from script_jax import scoring  # pylint: disable=g-import-not-at-top
+  from script_jax.scoring import pll_scorer  # pylint: disable=g-import-not-at-top
   grid = parse_grid(lambdas)
   paths = [dev_path] + list(test_paths)
   loaded = [(p, load_nbest(p)) for p in paths]  # every file checked before the model loads
@@ -285,7 +287,7 @@ def run(workdir: str, dev_path: str, test_paths: Sequence[str], method: str = "c
   if scorer is None:
     if not os.path.isdir(workdir):
       raise _error(f"The workdir {workdir} does not exist.")
-    scorer = scoring.Scorer.from_workdir(workdir, step=step, method=method,
+    scorer = pll_scorer.Scorer.from_workdir(workdir, step=step, method=method,
                                          batch_size=batch_size, long=long)
 
   texts, owner = [], {}
@@ -295,7 +297,7 @@ def run(workdir: str, dev_path: str, test_paths: Sequence[str], method: str = "c
         if t not in owner:
           owner[t] = f"{p}: utterance {u.id!r}, hyp_{j + 1}"
           texts.append(t)
-  from script_jax.score import Progress  # pylint: disable=g-import-not-at-top
+  from script_jax.scoring.score import Progress  # pylint: disable=g-import-not-at-top
   progress = Progress(len(texts), every_secs=10.0)
   pll, ntok = scorer.score(texts, describe=lambda i: owner[texts[i]], progress=progress)
   print(f"{progress.line()} (distinct hypotheses, {method})", file=sys.stderr)
@@ -328,8 +330,7 @@ def run(workdir: str, dev_path: str, test_paths: Sequence[str], method: str = "c
 
 
 def main(argv):
-  from script_jax import scoring  # pylint: disable=g-import-not-at-top
-  scoring.run_cli(argv, lambda: run(
+  cli_errors.run_cli(argv, lambda: run(
       FLAGS.workdir, FLAGS.dev, FLAGS.test, FLAGS.method, FLAGS.length_penalty,
       FLAGS.length_alpha, FLAGS.lambdas, FLAGS.batch_size, FLAGS.long, FLAGS.step,
       FLAGS.output_json))

@@ -1,10 +1,10 @@
 """Iteration rate of SCRIPT, ELECTRA and BERT-MLM train steps under identical settings.
 
-  python -m script_jax.benchmark --config=configs/small.py --batch_size=8 --output=bench.json
-  python -m script_jax.benchmark --config=configs/small.py --objectives=script,electra \
+  python -m script_jax.bench.step_speed --config=configs/small.py --batch_size=8 --output=bench.json
+  python -m script_jax.bench.step_speed --config=configs/small.py --objectives=script,electra \
       --config.model.dtype=bfloat16 --steps=50
-  python -m script_jax.benchmark --config=configs/small.py --objectives=script --memory_only \
-      --config.model.logsumexp_chunk=2048           # batch 128: compile and report memory only
+  python -m script_jax.bench.step_speed --config=configs/small.py --objectives=script --memory_only \
+      --config.script.logsumexp_chunk=2048           # batch 128: compile and report memory only
 
 In one process, for each objective: build the sharded state, compile the real train step
 (`train.make_train_step`), warm up, then time `--steps` steps on one fixed random batch that
@@ -35,8 +35,10 @@ import numpy as np
 from ml_collections import config_flags
 
 from script_jax import config_lib
-from script_jax import flops
+from script_jax.bench import flops
+from script_jax.data import synthetic
 from script_jax import models
+from script_jax import state as state_lib
 from script_jax import train
 
 PAPER_STEPS_PER_SEC = {"electra": 31.3, "script": 22.7}  # TPU v3-8, small models (Sec. 3.3)
@@ -76,29 +78,6 @@ def _print(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------- inputs
-
-def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """A full-length masked batch: random ids, P distinct masked positions per sequence.
-
-  The values do not change the speed (shapes are static); every prediction slot is used.
-  """
-  rng = np.random.default_rng(seed)
-  t, p, v = config.seq_len, config.mask.max_predictions_per_seq, config.model.vocab_size
-  ids = rng.integers(5, v, size=(batch_size, t), dtype=np.int32)
-  positions = np.sort(np.stack([rng.choice(np.arange(1, t - 1), size=p, replace=False)
-                                for _ in range(batch_size)]), axis=1).astype(np.int32)
-  masked_ids = np.take_along_axis(ids, positions, axis=1)
-  masked_input = ids.copy()
-  np.put_along_axis(masked_input, positions, 4, axis=1)  # a [MASK]-like id
-  return {
-      "input_ids": masked_input,
-      "input_mask": np.ones((batch_size, t), np.int32),
-      "segment_ids": (np.arange(t)[None] >= t // 2).repeat(batch_size, 0).astype(np.int32),
-      "masked_positions": positions,
-      "masked_ids": masked_ids,
-      "masked_weights": np.ones((batch_size, p), np.float32),
-  }
-
 
 def with_settings(config, objective: str, batch_size: int | None = None):
   """A copy of `config` for one objective (and batch size), the rest untouched."""
@@ -232,7 +211,7 @@ def benchmark_objective(config, objective: str, *, batch_size: int | None = None
   """
   config = with_settings(config, objective, batch_size)
   mesh = train.create_mesh(config) if mesh is None else mesh
-  train.validate_config(config, num_devices=mesh.devices.size)
+  config_lib.validate_config(config, num_devices=mesh.devices.size)
   b, t = config.batch_size, config.seq_len
   model = models.build_model(config)
 
@@ -247,20 +226,21 @@ def benchmark_objective(config, objective: str, *, batch_size: int | None = None
     shardings = []
 
     def init():
-      state, state_sharding = train.init_state(config, model, mesh)
+      state, state_sharding = state_lib.init_state(config, model, mesh)
       shardings.append(state_sharding)
       return state
     state = jax.eval_shape(init)
     state_sharding = shardings[0]
   else:
-    state, state_sharding = train.init_state(config, model, mesh)
+    state, state_sharding = state_lib.init_state(config, model, mesh)
     jax.block_until_ready(state)
   num_params = int(sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)))
   log(f"[{objective}] state {'traced' if memory_only else 'reused' if reused else 'initialised'} "
       f"({num_params:,} parameters) in {time.perf_counter() - start:.1f} s")
 
   local = b // jax.process_count()
-  batch = train.to_global_batch(random_batch(config, local, seed=jax.process_index()), mesh)
+  batch = train.to_global_batch(
+      synthetic.random_masked_batch(config, local, seed=jax.process_index()), mesh)
   train_step = train.make_train_step(config, model, state_sharding, mesh)
   if steps_per_call > 1:
     one_step = train_step
@@ -463,7 +443,7 @@ def run_benchmark(config, objectives=config_lib.OBJECTIVES, *, batch_size: int |
       "objectives": list(objectives), "batch_size": b, "seq_len": config.seq_len,
       "max_predictions_per_seq": config.mask.max_predictions_per_seq,
       "dtype": config.model.dtype, "remat": config.model.remat,
-      "logsumexp_chunk": config.model.logsumexp_chunk, "steps": steps, "warmup": warmup,
+      "logsumexp_chunk": config.script.logsumexp_chunk, "steps": steps, "warmup": warmup,
       "repeats": repeats, "steps_per_call": steps_per_call, "memory_only": memory_only,
       "mesh": dict(mesh.shape),
       "compiler_options": compiler_options or {},
@@ -546,7 +526,7 @@ def main(argv):
                          memory_only=FLAGS.memory_only, peak_size=FLAGS.peak_size,
                          peak_iters=FLAGS.peak_iters, profile_dir=FLAGS.profile_dir,
                          profile_steps=FLAGS.profile_steps, steps_per_call=FLAGS.steps_per_call)
-  report["command"] = " ".join([os.path.basename(sys.executable), "-m", "script_jax.benchmark",
+  report["command"] = " ".join([os.path.basename(sys.executable), "-m", "script_jax.bench.step_speed",
                                 *sys.argv[1:]])
   report["config_file"] = config_flags.get_config_filename(FLAGS["config"])
   _print(format_table(report))

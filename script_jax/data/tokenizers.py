@@ -28,7 +28,7 @@ import sentencepiece as spm
 import tokenizers as hf_tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
-from script_jax.corpus import DataError
+from script_jax.data.corpus import DataError
 
 SPECIAL_NAMES = ("pad", "unk", "cls", "sep", "mask")
 BERT_SPECIAL_PIECES = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]",

@@ -1,9 +1,9 @@
 """Throughput of the input pipeline: masked sequences per second on this machine.
 
-  python -m script_jax.benchmark_input --config=configs/small.py --data_dir=/tmp/wiki5 \
+  python -m script_jax.bench.input_speed --config=configs/small.py --data_dir=/tmp/wiki5 \
       --config.data.vocab_file=/path/to/vocab.txt --output=/tmp/input_benchmark.json
 
---data_dir is a folder made by script_jax.prepare_data; without it, the data is prepared (or
+--data_dir is a folder made by script_jax.data.prepare; without it, the data is prepared (or
 reused) in --workdir/data as the trainer would. The figure counts sequences delivered as NumPy
 arrays (`as_numpy_iterator`, what the trainer consumes) after a warm-up, in one process.
 """
@@ -20,14 +20,14 @@ from absl import logging
 from ml_collections import config_flags
 import tensorflow as tf
 
-from script_jax import input_pipeline
-from script_jax import prepare_data
+from script_jax.data import pipeline
+from script_jax.data import prepare, prepared
 
 
 def benchmark(config, metadata: dict, data_dir: str, num_batches: int, warmup_batches: int,
               process_count: int = 1) -> dict:
   """Times `num_batches` batches of the pipeline after `warmup_batches`; returns the figures."""
-  ds = input_pipeline.create_pretraining_dataset(config, metadata, data_dir, process_index=0,
+  ds = pipeline.create_pretraining_dataset(config, metadata, data_dir, process_index=0,
                                                  process_count=process_count)
   batches = ds.as_numpy_iterator()
   for _ in range(warmup_batches):
@@ -62,13 +62,13 @@ def main(argv):
   config = FLAGS.config
   if FLAGS.data_dir:
     data_dir = FLAGS.data_dir
-    metadata = prepare_data.load_metadata(data_dir)
+    metadata = prepared.load_metadata(data_dir)
     if metadata is None:
-      raise app.UsageError(f"{data_dir} has no metadata.json; run script_jax.prepare_data first.")
+      raise app.UsageError(f"{data_dir} has no metadata.json; run script_jax.data.prepare first.")
   else:
-    metadata = prepare_data.prepare_pretraining_data(config, FLAGS.workdir, process_index=0,
+    metadata = prepare.prepare_pretraining_data(config, FLAGS.workdir, process_index=0,
                                                      process_count=1)
-    data_dir = config.data.prepared_dir or os.path.join(FLAGS.workdir, "data")
+    data_dir = prepared.data_dir_of(config, FLAGS.workdir)
   result = benchmark(config, metadata, data_dir, FLAGS.num_batches, FLAGS.warmup_batches,
                      FLAGS.process_count)
   logging.info("%s", result)

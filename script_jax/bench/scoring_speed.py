@@ -1,7 +1,7 @@
 """Sentences per second of the critic's one-pass PLL (eq. 7) vs the masked-LM PLL.
 
-  python -m script_jax.benchmark_scoring --config=configs/small.py
-  python -m script_jax.benchmark_scoring --workdir=/tmp/tiny_script --output=bench.json
+  python -m script_jax.bench.scoring_speed --config=configs/small.py
+  python -m script_jax.bench.scoring_speed --workdir=/tmp/tiny_script --output=bench.json
 
 Both methods score the same random sentences (about --num_tokens tokens each, no [CLS]/[SEP])
 with the same model, batch size and length buckets. Without --workdir the model is
@@ -15,11 +15,14 @@ import json
 import os
 import platform
 import time
+from typing import Optional
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 import numpy as np
+
+from script_jax import cli_errors
 
 FLAGS = flags.FLAGS
 
@@ -82,17 +85,18 @@ def cpu_name() -> str:
 
 def benchmark(model, params, special_ids: dict, max_len: int, vocab_size: int,
               num_sentences: int, num_tokens: int, batch_size: int, repeats: int = 1,
-              seed: int = 0, logsumexp_chunk: int = 0) -> dict:
+              seed: int = 0, logsumexp_chunk: Optional[int] = None) -> dict:
   """Both methods on the same sentences: {'critic': {...}, 'mlm': {...}, 'speedup': x}."""
   import jax  # pylint: disable=g-import-not-at-top
-  from script_jax import scoring  # pylint: disable=g-import-not-at-top
+  from script_jax.scoring import pll_scorer  # pylint: disable=g-import-not-at-top
   first_id = max(special_ids.values()) + 1
   sentences = random_sentences(vocab_size, num_sentences, num_tokens, seed, first_id)
   result = {}
-  for method in scoring.METHODS:
-    scorer = scoring.Scorer(model, params, special_ids=special_ids, max_len=max_len,
+  for method in pll_scorer.METHODS:
+    scorer = pll_scorer.Scorer(model, params, special_ids=special_ids, max_len=max_len,
                             method=method, batch_size=batch_size, long="truncate",
-                            logsumexp_chunk=logsumexp_chunk or scoring.DEFAULT_LOGSUMEXP_CHUNK)
+                            logsumexp_chunk=(pll_scorer.DEFAULT_LOGSUMEXP_CHUNK
+                                             if logsumexp_chunk is None else logsumexp_chunk))
     result[method] = time_method(scorer, sentences, repeats)
   result["speedup"] = result["critic"]["sentences_per_sec"] / result["mlm"]["sentences_per_sec"]
   result["setup"] = {
@@ -119,17 +123,18 @@ def format_table(result: dict) -> str:
 
 def _load_and_benchmark():
   """(config, source, result) for the model that --workdir or --config names."""
-  from script_jax import scoring  # pylint: disable=g-import-not-at-top
+  from script_jax.scoring import pll_scorer  # pylint: disable=g-import-not-at-top
   if FLAGS.workdir:
     from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
+    from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
     if not os.path.isdir(FLAGS.workdir):
-      raise scoring.ScoringError(f"The workdir {FLAGS.workdir} does not exist.")
+      raise pll_scorer.ScoringError(f"The workdir {FLAGS.workdir} does not exist.")
     config, model, params = checkpoints.load_pretrained(FLAGS.workdir)
     source = FLAGS.workdir
     try:
-      _, special_ids = scoring.load_workdir_tokenizer(FLAGS.workdir, config)
+      _, special_ids = prepared.load_workdir_tokenizer(FLAGS.workdir, config)
     except Exception as e:  # pylint: disable=broad-except
-      if not scoring.is_user_error(e):
+      if not cli_errors.is_user_error(e):
         raise
       special_ids = None  # ids are random anyway; only [CLS]/[SEP]/[MASK] matter
   elif FLAGS.config is not None:
@@ -138,18 +143,17 @@ def _load_and_benchmark():
     source = "random init from --config"
     special_ids = None
   else:
-    raise scoring.ScoringError("Give --workdir=DIR or --config=configs/small.py.")
+    raise pll_scorer.ScoringError("Give --workdir=DIR or --config=configs/small.py.")
   special_ids = special_ids or {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
   max_len = min(int(config.seq_len), int(config.model.max_position_embeddings))
   result = benchmark(model, params, special_ids, max_len, int(config.model.vocab_size),
                      FLAGS.num_sentences, FLAGS.num_tokens, FLAGS.batch_size, FLAGS.repeats,
-                     FLAGS.seed, int(config.model.get("logsumexp_chunk", 0) or 0))
+                     FLAGS.seed)
   return config, source, result
 
 
 def main(argv):
-  from script_jax import scoring  # pylint: disable=g-import-not-at-top
-  config, source, result = scoring.run_cli(argv, _load_and_benchmark)
+  config, source, result = cli_errors.run_cli(argv, _load_and_benchmark)
   result["setup"].update(source=source, objective=config.objective,
                          model={k: config.model[k] for k in (
                              "vocab_size", "hidden_size", "embedding_size", "num_layers",

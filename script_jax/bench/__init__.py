@@ -1,0 +1,1 @@
+"""Benchmarks: train-step, input and scoring speed, FLOP counts, variants, the HuggingFace peer."""

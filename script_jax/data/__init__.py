@@ -1,0 +1,1 @@
+"""The data stage: corpus sources, tokenizers, packing, preparation, the tf.data pipeline."""
