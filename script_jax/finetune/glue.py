@@ -1,0 +1,221 @@
+"""Fine-tune a pretrained encoder on GLUE tasks, several seeds each, and print the paper's Table 2.
+
+  python -m script_jax.finetune.glue --config=configs/finetune.py --init_from=WORKDIR \
+      --data_dir=GLUE_DIR --output_dir=OUT [--tasks=cola,rte] [--config.num_seeds=3]
+  python -m script_jax.finetune.glue ... --random_init     # same architecture, no pretraining
+
+WORKDIR is a pretraining workdir of any objective (the SCRIPT/MLM encoder or the ELECTRA
+discriminator; its tokenizer comes along). GLUE_DIR holds the standard layout
+(`CoLA/train.tsv`, `CoLA/dev.tsv`, ...); without --tasks every task found there is run.
+`--data_dir=tfds` reads TFDS `glue/*` instead (downloads on first use).
+
+Every (task, seed) run is evaluated once, on the final weights, on the whole dev set, and its
+metrics are written to OUT/results.json as soon as it ends: a rerun skips the runs already
+there, so an interrupted multi-task run keeps what it finished. OUT also gets results.md (the
+Table-2-shaped table and the per-task detail), and per run OUT/<task>/seed_<s>/ with
+metrics.jsonl and TensorBoard events (and the final parameters with --config.save_model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Optional
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import tensorflow as tf
+
+from script_jax import cli_errors
+from script_jax.finetune import runs
+from script_jax.finetune.runs import FinetuneError
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a program)."""
+  config_flags.DEFINE_config_file("config", "configs/finetune.py",
+                                  "The fine-tuning recipe (configs/finetune.py).",
+                                  lock_config=True)
+  flags.DEFINE_string("init_from", None, "Pretraining workdir (any objective).")
+  flags.DEFINE_integer("step", None, "Its checkpoint step (default: the latest).")
+  flags.DEFINE_bool("random_init", False, "Same architecture and tokenizer as --init_from, "
+                    "random weights: the baseline that shows what pretraining bought.")
+  flags.DEFINE_string("data_dir", None, "GLUE folder in the standard layout, or 'tfds'.")
+  flags.DEFINE_list("tasks", [], "Tasks (default: every GLUE task found in --data_dir; with "
+                    "'tfds', the eight of Table 2).")
+  flags.DEFINE_string("output_dir", None, "Results, tables, logs (local or gs://).")
+  flags.DEFINE_string("label", None, "The row's name in the table (default: the workdir's "
+                      "name, '+random' appended for --random_init).")
+  flags.DEFINE_bool("check_counts", True, "Refuse GLUE files whose row count differs from the "
+                    "standard release (turn off for subsets).")
+  flags.mark_flags_as_required(["init_from", "data_dir", "output_dir"])
+
+
+# ----------------------------------------------------------------------------- results
+
+def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+  """{task: task_result} of the headline metric over the seeds run so far."""
+  from script_jax.finetune import metrics  # pylint: disable=g-import-not-at-top
+  summary = {}
+  for task, by_seed in results["runs"].items():
+    headline = metrics.headline_metric(task)
+    scores = [r[headline] for _, r in sorted(by_seed.items(), key=lambda kv: int(kv[0]))]
+    if scores:
+      summary[task] = metrics.task_result(task, scores)
+  return summary
+
+
+def tables(labelled_results: dict[str, dict[str, Any]]) -> str:
+  """Table 2's shape (mean ± sd of the headline metric) and the per-task detail, in Markdown."""
+  from script_jax.finetune import metrics  # pylint: disable=g-import-not-at-top
+  summaries = {label: summarize(r) for label, r in labelled_results.items()}
+  return (metrics.glue_table_markdown(summaries) + "\n\nMedians over seeds (as ELECTRA "
+          "reports):\n\n" + metrics.glue_table_markdown(summaries, center="median") +
+          "\n\n" + metrics.detail_table_markdown(summaries) + "\n")
+
+
+# ----------------------------------------------------------------------------- the runs
+
+def tasks_to_run(data_dir: str, requested: list[str]) -> list[str]:
+  """The tasks to fine-tune (each task's own name; MNLI-mm comes with MNLI)."""
+  from script_jax.finetune import glue_data  # pylint: disable=g-import-not-at-top
+  if requested:
+    names = []
+    for name in requested:
+      try:
+        spec = glue_data.get_task(name)
+      except ValueError as e:
+        raise FinetuneError(str(e)) from None
+      if spec.trained_as not in names:
+        names.append(spec.trained_as)
+    return names
+  if data_dir == "tfds":
+    return list(glue_data.GLUE_MEAN_TASKS)
+  found = [name for name, spec in glue_data.TASKS.items()
+           if spec.model_task is None and
+           tf.io.gfile.exists(glue_data.split_path(data_dir, spec, "train"))]
+  if not found:
+    raise FinetuneError(f"No GLUE task found in {data_dir}: expected the standard layout, "
+                        "e.g. CoLA/train.tsv and CoLA/dev.tsv.")
+  return found
+
+
+def _read(data_dir: str, task: str, split: str, check_counts: bool):
+  from script_jax.finetune import glue_data  # pylint: disable=g-import-not-at-top
+  try:
+    if data_dir == "tfds":
+      return glue_data.load_tfds_split(task, split, check_counts=check_counts)
+    return glue_data.read_glue_split(data_dir, task, split, check_counts=check_counts)
+  except glue_data.GlueDataError as e:
+    raise FinetuneError(f"{e} (--nocheck_counts skips the row-count check for subsets)"
+                        if "rows" in str(e) else str(e)) from None
+
+
+def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
+             tasks: Optional[list[str]] = None, random_init: bool = False,
+             step: Optional[int] = None, label: Optional[str] = None,
+             check_counts: bool = True) -> dict[str, Any]:
+  """Fine-tunes and evaluates every (task, seed) not yet in OUT/results.json; returns them."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from script_jax.finetune import glue_data  # pylint: disable=g-import-not-at-top
+  from script_jax.finetune import metrics  # pylint: disable=g-import-not-at-top
+  from script_jax.finetune import model as task_models  # pylint: disable=g-import-not-at-top
+  from script_jax.finetune import trainer  # pylint: disable=g-import-not-at-top
+
+  if ft.loss_reduction not in ("sum", "mean"):
+    raise FinetuneError(f"loss_reduction={ft.loss_reduction!r}; use 'sum' or 'mean'.")
+  names = tasks_to_run(data_dir, tasks or [])
+  start = runs.load_start(init_from, step, ft)
+  cfg, tokenizer, special = start.encoder_cfg, start.tokenizer, start.special_ids
+  if ft.max_length > cfg.max_position_embeddings:
+    raise FinetuneError(f"max_length={ft.max_length} exceeds the model's "
+                        f"{cfg.max_position_embeddings} positions.")
+  label = label or os.path.basename(init_from.rstrip("/")) + ("+random" if random_init else "")
+  tf.io.gfile.makedirs(output_dir)
+  results = runs.read_results(output_dir)
+  runs.check_same_start(results, output_dir, init_from, random_init)
+  results.update(label=label, init_from=init_from, random_init=random_init,
+                 pretraining_step=int(step) if step is not None else None)
+  results_path = tf.io.gfile.join(output_dir, runs.RESULTS_FILE)
+
+  def featurize(examples):
+    return glue_data.featurize(examples, None, special["cls"], special["sep"], special["pad"],
+                               ft.max_length, encode_batch=tokenizer.encode_batch)
+
+  seeds = list(range(ft.first_seed, ft.first_seed + ft.num_seeds))
+  for name in names:
+    spec = glue_data.get_task(name)
+    eval_names = glue_data.eval_tasks(name)
+    todo = [s for s in seeds if any(str(s) not in results["runs"].get(e, {})
+                                    for e in eval_names)]
+    if not todo:
+      print(f"{spec.display_name}: all {len(seeds)} seeds done.", file=sys.stderr)
+      continue
+    train_examples = _read(data_dir, name, "train", check_counts)
+    if ft.swap_pairs:
+      train_examples = glue_data.training_examples(name, train_examples)
+    train_arrays = featurize(train_examples)
+    eval_arrays = {e: featurize(_read(data_dir, e, "dev", check_counts)) for e in eval_names}
+    epochs = ft.epochs or spec.default_epochs
+    model = task_models.Classifier(cfg, spec.num_outputs)
+    loss_fn = regression_loss if spec.is_regression else classification_loss
+    for seed in todo:
+      start = time.time()
+      run_label = f"{spec.display_name} seed {seed}"
+      init = runs.initial_params(model, start, train_arrays, seed, random_init, init_from)
+      run_dir = tf.io.gfile.join(output_dir, name, f"seed_{seed}")
+      final, last = trainer.fit(model, init, loss_fn, train_arrays, ft, seed=seed,
+                                num_layers=cfg.num_layers, epochs=epochs, label=run_label,
+                                log_dir=run_dir)
+      for eval_name in eval_names:
+        outputs = trainer.predict(model, final, eval_arrays[eval_name], ft.eval_batch_size)
+        predictions = outputs[:, 0] if spec.is_regression else outputs.argmax(-1)
+        scores = metrics.task_metrics(eval_name, predictions, eval_arrays[eval_name]["labels"])
+        scores.update(train_loss=float(last.get("loss", float("nan"))),
+                      epochs=epochs, train_examples=len(train_examples),
+                      seconds=round(time.time() - start, 1))
+        results["runs"].setdefault(eval_name, {})[str(seed)] = scores
+        print(f"{glue_data.get_task(eval_name).display_name} seed {seed}: " +
+              ", ".join(f"{k} {v:.2f}" for k, v in scores.items()
+                        if k in glue_data.get_task(eval_name).metrics), file=sys.stderr)
+      if ft.save_model:
+        trainer.save_params(trainer.resolved(tf.io.gfile.join(run_dir, "params")), final)
+      if jax.process_index() == 0:
+        runs.write_text_atomically(results_path, json.dumps(results, indent=2, sort_keys=True))
+        runs.write_text_atomically(tf.io.gfile.join(output_dir, "results.md"),
+                              tables({label: results}))
+  return results
+
+
+def classification_loss(logits_BxC, batch):
+  """Cross-entropy per example, and accuracy."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"])
+  accuracy = jnp.mean((logits_BxC.argmax(-1) == batch["labels"]).astype(jnp.float32))
+  return losses, {"accuracy": accuracy}
+
+
+def regression_loss(scores_Bx1, batch):
+  """Squared error per example (STS-B)."""
+  losses = (scores_Bx1[:, 0] - batch["labels"]) ** 2
+  return losses, {"mse": losses.mean()}
+
+
+def main(argv):
+  def body():
+    results = run_glue(FLAGS.config, FLAGS.init_from, FLAGS.data_dir, FLAGS.output_dir,
+                       tasks=FLAGS.tasks, random_init=FLAGS.random_init, step=FLAGS.step,
+                       label=FLAGS.label, check_counts=FLAGS.check_counts)
+    print(tables({results["label"]: results}))
+  cli_errors.run_cli(argv, body)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

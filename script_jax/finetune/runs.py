@@ -1,0 +1,98 @@
+"""What every fine-tuning command shares: the pretrained starting point and the results file.
+
+  start = load_start(init_from, step, ft)   config, encoder sizes, parameters, tokenizer
+  results = read_results(output_dir)        {"runs": {task: {seed: metrics}}, ...}
+  write_text_atomically(path, text)
+
+Results are written after every (task, seed) run, so an interrupted multi-run command keeps what
+it finished and a rerun skips it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import tensorflow as tf
+
+from script_jax import cli_errors
+
+RESULTS_FILE = "results.json"
+
+
+class FinetuneError(cli_errors.UserError):
+  """Bad fine-tuning input (task, data, checkpoint); the message says what and how to fix it."""
+
+
+@dataclasses.dataclass
+class Start:
+  """A pretrained encoder to fine-tune, and the tokenizer it was pretrained with."""
+  config: Any              # the pretraining run's config
+  encoder_cfg: Any         # models.EncoderConfig with fine-tuning's dropout, per-layer layout
+  encoder: dict            # {"embeddings", "encoder"} on the host (numpy)
+  tokenizer: Any
+  special_ids: dict[str, int]
+
+
+def load_start(init_from: str, step: Optional[int], ft) -> Start:
+  """The encoder of a pretraining workdir (any objective) and its tokenizer."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from script_jax import models  # pylint: disable=g-import-not-at-top
+  from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
+  config, _, params = checkpoints.load_pretrained(init_from, step)
+  tokenizer, special_ids = prepared.load_workdir_tokenizer(init_from, config)
+  # On the host: each run's device copy is donated to its train step.
+  encoder = jax.device_get(checkpoints.encoder_params(config, params))
+  cfg = models.encoder_config_from(config.model, dropout_rate=ft.dropout_rate,
+                                   attention_dropout_rate=ft.attention_dropout_rate,
+                                   scan_layers=False, remat=False)
+  return Start(config, cfg, encoder, tokenizer, special_ids)
+
+
+def initial_params(model, start: Start, sample: dict, seed: int, random_init: bool,
+                   init_from: str) -> dict:
+  """The task model's parameters: a head drawn from `seed`, the pretrained encoder below it
+  (or, with random_init, the encoder drawn too)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from script_jax.finetune import model as task_models  # pylint: disable=g-import-not-at-top
+  params = jax.jit(model.init)(jax.random.key(seed), sample["input_ids"][:1],
+                               sample["segment_ids"][:1], sample["input_mask"][:1])["params"]
+  if random_init:
+    return params
+  try:
+    return task_models.with_pretrained_encoder(params, start.encoder)
+  except ValueError as e:
+    raise FinetuneError(f"{init_from}: {e}") from None
+
+
+def read_results(output_dir: str) -> dict[str, Any]:
+  """OUT/results.json, or an empty one."""
+  path = tf.io.gfile.join(output_dir, RESULTS_FILE)
+  if not tf.io.gfile.exists(path):
+    return {"runs": {}}
+  with tf.io.gfile.GFile(path, "r") as f:
+    try:
+      return json.load(f)
+    except ValueError as e:
+      raise FinetuneError(f"{path} is not valid JSON ({e}); move it away to start over.") from e
+
+
+def check_same_start(results: dict[str, Any], output_dir: str, init_from: str,
+                     random_init: bool) -> None:
+  """Refuses to mix runs of two starting points in one output folder."""
+  if results.get("init_from") not in (None, init_from) or results.get(
+      "random_init", random_init) != random_init:
+    raise FinetuneError(f"{output_dir} holds results of {results.get('init_from')} "
+                        f"(random_init={results.get('random_init')}); use another "
+                        "--output_dir.")
+
+
+def write_text_atomically(path: str, text: str) -> None:
+  """Writes `path` through a temporary name, so a reader never sees half a file."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    f.write(text)
+  tf.io.gfile.rename(tmp, path, overwrite=True)

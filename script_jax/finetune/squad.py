@@ -1,0 +1,201 @@
+"""Fine-tune a pretrained encoder on SQuAD 1.1 or 2.0 and score it by the official rules.
+
+  python -m script_jax.finetune.squad --config=configs/finetune.py --init_from=WORKDIR \
+      --train_file=train-v1.1.json --dev_file=dev-v1.1.json --output_dir=OUT
+  python -m script_jax.finetune.squad ... --dev_file=dev-v2.0.json --dev_split=0.8
+      # no train file: train on 80% of the dev articles, evaluate on the other 20% (say so!)
+
+Windows of --config.squad.max_length tokens (512 as ELECTRA; 128 or 256 for models pretrained
+on short sequences, whose later position embeddings never trained), a document stride of 128,
+questions of at most 64 tokens. Per seed, OUT/seed_<s>/ gets predictions.json (the official
+format), for 2.0 na_probs.json, the held-out dataset file when --dev_split is used, and the
+training logs; OUT/results.json has every seed's scores (the official keys), OUT/results.md a
+table. `python -m script_jax.finetune.squad_eval DATA predictions.json [--na-prob-file ...]`
+re-scores any of them, as the official script would.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from typing import Any, Optional
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import tensorflow as tf
+
+from script_jax import cli_errors
+from script_jax.finetune import runs
+from script_jax.finetune.runs import FinetuneError
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a program)."""
+  config_flags.DEFINE_config_file("config", "configs/finetune.py",
+                                  "The fine-tuning recipe (configs/finetune.py).",
+                                  lock_config=True)
+  flags.DEFINE_string("init_from", None, "Pretraining workdir (any objective).")
+  flags.DEFINE_integer("step", None, "Its checkpoint step (default: the latest).")
+  flags.DEFINE_bool("random_init", False, "Same architecture, random weights (a baseline).")
+  flags.DEFINE_string("train_file", None, "SQuAD training JSON (official format).")
+  flags.DEFINE_string("dev_file", None, "SQuAD dev JSON (official format).")
+  flags.DEFINE_float("dev_split", None, "Without --train_file: the share of the dev file's "
+                     "articles to train on; the others are evaluated.")
+  flags.DEFINE_string("output_dir", None, "Predictions, scores, logs (local or gs://).")
+  flags.mark_flags_as_required(["init_from", "dev_file", "output_dir"])
+
+
+def span_loss(outputs, batch, no_answer_weight: float, version: str):
+  """Start and end cross-entropy over the allowed positions (context and [CLS]), averaged, plus
+  the no-answer classifier's binary cross-entropy for SQuAD 2.0."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  start_BxT, end_BxT, no_answer_B = outputs
+  allowed = batch["context_mask"] > 0
+  start_BxT = jnp.where(allowed, start_BxT, -1e9)
+  end_BxT = jnp.where(allowed, end_BxT, -1e9)
+  losses = 0.5 * (
+      optax.softmax_cross_entropy_with_integer_labels(start_BxT, batch["start_positions"]) +
+      optax.softmax_cross_entropy_with_integer_labels(end_BxT, batch["end_positions"]))
+  metrics = {"start_accuracy": jnp.mean(
+      (start_BxT.argmax(-1) == batch["start_positions"]).astype(jnp.float32))}
+  if version == "2.0":
+    impossible = batch["is_impossible"].astype(jnp.float32)
+    losses = losses + no_answer_weight * optax.sigmoid_binary_cross_entropy(no_answer_B,
+                                                                            impossible)
+  return losses, metrics
+
+
+def _datasets(train_file: Optional[str], dev_file: str, dev_split: Optional[float], seed: int):
+  """(train dataset dict, evaluation dataset dict, note on where they came from)."""
+  from script_jax.finetune import squad_data  # pylint: disable=g-import-not-at-top
+  from script_jax.finetune import squad_eval  # pylint: disable=g-import-not-at-top
+  dev = squad_eval.load_json(dev_file, "dev file")
+  if train_file:
+    if dev_split is not None:
+      raise FinetuneError("--dev_split is for runs without --train_file.")
+    return squad_eval.load_json(train_file, "train file"), dev, "official train/dev"
+  if dev_split is None:
+    raise FinetuneError("No --train_file: pass --dev_split=0.8 to train on part of the dev "
+                        "articles and evaluate on the others (a development run).")
+  try:
+    train, held_out = squad_data.split_by_articles(dev, dev_split, seed=seed)
+  except ValueError as e:
+    raise FinetuneError(f"{dev_file}: {e}") from None
+  return train, held_out, (f"development split: {dev_split:.0%} of the articles of {dev_file} "
+                           "trained on, the others evaluated")
+
+
+def run_squad(ft, init_from: str, dev_file: str, output_dir: str, *,
+              train_file: Optional[str] = None, dev_split: Optional[float] = None,
+              random_init: bool = False, step: Optional[int] = None) -> dict[str, Any]:
+  """Fine-tunes and evaluates every seed not yet in OUT/results.json; returns the results."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from script_jax.finetune import model as task_models  # pylint: disable=g-import-not-at-top
+  from script_jax.finetune import squad_data  # pylint: disable=g-import-not-at-top
+  from script_jax.finetune import squad_eval  # pylint: disable=g-import-not-at-top
+  from script_jax.finetune import trainer  # pylint: disable=g-import-not-at-top
+
+  sq = ft.squad
+  train_json, eval_json, note = _datasets(train_file, dev_file, dev_split, seed=0)
+  start = runs.load_start(init_from, step, ft)
+  cfg = start.encoder_cfg
+  if sq.max_length > cfg.max_position_embeddings:
+    raise FinetuneError(f"squad.max_length={sq.max_length} exceeds the model's "
+                        f"{cfg.max_position_embeddings} positions; use 128 or 256.")
+  tf.io.gfile.makedirs(output_dir)
+  results = runs.read_results(output_dir)
+  runs.check_same_start(results, output_dir, init_from, random_init)
+  results.update(init_from=init_from, random_init=random_init)
+  version = squad_eval.dataset_version(eval_json)
+  results["data"] = note
+  windows = dict(max_seq_length=sq.max_length, doc_stride=sq.doc_stride,
+                 max_query_length=sq.max_query_length)
+  train_examples = squad_data.examples_from_dataset(train_json)
+  eval_examples = squad_data.examples_from_dataset(eval_json)
+  train_features = squad_data.make_features(train_examples, start.tokenizer, is_training=True,
+                                            **windows)
+  eval_features = squad_data.make_features(eval_examples, start.tokenizer, is_training=False,
+                                           **windows)
+  print(f"SQuAD {version} ({note}): {len(train_examples)} questions in "
+        f"{len(train_features)} windows to train on, {len(eval_examples)} questions in "
+        f"{len(eval_features)} windows to evaluate.", file=sys.stderr)
+  model = task_models.SpanExtractor(cfg)
+  train_arrays = train_features.model_inputs()
+  epochs = ft.epochs or sq.epochs
+
+  def loss_fn(outputs, batch):
+    return span_loss(outputs, batch, sq.no_answer_weight, version)
+
+  by_seed = results.setdefault("runs", {}).setdefault("squad", {})
+  for seed in range(ft.first_seed, ft.first_seed + ft.num_seeds):
+    if str(seed) in by_seed:
+      continue
+    began = time.time()
+    run_dir = tf.io.gfile.join(output_dir, f"seed_{seed}")
+    init = runs.initial_params(model, start, train_arrays, seed, random_init, init_from)
+    final, last = trainer.fit(model, init, loss_fn, train_arrays, ft, seed=seed,
+                              num_layers=cfg.num_layers, epochs=epochs,
+                              label=f"SQuAD {version} seed {seed}", log_dir=run_dir)
+    start_logits, end_logits, no_answer = trainer.predict(model, final,
+                                                          eval_features.model_inputs(),
+                                                          ft.eval_batch_size)
+    predictions, na_probs = squad_data.postprocess(
+        eval_examples, eval_features, start_logits, end_logits,
+        no_answer if version == "2.0" else None, n_best=sq.n_best,
+        max_answer_length=sq.max_answer_length, version=version)
+    if version == "2.0":
+      scores = squad_eval.evaluate_v2(eval_json, predictions, na_probs)
+    else:
+      scores = squad_eval.evaluate_v1(eval_json, predictions)
+    scores = {**scores, "train_loss": float(last.get("loss", float("nan"))),
+              "seconds": round(time.time() - began, 1)}
+    if jax.process_index() == 0:
+      squad_eval.write_json(tf.io.gfile.join(run_dir, "predictions.json"), predictions)
+      if na_probs is not None:
+        squad_eval.write_json(tf.io.gfile.join(run_dir, "na_probs.json"), na_probs)
+      if dev_split is not None:
+        squad_eval.write_json(tf.io.gfile.join(output_dir, "eval_dataset.json"), eval_json)
+    if ft.save_model:
+      trainer.save_params(trainer.resolved(tf.io.gfile.join(run_dir, "params")), final)
+    by_seed[str(seed)] = scores
+    print(f"SQuAD {version} seed {seed}: " + json.dumps(scores), file=sys.stderr)
+    if jax.process_index() == 0:
+      runs.write_text_atomically(tf.io.gfile.join(output_dir, runs.RESULTS_FILE),
+                                 json.dumps(results, indent=2, sort_keys=True))
+      runs.write_text_atomically(tf.io.gfile.join(output_dir, "results.md"), table(results))
+  return results
+
+
+def table(results: dict[str, Any]) -> str:
+  """EM and F1 over seeds (mean ± sd, median, every run) as a Markdown table."""
+  by_seed = results["runs"].get("squad", {})
+  lines = [f"Data: {results.get('data', '?')}.", "",
+           "| metric | mean | sd | median | runs |", "|---|---|---|---|---|"]
+  for key in ("exact_match", "exact", "f1", "best_exact", "best_f1"):
+    values = [r[key] for _, r in sorted(by_seed.items(), key=lambda kv: int(kv[0])) if key in r]
+    if values:
+      sd = statistics.stdev(values) if len(values) > 1 else 0.0
+      lines.append(f"| {key} | {statistics.fmean(values):.2f} | {sd:.2f} | "
+                   f"{statistics.median(values):.2f} | "
+                   f"{', '.join(f'{v:.2f}' for v in values)} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  def body():
+    results = run_squad(FLAGS.config, FLAGS.init_from, FLAGS.dev_file, FLAGS.output_dir,
+                        train_file=FLAGS.train_file, dev_split=FLAGS.dev_split,
+                        random_init=FLAGS.random_init, step=FLAGS.step)
+    print(table(results))
+  cli_errors.run_cli(argv, body)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,235 @@
+"""One fine-tuning run: a task model trained for a number of steps, then its predictions.
+
+  params = fit(model, params, loss_fn, train_arrays, ft, seed=..., num_layers=..., ...)
+  outputs = predict(model, params, eval_arrays, ...)
+
+Data-parallel over every device of every host (the pretraining mesh, model axis 1): parameters
+replicated, each global batch split over the 'data' axis, each host feeding its slice. Training
+draws a fresh permutation of the examples per epoch from the seed and drops the last partial
+batch, as ELECTRA does (steps = floor(N / batch) * epochs). Prediction pads the examples to whole
+batches with zero-weight rows and trims the outputs, so every example counts exactly once, on any
+number of devices and hosts. Dropout randomness is fold_in(key(seed), step): the seed fixes the
+head's initialisation, the dropout masks and the data order.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tensorflow as tf
+
+from script_jax.finetune import optim
+
+P = jax.sharding.PartitionSpec
+LossFn = Callable[..., tuple[jax.Array, dict]]
+
+
+def data_mesh() -> jax.sharding.Mesh:
+  """All devices on one 'data' axis."""
+  return jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _global_batch(mesh, rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  """A global batch from the full batch every host holds: each host gives its own slice."""
+  sharding = jax.sharding.NamedSharding(mesh, P("data"))
+  count, index = jax.process_count(), jax.process_index()
+  out = {}
+  for k, v in rows.items():
+    per_host = v.shape[0] // count
+    out[k] = jax.make_array_from_process_local_data(
+        sharding, np.ascontiguousarray(v[index * per_host:(index + 1) * per_host]))
+  return out
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  """The order of the examples in an epoch: a permutation fixed by (seed, epoch)."""
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+class Progress:
+  """One line per `every` steps on stderr: loss, steps/s and the ETA (process 0 only)."""
+
+  def __init__(self, label: str, total_steps: int, every: int):
+    self.label, self.total, self.every = label, total_steps, max(1, every)
+    self.start = self.last_time = time.time()
+    self.last_step = 0
+    self.enabled = jax.process_index() == 0
+
+  def update(self, step: int, metrics: dict[str, float]) -> Optional[dict[str, float]]:
+    if step % self.every and step != self.total:
+      return None
+    now = time.time()
+    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    eta = (self.total - step) / rate if rate > 0 else float("inf")
+    record = {"step": step, **metrics, "steps_per_sec": rate}
+    if self.enabled:
+      text = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+      eta_text = f"{int(eta) // 60}m{int(eta) % 60:02d}s" if math.isfinite(eta) else "?"
+      print(f"[{self.label}] step {step}/{self.total} | {text} | {rate:.2f} steps/s | "
+            f"ETA {eta_text}", file=sys.stderr, flush=True)
+    return record
+
+
+class MetricsLog:
+  """TensorBoard scalars and a metrics.jsonl in `log_dir` (process 0; local or gs://)."""
+
+  def __init__(self, log_dir: Optional[str]):
+    self.enabled = bool(log_dir) and jax.process_index() == 0
+    self.writer = None
+    if self.enabled:
+      from clu import metric_writers  # pylint: disable=g-import-not-at-top
+      tf.io.gfile.makedirs(log_dir)
+      self.writer = metric_writers.SummaryWriter(log_dir)
+      self.jsonl_path = log_dir.rstrip("/") + "/metrics.jsonl"
+      self.lines = []
+
+  def write(self, record: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    step = int(record["step"])
+    self.writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
+    self.lines.append(json.dumps(record))
+
+  def close(self) -> None:
+    if not self.enabled:
+      return
+    self.writer.flush()
+    self.writer.close()
+    # One write at the end: appending is not atomic on gs://.
+    with tf.io.gfile.GFile(self.jsonl_path, "w") as f:
+      f.write("\n".join(self.lines) + "\n")
+
+
+def fit(model, params, loss_fn: LossFn, train_arrays: dict[str, np.ndarray], ft, *,
+        seed: int, num_layers: int, epochs: int, label: str = "",
+        log_dir: Optional[str] = None) -> tuple[Any, dict[str, float]]:
+  """Trains `params` with ELECTRA's fine-tuning recipe; returns (params, last metrics).
+
+  Args:
+    model: a Flax module called as model.apply({"params": p}, ids, segment_ids, input_mask,
+      deterministic=..., rngs=...).
+    params: the initial parameters (pretrained backbone and fresh head).
+    loss_fn: (outputs, batch) -> (per-example losses [B], metrics) for the task.
+    train_arrays: "input_ids", "segment_ids", "input_mask" and the task's targets, [N, ...].
+    ft: the `finetune` config section (batch_size, learning_rate, ...).
+    seed: fixes dropout and the data order (the head's initialisation is the caller's).
+    num_layers: of the encoder (for the layer-wise learning-rate decay).
+    epochs: passes over the training examples.
+    label: shown in the progress lines.
+    log_dir: TensorBoard and metrics.jsonl (None: none written).
+  """
+  mesh = data_mesh()
+  num_examples = len(train_arrays["input_ids"])
+  batch_size = ft.batch_size
+  if batch_size % jax.device_count():
+    raise ValueError(f"finetune.batch_size={batch_size} is not divisible by the "
+                     f"{jax.device_count()} devices.")
+  steps_per_epoch = num_examples // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"{num_examples} training examples, fewer than one batch of {batch_size}.")
+  total_steps = steps_per_epoch * epochs
+  tx, schedule = optim.make_optimizer(ft, params, num_layers, total_steps)
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  params = jax.device_put(params, replicated)
+  opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
+  dropout_key = jax.random.key(seed)
+  reduce = jnp.sum if ft.loss_reduction == "sum" else jnp.mean
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=(replicated,) * 3)
+  def train_step(params, opt_state, batch, step):
+    def loss_of(p):
+      outputs = model.apply({"params": p}, batch["input_ids"], batch["segment_ids"],
+                            batch["input_mask"], deterministic=False,
+                            rngs={"dropout": jax.random.fold_in(dropout_key, step)})
+      losses, metrics = loss_fn(outputs, batch)
+      return reduce(losses), metrics
+    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+               "learning_rate": schedule(step)}
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+  progress = Progress(label, total_steps, ft.log_every_steps)
+  log = MetricsLog(log_dir)
+  totals, count, last = {}, 0, {}
+  step = 0
+  for epoch in range(epochs):
+    order = epoch_order(num_examples, seed, epoch)
+    for b in range(steps_per_epoch):
+      rows = order[b * batch_size:(b + 1) * batch_size]
+      batch = _global_batch(mesh, {k: v[rows] for k, v in train_arrays.items()})
+      params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step))
+      step += 1
+      metrics = jax.device_get(metrics)
+      if not np.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"[{label}] the loss is {metrics['loss']} at step {step}; "
+                                 "lower finetune.learning_rate.")
+      for k, v in metrics.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+      count += 1
+      record = progress.update(step, {k: v / count for k, v in totals.items()})
+      if record is not None:
+        log.write(record)
+        last, totals, count = record, {}, 0
+  log.close()
+  return params, last
+
+
+def predict(model, params, arrays: dict[str, np.ndarray], batch_size: int) -> Any:
+  """The model's outputs on every example, in order (a tree of [N, ...] numpy arrays)."""
+  mesh = data_mesh()
+  num_examples = len(arrays["input_ids"])
+  batch_size = round_up(batch_size, jax.device_count() * jax.process_count())
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  params = jax.device_put(params, replicated)
+
+  @functools.partial(jax.jit, out_shardings=replicated)
+  def forward(params, batch):
+    return model.apply({"params": params}, batch["input_ids"], batch["segment_ids"],
+                       batch["input_mask"], deterministic=True)
+
+  keys = ("input_ids", "segment_ids", "input_mask")
+  padded = round_up(max(num_examples, 1), batch_size)
+  inputs = {k: np.concatenate([arrays[k], np.zeros((padded - num_examples,) + arrays[k].shape[1:],
+                                                   arrays[k].dtype)]) for k in keys}
+  outputs = []
+  for start in range(0, padded, batch_size):
+    batch = _global_batch(mesh, {k: v[start:start + batch_size] for k, v in inputs.items()})
+    outputs.append(jax.device_get(forward(params, batch)))
+  stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
+  return jax.tree.map(lambda x: x[:num_examples], stacked)
+
+
+def save_params(path: str, params) -> None:
+  """Writes parameters with orbax (local or gs://) for `load_params`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, jax.device_get(params), force=True)
+
+
+def load_params(path: str, abstract) -> Any:
+  """Parameters saved by `save_params`, in the shapes of `abstract`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(path, abstract)
+
+
+def resolved(path: str) -> str:
+  """An absolute path for orbax (which wants one locally); gs:// paths pass through."""
+  return path if "://" in path else os.path.abspath(path)

@@ -1,0 +1,222 @@
+"""Fine-tuning on GLUE: the recipe's optimizer pieces against references, prediction counting
+every example once, and `python -m script_jax.finetune.glue` end to end from a pretraining
+workdir made by the real trainer through to the results table."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import run_module, shared_workdir
+
+from script_jax import config_lib
+from script_jax import models
+from script_jax.finetune import model as task_models
+from script_jax.finetune import optim
+from script_jax.finetune import trainer
+
+
+def _tiny_cfg(num_layers=3):
+  return models.EncoderConfig(vocab_size=50, embedding_size=8, hidden_size=16,
+                              num_layers=num_layers, num_heads=2, intermediate_size=32,
+                              max_position_embeddings=16)
+
+
+def _classifier_params(cfg, num_outputs=3, batch=2, length=7):
+  model = task_models.Classifier(cfg, num_outputs)
+  ids = np.ones((batch, length), np.int32)
+  return model, model.init(jax.random.key(0), ids, ids * 0, ids)["params"]
+
+
+@pytest.mark.parametrize("quirk", [True, False])
+def test_layerwise_decay_follows_depth(quirk):
+  cfg = _tiny_cfg(num_layers=3)
+  _, params = _classifier_params(cfg)
+  scales = optim.layer_scales(params, 3, 0.8, top_layer_at_decay_2=quirk)
+  flat = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(scales)[0]}
+  top = 3 + (2 if quirk else 1)  # ELECTRA's code: depth d at 0.8 ** (L + 2 - d)
+  for key, scale in flat.items():
+    if "'head'" in key:
+      want = 1.0
+    elif "'embeddings'" in key or "embeddings_project" in key:
+      want = 0.8 ** top
+    else:
+      layer = int(key.split("'layer_")[1].split("'")[0])
+      want = 0.8 ** (top - layer - 1)
+    assert scale == pytest.approx(want), key
+  # Every part of the model got a scale, the E->H projection at the embeddings' depth.
+  assert any("embeddings_project" in k for k in flat) and any("'head'" in k for k in flat)
+  assert flat[next(k for k in flat if "layer_2" in k)] == pytest.approx(0.8 ** (2 if quirk else 1))
+
+
+def test_schedule_is_warmup_times_linear_decay():
+  schedule = optim.learning_rate_schedule(3e-4, total_steps=50, warmup_fraction=0.1)
+  for t in [0, 1, 3, 5, 6, 20, 49, 50]:
+    want = 3e-4 * min(1.0, t / 5) * max(0.0, 1.0 - t / 50)  # ELECTRA: product, not two phases
+    assert float(schedule(t)) == pytest.approx(want, rel=1e-6, abs=1e-12)
+
+
+def test_adam_without_bias_correction_matches_numpy():
+  rng = np.random.default_rng(0)
+  params = {"w": rng.normal(size=(3, 4)).astype(np.float32)}
+  tx = optim.scale_by_adam_without_bias_correction(0.9, 0.999, 1e-6)
+  state = tx.init(params)
+  m = np.zeros((3, 4)); v = np.zeros((3, 4))
+  for _ in range(3):
+    g = rng.normal(size=(3, 4))
+    updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state)
+    m = 0.9 * m + 0.1 * g
+    v = 0.999 * v + 0.001 * g * g
+    np.testing.assert_allclose(updates["w"], m / (np.sqrt(v) + 1e-6), rtol=2e-5)
+
+
+def test_optimizer_step_matches_a_hand_computed_update():
+  """clip -> adam (no bias correction) -> + weight decay off biases -> * -lr(t) * layer scale."""
+  cfg = _tiny_cfg(num_layers=1)
+  _, params = _classifier_params(cfg)
+  ft = config_lib.finetune_config()
+  ft.weight_decay = 0.01
+  tx, schedule = optim.make_optimizer(ft, params, num_layers=1, total_steps=10)
+  state = tx.init(params)
+  rng = np.random.default_rng(1)
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32) * 0.1,
+                       params)
+  updates, _ = tx.update(grads, state, params)
+  norm = math.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads)))
+  clip = min(1.0, 1.0 / norm)
+  scales = optim.layer_scales(params, 1, 0.8)
+  lr0 = float(schedule(0))
+
+  def want(path, p, g, s):
+    g = np.asarray(g, np.float64) * clip
+    adam = (0.1 * g) / (np.sqrt(0.001 * g * g) + 1e-6)
+    name = str(getattr(path[-1], "key", path[-1]))
+    decay = 0.0 if name in ("bias", "scale") else 0.01
+    return -lr0 * s * (adam + decay * np.asarray(p))
+  expected = jax.tree_util.tree_map_with_path(want, params, grads, scales)
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-12)
+
+
+def test_predict_counts_every_example_once_on_8_devices():
+  assert jax.device_count() == 8
+  cfg = _tiny_cfg(num_layers=1)
+  model, params = _classifier_params(cfg)
+  rng = np.random.default_rng(2)
+  n = 13  # not a multiple of the batch or of the devices
+  arrays = {"input_ids": rng.integers(0, 50, size=(n, 7)).astype(np.int32),
+            "segment_ids": np.zeros((n, 7), np.int32), "input_mask": np.ones((n, 7), np.int32)}
+  outputs = trainer.predict(model, params, arrays, batch_size=8)
+  direct = model.apply({"params": params}, arrays["input_ids"], arrays["segment_ids"],
+                       arrays["input_mask"])
+  assert outputs.shape == (n, 3)
+  np.testing.assert_allclose(outputs, direct, rtol=1e-5, atol=1e-6)
+
+
+def test_pretrained_encoder_must_fit():
+  cfg = _tiny_cfg(num_layers=1)
+  _, params = _classifier_params(cfg)
+  encoder = jax.tree.map(np.asarray, params["backbone"])
+  replaced = task_models.with_pretrained_encoder(params, encoder)
+  assert replaced["head"] is params["head"]
+  wrong = jax.tree.map(lambda x: np.zeros((x.shape[0] + 1,) + x.shape[1:]), encoder)
+  with pytest.raises(ValueError, match="does not fit this model"):
+    task_models.with_pretrained_encoder(params, wrong)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+_COLA = [("gj04", 1, "The cat sat on the mat."), ("gj04", 0, "Cat the mat on sat."),
+         ("bc01", 1, "She gave him a book."), ("bc01", 0, "She him gave book a."),
+         ("r-67", 1, "We expect the results soon."), ("r-67", 0, "Results the soon expect.")]
+_STSB = [("A plane is taking off.", "An air plane is taking off.", 5.0),
+         ("A man plays a flute.", "A man is eating.", 0.6),
+         ("Two dogs run in a field.", "Dogs are running outside.", 3.8),
+         ("The sky is blue.", "A woman slices onions.", 0.0)]
+
+
+def _glue_fixture(root):
+  """A GLUE folder in the standard layout: CoLA (no header) and STS-B (with one)."""
+  for name, split, repeat in [("train", "train", 8), ("dev", "dev", 3)]:
+    cola = root / "CoLA"
+    cola.mkdir(parents=True, exist_ok=True)
+    (cola / f"{split}.tsv").write_text("".join(
+        f"{s}\t{l}\t\t{t}\n" for s, l, t in _COLA * repeat))
+    stsb = root / "STS-B"
+    stsb.mkdir(parents=True, exist_ok=True)
+    header = ("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2"
+              "\tscore\n")
+    (stsb / f"{split}.tsv").write_text(header + "".join(
+        f"{i}\tmain\tx\t2012\t{i}\tnone\tnone\t{a}\t{b}\t{s:.3f}\n"
+        for i, (a, b, s) in enumerate(_STSB * repeat)))
+    del name
+  return str(root)
+
+
+_FAST = ["--nocheck_counts", "--config.num_seeds=2", "--config.epochs=1",
+         "--config.batch_size=8", "--config.max_length=32", "--config.log_every_steps=2"]
+
+
+def test_glue_command_end_to_end(tmp_path, tmp_path_factory):
+  workdir = shared_workdir(tmp_path_factory)
+  data_dir = _glue_fixture(tmp_path / "glue")
+  out = tmp_path / "out"
+  args = [f"--init_from={workdir}", f"--data_dir={data_dir}", f"--output_dir={out}", *_FAST]
+  result = run_module("finetune.glue", args, timeout=600)
+  stderr = result.stderr.decode()
+  assert result.returncode == 0, stderr[-3000:]
+  assert "ETA" in stderr and "steps/s" in stderr  # progress while fine-tuning
+  results = json.loads((out / "results.json").read_text())
+  assert set(results["runs"]) == {"cola", "stsb"}  # every task found in the folder
+  for task, metric_names in [("cola", {"mcc"}), ("stsb", {"pearson", "spearman"})]:
+    assert set(results["runs"][task]) == {"0", "1"}
+    for run in results["runs"][task].values():
+      assert metric_names <= set(run) and run["train_examples"] > 0
+      assert all(-100 <= run[m] <= 100 for m in metric_names)
+  # STS-B trains on its pairs and their swaps, as ELECTRA does.
+  assert results["runs"]["stsb"]["0"]["train_examples"] == 2 * len(_STSB) * 8
+  table = result.stdout.decode()
+  assert "| model | CoLA | SST-2 | MRPC | STS-B |" in table
+  assert (out / "results.md").read_text().startswith("| model | CoLA")
+  for task in ("cola", "stsb"):
+    lines = (out / task / "seed_0" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] > 0
+
+  # A rerun skips what is done; one more seed runs only that seed.
+  again = run_module("finetune.glue", args, timeout=600)
+  assert again.returncode == 0 and b"all 2 seeds done" in again.stderr
+  more = run_module("finetune.glue", [*args, "--config.num_seeds=3", "--tasks=cola"],
+                    timeout=600)
+  assert more.returncode == 0, more.stderr.decode()[-2000:]
+  runs = json.loads((out / "results.json").read_text())["runs"]
+  assert set(runs["cola"]) == {"0", "1", "2"} and runs["cola"]["0"] == results["runs"]["cola"]["0"]
+
+
+def test_glue_command_random_init_and_bad_input(tmp_path, tmp_path_factory):
+  workdir = shared_workdir(tmp_path_factory)
+  data_dir = _glue_fixture(tmp_path / "glue")
+  out = tmp_path / "random"
+  result = run_module("finetune.glue", [f"--init_from={workdir}", f"--data_dir={data_dir}",
+                                        f"--output_dir={out}", "--random_init", "--tasks=CoLA",
+                                        *_FAST, "--config.num_seeds=1"], timeout=600)
+  assert result.returncode == 0, result.stderr.decode()[-3000:]
+  assert "+random |" in result.stdout.decode()
+
+  def error(*extra):
+    bad = run_module("finetune.glue", [f"--init_from={workdir}", f"--output_dir={out}_bad",
+                                       *_FAST, *extra], timeout=300)
+    assert bad.returncode == 2 and b"Traceback" not in bad.stderr, bad.stderr.decode()[-2000:]
+    return bad.stderr.decode()
+
+  assert "Unknown GLUE task 'colaa'" in error(f"--data_dir={data_dir}", "--tasks=colaa")
+  assert "No GLUE task found" in error(f"--data_dir={tmp_path}")
+  assert "No SST-2 train file" in error(f"--data_dir={data_dir}", "--tasks=sst2")
+  # The real row counts are checked unless told otherwise.
+  strict = error(f"--data_dir={data_dir}", "--tasks=cola", "--check_counts")
+  assert "8,551" in strict or "8551" in strict
+  (tmp_path / "glue" / "CoLA" / "dev.tsv").write_text("gj04\tmaybe\t\tA bad label.\n")
+  assert "dev.tsv:1" in error(f"--data_dir={data_dir}", "--tasks=cola")
+  assert "is not a script_jax workdir" in error(f"--data_dir={data_dir}",
+                                                f"--init_from={tmp_path / 'nowhere'}")

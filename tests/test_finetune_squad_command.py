@@ -1,0 +1,88 @@
+"""`python -m script_jax.finetune.squad` end to end on a SQuAD fixture (1.1 and 2.0), from a
+pretraining workdir made by the real trainer; its files re-scored by the official-interface
+command give the same numbers."""
+
+import json
+
+import pytest
+from conftest import run_module, shared_workdir
+
+_CONTEXTS = [
+    ("Python", "Python was created by Guido van Rossum and first released in 1991. It is a "
+     "programming language that lets you work quickly."),
+    ("Rivers", "The Nile is a major river in Africa. It flows north into the Mediterranean Sea "
+     "and is about 6,650 km long."),
+    ("Paris", "Paris is the capital of France. The Eiffel Tower was built in 1889 for the "
+     "World's Fair."),
+    ("Music", "A piano has 88 keys. Its strings are struck by hammers covered with felt."),
+]
+_QUESTIONS = {
+    "Python": [("Who created Python?", "Guido van Rossum"), ("When was it released?", "1991")],
+    "Rivers": [("Where is the Nile?", "Africa"), ("How long is the Nile?", "about 6,650 km")],
+    "Paris": [("What is the capital of France?", "Paris"), ("When was the tower built?", "1889")],
+    "Music": [("How many keys has a piano?", "88"), ("What strikes the strings?", "hammers")],
+}
+
+
+def _dataset(version):
+  data = []
+  for title, context in _CONTEXTS:
+    qas = []
+    for i, (question, answer) in enumerate(_QUESTIONS[title]):
+      qas.append({"id": f"{title}-{i}", "question": question,
+                  "answers": [{"text": answer, "answer_start": context.index(answer)}]})
+      if version == "v2.0":
+        qas[-1]["is_impossible"] = False
+    if version == "v2.0":
+      qas.append({"id": f"{title}-none", "question": "What colour is the moon's cheese?",
+                  "answers": [], "plausible_answers": [], "is_impossible": True})
+    data.append({"title": title, "paragraphs": [{"context": context, "qas": qas}]})
+  return {"version": version, "data": data * 3}
+
+
+@pytest.mark.parametrize("version", ["1.1", "v2.0"])
+def test_squad_command_end_to_end(version, tmp_path, tmp_path_factory):
+  workdir = shared_workdir(tmp_path_factory)
+  dev = tmp_path / "dev.json"
+  dev.write_text(json.dumps(_dataset(version)))
+  out = tmp_path / "out"
+  result = run_module("finetune.squad", [
+      f"--init_from={workdir}", f"--dev_file={dev}", "--dev_split=0.75", f"--output_dir={out}",
+      "--config.num_seeds=1", "--config.epochs=2", "--config.batch_size=8",
+      "--config.squad.max_length=32", "--config.squad.doc_stride=8",
+      "--config.squad.max_query_length=8", "--config.log_every_steps=1"], timeout=600)
+  stderr = result.stderr.decode()
+  assert result.returncode == 0, stderr[-3000:]
+  assert "development split" in stderr and "ETA" in stderr
+  scores = json.loads((out / "results.json").read_text())["runs"]["squad"]["0"]
+  predictions = json.loads((out / "seed_0" / "predictions.json").read_text())
+  held_out = json.loads((out / "eval_dataset.json").read_text())
+  qids = {q["id"] for a in held_out["data"] for p in a["paragraphs"] for q in p["qas"]}
+  assert set(predictions) == qids and all(isinstance(t, str) for t in predictions.values())
+  args = [str(out / "eval_dataset.json"), str(out / "seed_0" / "predictions.json")]
+  if version == "v2.0":
+    na_probs = json.loads((out / "seed_0" / "na_probs.json").read_text())
+    assert set(na_probs) == qids and all(0.0 <= p <= 1.0 for p in na_probs.values())
+    args += ["--na-prob-file", str(out / "seed_0" / "na_probs.json")]
+  rescored = run_module("finetune.squad_eval", args, timeout=300)
+  assert rescored.returncode == 0, rescored.stderr.decode()
+  official = json.loads(rescored.stdout.decode())
+  for key, value in official.items():
+    assert scores[key] == pytest.approx(value), key
+  assert ("exact_match" if version == "1.1" else "best_f1") in official
+  assert "| f1 |" in (out / "results.md").read_text()
+
+
+def test_squad_command_needs_a_train_file_or_a_split(tmp_path, tmp_path_factory):
+  workdir = shared_workdir(tmp_path_factory)
+  dev = tmp_path / "dev.json"
+  dev.write_text(json.dumps(_dataset("1.1")))
+  result = run_module("finetune.squad", [f"--init_from={workdir}", f"--dev_file={dev}",
+                                         f"--output_dir={tmp_path / 'out'}"], timeout=300)
+  assert result.returncode == 2 and b"--dev_split" in result.stderr
+  assert b"Traceback" not in result.stderr
+  # The tiny model has 128 positions: ELECTRA's 512-token windows are refused, clearly.
+  result = run_module("finetune.squad", [f"--init_from={workdir}", f"--dev_file={dev}",
+                                         "--dev_split=0.5", f"--output_dir={tmp_path / 'out'}"],
+                      timeout=300)
+  assert result.returncode == 2 and b"exceeds the model's 128 positions" in result.stderr
