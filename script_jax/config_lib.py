@@ -167,6 +167,9 @@ def finetune_config(size: str = "small") -> ml_collections.ConfigDict:
   # ELECTRA sums the task loss over the batch (it only interacts with the clip and eps).
   c.loss_reduction = "sum"
   c.swap_pairs = True  # MRPC and STS-B also trained with the two sentences swapped
+  # > 0: train on a fixed random subset of this many training examples (before the swaps), the
+  # same for every seed: for development runs on small machines, never for reported numbers.
+  c.max_train_examples = 0
   c.num_seeds = 8  # the paper's mean of 8 (ELECTRA: median of 10)
   c.first_seed = 0
   c.eval_batch_size = 128

@@ -200,9 +200,13 @@ def test_glue_command_random_init_and_bad_input(tmp_path, tmp_path_factory):
   out = tmp_path / "random"
   result = run_module("finetune.glue", [f"--init_from={workdir}", f"--data_dir={data_dir}",
                                         f"--output_dir={out}", "--random_init", "--tasks=CoLA",
-                                        *_FAST, "--config.num_seeds=1"], timeout=600)
+                                        *_FAST, "--config.num_seeds=1",
+                                        "--config.max_train_examples=10"], timeout=600)
   assert result.returncode == 0, result.stderr.decode()[-3000:]
   assert "+random |" in result.stdout.decode()
+  results = json.loads((out / "results.json").read_text())
+  assert results["random_init"] and results["runs"]["cola"]["0"]["train_examples"] == 10
+  assert results["finetune_config"]["max_train_examples"] == 10
 
   def error(*extra):
     bad = run_module("finetune.glue", [f"--init_from={workdir}", f"--output_dir={out}_bad",

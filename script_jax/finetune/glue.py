@@ -25,6 +25,7 @@ import time
 from typing import Any, Optional
 
 from absl import app
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
 import tensorflow as tf
@@ -130,7 +131,7 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
   if ft.loss_reduction not in ("sum", "mean"):
     raise FinetuneError(f"loss_reduction={ft.loss_reduction!r}; use 'sum' or 'mean'.")
   names = tasks_to_run(data_dir, tasks or [])
-  start = runs.load_start(init_from, step, ft)
+  start = runs.load_start(init_from, step, ft, random_init)
   cfg, tokenizer, special = start.encoder_cfg, start.tokenizer, start.special_ids
   if ft.max_length > cfg.max_position_embeddings:
     raise FinetuneError(f"max_length={ft.max_length} exceeds the model's "
@@ -140,7 +141,8 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
   results = runs.read_results(output_dir)
   runs.check_same_start(results, output_dir, init_from, random_init)
   results.update(label=label, init_from=init_from, random_init=random_init,
-                 pretraining_step=int(step) if step is not None else None)
+                 pretraining_step=int(step) if step is not None else None,
+                 finetune_config=json.loads(ft.to_json()))
   results_path = tf.io.gfile.join(output_dir, runs.RESULTS_FILE)
 
   def featurize(examples):
@@ -157,6 +159,9 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
       print(f"{spec.display_name}: all {len(seeds)} seeds done.", file=sys.stderr)
       continue
     train_examples = _read(data_dir, name, "train", check_counts)
+    if 0 < ft.max_train_examples < len(train_examples):
+      keep = np.random.default_rng(0).permutation(len(train_examples))[:ft.max_train_examples]
+      train_examples = [train_examples[i] for i in sorted(keep)]
     if ft.swap_pairs:
       train_examples = glue_data.training_examples(name, train_examples)
     train_arrays = featurize(train_examples)

@@ -31,21 +31,24 @@ class Start:
   """A pretrained encoder to fine-tune, and the tokenizer it was pretrained with."""
   config: Any              # the pretraining run's config
   encoder_cfg: Any         # models.EncoderConfig with fine-tuning's dropout, per-layer layout
-  encoder: dict            # {"embeddings", "encoder"} on the host (numpy)
+  encoder: dict            # {"embeddings", "encoder"} on the host (numpy); {} if random
   tokenizer: Any
   special_ids: dict[str, int]
 
 
-def load_start(init_from: str, step: Optional[int], ft) -> Start:
-  """The encoder of a pretraining workdir (any objective) and its tokenizer."""
+def load_start(init_from: str, step: Optional[int], ft, random_init: bool = False) -> Start:
+  """The encoder of a pretraining workdir (any objective) and its tokenizer. With random_init
+  only its config and tokenizer are read (it needs no checkpoint yet)."""
   import jax  # pylint: disable=g-import-not-at-top
   from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from script_jax import models  # pylint: disable=g-import-not-at-top
   from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
-  config, _, params = checkpoints.load_pretrained(init_from, step)
+  if random_init:
+    config, encoder = checkpoints.read_run_config(init_from), {}
+  else:
+    config, _, params = checkpoints.load_pretrained(init_from, step)
+    encoder = jax.device_get(checkpoints.encoder_params(config, params))
   tokenizer, special_ids = prepared.load_workdir_tokenizer(init_from, config)
-  # On the host: each run's device copy is donated to its train step.
-  encoder = jax.device_get(checkpoints.encoder_params(config, params))
   cfg = models.encoder_config_from(config.model, dropout_rate=ft.dropout_rate,
                                    attention_dropout_rate=ft.attention_dropout_rate,
                                    scan_layers=False, remat=False)

@@ -103,7 +103,7 @@ def run_squad(ft, init_from: str, dev_file: str, output_dir: str, *,
 
   sq = ft.squad
   train_json, eval_json, note = _datasets(train_file, dev_file, dev_split, seed=0)
-  start = runs.load_start(init_from, step, ft)
+  start = runs.load_start(init_from, step, ft, random_init)
   cfg = start.encoder_cfg
   if sq.max_length > cfg.max_position_embeddings:
     raise FinetuneError(f"squad.max_length={sq.max_length} exceeds the model's "
