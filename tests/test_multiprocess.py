@@ -1,6 +1,7 @@
 """Two real processes on localhost joined by jax.distributed: the multi-host code path."""
 
 import json
+import signal
 import os
 import socket
 import subprocess
@@ -39,3 +40,78 @@ def test_two_processes_train_and_checkpoint_together(tmp_path):
   assert config.objective == "script"
   leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(params)]
   assert all(np.isfinite(x).all() for x in leaves)
+
+
+def test_host_local_prepared_folder_fails_at_once_on_every_process(tmp_path):
+  """The same local path names a different folder on each host (here: a different path per
+  process, which is what two hosts' own disks look like): every process stops within seconds
+  with the advice to use gs:// or a shared disk, instead of waiting for process 0's data."""
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS="")
+  args = ["--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}",
+          "--config.num_train_steps=2", "--config.optim.warmup_steps=0", "--config.batch_size=8",
+          "--config.model.num_layers=1",
+          "--config.seq_len=32", "--distributed", f"--coordinator_address=localhost:{port}",
+          "--num_processes=2"]
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "script_jax.main", *args, f"--process_id={i}",
+       f"--config.data.prepared_dir={tmp_path / f'disk_of_host_{i}' / 'data'}"],
+      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  errors = [p.communicate(timeout=300)[1] for p in procs]
+  for p, err in zip(procs, errors):
+    assert p.returncode == 2, err[-3000:]
+    assert "do not share with process 0" in err and "gs://" in err, err[-3000:]
+    assert "process(es) [1]" in err, err[-3000:]
+  assert not (tmp_path / "disk_of_host_0" / "data" / "metadata.json").exists()
+
+
+def _launch(args, port):
+  env = dict(os.environ, XLA_FLAGS="")
+  return [subprocess.Popen(
+      [sys.executable, "-m", "script_jax.main", *args, "--distributed",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+
+
+def _finish(procs, timeout=600):
+  errors = [p.communicate(timeout=timeout)[1] for p in procs]
+  for p, err in zip(procs, errors):
+    assert p.returncode == 0, err[-3000:]
+  return errors
+
+
+def test_sigterm_to_one_host_saves_the_same_step_on_both_and_resumes_exactly(tmp_path):
+  """SIGTERM to process 1 only: jax.distributed's preemption sync point makes both processes
+  save the same step and exit 0; resuming then equals an uninterrupted run."""
+  import re  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  args = ["--config=configs/tiny.py", "--config.num_train_steps=100",
+          "--config.checkpoint_every_steps=50", "--config.log_every_steps=2",
+          "--config.batch_size=8", "--config.optim.warmup_steps=10",
+          "--config.model.num_layers=1", "--config.seq_len=32",
+          f"--config.data.prepared_dir={tmp_path / 'data'}"]
+  interrupted = tmp_path / "interrupted"
+  procs = _launch(args + [f"--workdir={interrupted}"], _free_port())
+  metrics = interrupted / "metrics.jsonl"
+  deadline = time.time() + 300
+  while not (metrics.exists() and metrics.stat().st_size > 0) and time.time() < deadline:
+    assert all(p.poll() is None for p in procs), "a process ended before training"
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  errors = _finish(procs)
+  saved = [re.findall(r"saved step (\d+), exiting", err) for err in errors]
+  assert saved[0] and saved[0] == saved[1], errors[0][-2000:]
+  step = int(saved[0][0])
+  assert 0 < step < 100
+  assert checkpoints.make_manager(str(interrupted), checkpoints.read_run_config(
+      str(interrupted)), read_only=True).latest_step() == step
+
+  _finish(_launch(args + [f"--workdir={interrupted}"], _free_port()))  # resume to 100
+  straight = tmp_path / "straight"
+  _finish(_launch(args + [f"--workdir={straight}"], _free_port()))
+  for a, b in zip(jax.tree.leaves(checkpoints.load_pretrained(str(interrupted))[2]),
+                  jax.tree.leaves(checkpoints.load_pretrained(str(straight))[2])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -37,8 +37,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from script_jax.bench import step_speed
+from script_jax import fs
 from script_jax.bench import flops
+from script_jax.bench import step_speed
 from script_jax.data import synthetic
 
 FLAGS = flags.FLAGS
@@ -300,7 +301,7 @@ def main(argv):
   report["command"] = " ".join(["python", "script_jax/bench/hf_peer.py", *sys.argv[1:]])
   print(format_table(report), flush=True)
   if FLAGS.output:
-    with open(FLAGS.output, "w") as f:
+    with fs.open(FLAGS.output, "w") as f:
       json.dump(report, f, indent=2, default=str)
     print(f"Wrote {FLAGS.output}", flush=True)
 

@@ -20,6 +20,7 @@ from absl import logging
 from ml_collections import config_flags
 import tensorflow as tf
 
+from script_jax import fs
 from script_jax.data import pipeline
 from script_jax.data import prepare, prepared
 
@@ -46,7 +47,7 @@ def benchmark(config, metadata: dict, data_dir: str, num_batches: int, warmup_ba
       "max_predictions_per_seq": config.mask.max_predictions_per_seq,
       "num_batches": num_batches,
       "seconds": round(seconds, 3),
-      "data_dir": os.path.abspath(data_dir),
+      "data_dir": fs.abspath(data_dir),
       "data_source": metadata["source"],
       "cpu_count": os.cpu_count(),
       "machine": platform.processor() or platform.machine(),
@@ -76,7 +77,7 @@ def main(argv):
         f"({result['tokens_per_second']:,} tokens/s, per-host batch "
         f"{result['per_host_batch_size']}, {result['cpu_count']} CPU cores)")
   if FLAGS.output:
-    with open(FLAGS.output, "w") as f:
+    with fs.open(FLAGS.output, "w") as f:
       json.dump(result, f, indent=2)
       f.write("\n")
 

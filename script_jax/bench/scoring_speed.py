@@ -23,6 +23,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from script_jax import cli_errors
+from script_jax import fs
 
 FLAGS = flags.FLAGS
 
@@ -127,7 +128,7 @@ def _load_and_benchmark():
   if FLAGS.workdir:
     from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
     from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
-    if not os.path.isdir(FLAGS.workdir):
+    if not fs.isdir(FLAGS.workdir):
       raise pll_scorer.ScoringError(f"The workdir {FLAGS.workdir} does not exist.")
     config, model, params = checkpoints.load_pretrained(FLAGS.workdir)
     source = FLAGS.workdir
@@ -164,7 +165,7 @@ def main(argv):
         f"{setup['cpu_count']} x {setup['cpu']} ({setup['platform']}), {setup['date']}")
   print(format_table(result))
   if FLAGS.output:
-    with open(FLAGS.output, "w") as f:
+    with fs.open(FLAGS.output, "w") as f:
       json.dump(result, f, indent=2)
 
 

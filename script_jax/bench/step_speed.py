@@ -35,11 +35,12 @@ import numpy as np
 from ml_collections import config_flags
 
 from script_jax import config_lib
-from script_jax.bench import flops
-from script_jax.data import synthetic
+from script_jax import fs
 from script_jax import models
 from script_jax import state as state_lib
 from script_jax import train
+from script_jax.bench import flops
+from script_jax.data import synthetic
 
 PAPER_STEPS_PER_SEC = {"electra": 31.3, "script": 22.7}  # TPU v3-8, small models (Sec. 3.3)
 PAPER_SCRIPT_OVER_ELECTRA = PAPER_STEPS_PER_SEC["script"] / PAPER_STEPS_PER_SEC["electra"]
@@ -302,7 +303,7 @@ def benchmark_objective(config, objective: str, *, batch_size: int | None = None
       steps_per_sec=steps_per_sec, tokens_per_sec=steps_per_sec * b * t,
       model_flops_per_sec=steps_per_sec * model_flops["total"])
   if profile_dir:
-    trace_dir = os.path.join(profile_dir, objective)
+    trace_dir = fs.join(profile_dir, objective)
     calls = math.ceil(profile_steps / steps_per_call)
     profile_steps = calls * steps_per_call
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
@@ -322,11 +323,11 @@ def benchmark_objective(config, objective: str, *, batch_size: int | None = None
 
 def find_perfetto_trace(trace_dir: str) -> str:
   """The newest perfetto_trace.json.gz that jax.profiler wrote under `trace_dir`."""
-  found = [os.path.join(root, name) for root, _, names in os.walk(trace_dir) for name in names
+  found = [fs.join(root, name) for root, _, names in fs.walk(trace_dir) for name in names
            if name.endswith("perfetto_trace.json.gz")]
   if not found:
     raise FileNotFoundError(f"jax.profiler wrote no perfetto_trace.json.gz under {trace_dir}")
-  return max(found, key=os.path.getmtime)
+  return max(found, key=fs.getmtime)
 
 
 def summarise_trace(path: str, steps: int, top: int = 20) -> dict[str, Any]:
@@ -339,7 +340,7 @@ def summarise_trace(path: str, steps: int, top: int = 20) -> dict[str, Any]:
   """
   import gzip  # pylint: disable=g-import-not-at-top
   import re  # pylint: disable=g-import-not-at-top
-  with gzip.open(path, "rt") as f:
+  with fs.open(path, "rb") as raw, gzip.GzipFile(fileobj=raw) as f:
     events = json.load(f)
   events = events["traceEvents"] if isinstance(events, dict) else events
   process = {e["pid"]: e.get("args", {}).get("name", "") for e in events
@@ -531,8 +532,8 @@ def main(argv):
   report["config_file"] = config_flags.get_config_filename(FLAGS["config"])
   _print(format_table(report))
   if FLAGS.output:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-    with open(FLAGS.output, "w") as f:
+    fs.makedirs(fs.dirname(fs.abspath(FLAGS.output)))
+    with fs.open(FLAGS.output, "w") as f:
       json.dump(report, f, indent=2, default=str)
     _print(f"Wrote {FLAGS.output}")
 

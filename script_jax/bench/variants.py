@@ -14,7 +14,6 @@ measured. Made for a GPU lent for minutes (benchmarks/gpu_check.sh); it runs any
 
 import json
 import math
-import os
 import sys
 import time
 
@@ -22,8 +21,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from script_jax.bench import step_speed
+from script_jax import fs
 from script_jax import train
+from script_jax.bench import step_speed
 
 # (name, objective, config overrides, compiler options, steps per call), most telling first.
 # Measured and dropped (docs/benchmarks.md section (i)): SCRIPT's two passes stacked into one
@@ -118,8 +118,8 @@ def main(argv):
 
   def save():
     if FLAGS.output:
-      os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-      with open(FLAGS.output, "w") as f:
+      fs.makedirs(fs.dirname(fs.abspath(FLAGS.output)))
+      with fs.open(FLAGS.output, "w") as f:
         json.dump(report, f, indent=2, default=str)
 
   for name, objective, overrides, options, per_call in VARIANTS:

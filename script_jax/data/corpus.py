@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import gzip
 import os
 import re
@@ -33,6 +32,7 @@ import tarfile
 from typing import Iterator, Optional
 
 from script_jax import cli_errors
+from script_jax import fs
 
 Document = list[str]
 
@@ -83,7 +83,7 @@ def describe_source(source: str) -> str:
   if source.startswith("tfds:"):
     name, split = _parse_tfds_source(source)
     return f"tfds:{name}:{split}"
-  return ",".join(os.path.abspath(os.path.expanduser(p)) for p in _split_paths(source))
+  return ",".join(fs.abspath(p) for p in _split_paths(source))
 
 
 def read_documents(source: str, invalid_utf8: str = "skip", stats: Optional[ReadStats] = None, *,
@@ -122,20 +122,20 @@ def list_text_files(source: str) -> list[str]:
   """The files a comma-separated list of files, folders and glob patterns names, in order."""
   files = []
   for pattern in _split_paths(source):
-    path = os.path.expanduser(pattern)
-    if os.path.isdir(path):
+    path = pattern if fs.is_remote(pattern) else os.path.expanduser(pattern)
+    if fs.isdir(path):
       found = []
-      for root, dirs, names in os.walk(path):
+      for root, dirs, names in fs.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skip .git and the like
-        found += [os.path.join(root, n) for n in names if not n.startswith(".")]
+        found += [fs.join(root, n) for n in names if not n.startswith(".")]
       if not found:
         raise DataError(f"Folder {path} holds no files; put text files in it (one sentence or "
                         "paragraph per line, a blank line between documents).")
       files += sorted(found)
-    elif os.path.isfile(path):
+    elif fs.isfile(path):
       files.append(path)
-    elif glob.has_magic(path):
-      matches = sorted(p for p in glob.glob(path) if os.path.isfile(p))
+    elif fs.has_magic(path):
+      matches = sorted(p for p in fs.glob(path) if fs.isfile(p))
       if not matches:
         raise DataError(f"No file matches {pattern!r}; check the pattern given as the source.")
       files += matches
@@ -151,11 +151,11 @@ def list_text_files(source: str) -> list[str]:
 
 def _text_file_documents(files: list[str], invalid_utf8: str,
                          stats: ReadStats) -> Iterator[Document]:
-  stats.total_bytes = sum(os.path.getsize(f) for f in files)
+  stats.total_bytes = sum(fs.getsize(f) for f in files)
   bytes_before = 0
   for path in files:
     yield from _one_text_file(path, invalid_utf8, stats, bytes_before)
-    bytes_before += os.path.getsize(path)
+    bytes_before += fs.getsize(path)
     stats.bytes_read = bytes_before
 
 
@@ -163,7 +163,7 @@ def _one_text_file(path: str, invalid_utf8: str, stats: ReadStats,
                    bytes_before: int) -> Iterator[Document]:
   """One file's documents; BERT's format: blank lines end documents, every other line is text."""
   lines_before, skipped_before = stats.lines, stats.skipped_lines
-  with open(path, "rb") as raw:
+  with fs.open(path, "rb") as raw:
     # Progress is measured on the raw file, so it is right for compressed files too.
     f = gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(".gz") else raw
     document = []
@@ -368,8 +368,8 @@ def openwebtext_builder_class():
                    "Gokaslan and Vanya Cohen}, year={2019}}")
 
     def _split_generators(self, dl_manager):
-      archive_path = os.path.join(dl_manager.manual_dir, OPENWEBTEXT_ARCHIVE)
-      if not os.path.isfile(archive_path):
+      archive_path = fs.join(dl_manager.manual_dir, OPENWEBTEXT_ARCHIVE)
+      if not fs.isfile(archive_path):
         raise DataError(f"{archive_path} does not exist.\n{OPENWEBTEXT_INSTRUCTIONS}")
       return {"train": self._generate_examples(archive_path)}
 

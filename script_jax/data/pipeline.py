@@ -25,13 +25,13 @@ A batch (B = per-host batch size, T = config.seq_len, P = config.mask.max_predic
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
 
 from script_jax import config_lib
+from script_jax import fs
 from script_jax.data import prepared
 from script_jax.data.corpus import DataError
 
@@ -190,7 +190,7 @@ def create_pretraining_dataset(config: ml_collections.ConfigDict, metadata: dict
   problem = config_lib.max_predictions_problem(config)
   if problem:
     raise DataError(problem)
-  files = [os.path.join(data_dir, s["file"]) for s in host_shards]
+  files = [fs.join(data_dir, s["file"]) for s in host_shards]
   missing = [f for f in files if not tf.io.gfile.exists(f)]
   if missing:
     raise DataError(f"Shards listed in {data_dir}/metadata.json are missing: {missing[:3]}. "

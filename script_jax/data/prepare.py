@@ -26,11 +26,9 @@ when complete, so an interrupted run never leaves a half-written shard under a f
 from __future__ import annotations
 
 import datetime
-import glob
 import hashlib
 import json
 import os
-import shutil
 import time
 from typing import Optional
 
@@ -38,6 +36,7 @@ from absl import logging
 import ml_collections
 
 from script_jax import config_lib
+from script_jax import fs
 from script_jax.data import corpus
 from script_jax.data import packing
 from script_jax.data import prepared
@@ -54,11 +53,11 @@ MIN_SEQ_LEN = 8
 
 def _copy_atomically(src: str, dst: str) -> None:
   """Copies src to dst unless dst already holds the same bytes (readers may have it open)."""
-  if os.path.exists(dst) and tokenizers.file_sha256(src) == tokenizers.file_sha256(dst):
+  if fs.exists(dst) and tokenizers.file_sha256(src) == tokenizers.file_sha256(dst):
     return
   tmp_path = f"{dst}.tmp-{os.getpid()}"
-  shutil.copyfile(src, tmp_path)
-  os.replace(tmp_path, dst)
+  fs.copy(src, tmp_path)
+  fs.replace(tmp_path, dst)
 
 
 def _make_tokenizer(config, output_dir: str, source_description: str,
@@ -72,22 +71,22 @@ def _make_tokenizer(config, output_dir: str, source_description: str,
                       "--config.data.vocab_file=PATH/vocab.txt (e.g. BERT uncased's), or use "
                       "--config.data.tokenizer=sentencepiece to train one on the corpus.")
     tokenizers.WordPieceTokenizer(vocab_file)  # checks it before copying it
-    path = os.path.join(output_dir, "vocab.txt")
+    path = fs.join(output_dir, "vocab.txt")
     _copy_atomically(vocab_file, path)
     tokenizer = tokenizers.WordPieceTokenizer(path)
-    tokenizer.info["source_path"] = os.path.abspath(vocab_file)
+    tokenizer.info["source_path"] = fs.abspath(vocab_file)
   elif vocab_file:
     tokenizers.SentencePieceTokenizer(vocab_file)
-    path = os.path.join(output_dir, "spm.model")
+    path = fs.join(output_dir, "spm.model")
     _copy_atomically(vocab_file, path)
     tokenizer = tokenizers.SentencePieceTokenizer(path)
-    tokenizer.info["source_path"] = os.path.abspath(vocab_file)
+    tokenizer.info["source_path"] = fs.abspath(vocab_file)
   else:
-    path = os.path.join(output_dir, "spm.model")
+    path = fs.join(output_dir, "spm.model")
     recipe = {"source": source_description, "vocab_size": config.model.vocab_size,
               "model_type": model_type, "invalid_utf8": config.data.invalid_utf8}
     trained = prepared.read_json(path + ".json")
-    if (trained and trained.get("recipe") == recipe and os.path.exists(path) and
+    if (trained and trained.get("recipe") == recipe and fs.exists(path) and
         trained.get("sha256") == tokenizers.file_sha256(path)):
       logging.info("Reusing the SentencePiece model %s.", path)
       tokenizer = tokenizers.SentencePieceTokenizer(path)
@@ -134,8 +133,8 @@ def prepare(config: ml_collections.ConfigDict, output_dir: str, source: Optional
   if num_workers is None:
     num_workers = writer.default_num_workers(source)
   source_description = corpus.describe_source(source)
-  os.makedirs(output_dir, exist_ok=True)
-  metadata_path = os.path.join(output_dir, prepared.METADATA_FILE)
+  fs.makedirs(output_dir)
+  metadata_path = fs.join(output_dir, prepared.METADATA_FILE)
   existing = prepared.load_metadata(output_dir)
   if existing is not None:
     prepared.check_metadata_matches(config, existing, source_description, data_dir=output_dir)
@@ -155,20 +154,20 @@ def prepare(config: ml_collections.ConfigDict, output_dir: str, source: Optional
   num_shards = config.data.num_shards
   names = [prepared.shard_filename(k, num_shards) for k in range(num_shards)]
   if (existing is not None and existing.get("fingerprint") == fingerprint and
-      all(os.path.exists(os.path.join(output_dir, n)) for n in names)):
+      all(fs.exists(fs.join(output_dir, n)) for n in names)):
     logging.info("%s is up to date (%d sequences); nothing to do.", output_dir,
                  existing["num_examples"])
     return existing
 
   if existing is not None:
     # Readers wait for a matching metadata.json: take the stale one away before changing shards.
-    os.remove(metadata_path)
+    fs.remove(metadata_path)
   # Temporary files of an interrupted run (one preparation per folder at a time).
-  for path in glob.glob(os.path.join(output_dir, "*.tmp-*")):
-    os.remove(path)
-  sidecars = [prepared.read_json(os.path.join(output_dir, n + ".json")) for n in names]
+  for path in fs.glob(fs.join(output_dir, "*.tmp-*")):
+    fs.remove(path)
+  sidecars = [prepared.read_json(fs.join(output_dir, n + ".json")) for n in names]
   todo = [k for k, s in enumerate(sidecars) if not (
-      s and s.get("recipe") == recipe and os.path.exists(os.path.join(output_dir, names[k])))]
+      s and s.get("recipe") == recipe and fs.exists(fs.join(output_dir, names[k])))]
   if todo:
     logging.info("Preparing %d of %d shards in %s from %s with %d worker process(es).",
                  len(todo), num_shards, output_dir, source_description, max(num_workers, 1))
@@ -183,10 +182,10 @@ def prepare(config: ml_collections.ConfigDict, output_dir: str, source: Optional
     corpus_summary = sidecars[0]["corpus"]
 
   # Shards of an earlier preparation with another number of shards.
-  for path in glob.glob(os.path.join(output_dir, "train-*-of-*.tfrecord*")):
+  for path in fs.glob(fs.join(output_dir, "train-*-of-*.tfrecord*")):
     if os.path.basename(path).split(".tfrecord")[0] + ".tfrecord" not in names:
-      os.remove(path)
-  output_bytes = sum(os.path.getsize(os.path.join(output_dir, n)) for n in os.listdir(output_dir))
+      fs.remove(path)
+  output_bytes = sum(fs.getsize(fs.join(output_dir, n)) for n in fs.listdir(output_dir))
   num_examples = sum(s["num_examples"] for s in shards)
   num_tokens = sum(s["num_tokens"] for s in shards)
   metadata = {
@@ -235,7 +234,8 @@ def prepare_pretraining_data(config: ml_collections.ConfigDict, workdir: str, *,
   that fits the config is used as it is (see `_reusable_metadata`). Otherwise process 0 prepares
   it (from config.data.source; the embedded default corpus when that is empty), finishing an
   interrupted preparation, and the other processes wait for its metadata.json, which must then
-  be on a filesystem they share. Returns the metadata (see `prepare`).
+  be on a filesystem they share: a gs:// folder, or a local path that every host mounts (checked
+  at once, see `_check_shared_with_process_0`). Returns the metadata (see `prepare`).
 
   Args:
     config: the training config.
@@ -247,6 +247,11 @@ def prepare_pretraining_data(config: ml_collections.ConfigDict, workdir: str, *,
   if process_index is None or process_count is None:
     process_index, process_count = _jax_processes()
   metadata = _reusable_metadata(config, data_dir)
+  if process_count > 1 and _jax_processes()[1] == process_count and not fs.is_remote(data_dir):
+    # A local path may name a different disk on each host: then the processes would wait for a
+    # metadata.json that never appears on theirs. Every host must see process 0's files.
+    if not all(_all_processes(metadata is not None)):
+      _check_shared_with_process_0(data_dir, process_index)
   if metadata is not None:
     return metadata
   if process_index == 0:
@@ -257,10 +262,46 @@ def prepare_pretraining_data(config: ml_collections.ConfigDict, workdir: str, *,
       raise DataError(f"Process {process_index} waited {timeout_s:.0f} s for process 0 to "
                       f"prepare {data_dir}; see process 0's log.")
     logging.log_every_n_seconds(logging.INFO, "Process %d waits for %s from process 0 ...", 60,
-                                process_index, os.path.join(data_dir, prepared.METADATA_FILE))
+                                process_index, fs.join(data_dir, prepared.METADATA_FILE))
     time.sleep(poll_s)
     metadata = _reusable_metadata(config, data_dir)
   return metadata
+
+
+def _all_processes(value: bool) -> list[bool]:
+  """`value` of every JAX process, in process order (a collective: every process calls it)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return [bool(v) for v in multihost_utils.process_allgather(np.array(value, np.int32))]
+
+
+def _check_shared_with_process_0(data_dir: str, process_index: int) -> None:
+  """Raises DataError on every process unless each sees a file process 0 writes in data_dir.
+
+  Process 0 writes `.visible-<nonce>` (the nonce broadcast from process 0, so an old marker never
+  counts), all processes meet at a barrier, look for it, and share what they found: all of them
+  fail at once, with the same message, instead of waiting for data that is not on their disk.
+  """
+  import secrets  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  nonce = int(multihost_utils.broadcast_one_to_all(np.array(secrets.randbits(31), np.int32)))
+  marker = fs.join(data_dir, f".visible-{nonce}")
+  if process_index == 0:
+    fs.makedirs(data_dir)
+    fs.write_atomically(marker, "written by process 0 to check that every host sees this folder\n")
+  multihost_utils.sync_global_devices(f"script_jax prepared-data marker {nonce}")
+  visible = _all_processes(fs.exists(marker))
+  multihost_utils.sync_global_devices(f"script_jax prepared-data checked {nonce}")
+  if process_index == 0:
+    fs.remove(marker)
+  blind = [i for i, v in enumerate(visible) if not v]
+  if blind:
+    raise DataError(
+        f"The prepared-data folder {data_dir} is on a disk that process(es) {blind} do not "
+        "share with process 0: they cannot see the files process 0 writes there. Use a gs:// "
+        "folder (--config.data.prepared_dir=gs://BUCKET/data, or a gs:// --workdir) or a disk "
+        "that every host mounts at the same path.")
 
 
 def _reusable_metadata(config: ml_collections.ConfigDict, data_dir: str) -> Optional[dict]:

@@ -15,6 +15,7 @@ from typing import Optional
 import ml_collections
 
 from script_jax import config_lib
+from script_jax import fs
 from script_jax.data import tokenizers
 from script_jax.data.corpus import DataError
 
@@ -24,7 +25,7 @@ METADATA_FILE = "metadata.json"
 
 def data_dir_of(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The prepared-data folder of a run: config.data.prepared_dir, or WORKDIR/data."""
-  return config.data.get("prepared_dir", "") or os.path.join(workdir, "data")
+  return config.data.get("prepared_dir", "") or fs.join(workdir, "data")
 
 
 def tokenizer_kind(name: str) -> tuple[str, Optional[str]]:
@@ -44,17 +45,17 @@ def load_metadata(data_dir: str) -> Optional[dict]:
 
   The path is re-pointed into `data_dir`, so a moved or copied folder still works.
   """
-  path = os.path.join(data_dir, METADATA_FILE)
-  if not os.path.exists(path):
+  path = fs.join(data_dir, METADATA_FILE)
+  if not fs.exists(path):
     return None
   try:
-    with open(path) as f:
+    with fs.open(path) as f:
       metadata = json.load(f)
   except (OSError, ValueError) as e:
     raise DataError(f"{path} is unreadable ({e}); delete it and prepare the data again.") from e
   tokenizer_info = metadata.get("tokenizer", {})
   if tokenizer_info.get("filename"):
-    tokenizer_info["path"] = os.path.abspath(os.path.join(data_dir, tokenizer_info["filename"]))
+    tokenizer_info["path"] = fs.abspath(fs.join(data_dir, tokenizer_info["filename"]))
   return metadata
 
 
@@ -80,7 +81,7 @@ def check_metadata_matches(config: ml_collections.ConfigDict, metadata: dict,
   if prepared_kind != kind:
     differences.append(f"tokenizer {prepared_kind!r}, not config.data.tokenizer={kind!r}")
   vocab_file = config.data.vocab_file
-  if vocab_file and os.path.isfile(vocab_file):
+  if vocab_file and fs.isfile(vocab_file):
     prepared_sha = metadata.get("tokenizer", {}).get("sha256")
     if prepared_sha != tokenizers.file_sha256(vocab_file):
       differences.append(f"another vocab than config.data.vocab_file={vocab_file}")
@@ -98,15 +99,15 @@ def check_metadata_matches(config: ml_collections.ConfigDict, metadata: dict,
 
 def write_json_atomically(path: str, value: dict) -> None:
   tmp_path = f"{path}.tmp-{os.getpid()}"
-  with open(tmp_path, "w") as f:
+  with fs.open(tmp_path, "w") as f:
     json.dump(value, f, indent=2, sort_keys=True)
     f.write("\n")
-  os.replace(tmp_path, path)
+  fs.replace(tmp_path, path)
 
 
 def read_json(path: str) -> Optional[dict]:
   try:
-    with open(path) as f:
+    with fs.open(path) as f:
       return json.load(f)
   except (OSError, ValueError):
     return None
@@ -142,7 +143,7 @@ def load_workdir_tokenizer(workdir: str, config: ml_collections.ConfigDict):
   Scoring, fine-tuning and export tokenize with it; its size must be the model's vocabulary.
   """
   data_dir = data_dir_of(config, workdir)
-  path = os.path.join(data_dir, METADATA_FILE)
+  path = fs.join(data_dir, METADATA_FILE)
   metadata = load_metadata(data_dir)  # re-points a moved folder's tokenizer path
   if metadata is None:
     raise DataError(f"No tokenizer for {workdir}: {path} does not exist (the prepared-data "

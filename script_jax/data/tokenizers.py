@@ -28,6 +28,7 @@ import sentencepiece as spm
 import tokenizers as hf_tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
+from script_jax import fs
 from script_jax.data.corpus import DataError
 
 SPECIAL_NAMES = ("pad", "unk", "cls", "sep", "mask")
@@ -52,15 +53,10 @@ def file_sha256(path: str) -> str:
 
 
 def _read_bytes(path: str) -> bytes:
-  if "://" in path:  # gs:// and the like, through TF's filesystems
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    with tf.io.gfile.GFile(path, "rb") as f:
-      return f.read()
-  if not os.path.isfile(path):
+  if not fs.isfile(path):
     raise DataError(f"Tokenizer file {path} does not exist. Give an existing vocab.txt "
                     "(wordpiece) or .model (sentencepiece) with --config.data.vocab_file.")
-  with open(path, "rb") as f:
-    return f.read()
+  return fs.read_bytes(path)
 
 
 def _missing_specials_error(path: str, missing: list[str], found: str) -> DataError:
@@ -88,7 +84,7 @@ class SentencePieceTokenizer:
     self.vocab_size = self._sp.get_piece_size()
     self.special_ids = self._find_special_ids()
     self._shown_ids = {self.special_ids[n]: f"[{n.upper()}]" for n in ("cls", "sep", "mask")}
-    self.info = {"type": self.kind, "path": os.path.abspath(model_path),
+    self.info = {"type": self.kind, "path": fs.abspath(model_path),
                  "sha256": hashlib.sha256(model_proto).hexdigest()}
 
   def _find_special_ids(self) -> dict[str, int]:
@@ -161,7 +157,7 @@ class WordPieceTokenizer:
         clean_text=True, handle_chinese_chars=True, lowercase=self.lowercase)
     self._tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     self._tok.decoder = decoders.WordPiece(prefix="##")
-    self.info = {"type": self.kind, "path": os.path.abspath(vocab_path),
+    self.info = {"type": self.kind, "path": fs.abspath(vocab_path),
                  "sha256": hashlib.sha256(data).hexdigest(), "lowercase": self.lowercase}
 
   def encode(self, text: str) -> list[int]:
@@ -251,7 +247,7 @@ def train_sentencepiece(lines: Iterable[str], vocab_size: int, model_path: str, 
     raise DataError(f"SentencePiece training failed ({message.strip()}); vocab_size="
                     f"{vocab_size}, {num_lines} lines of text.") from e
   tmp_path = f"{model_path}.tmp-{os.getpid()}"
-  with open(tmp_path, "wb") as f:
+  with fs.open(tmp_path, "wb") as f:
     f.write(model.getvalue())
-  os.replace(tmp_path, model_path)
+  fs.replace(tmp_path, model_path)
   return SentencePieceTokenizer(model_path)

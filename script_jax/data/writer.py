@@ -17,6 +17,7 @@ from typing import Iterator
 from absl import logging
 import numpy as np
 
+from script_jax import fs
 from script_jax.data import corpus
 from script_jax.data import packing
 from script_jax.data import prepared
@@ -123,7 +124,7 @@ def write_shards(config, output_dir: str, todo: list[int], documents, stats, tok
   serialize, writer_cls = _serialize_fn()
   num_shards = config.data.num_shards
   names = [prepared.shard_filename(k, num_shards) for k in range(num_shards)]
-  tmp_paths = {k: os.path.join(output_dir, f"{names[k]}.tmp-{os.getpid()}") for k in todo}
+  tmp_paths = {k: fs.join(output_dir, f"{names[k]}.tmp-{os.getpid()}") for k in todo}
   writers = {k: writer_cls(tmp_paths[k]) for k in todo}
   counts = np.zeros(num_shards, np.int64)
   tokens = np.zeros(num_shards, np.int64)
@@ -162,8 +163,8 @@ def write_shards(config, output_dir: str, todo: list[int], documents, stats, tok
     for k in range(num_shards):
       shard = {"file": names[k], "num_examples": int(counts[k]), "num_tokens": int(tokens[k])}
       if k in todo:
-        final_path = os.path.join(output_dir, names[k])
-        os.replace(tmp_paths[k], final_path)
+        final_path = fs.join(output_dir, names[k])
+        fs.replace(tmp_paths[k], final_path)
         # The sidecar is written after the shard, so it exists only for a complete shard.
         prepared.write_json_atomically(final_path + ".json",
                                {**shard, "recipe": recipe, "corpus": stats.summary()})
@@ -173,9 +174,9 @@ def write_shards(config, output_dir: str, todo: list[int], documents, stats, tok
     if pool is not None:
       pool.terminate()  # after an error too: no orphaned workers
     for k, path in tmp_paths.items():
-      if os.path.exists(path):  # not renamed: this preparation failed
+      if fs.exists(path):  # not renamed: this preparation failed
         writers[k].close()
-        os.remove(path)
+        fs.remove(path)
 
 
 def default_num_workers(source: str) -> int:
@@ -187,7 +188,7 @@ def default_num_workers(source: str) -> int:
   if not source:
     return 1
   if not source.startswith("tfds:"):
-    total_bytes = sum(os.path.getsize(f) for f in corpus.list_text_files(source))
+    total_bytes = sum(fs.getsize(f) for f in corpus.list_text_files(source))
     if total_bytes < _SMALL_SOURCE_BYTES:
       return 1
   return os.cpu_count() or 1

@@ -27,7 +27,6 @@ from typing import Any, Optional
 from absl import app
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 import tensorflow as tf
 
 from script_jax import cli_errors
@@ -39,13 +38,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """The command-line flags (defined only when run as a program)."""
-  config_flags.DEFINE_config_file("config", "configs/finetune.py",
-                                  "The fine-tuning recipe (configs/finetune.py).",
-                                  lock_config=True)
-  flags.DEFINE_string("init_from", None, "Pretraining workdir (any objective).")
-  flags.DEFINE_integer("step", None, "Its checkpoint step (default: the latest).")
-  flags.DEFINE_bool("random_init", False, "Same architecture and tokenizer as --init_from, "
-                    "random weights: the baseline that shows what pretraining bought.")
+  runs.define_start_flags()
   flags.DEFINE_string("data_dir", None, "GLUE folder in the standard layout, or 'tfds'.")
   flags.DEFINE_list("tasks", [], "Tasks (default: every GLUE task found in --data_dir; with "
                     "'tfds', the eight of Table 2).")
@@ -170,7 +163,7 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
     model = task_models.Classifier(cfg, spec.num_outputs)
     loss_fn = regression_loss if spec.is_regression else classification_loss
     for seed in todo:
-      start = time.time()
+      began = time.time()
       run_label = f"{spec.display_name} seed {seed}"
       init = runs.initial_params(model, start, train_arrays, seed, random_init, init_from)
       run_dir = tf.io.gfile.join(output_dir, name, f"seed_{seed}")
@@ -183,7 +176,7 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
         scores = metrics.task_metrics(eval_name, predictions, eval_arrays[eval_name]["labels"])
         scores.update(train_loss=float(last.get("loss", float("nan"))),
                       epochs=epochs, train_examples=len(train_examples),
-                      seconds=round(time.time() - start, 1))
+                      seconds=round(time.time() - began, 1))
         results["runs"].setdefault(eval_name, {})[str(seed)] = scores
         print(f"{glue_data.get_task(eval_name).display_name} seed {seed}: " +
               ", ".join(f"{k} {v:.2f}" for k, v in scores.items()

@@ -36,19 +36,43 @@ class Start:
   special_ids: dict[str, int]
 
 
+def define_start_flags() -> None:
+  """The flags every fine-tuning command shares: the recipe and the starting point."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", "configs/finetune.py",
+                                  "The fine-tuning recipe (configs/finetune.py).",
+                                  lock_config=True)
+  flags.DEFINE_string("init_from", None, "Pretraining workdir (any objective) or a "
+                      "HuggingFace ELECTRA/BERT folder.")
+  flags.DEFINE_integer("step", None, "Its checkpoint step (default: the latest).")
+  flags.DEFINE_bool("random_init", False, "Same architecture and tokenizer as --init_from, "
+                    "random weights: the baseline that shows what pretraining bought.")
+
+
 def load_start(init_from: str, step: Optional[int], ft, random_init: bool = False) -> Start:
-  """The encoder of a pretraining workdir (any objective) and its tokenizer. With random_init
-  only its config and tokenizer are read (it needs no checkpoint yet)."""
+  """The encoder of a pretraining workdir (any objective) or of a HuggingFace ELECTRA/BERT
+  folder (export/hf_import.py), and its tokenizer. With random_init only the config and the
+  tokenizer are read (a workdir needs no checkpoint yet)."""
   import jax  # pylint: disable=g-import-not-at-top
   from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from script_jax import models  # pylint: disable=g-import-not-at-top
   from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
-  if random_init:
-    config, encoder = checkpoints.read_run_config(init_from), {}
+  from script_jax.export import hf_import  # pylint: disable=g-import-not-at-top
+  if hf_import.is_hf_init(init_from):  # a HuggingFace ELECTRA or BERT folder
+    if step is not None:
+      raise FinetuneError(f"--step is for pretraining workdirs; {init_from} is a HuggingFace "
+                          "folder (one set of weights).")
+    config, encoder, tokenizer, special_ids = hf_import.finetune_start(init_from)
+    encoder = {} if random_init else encoder
   else:
-    config, _, params = checkpoints.load_pretrained(init_from, step)
-    encoder = jax.device_get(checkpoints.encoder_params(config, params))
-  tokenizer, special_ids = prepared.load_workdir_tokenizer(init_from, config)
+    if random_init:
+      config, encoder = checkpoints.read_run_config(init_from), {}
+    else:
+      config, _, params = checkpoints.load_pretrained(init_from, step)
+      # On the host: each run's device copy is donated to its train step.
+      encoder = jax.device_get(checkpoints.encoder_params(config, params))
+    tokenizer, special_ids = prepared.load_workdir_tokenizer(init_from, config)
   cfg = models.encoder_config_from(config.model, dropout_rate=ft.dropout_rate,
                                    attention_dropout_rate=ft.attention_dropout_rate,
                                    scan_layers=False, remat=False)

@@ -24,7 +24,6 @@ from typing import Any, Optional
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 import tensorflow as tf
 
 from script_jax import cli_errors
@@ -36,12 +35,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """The command-line flags (defined only when run as a program)."""
-  config_flags.DEFINE_config_file("config", "configs/finetune.py",
-                                  "The fine-tuning recipe (configs/finetune.py).",
-                                  lock_config=True)
-  flags.DEFINE_string("init_from", None, "Pretraining workdir (any objective).")
-  flags.DEFINE_integer("step", None, "Its checkpoint step (default: the latest).")
-  flags.DEFINE_bool("random_init", False, "Same architecture, random weights (a baseline).")
+  runs.define_start_flags()
   flags.DEFINE_string("train_file", None, "SQuAD training JSON (official format).")
   flags.DEFINE_string("dev_file", None, "SQuAD dev JSON (official format).")
   flags.DEFINE_float("dev_split", None, "Without --train_file: the share of the dev file's "

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -28,6 +27,7 @@ import numpy as np
 import optax
 import tensorflow as tf
 
+from script_jax import fs
 from script_jax.finetune import optim
 
 P = jax.sharding.PartitionSpec
@@ -146,7 +146,8 @@ def fit(model, params, loss_fn: LossFn, train_arrays: dict[str, np.ndarray], ft,
   total_steps = steps_per_epoch * epochs
   tx, schedule = optim.make_optimizer(ft, params, num_layers, total_steps)
   replicated = jax.sharding.NamedSharding(mesh, P())
-  params = jax.device_put(params, replicated)
+  # A copy through the host: the train step donates its buffers, the caller keeps its params.
+  params = jax.device_put(jax.tree.map(np.asarray, params), replicated)
   opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
   dropout_key = jax.random.key(seed)
   reduce = jnp.sum if ft.loss_reduction == "sum" else jnp.mean
@@ -232,4 +233,4 @@ def load_params(path: str, abstract) -> Any:
 
 def resolved(path: str) -> str:
   """An absolute path for orbax (which wants one locally); gs:// paths pass through."""
-  return path if "://" in path else os.path.abspath(path)
+  return fs.abspath(path)

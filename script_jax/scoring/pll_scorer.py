@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -35,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from script_jax import cli_errors
+from script_jax import fs
 from script_jax import models
 from script_jax import objectives
 
@@ -212,7 +212,7 @@ class Scorer:
     """A Scorer for a pretraining workdir: its latest (or given) checkpoint and its tokenizer."""
     from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
     from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
-    if not os.path.isdir(workdir):
+    if not fs.isdir(workdir):
       raise ScoringError(f"The workdir {workdir} does not exist.")
     config, model, params = checkpoints.load_pretrained(workdir, step)
     tokenizer, special_ids = prepared.load_workdir_tokenizer(workdir, config)

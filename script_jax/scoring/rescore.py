@@ -31,6 +31,7 @@ from absl import flags
 import numpy as np
 
 from script_jax import cli_errors
+from script_jax import fs
 
 FLAGS = flags.FLAGS
 
@@ -83,9 +84,9 @@ def set_name(path: str) -> str:
 
 def load_nbest(path: str) -> list[Utterance]:
   """Reads and validates an n-best file (.json, or gzip-compressed whatever its name)."""
-  if not os.path.isfile(path):
+  if not fs.isfile(path):
     raise _error(f"The n-best file {path} does not exist.")
-  with open(path, "rb") as f:
+  with fs.open(path, "rb") as f:
     data = f.read()
   if data[:2] == b"\x1f\x8b":
     try:
@@ -282,10 +283,10 @@ def run(workdir: str, dev_path: str, test_paths: Sequence[str], method: str = "c
   loaded = [(p, load_nbest(p)) for p in paths]  # every file checked before the model loads
   names = [set_name(p) for p in paths]
   names = [n if names.count(n) == 1 else f"{n}#{i + 1}" for i, n in enumerate(names)]
-  if output_json and not os.path.isdir(os.path.dirname(os.path.abspath(output_json))):
+  if output_json and not fs.isdir(fs.dirname(fs.abspath(output_json))):
     raise _error(f"The folder of --output_json={output_json} does not exist.")
   if scorer is None:
-    if not os.path.isdir(workdir):
+    if not fs.isdir(workdir):
       raise _error(f"The workdir {workdir} does not exist.")
     scorer = pll_scorer.Scorer.from_workdir(workdir, step=step, method=method,
                                          batch_size=batch_size, long=long)
@@ -324,7 +325,7 @@ def run(workdir: str, dev_path: str, test_paths: Sequence[str], method: str = "c
       "table": table,
   }
   if output_json:
-    with open(output_json, "w") as f:
+    with fs.open(output_json, "w") as f:
       json.dump(report, f, indent=2)
   return report
 

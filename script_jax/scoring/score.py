@@ -11,10 +11,8 @@ the number of tokens summed (not [CLS]/[SEP]) and the input line. An empty line 
 
 from __future__ import annotations
 
-import io
 import os
 import sys
-import tempfile
 import time
 from typing import IO, Iterator, Optional
 
@@ -22,6 +20,7 @@ from absl import app
 from absl import flags
 
 from script_jax import cli_errors
+from script_jax import fs
 
 FLAGS = flags.FLAGS
 
@@ -73,7 +72,7 @@ def read_lines(stream: IO[bytes], source: str, errors: str = "strict") -> Iterat
 def check_input_file(path: str, errors: str = "strict") -> int:
   """Validates a whole file's UTF-8 up front (so a bad file writes nothing); returns its lines."""
   count = 0
-  with open(path, "rb") as f:
+  with fs.open(path, "rb") as f:
     for count, _ in enumerate(read_lines(f, path, errors), start=1):
       pass
   return count
@@ -138,17 +137,17 @@ def run(workdir: str, input_path: str, output_path: str = "-", method: str = "cr
   from script_jax.scoring import pll_scorer  # pylint: disable=g-import-not-at-top
   total = None
   if input_path != "-":
-    if not os.path.isfile(input_path):
+    if not fs.isfile(input_path):
       raise pll_scorer.ScoringError(f"The input file {input_path} does not exist.")
     total = check_input_file(input_path, errors)
-  if output_path != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(output_path))):
+  if output_path != "-" and not fs.isdir(fs.dirname(fs.abspath(output_path))):
     raise pll_scorer.ScoringError(f"The folder of --output={output_path} does not exist.")
-  if not os.path.isdir(workdir):
+  if not fs.isdir(workdir):
     raise pll_scorer.ScoringError(f"The workdir {workdir} does not exist.")
   scorer = pll_scorer.Scorer.from_workdir(workdir, step=step, method=method, batch_size=batch_size,
                                        long=long)
   progress = Progress(total, progress_every_secs)
-  in_stream = sys.stdin.buffer if input_path == "-" else open(input_path, "rb")
+  in_stream = sys.stdin.buffer if input_path == "-" else fs.open(input_path, "rb")
   source = "<stdin>" if input_path == "-" else input_path
   try:
     lines = read_lines(in_stream, source, errors)
@@ -159,14 +158,15 @@ def run(workdir: str, input_path: str, output_path: str = "-", method: str = "cr
       sys.stdout.flush()
     else:
       # Written to a temporary file and renamed: a failed run leaves no half-written output.
-      folder = os.path.dirname(os.path.abspath(output_path))
-      fd, tmp = tempfile.mkstemp(dir=folder, prefix=".score-", suffix=".tmp")
+      folder = fs.dirname(fs.abspath(output_path))
+      tmp = fs.join(folder, f".score-{os.getpid()}.tmp")
       try:
-        with io.open(fd, "w", encoding="utf-8", newline="\n") as out:
+        with fs.open(tmp, "w") as out:
           count = score_lines(scorer, lines, out, progress)
-        os.replace(tmp, output_path)
+        fs.replace(tmp, output_path)
       except BaseException:
-        os.unlink(tmp)
+        if fs.exists(tmp):
+          fs.remove(tmp)
         raise
   finally:
     if in_stream is not sys.stdin.buffer:

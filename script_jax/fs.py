@@ -1,0 +1,181 @@
+"""The one file-system layer: every path a user gives goes through here, local or `gs://`.
+
+Local paths are served by the standard library; paths with a scheme (`gs://...`, and TF's
+in-memory `ram://...`, which the tests use) by `tf.io.gfile`, the layer big_vision uses. TensorFlow
+is imported only when a remote path is touched, so modules that must start fast (data/corpus.py,
+the tokenizer worker processes of data/writer.py) stay light on local paths.
+
+Orbax and TensorBoard speak `gs://` themselves; `abspath` keeps such paths untouched for them.
+`tests/test_fs_layer.py` fails if a module of the package opens a path with `open`/`os.path` again.
+"""
+
+from __future__ import annotations
+
+import builtins
+import functools
+import glob as _glob
+import os
+import shutil
+from typing import IO
+
+
+def is_remote(path: str) -> bool:
+  """True for paths with a scheme (`gs://bucket/x`, `ram://x`): served by tf.io.gfile."""
+  return "://" in str(path)
+
+
+def _gfile():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.io.gfile
+
+
+def abspath(path: str) -> str:
+  """An absolute local path (with ~ expanded); a remote path unchanged."""
+  if is_remote(path):
+    return path
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def join(path: str, *parts: str) -> str:
+  """os.path.join that keeps `gs://bucket` intact (it only ever adds "/")."""
+  return os.path.join(path, *parts)
+
+
+def dirname(path: str) -> str:
+  """The folder of a path; for `gs://bucket/x` it is `gs://bucket`."""
+  return os.path.dirname(path.rstrip("/") if is_remote(path) else path)
+
+
+def exists(path: str) -> bool:
+  return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+  return _gfile().isdir(path) if is_remote(path) else os.path.isdir(path)
+
+
+def isfile(path: str) -> bool:
+  """An existing path that is not a folder."""
+  if is_remote(path):
+    return _gfile().exists(path) and not _gfile().isdir(path)
+  return os.path.isfile(path)
+
+
+def makedirs(path: str) -> None:
+  """Creates the folder and its parents; fine if it exists (GCS has no folders: a no-op there)."""
+  if is_remote(path):
+    _gfile().makedirs(path)
+  else:
+    os.makedirs(path, exist_ok=True)
+
+
+def open(path: str, mode: str = "r", encoding: str = "utf-8") -> IO:  # pylint: disable=redefined-builtin
+  """A file object for local or remote paths ("r", "w", "a", with or without "b")."""
+  if is_remote(path):
+    if "r" in mode and not _gfile().exists(path):  # GFile opens lazily: say it now, as open() does
+      raise FileNotFoundError(f"No such file: {path}")
+    return _remote_file_class()(path, mode)
+  if "b" in mode:
+    return builtins.open(path, mode)
+  return builtins.open(path, mode, encoding=encoding)
+
+
+@functools.cache
+def _remote_file_class():
+  """tf.io.gfile.GFile whose errors are OSErrors, as callers of open() expect."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def translated(method):
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+      try:
+        return method(self, *args, **kwargs)
+      except tf.errors.NotFoundError as e:
+        raise FileNotFoundError(f"{self.name}: {e.message}") from e
+      except tf.errors.OpError as e:
+        raise OSError(f"{self.name}: {e.message}") from e
+    return call
+
+  methods = ("read", "readline", "readlines", "write", "flush", "close", "seek", "tell",
+             "__next__", "size")
+  def writelines(self, lines):
+    for line in lines:
+      self.write(line)
+
+  return type("RemoteFile", (tf.io.gfile.GFile,),
+              {"writelines": writelines,
+               **{m: translated(getattr(tf.io.gfile.GFile, m)) for m in methods}})
+
+
+def glob(pattern: str) -> list[str]:
+  """Sorted paths matching a pattern (`*`, `?`, `[...]`)."""
+  if is_remote(pattern):
+    return sorted(_gfile().glob(pattern))
+  return sorted(_glob.glob(os.path.expanduser(pattern)))
+
+
+def has_magic(pattern: str) -> bool:
+  return _glob.has_magic(pattern)
+
+
+def listdir(path: str) -> list[str]:
+  """Names in a folder (no trailing "/" on sub-folders, whatever the file system)."""
+  if is_remote(path):
+    return [n.rstrip("/") for n in _gfile().listdir(path)]
+  return os.listdir(path)
+
+
+def walk(path: str):
+  """os.walk for local and remote folders: (folder, subfolders, files), top-down."""
+  if is_remote(path):
+    for root, dirs, names in _gfile().walk(path):
+      dirs_ = [d.rstrip("/") for d in dirs]
+      yield root, dirs_, names
+      dirs[:] = [d for d in dirs if d.rstrip("/") in dirs_]  # honour pruning by the caller
+  else:
+    yield from os.walk(path)
+
+
+def remove(path: str) -> None:
+  if is_remote(path):
+    _gfile().remove(path)
+  else:
+    os.remove(path)
+
+
+def replace(src: str, dst: str) -> None:
+  """Renames src to dst, replacing dst: atomic on local disks; copy+delete on GCS."""
+  if is_remote(src) or is_remote(dst):
+    _gfile().rename(src, dst, overwrite=True)
+  else:
+    os.replace(src, dst)
+
+
+def copy(src: str, dst: str) -> None:
+  """Copies a file, replacing dst."""
+  if is_remote(src) or is_remote(dst):
+    _gfile().copy(src, dst, overwrite=True)
+  else:
+    shutil.copyfile(src, dst)
+
+
+def getsize(path: str) -> int:
+  return _gfile().stat(path).length if is_remote(path) else os.path.getsize(path)
+
+
+def getmtime(path: str) -> float:
+  """Seconds since the epoch of the last change."""
+  return _gfile().stat(path).mtime_nsec / 1e9 if is_remote(path) else os.path.getmtime(path)
+
+
+def read_bytes(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def write_atomically(path: str, data: str | bytes) -> None:
+  """Writes a whole (small) file under a temporary name, then renames it into place."""
+  tmp_path = f"{path}.tmp-{os.getpid()}"
+  with open(tmp_path, "wb" if isinstance(data, bytes) else "w") as f:
+    f.write(data)
+  replace(tmp_path, path)
