@@ -76,10 +76,16 @@ def gcs_emulator(monkeypatch):
   monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", url)  # tensorstore: orbax's array data
   monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)  # gcsfs, epath's fsspec back end
   monkeypatch.setenv("EPATH_USE_TF", "false")  # epath: gcsfs, not TF's hard-wired GCS client
+  # epath decides its back end once per process (a cached check): an earlier test of the
+  # session may have decided for TF already.
+  from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
   try:
     yield url
   finally:
     server.stop()
+    monkeypatch.undo()
+    gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
 
 
 def _gcs_files() -> list[str]:
