@@ -6,7 +6,8 @@ on real English (the Wikipedia sample), for development runs of the fine-tuning 
 
 4 layers, hidden 128, embeddings 128, 2 heads of 64, FFN 512, a sentencepiece vocabulary of
 4,096 pieces trained on the corpus, sequences of 128 tokens (the fine-tuning length), batch 32.
-About 3.8 M parameters, 2.5 M of them... see README's config table for the measured figures.
+1.36 M parameters. On the project's 2-core CPU, 1,000 steps took about 32 minutes; the
+GLUE table it gives, against the same model from random initialisation, is in docs/finetune.md.
 """
 
 from script_jax import config_lib

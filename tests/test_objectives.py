@@ -368,3 +368,10 @@ def test_tied_logits_value_and_gradients_match_float64(dtype):
   dots = _dot_operand_dtypes(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(*args).jaxpr)
   # forward, d_features, d_table and d_bias (a column sum written as a matrix-vector product)
   assert len(dots) == 4 and all(pair == (dtype, dtype) for pair in dots), dots
+
+
+def test_sampler_names_are_config_lib_s():
+  """config_lib.SAMPLERS is the one list of names the config accepts; objectives dispatches on
+  exactly those."""
+  from script_jax import config_lib  # pylint: disable=g-import-not-at-top
+  assert tuple(objectives.SAMPLERS) == config_lib.SAMPLERS

@@ -27,9 +27,9 @@ from typing import Any, Optional
 from absl import app
 import numpy as np
 from absl import flags
-import tensorflow as tf
 
 from script_jax import cli_errors
+from script_jax import fs
 from script_jax.finetune import runs
 from script_jax.finetune.runs import FinetuneError
 
@@ -92,7 +92,7 @@ def tasks_to_run(data_dir: str, requested: list[str]) -> list[str]:
     return list(glue_data.GLUE_MEAN_TASKS)
   found = [name for name, spec in glue_data.TASKS.items()
            if spec.model_task is None and
-           tf.io.gfile.exists(glue_data.split_path(data_dir, spec, "train"))]
+           fs.exists(glue_data.split_path(data_dir, spec, "train"))]
   if not found:
     raise FinetuneError(f"No GLUE task found in {data_dir}: expected the standard layout, "
                         "e.g. CoLA/train.tsv and CoLA/dev.tsv.")
@@ -130,13 +130,13 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
     raise FinetuneError(f"max_length={ft.max_length} exceeds the model's "
                         f"{cfg.max_position_embeddings} positions.")
   label = label or os.path.basename(init_from.rstrip("/")) + ("+random" if random_init else "")
-  tf.io.gfile.makedirs(output_dir)
+  fs.makedirs(output_dir)
   results = runs.read_results(output_dir)
   runs.check_same_start(results, output_dir, init_from, random_init)
   results.update(label=label, init_from=init_from, random_init=random_init,
                  pretraining_step=int(step) if step is not None else None,
                  finetune_config=json.loads(ft.to_json()))
-  results_path = tf.io.gfile.join(output_dir, runs.RESULTS_FILE)
+  results_path = fs.join(output_dir, runs.RESULTS_FILE)
 
   def featurize(examples):
     return glue_data.featurize(examples, None, special["cls"], special["sep"], special["pad"],
@@ -166,7 +166,7 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
       began = time.time()
       run_label = f"{spec.display_name} seed {seed}"
       init = runs.initial_params(model, start, train_arrays, seed, random_init, init_from)
-      run_dir = tf.io.gfile.join(output_dir, name, f"seed_{seed}")
+      run_dir = fs.join(output_dir, name, f"seed_{seed}")
       final, last = trainer.fit(model, init, loss_fn, train_arrays, ft, seed=seed,
                                 num_layers=cfg.num_layers, epochs=epochs, label=run_label,
                                 log_dir=run_dir)
@@ -182,10 +182,10 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
               ", ".join(f"{k} {v:.2f}" for k, v in scores.items()
                         if k in glue_data.get_task(eval_name).metrics), file=sys.stderr)
       if ft.save_model:
-        trainer.save_params(trainer.resolved(tf.io.gfile.join(run_dir, "params")), final)
+        trainer.save_params(trainer.resolved(fs.join(run_dir, "params")), final)
       if jax.process_index() == 0:
         runs.write_text_atomically(results_path, json.dumps(results, indent=2, sort_keys=True))
-        runs.write_text_atomically(tf.io.gfile.join(output_dir, "results.md"),
+        runs.write_text_atomically(fs.join(output_dir, "results.md"),
                               tables({label: results}))
   return results
 

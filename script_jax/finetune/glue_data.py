@@ -6,7 +6,7 @@ Two sources give the same `Example` lists:
                                            `download_glue_data.py` leaves them:
                                            `<data_dir>/<Folder>/{train,dev}.tsv` (MNLI:
                                            `dev_matched.tsv`, `dev_mismatched.tsv`). Local or
-                                           gs:// paths (all access goes through tf.io.gfile).
+                                           gs:// paths (all access goes through script_jax.fs).
   load_tfds_split(task, split)             TFDS `glue/<name>`; downloads on first use, so it
                                            needs the network.
 
@@ -33,9 +33,9 @@ import types
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
-import tensorflow as tf
 
 from script_jax import cli_errors
+from script_jax import fs
 
 _BOM = "\ufeff"
 SPLITS = ("train", "dev")
@@ -216,7 +216,7 @@ def split_path(data_dir: str, task: Union[str, GlueTask], split: str) -> str:
   """Path of a split's file in the standard layout: `<data_dir>/<Folder>/<file>`."""
   spec = get_task(task)
   _check_split(spec, split)
-  return tf.io.gfile.join(data_dir, spec.folder, spec.split_files[split])
+  return fs.join(data_dir, spec.folder, spec.split_files[split])
 
 
 def _count_error(spec: GlueTask, split: str, source: str, found: int) -> GlueDataError:
@@ -311,14 +311,13 @@ def read_glue_split(data_dir: str, task: Union[str, GlueTask], split: str, *,
   """
   spec = get_task(task)
   path = split_path(data_dir, spec, split)
-  if not tf.io.gfile.exists(path):
+  if not fs.exists(path):
     raise FileNotFoundError(
         f"No {spec.display_name} {split} file at {path}. Expected the standard GLUE layout "
-        f"(as download_glue_data.py writes it): {tf.io.gfile.join(data_dir, spec.folder)}/ "
+        f"(as download_glue_data.py writes it): {fs.join(data_dir, spec.folder)}/ "
         f"holding {', '.join(spec.split_files.values())}, with data_dir the folder above "
         f"{spec.folder}/.")
-  with tf.io.gfile.GFile(path, "rb") as f:
-    data = f.read()
+  data = fs.read_bytes(path)
   try:
     text = data.decode("utf-8")
   except UnicodeDecodeError as e:

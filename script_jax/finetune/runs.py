@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Optional
 
-import tensorflow as tf
 
 from script_jax import cli_errors
+from script_jax import fs
 
 RESULTS_FILE = "results.json"
 
@@ -97,10 +96,10 @@ def initial_params(model, start: Start, sample: dict, seed: int, random_init: bo
 
 def read_results(output_dir: str) -> dict[str, Any]:
   """OUT/results.json, or an empty one."""
-  path = tf.io.gfile.join(output_dir, RESULTS_FILE)
-  if not tf.io.gfile.exists(path):
+  path = fs.join(output_dir, RESULTS_FILE)
+  if not fs.exists(path):
     return {"runs": {}}
-  with tf.io.gfile.GFile(path, "r") as f:
+  with fs.open(path, "r") as f:
     try:
       return json.load(f)
     except ValueError as e:
@@ -119,7 +118,4 @@ def check_same_start(results: dict[str, Any], output_dir: str, init_from: str,
 
 def write_text_atomically(path: str, text: str) -> None:
   """Writes `path` through a temporary name, so a reader never sees half a file."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(text)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
+  fs.write_atomically(path, text)

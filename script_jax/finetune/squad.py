@@ -24,9 +24,9 @@ from typing import Any, Optional
 
 from absl import app
 from absl import flags
-import tensorflow as tf
 
 from script_jax import cli_errors
+from script_jax import fs
 from script_jax.finetune import runs
 from script_jax.finetune.runs import FinetuneError
 
@@ -102,7 +102,7 @@ def run_squad(ft, init_from: str, dev_file: str, output_dir: str, *,
   if sq.max_length > cfg.max_position_embeddings:
     raise FinetuneError(f"squad.max_length={sq.max_length} exceeds the model's "
                         f"{cfg.max_position_embeddings} positions; use 128 or 256.")
-  tf.io.gfile.makedirs(output_dir)
+  fs.makedirs(output_dir)
   results = runs.read_results(output_dir)
   runs.check_same_start(results, output_dir, init_from, random_init)
   results.update(init_from=init_from, random_init=random_init)
@@ -131,7 +131,7 @@ def run_squad(ft, init_from: str, dev_file: str, output_dir: str, *,
     if str(seed) in by_seed:
       continue
     began = time.time()
-    run_dir = tf.io.gfile.join(output_dir, f"seed_{seed}")
+    run_dir = fs.join(output_dir, f"seed_{seed}")
     init = runs.initial_params(model, start, train_arrays, seed, random_init, init_from)
     final, last = trainer.fit(model, init, loss_fn, train_arrays, ft, seed=seed,
                               num_layers=cfg.num_layers, epochs=epochs,
@@ -150,19 +150,19 @@ def run_squad(ft, init_from: str, dev_file: str, output_dir: str, *,
     scores = {**scores, "train_loss": float(last.get("loss", float("nan"))),
               "seconds": round(time.time() - began, 1)}
     if jax.process_index() == 0:
-      squad_eval.write_json(tf.io.gfile.join(run_dir, "predictions.json"), predictions)
+      squad_eval.write_json(fs.join(run_dir, "predictions.json"), predictions)
       if na_probs is not None:
-        squad_eval.write_json(tf.io.gfile.join(run_dir, "na_probs.json"), na_probs)
+        squad_eval.write_json(fs.join(run_dir, "na_probs.json"), na_probs)
       if dev_split is not None:
-        squad_eval.write_json(tf.io.gfile.join(output_dir, "eval_dataset.json"), eval_json)
+        squad_eval.write_json(fs.join(output_dir, "eval_dataset.json"), eval_json)
     if ft.save_model:
-      trainer.save_params(trainer.resolved(tf.io.gfile.join(run_dir, "params")), final)
+      trainer.save_params(trainer.resolved(fs.join(run_dir, "params")), final)
     by_seed[str(seed)] = scores
     print(f"SQuAD {version} seed {seed}: " + json.dumps(scores), file=sys.stderr)
     if jax.process_index() == 0:
-      runs.write_text_atomically(tf.io.gfile.join(output_dir, runs.RESULTS_FILE),
+      runs.write_text_atomically(fs.join(output_dir, runs.RESULTS_FILE),
                                  json.dumps(results, indent=2, sort_keys=True))
-      runs.write_text_atomically(tf.io.gfile.join(output_dir, "results.md"), table(results))
+      runs.write_text_atomically(fs.join(output_dir, "results.md"), table(results))
   return results
 
 

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tensorflow as tf
 
 from script_jax import fs
 from script_jax.finetune import optim
@@ -94,7 +93,7 @@ class MetricsLog:
     self.writer = None
     if self.enabled:
       from clu import metric_writers  # pylint: disable=g-import-not-at-top
-      tf.io.gfile.makedirs(log_dir)
+      fs.makedirs(log_dir)
       self.writer = metric_writers.SummaryWriter(log_dir)
       self.jsonl_path = log_dir.rstrip("/") + "/metrics.jsonl"
       self.lines = []
@@ -112,8 +111,7 @@ class MetricsLog:
     self.writer.flush()
     self.writer.close()
     # One write at the end: appending is not atomic on gs://.
-    with tf.io.gfile.GFile(self.jsonl_path, "w") as f:
-      f.write("\n".join(self.lines) + "\n")
+    fs.write_atomically(self.jsonl_path, "\n".join(self.lines) + "\n")
 
 
 def fit(model, params, loss_fn: LossFn, train_arrays: dict[str, np.ndarray], ft, *,
