@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sklearn.metrics
 from conftest import run_module, shared_workdir
 
 from script_jax import config_lib
@@ -201,12 +202,28 @@ def test_glue_command_random_init_and_bad_input(tmp_path, tmp_path_factory):
   result = run_module("finetune.glue", [f"--init_from={workdir}", f"--data_dir={data_dir}",
                                         f"--output_dir={out}", "--random_init", "--tasks=CoLA",
                                         *_FAST, "--config.num_seeds=1",
-                                        "--config.max_train_examples=10"], timeout=600)
+                                        "--config.max_train_examples=10",
+                                        "--config.save_model=True"], timeout=600)
   assert result.returncode == 0, result.stderr.decode()[-3000:]
   assert "+random |" in result.stdout.decode()
   results = json.loads((out / "results.json").read_text())
   assert results["random_init"] and results["runs"]["cola"]["0"]["train_examples"] == 10
   assert results["finetune_config"]["max_train_examples"] == 10
+
+  # The saved model, reloaded for prediction, gives the dev-set score the run reported.
+  sentences = tmp_path / "dev_sentences.txt"
+  sentences.write_text("".join(f"{t}\n" for _, _, t in _COLA * 3))
+  predicted = run_module("finetune.predict", [f"--run_dir={out}/cola/seed_0",
+                                              f"--input={sentences}"], timeout=300)
+  assert predicted.returncode == 0, predicted.stderr.decode()[-3000:]
+  rows = [line.split("\t") for line in predicted.stdout.decode().splitlines()]
+  assert [t for _, t in rows] == [t for _, _, t in _COLA * 3]
+  mcc = sklearn.metrics.matthews_corrcoef([l for _, l, _ in _COLA * 3],
+                                          [int(label) for label, _ in rows])
+  assert 100 * mcc == pytest.approx(results["runs"]["cola"]["0"]["mcc"], abs=1e-6)
+  missing = run_module("finetune.predict", [f"--run_dir={out}/cola/seed_9",
+                                            f"--input={sentences}"], timeout=300)
+  assert missing.returncode == 2 and b"save_model=True" in missing.stderr
 
   def error(*extra):
     bad = run_module("finetune.glue", [f"--init_from={workdir}", f"--output_dir={out}_bad",
