@@ -122,12 +122,12 @@ def time_ours(config, task: str, length: int, *, batch_size: int, steps: int, wa
   """Times our fine-tuning train step (finetune.trainer.fit's) on one fixed random batch."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
   from script_jax import config_lib  # pylint: disable=g-import-not-at-top
   from script_jax.bench import step_speed  # pylint: disable=g-import-not-at-top
   from script_jax.finetune import glue  # pylint: disable=g-import-not-at-top
   from script_jax.finetune import model as task_models  # pylint: disable=g-import-not-at-top
   from script_jax.finetune import optim  # pylint: disable=g-import-not-at-top
+  from script_jax.finetune import trainer  # pylint: disable=g-import-not-at-top
   from script_jax.finetune import squad  # pylint: disable=g-import-not-at-top
 
   ft = config_lib.finetune_config()
@@ -161,23 +161,8 @@ def time_ours(config, task: str, length: int, *, batch_size: int, steps: int, wa
   total_steps = max(1000, warmup + steps * repeats)
   tx, schedule = optim.make_optimizer(ft, params, cfg.num_layers, total_steps)
   opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
-  dropout_key = jax.random.key(0)
-  reduce = jnp.sum if ft.loss_reduction == "sum" else jnp.mean
-
-  # finetune.trainer.fit's train_step, line for line (keep the two in step).
-  @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=(replicated,) * 3)
-  def train_step(params, opt_state, batch, step):
-    def loss_of(p):
-      outputs = model.apply({"params": p}, batch["input_ids"], batch["segment_ids"],
-                            batch["input_mask"], deterministic=False,
-                            rngs={"dropout": jax.random.fold_in(dropout_key, step)})
-      losses, metrics = loss_fn(outputs, batch)
-      return reduce(losses), metrics
-    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
-               "learning_rate": schedule(step)}
-    return optax.apply_updates(params, updates), opt_state, metrics
+  train_step = trainer.make_train_step(model, loss_fn, tx, schedule, ft.loss_reduction, 0,
+                                       replicated)  # the step trainer.fit runs
 
   compiled = train_step.lower(params, opt_state, batch, jnp.int32(0)).compile()
   compile_s = time.perf_counter() - start

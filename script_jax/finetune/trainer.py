@@ -114,6 +114,31 @@ class MetricsLog:
     fs.write_atomically(self.jsonl_path, "\n".join(self.lines) + "\n")
 
 
+def make_train_step(model, loss_fn: LossFn, tx, schedule, loss_reduction: str, seed: int,
+                    replicated) -> Callable:
+  """The jitted step (params, opt_state, batch, step) -> (params, opt_state, metrics): one
+  value_and_grad of the task loss (summed or averaged over the batch), then the optimizer.
+  Parameters and optimizer state are donated; dropout draws from fold_in(key(seed), step)."""
+  dropout_key = jax.random.key(seed)
+  reduce = jnp.sum if loss_reduction == "sum" else jnp.mean
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=(replicated,) * 3)
+  def train_step(params, opt_state, batch, step):
+    def loss_of(p):
+      outputs = model.apply({"params": p}, batch["input_ids"], batch["segment_ids"],
+                            batch["input_mask"], deterministic=False,
+                            rngs={"dropout": jax.random.fold_in(dropout_key, step)})
+      losses, metrics = loss_fn(outputs, batch)
+      return reduce(losses), metrics
+    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+               "learning_rate": schedule(step)}
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+  return train_step
+
+
 def fit(model, params, loss_fn: LossFn, train_arrays: dict[str, np.ndarray], ft, *,
         seed: int, num_layers: int, epochs: int, label: str = "",
         log_dir: Optional[str] = None) -> tuple[Any, dict[str, float]]:
@@ -147,22 +172,8 @@ def fit(model, params, loss_fn: LossFn, train_arrays: dict[str, np.ndarray], ft,
   # A copy through the host: the train step donates its buffers, the caller keeps its params.
   params = jax.device_put(jax.tree.map(np.asarray, params), replicated)
   opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
-  dropout_key = jax.random.key(seed)
-  reduce = jnp.sum if ft.loss_reduction == "sum" else jnp.mean
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=(replicated,) * 3)
-  def train_step(params, opt_state, batch, step):
-    def loss_of(p):
-      outputs = model.apply({"params": p}, batch["input_ids"], batch["segment_ids"],
-                            batch["input_mask"], deterministic=False,
-                            rngs={"dropout": jax.random.fold_in(dropout_key, step)})
-      losses, metrics = loss_fn(outputs, batch)
-      return reduce(losses), metrics
-    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
-               "learning_rate": schedule(step)}
-    return optax.apply_updates(params, updates), opt_state, metrics
+  train_step = make_train_step(model, loss_fn, tx, schedule, ft.loss_reduction, seed,
+                               replicated)
 
   progress = Progress(label, total_steps, ft.log_every_steps)
   log = MetricsLog(log_dir)
