@@ -70,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Softmax rows padded to a multiple of this (128 suits TPU/GPU tiles; pad columns are masked).
   c.model.vocab_pad_multiple = 128
   # Query/key/value projections as one matmul (same parameters and checkpoints; meant to cut
-  # GPU kernels, not yet timed on one).
+  # GPU kernels; +0.75% for SCRIPT-small on an H200, docs/benchmarks_log.md section (i)).
   c.model.fused_qkv = False
 
   # Weight of the critic's loss: SCRIPT's alpha (Section 2: L = L_MLM + alpha * L_Disc), and
