@@ -4,12 +4,14 @@
       --train_file=train-v1.1.json --dev_file=dev-v1.1.json --output_dir=OUT
   python -m script_jax.finetune.squad ... --dev_file=dev-v2.0.json --dev_split=0.8
       # no train file: train on 80% of the dev articles, evaluate on the other 20% (say so!)
+  python -m script_jax.finetune.squad ... --tfds=squad/v2.0 --output_dir=OUT
+      # TFDS's train and validation splits (downloaded on first use)
 
 Windows of --config.squad.max_length tokens (512 as ELECTRA; 128 or 256 for models pretrained
 on short sequences, whose later position embeddings never trained), a document stride of 128,
 questions of at most 64 tokens. Per seed, OUT/seed_<s>/ gets predictions.json (the official
-format), for 2.0 na_probs.json, the held-out dataset file when --dev_split is used, and the
-training logs; OUT/results.json has every seed's scores (the official keys), OUT/results.md a
+format), for 2.0 na_probs.json, and the training logs; OUT/eval_dataset.json is the evaluated
+set in the official format when it is not a file of the user's (--dev_split, --tfds); OUT/results.json has every seed's scores (the official keys), OUT/results.md a
 table. `python -m script_jax.finetune.squad_eval DATA predictions.json [--na-prob-file ...]`
 re-scores any of them, as the official script would.
 """
@@ -40,8 +42,10 @@ def define_flags() -> None:
   flags.DEFINE_string("dev_file", None, "SQuAD dev JSON (official format).")
   flags.DEFINE_float("dev_split", None, "Without --train_file: the share of the dev file's "
                      "articles to train on; the others are evaluated.")
+  flags.DEFINE_string("tfds", None, "Instead of the files: TFDS squad/v1.1 or squad/v2.0 "
+                      "(its train and validation splits; downloads on first use).")
   flags.DEFINE_string("output_dir", None, "Predictions, scores, logs (local or gs://).")
-  flags.mark_flags_as_required(["init_from", "dev_file", "output_dir"])
+  flags.mark_flags_as_required(["init_from", "output_dir"])
 
 
 def span_loss(outputs, batch, no_answer_weight: float, version: str):
@@ -65,10 +69,24 @@ def span_loss(outputs, batch, no_answer_weight: float, version: str):
   return losses, metrics
 
 
-def _datasets(train_file: Optional[str], dev_file: str, dev_split: Optional[float], seed: int):
+def _datasets(train_file: Optional[str], dev_file: Optional[str], dev_split: Optional[float],
+              seed: int, tfds_name: Optional[str] = None):
   """(train dataset dict, evaluation dataset dict, note on where they came from)."""
   from script_jax.finetune import squad_data  # pylint: disable=g-import-not-at-top
   from script_jax.finetune import squad_eval  # pylint: disable=g-import-not-at-top
+  if tfds_name:
+    if train_file or dev_file or dev_split is not None:
+      raise FinetuneError("--tfds reads both splits from TFDS: leave out --train_file, "
+                          "--dev_file and --dev_split.")
+    if tfds_name not in squad_data.TFDS_NAMES:
+      raise FinetuneError(f"--tfds={tfds_name}: use one of {', '.join(squad_data.TFDS_NAMES)}.")
+    # TFDS's folder is $TFDS_DATA_DIR (local or gs://), else ~/tensorflow_datasets.
+    return (squad_data.load_tfds_squad(tfds_name, "train"),
+            squad_data.load_tfds_squad(tfds_name, "dev"),
+            f"TFDS {tfds_name} train/validation")
+  if not dev_file:
+    raise FinetuneError("Pass --dev_file (with --train_file, or --dev_split for a development "
+                        "run), or --tfds=squad/v1.1 or squad/v2.0.")
   dev = squad_eval.load_json(dev_file, "dev file")
   if train_file:
     if dev_split is not None:
@@ -85,9 +103,9 @@ def _datasets(train_file: Optional[str], dev_file: str, dev_split: Optional[floa
                            "trained on, the others evaluated")
 
 
-def run_squad(ft, init_from: str, dev_file: str, output_dir: str, *,
+def run_squad(ft, init_from: str, dev_file: Optional[str], output_dir: str, *,
               train_file: Optional[str] = None, dev_split: Optional[float] = None,
-              random_init: bool = False, step: Optional[int] = None) -> dict[str, Any]:
+              tfds_name: Optional[str] = None, random_init: bool = False, step: Optional[int] = None) -> dict[str, Any]:
   """Fine-tunes and evaluates every seed not yet in OUT/results.json; returns the results."""
   import jax  # pylint: disable=g-import-not-at-top
   from script_jax.finetune import model as task_models  # pylint: disable=g-import-not-at-top
@@ -96,7 +114,8 @@ def run_squad(ft, init_from: str, dev_file: str, output_dir: str, *,
   from script_jax.finetune import trainer  # pylint: disable=g-import-not-at-top
 
   sq = ft.squad
-  train_json, eval_json, note = _datasets(train_file, dev_file, dev_split, seed=0)
+  train_json, eval_json, note = _datasets(train_file, dev_file, dev_split, seed=0,
+                                          tfds_name=tfds_name)
   start = runs.load_start(init_from, step, ft, random_init)
   cfg = start.encoder_cfg
   if sq.max_length > cfg.max_position_embeddings:
@@ -153,7 +172,7 @@ def run_squad(ft, init_from: str, dev_file: str, output_dir: str, *,
       squad_eval.write_json(fs.join(run_dir, "predictions.json"), predictions)
       if na_probs is not None:
         squad_eval.write_json(fs.join(run_dir, "na_probs.json"), na_probs)
-      if dev_split is not None:
+      if dev_split is not None or tfds_name:
         squad_eval.write_json(fs.join(output_dir, "eval_dataset.json"), eval_json)
     if ft.save_model:
       trainer.save_params(trainer.resolved(fs.join(run_dir, "params")), final)
@@ -185,6 +204,7 @@ def main(argv):
   def body():
     results = run_squad(FLAGS.config, FLAGS.init_from, FLAGS.dev_file, FLAGS.output_dir,
                         train_file=FLAGS.train_file, dev_split=FLAGS.dev_split,
+                        tfds_name=FLAGS.tfds,
                         random_init=FLAGS.random_init, step=FLAGS.step)
     print(table(results))
   cli_errors.run_cli(argv, body)

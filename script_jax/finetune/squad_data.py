@@ -2,6 +2,8 @@
 into answer text.
 
   read_squad(path) / examples_from_dataset(json)   -> [SquadExample]   (v1.1 or v2.0 files)
+  load_tfds_squad(name, split)                      -> dataset dict in the official format, from
+                                                       TFDS `squad/v1.1` or `squad/v2.0`
   split_by_articles(source, train_fraction, seed)   -> (train_json, heldout_json): a development
                                                        split of one file, whole articles apart
   encode_with_offsets(tokenizer, text)              -> (ids, [(char_start, char_end)])
@@ -36,7 +38,7 @@ import collections
 import copy
 import dataclasses
 import math
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from absl import logging
 import numpy as np
@@ -94,17 +96,75 @@ def read_squad(path: str) -> list[SquadExample]:
   return examples_from_dataset(squad_eval.load_json(path, "SQuAD file"))
 
 
-def _dataset_from_examples(examples: Sequence[SquadExample]) -> dict:
-  """Regroups examples into a dataset dict: articles by title, paragraphs by context."""
+def _dataset_from_examples(examples: Sequence[SquadExample],
+                           version: Optional[str] = None) -> dict:
+  """Regroups examples into a dataset dict: articles by title, paragraphs by context.
+
+  `version` ("1.1" or "v2.0") defaults to 2.0 iff an example is impossible.
+  """
   articles: dict[str, dict[str, list]] = {}
   for ex in examples:
     qas = articles.setdefault(ex.title, {}).setdefault(ex.context, [])
     qas.append({"id": ex.qas_id, "question": ex.question, "is_impossible": ex.is_impossible,
                 "answers": [{"text": t, "answer_start": s} for t, s in ex.answers]})
-  version = "v2.0" if any(ex.is_impossible for ex in examples) else "1.1"
+  if version is None:
+    version = "v2.0" if any(ex.is_impossible for ex in examples) else "1.1"
   return {"version": version, "data": [
       {"title": title, "paragraphs": [{"context": c, "qas": q} for c, q in paragraphs.items()]}
       for title, paragraphs in articles.items()]}
+
+
+TFDS_NAMES = ("squad/v1.1", "squad/v2.0")
+TFDS_SPLITS = {"train": "train", "dev": "validation"}  # our split -> TFDS's
+
+
+def _as_text(value: Any) -> str:
+  if isinstance(value, np.ndarray):  # a 0-d array, as tfds.as_numpy may yield
+    value = value.item()
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def dataset_from_tfds(records: Iterable[Mapping[str, Any]], name: str) -> dict:
+  """TFDS `squad/v1.1` or `squad/v2.0` records (text as bytes or str) as an official-format
+  dataset dict, so that training, scoring and the written eval file are those of the JSON path.
+
+  TFDS yields one record per question (answers as parallel `text`/`answer_start` lists), in its
+  own order; questions are regrouped into articles by title and paragraphs by context, in order
+  of first appearance. Raises squad_eval.SquadDataError on records not shaped like SQuAD.
+  """
+  if name not in TFDS_NAMES:
+    raise squad_eval.SquadDataError(f"Unknown TFDS SQuAD dataset {name!r}: use one of "
+                                    f"{', '.join(TFDS_NAMES)}.")
+  examples = []
+  for n, record in enumerate(records):
+    try:
+      qas_id = _as_text(record["id"])
+      texts = [_as_text(t) for t in record["answers"]["text"]]
+      starts = [int(s) for s in record["answers"]["answer_start"]]
+      if len(texts) != len(starts):
+        raise squad_eval.SquadDataError(f"{len(texts)} answer texts but {len(starts)} starts")
+      examples.append(SquadExample(
+          qas_id=qas_id, question=_as_text(record["question"]),
+          context=_as_text(record["context"]), answers=list(zip(texts, starts)),
+          is_impossible=bool(record.get("is_impossible", False)),
+          title=_as_text(record.get("title", ""))))
+    except (KeyError, TypeError, ValueError, squad_eval.SquadDataError) as e:
+      raise squad_eval.SquadDataError(f"TFDS {name} record {n}: not a SQuAD question "
+                                      f"({type(e).__name__}: {e}).") from None
+  return _dataset_from_examples(examples, version="v2.0" if name.endswith("2.0") else "1.1")
+
+
+def load_tfds_squad(name: str, split: str, *, data_dir: Optional[str] = None) -> dict:
+  """One split ("train" or "dev") of TFDS `squad/v1.1` or `squad/v2.0` (downloads on first
+  use; `data_dir` is TFDS's folder, local or gs://) as an official-format dataset dict."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if name not in TFDS_NAMES:
+    raise squad_eval.SquadDataError(f"Unknown TFDS SQuAD dataset {name!r}: use one of "
+                                    f"{', '.join(TFDS_NAMES)}.")
+  if split not in TFDS_SPLITS:
+    raise ValueError(f"split must be one of {sorted(TFDS_SPLITS)}, not {split!r}.")
+  dataset = tfds.load(name, split=TFDS_SPLITS[split], data_dir=data_dir, shuffle_files=False)
+  return dataset_from_tfds(tfds.as_numpy(dataset), name)
 
 
 def split_by_articles(source: Union[Mapping[str, Any], Sequence[SquadExample]],
