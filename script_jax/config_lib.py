@@ -19,6 +19,7 @@ RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 # Where the critic's (SCRIPT's) loss is taken: all non-padding tokens, or the masked ones.
 DISC_POSITIONS = ("all", "masked")
 DTYPES = ("float32", "bfloat16")
+SQUAD_HEADS = ("electra", "bert")
 # ELECTRA's (and BERT's) uncased WordPiece vocab, shipped with the package (Apache-2.0).
 BERT_UNCASED_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
                                   "bert_uncased_vocab.txt")
@@ -184,6 +185,11 @@ def finetune_config(size: str = "small") -> ml_collections.ConfigDict:
   c.squad.max_answer_length = 30
   c.squad.epochs = 2
   c.squad.no_answer_weight = 0.5  # the no-answer classifier's loss weight (SQuAD 2.0)
+  # "electra": ELECTRA's head (end conditioned on the start, a beam of n_best starts in
+  # prediction, the answerable classifier on [CLS] and the start-weighted state); "bert":
+  # independent start and end logits and a no-answer logit from [CLS].
+  c.squad.head = "electra"
+  c.squad.eval_batch_size = 32  # the beam holds [batch, n_best, length, 512] activations
   return c
 
 

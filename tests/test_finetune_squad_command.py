@@ -40,8 +40,9 @@ def _dataset(version):
   return {"version": version, "data": data * 3}
 
 
-@pytest.mark.parametrize("version", ["1.1", "v2.0"])
-def test_squad_command_end_to_end(version, tmp_path, tmp_path_factory):
+@pytest.mark.parametrize("version, head", [("1.1", "electra"), ("v2.0", "electra"),
+                                           ("v2.0", "bert")])
+def test_squad_command_end_to_end(version, head, tmp_path, tmp_path_factory):
   workdir = shared_workdir(tmp_path_factory)
   dev = tmp_path / "dev.json"
   dev.write_text(json.dumps(_dataset(version)))
@@ -50,7 +51,8 @@ def test_squad_command_end_to_end(version, tmp_path, tmp_path_factory):
       f"--init_from={workdir}", f"--dev_file={dev}", "--dev_split=0.75", f"--output_dir={out}",
       "--config.num_seeds=1", "--config.epochs=2", "--config.batch_size=8",
       "--config.squad.max_length=32", "--config.squad.doc_stride=8",
-      "--config.squad.max_query_length=8", "--config.log_every_steps=1"], timeout=600)
+      "--config.squad.max_query_length=8", "--config.log_every_steps=1",
+      f"--config.squad.head={head}"], timeout=600)
   stderr = result.stderr.decode()
   assert result.returncode == 0, stderr[-3000:]
   assert "development split" in stderr and "ETA" in stderr
@@ -86,3 +88,7 @@ def test_squad_command_needs_a_train_file_or_a_split(tmp_path, tmp_path_factory)
                                          "--dev_split=0.5", f"--output_dir={tmp_path / 'out'}"],
                       timeout=300)
   assert result.returncode == 2 and b"exceeds the model's 128 positions" in result.stderr
+  result = run_module("finetune.squad", [f"--init_from={workdir}", f"--dev_file={dev}",
+                                         "--dev_split=0.5", "--config.squad.head=xlnet",
+                                         f"--output_dir={tmp_path / 'out'}"], timeout=300)
+  assert result.returncode == 2 and b"use one of electra, bert" in result.stderr

@@ -435,3 +435,57 @@ def test_gold_positions_round_trip_to_full_marks(tokenizer, max_seq_length, doc_
       assert scores["exact"] == scores["f1"] == scores["best_exact"] == 100.0
       blanked = squad_data.with_no_answers(predictions, na_probs)
       assert squad_eval.evaluate_v2(dataset, blanked)["exact"] == 100.0
+
+
+def test_postprocess_joint_picks_the_best_valid_beam_pair(wordpiece):
+  example = squad_data.SquadExample("q", "Whose résumé?", NORMANDY, [], False)
+  features = squad_data.make_features([example], wordpiece, is_training=False,
+                                      max_seq_length=256)
+
+  def at(piece):
+    return _token_at(features, 0, NORMANDY, piece)
+
+  # Beam of 3 starts, each with its 3 best ends (ELECTRA's layout), as log-probabilities.
+  start_index = np.array([[1, at("Zürich"), at("Müller")]])  # 1: a question token, never valid
+  start_lp = np.array([[-0.1, -1.0, -2.0]])
+  end_index = np.array([[[at("Müller") + 2, at("!"), at("Café")],
+                         [at("!"), at("Café"), at("Zürich")],  # too long, end < start, ok
+                         [at("Müller") + 2, at("Müller"), at("!")]]])
+  end_lp = np.array([[[0.0, 0.0, 0.0], [-0.1, -0.2, -3.0], [-0.5, -0.6, -0.7]]])
+  beams = (start_lp, start_index, end_lp, end_index, np.array([0.0]))
+  predictions, na_probs = squad_data.postprocess_joint([example], features, *beams,
+                                                       max_answer_length=4)
+  assert predictions == {"q": "Müller's"} and na_probs is None  # -2.0 - 0.5 beats -1 - 3
+  predictions, _ = squad_data.postprocess_joint([example], features, *beams)
+  assert predictions == {"q": "Zürich, Québec & São Paulo!"}  # -1.1, allowed at 30 tokens
+  predictions, _ = squad_data.postprocess_joint([example], features, *beams, n_best=1)
+  assert predictions == {"q": ""}  # only the question token's pair is left
+  _, na_probs = squad_data.postprocess_joint([example], features, *beams[:4],
+                                             np.array([1.25]), version="2.0")
+  assert na_probs == {"q": pytest.approx(1 / (1 + np.exp(-1.25)))}
+
+
+def test_postprocess_joint_gold_beams_round_trip_to_full_marks(wordpiece):
+  for dataset in (V1, V2):
+    version = squad_eval.dataset_version(dataset)
+    examples = squad_data.examples_from_dataset(dataset)
+    features = squad_data.make_features(examples, wordpiece, is_training=False,
+                                        max_seq_length=64, doc_stride=8, max_query_length=8)
+    n = len(features)
+    # The gold span first in every window's beam, a decoy (the [CLS] token) second.
+    start_index = np.stack([features.start_positions, np.zeros(n, int)], axis=1)
+    start_lp = np.tile([-0.5, -1.0], (n, 1))
+    end_index = np.zeros((n, 2, 2), int)
+    end_index[:, 0, 0] = features.end_positions
+    end_lp = np.full((n, 2, 2), -2.0)
+    end_lp[:, 0, 0] = -0.5
+    answerable = np.where(features.is_impossible > 0, 3.0, -3.0)
+    predictions, na_probs = squad_data.postprocess_joint(
+        examples, features, start_lp, start_index, end_lp, end_index, answerable,
+        version=version)
+    answerable_qs = {e.qas_id: e.answers[0][0] for e in examples if not e.is_impossible}
+    assert {q: predictions[q] for q in answerable_qs} == answerable_qs
+    if version == "2.0":
+      scores = squad_eval.evaluate_v2(dataset, predictions, na_probs,
+                                      squad_data.DEFAULT_NA_PROB_THRESH)
+      assert scores["exact"] == scores["f1"] == 100.0

@@ -9,7 +9,8 @@ Two tasks at the config's model sizes (configs/small.py: vocab 30522, E 128, H 2
 
   glue   `finetune.model.Classifier` with 2 outputs (a GLUE classification task), length 128;
          HF: `transformers.ElectraForSequenceClassification` (num_labels 2).
-  squad  `finetune.model.SpanExtractor` (SQuAD 1.1's start/end loss), length 384;
+  squad  `finetune.model.SpanExtractor` (BERT's start/end head, `squad.head="bert"`, the one
+         HF's model has; SQuAD 1.1's start/end loss), length 384;
          HF: `transformers.ElectraForQuestionAnswering`.
 
 Ours is the train step of `finetune.trainer.fit`, built here the same way (trainer.py is not

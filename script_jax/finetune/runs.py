@@ -84,8 +84,10 @@ def initial_params(model, start: Start, sample: dict, seed: int, random_init: bo
   (or, with random_init, the encoder drawn too)."""
   import jax  # pylint: disable=g-import-not-at-top
   from script_jax.finetune import model as task_models  # pylint: disable=g-import-not-at-top
+  extra = {k: sample[k][:1] for k in getattr(model, "predict_inputs", ())}
   params = jax.jit(model.init)(jax.random.key(seed), sample["input_ids"][:1],
-                               sample["segment_ids"][:1], sample["input_mask"][:1])["params"]
+                               sample["segment_ids"][:1], sample["input_mask"][:1],
+                               **extra)["params"]
   if random_init:
     return params
   try:

@@ -28,6 +28,7 @@ from absl import app
 from absl import flags
 
 from script_jax import cli_errors
+from script_jax import config_lib
 from script_jax import fs
 from script_jax.finetune import runs
 from script_jax.finetune.runs import FinetuneError
@@ -114,6 +115,9 @@ def run_squad(ft, init_from: str, dev_file: Optional[str], output_dir: str, *,
   from script_jax.finetune import trainer  # pylint: disable=g-import-not-at-top
 
   sq = ft.squad
+  if sq.head not in config_lib.SQUAD_HEADS:
+    raise FinetuneError(f"squad.head={sq.head!r}; use one of "
+                        f"{', '.join(config_lib.SQUAD_HEADS)}.")
   train_json, eval_json, note = _datasets(train_file, dev_file, dev_split, seed=0,
                                           tfds_name=tfds_name)
   start = runs.load_start(init_from, step, ft, random_init)
@@ -138,7 +142,9 @@ def run_squad(ft, init_from: str, dev_file: Optional[str], output_dir: str, *,
   print(f"SQuAD {version} ({note}): {len(train_examples)} questions in "
         f"{len(train_features)} windows to train on, {len(eval_examples)} questions in "
         f"{len(eval_features)} windows to evaluate.", file=sys.stderr)
-  model = task_models.SpanExtractor(cfg)
+  joint = sq.head == "electra"
+  model = (task_models.JointSpanExtractor(cfg, beam_size=sq.n_best) if joint
+           else task_models.SpanExtractor(cfg))
   train_arrays = train_features.model_inputs()
   epochs = ft.epochs or sq.epochs
 
@@ -155,13 +161,17 @@ def run_squad(ft, init_from: str, dev_file: Optional[str], output_dir: str, *,
     final, last = trainer.fit(model, init, loss_fn, train_arrays, ft, seed=seed,
                               num_layers=cfg.num_layers, epochs=epochs,
                               label=f"SQuAD {version} seed {seed}", log_dir=run_dir)
-    start_logits, end_logits, no_answer = trainer.predict(model, final,
-                                                          eval_features.model_inputs(),
-                                                          ft.eval_batch_size)
-    predictions, na_probs = squad_data.postprocess(
-        eval_examples, eval_features, start_logits, end_logits,
-        no_answer if version == "2.0" else None, n_best=sq.n_best,
-        max_answer_length=sq.max_answer_length, version=version)
+    outputs = trainer.predict(model, final, eval_features.model_inputs(), sq.eval_batch_size)
+    answer_rules = dict(n_best=sq.n_best, max_answer_length=sq.max_answer_length,
+                        version=version)
+    if joint:
+      predictions, na_probs = squad_data.postprocess_joint(eval_examples, eval_features,
+                                                           *outputs, **answer_rules)
+    else:
+      start_logits, end_logits, no_answer = outputs
+      predictions, na_probs = squad_data.postprocess(
+          eval_examples, eval_features, start_logits, end_logits,
+          no_answer if version == "2.0" else None, **answer_rules)
     if version == "2.0":
       scores = squad_eval.evaluate_v2(eval_json, predictions, na_probs)
     else:

@@ -9,6 +9,7 @@ into answer text.
   encode_with_offsets(tokenizer, text)              -> (ids, [(char_start, char_end)])
   make_features(examples, tokenizer, is_training=)  -> SquadFeatures: fixed-length windows
   postprocess(examples, features, logits...)        -> ({qid: text}, {qid: na_prob} or None)
+  postprocess_joint(examples, features, beams...)   -> the same from ELECTRA's joint head
 
 Window layout (BERT/ELECTRA): [CLS] question [SEP] context [SEP], padded to max_seq_length. The
 question keeps its first max_query_length tokens. A context longer than the room left is cut into
@@ -452,7 +453,7 @@ def postprocess(examples: Sequence[SquadExample], features: SquadFeatures,
                 no_answer_logits: Optional[np.ndarray] = None, *, n_best: int = 20,
                 max_answer_length: int = 30,
                 version: str = "1.1") -> tuple[dict[str, str], Optional[dict[str, float]]]:
-  """Best answer span per question, as BERT/ELECTRA pick it, and (2.0) the no-answer probability.
+  """Best answer span per question from BERT's head, and (2.0) the no-answer probability.
 
   Per window, the n_best highest start logits among tokens that may start an answer (context,
   max-context here) and the n_best highest end logits among context tokens are paired; a pair is
@@ -474,19 +475,13 @@ def postprocess(examples: Sequence[SquadExample], features: SquadFeatures,
     with na_prob 1); apply the threshold with `with_no_answers` or at evaluation (see the module
     docstring). Examples without windows (dropped by make_features in training) are absent.
   """
-  if version not in squad_eval.VERSIONS:
-    raise ValueError(f"version must be one of {squad_eval.VERSIONS}, not {version!r}")
   shape = features.input_ids.shape
   start_logits = np.asarray(start_logits, np.float64)
   end_logits = np.asarray(end_logits, np.float64)
   if start_logits.shape != shape or end_logits.shape != shape:
     raise ValueError(f"start/end logits {start_logits.shape}/{end_logits.shape} do not match "
                      f"the features' {shape}")
-  if len(features) and features.example_index.max() >= len(examples):
-    raise ValueError("the features were made from more examples than given")
-  offsets = features.token_offsets
-  is_context = (offsets[..., 0] >= 0) & (offsets[..., 1] > offsets[..., 0])
-  starts_ok = is_context & features.is_max_context
+  starts_ok, is_context = _answer_positions(features)
   k = max(1, min(n_best, shape[1]))
 
   def top(logits, ok):
@@ -496,15 +491,79 @@ def postprocess(examples: Sequence[SquadExample], features: SquadFeatures,
 
   start_index, start_value = top(start_logits, starts_ok)
   end_index, end_value = top(end_logits, is_context)
-  length = end_index[:, None, :] - start_index[:, :, None] + 1  # [N, k, k]
-  pair_score = np.where((length >= 1) & (length <= max_answer_length),
-                        start_value[:, :, None] + end_value[:, None, :], -np.inf)
-  best_pair = pair_score.reshape(len(features), -1).argmax(axis=1)
-  window = np.arange(len(features))
-  best_score = pair_score.reshape(len(features), -1)[window, best_pair]
-  best_start = start_index[window, best_pair // k]
-  best_end = end_index[window, best_pair % k]
+  n = len(features)
+  candidates = (np.repeat(start_index, k, axis=1), np.tile(end_index, (1, k)),
+                (start_value[:, :, None] + end_value[:, None, :]).reshape(n, k * k))
   null_score = start_logits[:, NO_ANSWER_INDEX] + end_logits[:, NO_ANSWER_INDEX]
+  return _select(examples, features, candidates, max_answer_length, version,
+                 no_answer_logits=no_answer_logits, null_score=null_score)
+
+
+def postprocess_joint(examples: Sequence[SquadExample], features: SquadFeatures,
+                      start_top_log_probs: np.ndarray, start_top_index: np.ndarray,
+                      end_top_log_probs: np.ndarray, end_top_index: np.ndarray,
+                      answerable_logits: np.ndarray, *, n_best: int = 20,
+                      max_answer_length: int = 30,
+                      version: str = "1.1") -> tuple[dict[str, str], Optional[dict[str, float]]]:
+  """Best answer span per question from ELECTRA's joint head (model.JointSpanHead's beams).
+
+  Candidates are the beam's (start i, end j given start i) pairs, scored by
+  log p(start) + log p(end | start), the first n_best of each; a pair counts when the start may
+  start an answer (context, max-context window), the end is context, start <= end and it spans
+  at most max_answer_length tokens (ELECTRA's qa_metrics rules). The best pair over the
+  question's windows gives the text; for 2.0 the no-answer probability is sigmoid of the
+  smallest answerable logit over the windows (ELECTRA's null odds, squashed).
+
+  Args:
+    start_top_log_probs, start_top_index: [N, K]; end_top_log_probs, end_top_index: [N, K, K].
+    answerable_logits: [N], higher means no answer.
+    Others as in `postprocess`.
+  """
+  start_top_index = np.asarray(start_top_index)
+  n, beam = start_top_index.shape
+  k = max(1, min(n_best, beam))
+  start_lp = np.asarray(start_top_log_probs, np.float64)[:, :k]
+  end_lp = np.asarray(end_top_log_probs, np.float64)[:, :k, :k]
+  if n != len(features) or end_lp.shape != (n, k, k):
+    raise ValueError(f"beams {start_top_index.shape}/{np.shape(end_top_log_probs)} do not "
+                     f"match the {len(features)} windows")
+  candidates = (np.repeat(start_top_index[:, :k], k, axis=1),
+                np.asarray(end_top_index)[:, :k, :k].reshape(n, k * k),
+                (start_lp[:, :, None] + end_lp).reshape(n, k * k))
+  return _select(examples, features, candidates, max_answer_length, version,
+                 no_answer_logits=answerable_logits)
+
+
+def _answer_positions(features: SquadFeatures) -> tuple[np.ndarray, np.ndarray]:
+  """([N, L] may start an answer: context in its max-context window, [N, L] is context)."""
+  offsets = features.token_offsets
+  is_context = (offsets[..., 0] >= 0) & (offsets[..., 1] > offsets[..., 0])
+  return is_context & features.is_max_context, is_context
+
+
+def _select(examples, features, candidates, max_answer_length, version, *,
+            no_answer_logits=None, null_score=None):
+  """Per question, the best valid candidate span over its windows, and (2.0) its na_prob.
+
+  candidates: (start [N, C], end [N, C], score [N, C]) token positions and scores per window.
+  na_prob: sigmoid(min over windows of no_answer_logits) when given, else sigmoid(min over
+  windows of null_score - the best span's score) (BERT's null-score difference).
+  """
+  if version not in squad_eval.VERSIONS:
+    raise ValueError(f"version must be one of {squad_eval.VERSIONS}, not {version!r}")
+  if len(features) and features.example_index.max() >= len(examples):
+    raise ValueError("the features were made from more examples than given")
+  starts_ok, is_context = _answer_positions(features)
+  start, end, score = (np.asarray(a) for a in candidates)
+  window = np.arange(len(features))[:, None]
+  length = end - start + 1
+  valid = (starts_ok[window, start] & is_context[window, end] & (length >= 1) &
+           (length <= max_answer_length) & ~np.isnan(score))
+  score = np.where(valid, np.asarray(score, np.float64), -np.inf)
+  best = score.argmax(axis=1) if score.size else np.zeros(len(features), int)
+  window = np.arange(len(features))
+  best_score = score[window, best] if score.size else np.full(len(features), -np.inf)
+  best_start, best_end = start[window, best], end[window, best]
   if no_answer_logits is not None:
     no_answer_logits = np.asarray(no_answer_logits, np.float64).reshape(-1)
     if len(no_answer_logits) != len(features):
@@ -513,6 +572,7 @@ def postprocess(examples: Sequence[SquadExample], features: SquadFeatures,
   windows_of = collections.defaultdict(list)
   for w, index in enumerate(features.example_index):
     windows_of[int(index)].append(w)
+  offsets = features.token_offsets
   predictions, na_probs = {}, {}
   for index, example in enumerate(examples):
     windows = windows_of.get(index)

@@ -127,7 +127,8 @@ def make_train_step(model, loss_fn: LossFn, tx, schedule, loss_reduction: str, s
     def loss_of(p):
       outputs = model.apply({"params": p}, batch["input_ids"], batch["segment_ids"],
                             batch["input_mask"], deterministic=False,
-                            rngs={"dropout": jax.random.fold_in(dropout_key, step)})
+                            rngs={"dropout": jax.random.fold_in(dropout_key, step)},
+                            **{k: batch[k] for k in getattr(model, "train_inputs", ())})
       losses, metrics = loss_fn(outputs, batch)
       return reduce(losses), metrics
     (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
@@ -146,7 +147,8 @@ def fit(model, params, loss_fn: LossFn, train_arrays: dict[str, np.ndarray], ft,
 
   Args:
     model: a Flax module called as model.apply({"params": p}, ids, segment_ids, input_mask,
-      deterministic=..., rngs=...).
+      deterministic=..., rngs=..., **extra), extra being the batch fields the module names in
+      `train_inputs` (and, in predict, `predict_inputs`).
     params: the initial parameters (pretrained backbone and fresh head).
     loss_fn: (outputs, batch) -> (per-example losses [B], metrics) for the task.
     train_arrays: "input_ids", "segment_ids", "input_mask" and the task's targets, [N, ...].
@@ -212,9 +214,11 @@ def predict(model, params, arrays: dict[str, np.ndarray], batch_size: int) -> An
   @functools.partial(jax.jit, out_shardings=replicated)
   def forward(params, batch):
     return model.apply({"params": params}, batch["input_ids"], batch["segment_ids"],
-                       batch["input_mask"], deterministic=True)
+                       batch["input_mask"], deterministic=True,
+                       **{k: batch[k] for k in extra_inputs})
 
-  keys = ("input_ids", "segment_ids", "input_mask")
+  extra_inputs = tuple(getattr(model, "predict_inputs", ()))
+  keys = ("input_ids", "segment_ids", "input_mask") + extra_inputs
   padded = round_up(max(num_examples, 1), batch_size)
   inputs = {k: np.concatenate([arrays[k], np.zeros((padded - num_examples,) + arrays[k].shape[1:],
                                                    arrays[k].dtype)]) for k in keys}
