@@ -103,3 +103,35 @@ def test_joint_extractor_trains_with_the_gold_start_and_predicts_beams():
   np.testing.assert_allclose(np.asarray(jax.nn.log_softmax(start, -1)[
       np.arange(2)[:, None], start_index]), start_lp, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(answerable_train, answerable, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("version,answerable_on_v1", [("1.1", False), ("1.1", True),
+                                                      ("2.0", False)])
+def test_span_loss_matches_reference(version, answerable_on_v1):
+  """squad.span_loss: the mean of start and end cross-entropies over the allowed positions,
+  plus the weighted answerable BCE where the head trains it (2.0, or 1.1 for ELECTRA's head)."""
+  from script_jax.finetune import squad
+  rng = np.random.default_rng(7)
+  b, t, weight = 5, 11, 0.5
+  start, end, answerable = (rng.normal(size=(b, t)) * 3, rng.normal(size=(b, t)) * 3,
+                            rng.normal(size=b) * 2)
+  context_mask = (rng.random((b, t)) < 0.6).astype(np.int32)
+  context_mask[:, 0] = 1
+  start_positions = np.array([rng.choice(np.flatnonzero(m)) for m in context_mask])
+  end_positions = np.array([rng.choice(np.flatnonzero(m)) for m in context_mask])
+  is_impossible = rng.random(b) < 0.5 if version == "2.0" else np.zeros(b, bool)
+  batch = {"context_mask": context_mask, "start_positions": start_positions,
+           "end_positions": end_positions, "is_impossible": is_impossible}
+  losses, _ = squad.span_loss((start, end, answerable), batch, weight, version,
+                              answerable_on_v1=answerable_on_v1)
+
+  def ce(logits, gold):  # only the allowed positions enter the softmax
+    masked = np.where(context_mask > 0, logits, -np.inf)
+    return -log_softmax(masked, axis=-1)[np.arange(b), gold]
+
+  want = 0.5 * (ce(start, start_positions) + ce(end, end_positions))
+  if version == "2.0" or answerable_on_v1:
+    y = is_impossible.astype(np.float64)
+    p = 1.0 / (1.0 + np.exp(-answerable))
+    want = want - weight * (y * np.log(p) + (1 - y) * np.log(1 - p))
+  np.testing.assert_allclose(np.asarray(losses), want, rtol=1e-5, atol=1e-5)

@@ -49,9 +49,11 @@ def define_flags() -> None:
   flags.mark_flags_as_required(["init_from", "output_dir"])
 
 
-def span_loss(outputs, batch, no_answer_weight: float, version: str):
+def span_loss(outputs, batch, no_answer_weight: float, version: str,
+              answerable_on_v1: bool = False):
   """Start and end cross-entropy over the allowed positions (context and [CLS]), averaged, plus
-  the no-answer classifier's binary cross-entropy for SQuAD 2.0."""
+  the no-answer classifier's binary cross-entropy for SQuAD 2.0 (and, with answerable_on_v1, on
+  1.1 too, every label "answerable", as ELECTRA's code trains its answerable classifier)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   start_BxT, end_BxT, no_answer_B = outputs
@@ -63,7 +65,7 @@ def span_loss(outputs, batch, no_answer_weight: float, version: str):
       optax.softmax_cross_entropy_with_integer_labels(end_BxT, batch["end_positions"]))
   metrics = {"start_accuracy": jnp.mean(
       (start_BxT.argmax(-1) == batch["start_positions"]).astype(jnp.float32))}
-  if version == "2.0":
+  if version == "2.0" or answerable_on_v1:
     impossible = batch["is_impossible"].astype(jnp.float32)
     losses = losses + no_answer_weight * optax.sigmoid_binary_cross_entropy(no_answer_B,
                                                                             impossible)
@@ -149,7 +151,7 @@ def run_squad(ft, init_from: str, dev_file: Optional[str], output_dir: str, *,
   epochs = ft.epochs or sq.epochs
 
   def loss_fn(outputs, batch):
-    return span_loss(outputs, batch, sq.no_answer_weight, version)
+    return span_loss(outputs, batch, sq.no_answer_weight, version, answerable_on_v1=joint)
 
   by_seed = results.setdefault("runs", {}).setdefault("squad", {})
   for seed in range(ft.first_seed, ft.first_seed + ft.num_seeds):
