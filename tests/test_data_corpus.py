@@ -8,6 +8,7 @@ import tarfile
 import pytest
 
 from script_jax.data import corpus
+from script_jax.data import tfds_fetch
 from script_jax.data.corpus import DataError
 
 
@@ -152,5 +153,5 @@ def test_openwebtext_without_download_says_what_to_do(tmp_path):
 
 
 def test_unknown_tfds_dataset(tmp_path):
-  with pytest.raises(DataError, match="no dataset 'no_such_dataset_xyz'"):
+  with pytest.raises(tfds_fetch.TfdsFetchError, match="no dataset 'no_such_dataset_xyz'"):
     list(corpus.read_documents("tfds:no_such_dataset_xyz", tfds_data_dir=str(tmp_path)))

@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT, run_module, shared_workdir
 from tfds_fixture import serve
 
+from script_jax.data import tfds_fetch
 from script_jax.finetune import glue_data
 from script_jax.finetune import squad_data
 from script_jax.finetune import squad_eval
@@ -205,3 +206,23 @@ def test_glue_command_with_tfds(tmp_path, tmp_path_factory):
   assert runs["cola"]["0"]["train_examples"] == 24
   assert runs["stsb"]["0"]["train_examples"] == 2 * 18  # the pairs and their swaps
   assert "| model | CoLA" in result.stdout.decode()
+
+
+@pytest.mark.parametrize("load", ["glue", "squad"])
+def test_tfds_without_network_is_one_clear_error(load, tmp_path, monkeypatch):
+  """No network: TFDS's retries end in requests' ConnectionError; the loaders turn it into a
+  UserError that names the dataset, the folder and the offline alternative. (Proxy to a closed
+  local port so that it fails at once whatever the machine's network; retries off for speed.)"""
+  from tensorflow_datasets.core.download import downloader
+  monkeypatch.setattr(downloader, "MAX_RETRIES", 0)
+  for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+    monkeypatch.setenv(var, "http://127.0.0.1:9")
+  for var in ("NO_PROXY", "no_proxy"):
+    monkeypatch.delenv(var, raising=False)
+  if load == "glue":
+    with pytest.raises(tfds_fetch.TfdsFetchError,
+                       match=r"glue/rte into .*ConnectionError.*\$TFDS_DATA_DIR.*--data_dir"):
+      glue_data.load_tfds_split("rte", "dev", data_dir=str(tmp_path))
+  else:
+    with pytest.raises(tfds_fetch.TfdsFetchError, match=r"squad/v2.0 into .*--train_file"):
+      squad_data.load_tfds_squad("squad/v2.0", "dev", data_dir=str(tmp_path))

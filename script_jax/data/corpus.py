@@ -33,6 +33,7 @@ from typing import Iterator, Optional
 
 from script_jax import cli_errors
 from script_jax import fs
+from script_jax.data import tfds_fetch
 
 Document = list[str]
 
@@ -267,11 +268,9 @@ def _tfds_documents(name: str, split: str, invalid_utf8: str, stats: ReadStats,
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if name.split("/")[0].split(":")[0] == OPENWEBTEXT_NAME:
     openwebtext_builder_class()  # registers the builder with TFDS
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise DataError(f"TFDS has no dataset {name!r}: {e}".splitlines()[0]) from e
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  builder = tfds_fetch.builder(name, data_dir)
+  tfds_fetch.prepare(builder, name, "Or give data.source a local or gs:// text file.",
+                     tfds.download.DownloadConfig(manual_dir=manual_dir))
   text_key = _text_feature(builder.info.features, name)
   try:
     stats.total_documents = builder.info.splits[split].num_examples

@@ -373,10 +373,12 @@ def load_tfds_split(task: Union[str, GlueTask], split: str, *, data_dir: Optiona
   TFDS has no manual-download path for GLUE, so offline use read_glue_split on the files.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from script_jax.data import tfds_fetch  # pylint: disable=g-import-not-at-top
   spec = get_task(task)
   _check_split(spec, split)
-  dataset = tfds.load(spec.tfds_name, split=spec.tfds_splits[split], data_dir=data_dir,
-                      shuffle_files=False)
+  dataset = tfds_fetch.load(spec.tfds_name, spec.tfds_splits[split], data_dir=data_dir,
+                            instead="Or give --data_dir a folder in the GLUE layout "
+                            "(<TASK>/train.tsv, dev.tsv).")
   examples = examples_from_tfds(spec, tfds.as_numpy(dataset), split)
   if check_counts and len(examples) != spec.expected_rows[split]:
     raise _count_error(spec, split, f"TFDS {spec.tfds_name}", len(examples))

@@ -159,12 +159,14 @@ def load_tfds_squad(name: str, split: str, *, data_dir: Optional[str] = None) ->
   """One split ("train" or "dev") of TFDS `squad/v1.1` or `squad/v2.0` (downloads on first
   use; `data_dir` is TFDS's folder, local or gs://) as an official-format dataset dict."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from script_jax.data import tfds_fetch  # pylint: disable=g-import-not-at-top
   if name not in TFDS_NAMES:
     raise squad_eval.SquadDataError(f"Unknown TFDS SQuAD dataset {name!r}: use one of "
                                     f"{', '.join(TFDS_NAMES)}.")
   if split not in TFDS_SPLITS:
     raise ValueError(f"split must be one of {sorted(TFDS_SPLITS)}, not {split!r}.")
-  dataset = tfds.load(name, split=TFDS_SPLITS[split], data_dir=data_dir, shuffle_files=False)
+  dataset = tfds_fetch.load(name, TFDS_SPLITS[split], data_dir=data_dir,
+                            instead="Or give --train_file and --dev_file (the official JSON).")
   return dataset_from_tfds(tfds.as_numpy(dataset), name)
 
 
