@@ -269,7 +269,7 @@ def _tfds_documents(name: str, split: str, invalid_utf8: str, stats: ReadStats,
   if name.split("/")[0].split(":")[0] == OPENWEBTEXT_NAME:
     openwebtext_builder_class()  # registers the builder with TFDS
   builder = tfds_fetch.builder(name, data_dir)
-  tfds_fetch.prepare(builder, name, "Or give data.source a local or gs:// text file.",
+  tfds_fetch.prepare(builder, name, "Or give --config.data.source a local or gs:// text file.",
                      tfds.download.DownloadConfig(manual_dir=manual_dir))
   text_key = _text_feature(builder.info.features, name)
   try:

@@ -498,7 +498,8 @@ def postprocess(examples: Sequence[SquadExample], features: SquadFeatures,
                 (start_value[:, :, None] + end_value[:, None, :]).reshape(n, k * k))
   null_score = start_logits[:, NO_ANSWER_INDEX] + end_logits[:, NO_ANSWER_INDEX]
   return _select(examples, features, candidates, max_answer_length, version,
-                 no_answer_logits=no_answer_logits, null_score=null_score)
+                 (starts_ok, is_context), no_answer_logits=no_answer_logits,
+                 null_score=null_score)
 
 
 def postprocess_joint(examples: Sequence[SquadExample], features: SquadFeatures,
@@ -533,7 +534,7 @@ def postprocess_joint(examples: Sequence[SquadExample], features: SquadFeatures,
                 np.asarray(end_top_index)[:, :k, :k].reshape(n, k * k),
                 (start_lp[:, :, None] + end_lp).reshape(n, k * k))
   return _select(examples, features, candidates, max_answer_length, version,
-                 no_answer_logits=answerable_logits)
+                 _answer_positions(features), no_answer_logits=answerable_logits)
 
 
 def _answer_positions(features: SquadFeatures) -> tuple[np.ndarray, np.ndarray]:
@@ -543,11 +544,12 @@ def _answer_positions(features: SquadFeatures) -> tuple[np.ndarray, np.ndarray]:
   return is_context & features.is_max_context, is_context
 
 
-def _select(examples, features, candidates, max_answer_length, version, *,
+def _select(examples, features, candidates, max_answer_length, version, answer_positions, *,
             no_answer_logits=None, null_score=None):
   """Per question, the best valid candidate span over its windows, and (2.0) its na_prob.
 
   candidates: (start [N, C], end [N, C], score [N, C]) token positions and scores per window.
+  answer_positions: `_answer_positions(features)`.
   na_prob: sigmoid(min over windows of no_answer_logits) when given, else sigmoid(min over
   windows of null_score - the best span's score) (BERT's null-score difference).
   """
@@ -555,7 +557,7 @@ def _select(examples, features, candidates, max_answer_length, version, *,
     raise ValueError(f"version must be one of {squad_eval.VERSIONS}, not {version!r}")
   if len(features) and features.example_index.max() >= len(examples):
     raise ValueError("the features were made from more examples than given")
-  starts_ok, is_context = _answer_positions(features)
+  starts_ok, is_context = answer_positions
   start, end, score = (np.asarray(a) for a in candidates)
   window = np.arange(len(features))[:, None]
   length = end - start + 1
