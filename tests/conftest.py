@@ -1,8 +1,11 @@
 """Test set-up: eight fake CPU devices, so sharding is tested without an accelerator."""
 
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 # Must be set before JAX is imported anywhere. On a busy 2-core machine one of the eight device
 # threads can reach a collective long after the others: wait instead of aborting at 40 s.
@@ -14,7 +17,24 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+# JAX's persistent compilation cache, shared by the test processes (pytest-xdist's workers
+# inherit the controller's environment) and by every `python -m script_jax...` a test starts:
+# most end-to-end tests compile the same tiny programs, which costs more than running them.
+# A fresh folder per run, removed at the end, unless JAX_COMPILATION_CACHE_DIR is set.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="script_jax_test_jax_cache_")
+  os.environ["SCRIPT_JAX_TEST_OWN_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
 import pytest  # pylint: disable=g-import-not-at-top
+
+
+def pytest_sessionfinish(session):
+  """The controller (not an xdist worker) removes the compilation cache it made."""
+  own = os.environ.get("SCRIPT_JAX_TEST_OWN_CACHE")
+  if own and not hasattr(session.config, "workerinput"):
+    shutil.rmtree(own, ignore_errors=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -109,12 +129,24 @@ def run_module(module, args, stdin=None, timeout=300):
                         input=stdin, capture_output=True, timeout=timeout, env=env)
 
 
-_SHARED = {}
+def build_once(tmp_path_factory, name, build):
+  """`build(folder) -> str` run once per test run, by whichever process asks first (pytest-xdist
+  workers share the base temporary folder's parent); the others wait for it and get its result.
+  What it builds is shared: tests read it and write elsewhere."""
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  folder, done = root / f"shared_{name}", root / f"shared_{name}.done"
+  with open(root / f"shared_{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not done.exists():
+      shutil.rmtree(folder, ignore_errors=True)  # a build that failed half-way
+      folder.mkdir()
+      done.write_text(build(folder))
+    return done.read_text()
 
 
-def shared_workdir(tmp_path_factory):
-  """One tiny pretraining workdir per session for the scoring, rescoring and fine-tuning
-  tests (building it runs the trainer once)."""
-  if "workdir" not in _SHARED:
-    _SHARED["workdir"] = make_workdir(tmp_path_factory.mktemp("score"))
-  return _SHARED["workdir"]
+def shared_workdir(tmp_path_factory, objective="script"):
+  """One tiny pretraining workdir per objective per test run, for the scoring, rescoring,
+  fine-tuning and export tests (building it runs the trainer once)."""
+  return build_once(tmp_path_factory, f"workdir_{objective}",
+                    lambda folder: make_workdir(folder, objective))
