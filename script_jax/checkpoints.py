@@ -75,10 +75,16 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def make_manager(workdir: str, config, read_only: bool = False) -> ocp.CheckpointManager:
-  """Saves every `checkpoint_every_steps` and keeps the last `keep_checkpoints`."""
+  """Saves every `checkpoint_every_steps`; keeps the last `keep_checkpoints` and every one at a
+  multiple of `keep_checkpoint_every_steps` (when > 0), the checkpoints a curve needs."""
+  policies = ocp.checkpoint_managers
+  keep = policies.LatestN(n=config.keep_checkpoints)
+  keep_every = config.get("keep_checkpoint_every_steps", 0)  # absent from older run configs
+  if keep_every:
+    keep = policies.AnyPreservationPolicy([keep, policies.EveryNSteps(interval_steps=keep_every)])
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=config.checkpoint_every_steps,
-      max_to_keep=config.keep_checkpoints,
+      preservation_policy=keep,
       create=not read_only,
       read_only=read_only,
       enable_async_checkpointing=not read_only,

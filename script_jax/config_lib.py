@@ -114,6 +114,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.shuffle_buffer = 10_000
   c.data.short_seq_prob = 0.1
   c.data.invalid_utf8 = "skip"  # "skip" (and count) or "error"
+  # Share of whole documents set aside as the evaluation split (at least one document when > 0;
+  # 0: none). Part of the preparation's recipe: a prepared folder keeps the split it was made
+  # with.
+  c.data.eval_fraction = 0.01
 
   # Optimiser (Table 4): AdamW, linear warmup then linear decay to zero, clip at 1.0.
   c.optim = ml_collections.ConfigDict()
@@ -138,6 +142,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 5_000
   c.keep_checkpoints = 3
   c.log_every_steps = 100
+  # Besides the last keep_checkpoints, keep every checkpoint at a multiple of this many steps
+  # (for curves: fine-tune each, script_jax/experiments/); 0 keeps only the last ones. A
+  # multiple of checkpoint_every_steps.
+  c.keep_checkpoint_every_steps = 0
+
+  # Held-out evaluation (evaluation.py) on the prepared data's evaluation split
+  # (data.eval_fraction): every eval_every_steps and at the end (0: never).
+  c.eval_every_steps = 5_000
+  c.eval = ml_collections.ConfigDict()
+  c.eval.max_sequences = 2_048  # the first this many held-out sequences: a cheap, fixed set
+  c.eval.seed = 1234  # its masks and samples: the same at every evaluation, in every run
   return c
 
 
@@ -272,6 +287,14 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
                     "duplicate work; use mesh.model=1 (the default: data parallel over all "
                     "devices)")
   problems.append(batch_per_host_problem(config.batch_size, process_count))
+  if config.eval_every_steps < 0 or config.eval.max_sequences < 1:
+    problems.append(f"eval_every_steps ({config.eval_every_steps}) must be 0 (no evaluation) "
+                    f"or more, eval.max_sequences ({config.eval.max_sequences}) 1 or more")
+  keep_every = config.keep_checkpoint_every_steps
+  if keep_every < 0 or (keep_every and keep_every % config.checkpoint_every_steps):
+    problems.append(f"keep_checkpoint_every_steps {keep_every} must be 0 or a multiple of "
+                    f"checkpoint_every_steps {config.checkpoint_every_steps} (only saved "
+                    "checkpoints can be kept)")
   problems = [p for p in problems if p]
   if problems:
     raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))

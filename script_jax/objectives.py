@@ -92,15 +92,21 @@ def first_argmax(x: Array) -> Array:
   return jnp.min(jnp.where(x == maximum, index, x.shape[-1] - 1), axis=-1)
 
 
-def mlm_loss(logits_BxPxV: Array, masked_ids_BxP: Array, masked_weights_BxP: Array):
-  """Weighted mean negative log-likelihood of the original tokens (eqs. 1-2) and accuracy."""
+def mlm_terms(logits_BxPxV: Array, masked_ids_BxP: Array) -> tuple[Array, Array]:
+  """Per prediction: the negative log-likelihood of the original token, and whether the most
+  likely token is the original."""
   logits_BxPxV = logits_BxPxV.astype(jnp.float32)
   # -log softmax(s)_y = logsumexp(s) - s_y: no [B, P, V] log-probabilities kept for backward.
   target_BxP = jnp.take_along_axis(logits_BxPxV, masked_ids_BxP[..., None], axis=-1)[..., 0]
   nll_BxP = jax.nn.logsumexp(logits_BxPxV, axis=-1) - target_BxP
+  return nll_BxP, first_argmax(logits_BxPxV) == masked_ids_BxP
+
+
+def mlm_loss(logits_BxPxV: Array, masked_ids_BxP: Array, masked_weights_BxP: Array):
+  """Weighted mean negative log-likelihood of the original tokens (eqs. 1-2) and accuracy."""
+  nll_BxP, correct = mlm_terms(logits_BxPxV, masked_ids_BxP)
   denom = jnp.maximum(masked_weights_BxP.sum(), 1e-6)
   loss = (nll_BxP * masked_weights_BxP).sum() / denom
-  correct = (first_argmax(logits_BxPxV) == masked_ids_BxP)
   accuracy = (correct * masked_weights_BxP).sum() / denom
   return loss, {"mlm_loss": loss, "mlm_accuracy": accuracy}
 
@@ -147,7 +153,8 @@ def original_ids(batch) -> Array:
 
 def _sample_replacements(rng, logits_BxPxV, batch, temperature, vocab_size=None,
                          sampler: str = "gumbel"):
-  """(sampled sequence x_bar [B, T], is_original [B, T], replaced share at masked positions).
+  """(sampled sequence x_bar [B, T], is_original [B, T], replaced share at masked positions,
+  the sampled tokens [B, P]).
 
   With `vocab_size`, only the first vocab_size columns are candidates: padding columns are
   never drawn, and the noise (so the sample) is the same as without padding.
@@ -160,27 +167,44 @@ def _sample_replacements(rng, logits_BxPxV, batch, temperature, vocab_size=None,
                                      weights)
   is_original = sampled_ids == original_ids(batch)
   replaced = ((sampled_BxP != batch["masked_ids"]) * weights).sum() / jnp.maximum(weights.sum(), 1)
-  return sampled_ids, is_original, replaced
+  return sampled_ids, is_original, replaced, sampled_BxP
+
+
+def _outputs(batch, nll_BxP, correct_BxP, sampled_BxP=None, critic_logit=None,
+             is_original=None, critic_weights=None) -> dict:
+  """The per-prediction and per-token values held-out evaluation sums (evaluation.py)."""
+  outputs = {"mlm_nll": nll_BxP, "mlm_correct": correct_BxP,
+             "mlm_weights": batch["masked_weights"].astype(jnp.float32)}
+  if sampled_BxP is not None:
+    outputs.update(sampled_is_original=sampled_BxP == batch["masked_ids"],
+                   critic_logit=critic_logit.astype(jnp.float32), is_original=is_original,
+                   critic_weights=critic_weights)
+  return outputs
 
 
 # ----------------------------------------------------------------------------- the objectives
 
-def script_objective(params, batch, rng, *, model: models.MaskedLM, config):
+def script_objective(params, batch, rng, *, model: models.MaskedLM, config,
+                     deterministic: bool = False, with_outputs: bool = False):
   """SCRIPT: L = L_MLM + alpha * L_Disc (alpha = config.disc_weight), one model, two forward
-  passes (Section 2)."""
+  passes (Section 2).
+
+  Every objective takes `deterministic` (no dropout: evaluation) and `with_outputs` (the
+  per-token values under metrics["outputs"], see `_outputs`).
+  """
   dropout1, dropout2, sample_rng = jax.random.split(rng, 3)
   apply = functools.partial(model.apply, {"params": params})
   table_VxE, bias_V = apply(method=model.output_embedding)
 
   # Pass 1: MLM on the masked input, logits only at the masked positions.
   features_BxPxE = apply(batch["input_ids"], batch["segment_ids"], batch["input_mask"],
-                         batch["masked_positions"], deterministic=False,
+                         batch["masked_positions"], deterministic=deterministic,
                          rngs={"dropout": dropout1})
   logits_BxPxV = models.tied_logits(features_BxPxE, table_VxE, bias_V)
   loss_mlm, metrics = mlm_loss(logits_BxPxV, batch["masked_ids"], batch["masked_weights"])
 
   # The model proposes replacements from its own distribution.
-  sampled_ids, is_original, replaced = _sample_replacements(
+  sampled_ids, is_original, replaced, sampled_BxP = _sample_replacements(
       sample_rng, logits_BxPxV, batch, config.script.temperature, config.model.vocab_size,
       config.sampler)
 
@@ -198,46 +222,57 @@ def script_objective(params, batch, rng, *, model: models.MaskedLM, config):
     raise ValueError(f"disc_positions must be 'all' or 'masked', got "
                      f"{config.script.disc_positions!r}")
   features = apply(sampled_ids, batch["segment_ids"], batch["input_mask"], critic_positions,
-                   deterministic=False, rngs={"dropout": dropout2})
+                   deterministic=deterministic, rngs={"dropout": dropout2})
   lse = critic_logsumexp(features, table_VxE, bias_V, config.script.logsumexp_chunk)
   loss_disc, disc_metrics = binary_disc_loss(lse, is_original, weights)
 
   loss = loss_mlm + config.disc_weight * loss_disc
   metrics.update(disc_metrics, loss=loss, replaced_fraction=replaced)
+  if with_outputs:
+    metrics["outputs"] = _outputs(batch, *mlm_terms(logits_BxPxV, batch["masked_ids"]),
+                                  sampled_BxP, lse, is_original, weights)
   return loss, metrics
 
 
-def electra_objective(params, batch, rng, *, model: models.ElectraPretrainer, config):
+def electra_objective(params, batch, rng, *, model: models.ElectraPretrainer, config,
+                      deterministic: bool = False, with_outputs: bool = False):
   """ELECTRA: L = L_gen + 50 * L_disc with a separate small generator (Clark et al., 2020)."""
   dropout1, dropout2, sample_rng = jax.random.split(rng, 3)
   apply = functools.partial(model.apply, {"params": params})
   logits_BxPxV = apply(batch["input_ids"], batch["segment_ids"], batch["input_mask"],
-                       batch["masked_positions"], deterministic=False,
+                       batch["masked_positions"], deterministic=deterministic,
                        rngs={"dropout": dropout1}, method=model.generate)
   loss_gen, metrics = mlm_loss(logits_BxPxV, batch["masked_ids"], batch["masked_weights"])
-  sampled_ids, is_original, replaced = _sample_replacements(
+  sampled_ids, is_original, replaced, sampled_BxP = _sample_replacements(
       sample_rng, logits_BxPxV, batch, config.electra.temperature, config.model.vocab_size,
       config.sampler)
   disc_logit_BxT = apply(sampled_ids, batch["segment_ids"], batch["input_mask"],
-                         deterministic=False, rngs={"dropout": dropout2},
+                         deterministic=deterministic, rngs={"dropout": dropout2},
                          method=model.discriminate)
-  loss_disc, disc_metrics = binary_disc_loss(disc_logit_BxT, is_original,
-                                             batch["input_mask"].astype(jnp.float32))
+  weights = batch["input_mask"].astype(jnp.float32)
+  loss_disc, disc_metrics = binary_disc_loss(disc_logit_BxT, is_original, weights)
   loss = loss_gen + config.disc_weight * loss_disc
   metrics.update(disc_metrics, loss=loss, replaced_fraction=replaced)
+  if with_outputs:
+    metrics["outputs"] = _outputs(batch, *mlm_terms(logits_BxPxV, batch["masked_ids"]),
+                                  sampled_BxP, disc_logit_BxT, is_original, weights)
   return loss, metrics
 
 
-def mlm_objective(params, batch, rng, *, model: models.MaskedLM, config):
+def mlm_objective(params, batch, rng, *, model: models.MaskedLM, config,
+                  deterministic: bool = False, with_outputs: bool = False):
   """BERT's masked language modelling."""
   del config
   apply = functools.partial(model.apply, {"params": params})
   table_VxE, bias_V = apply(method=model.output_embedding)
   features_BxPxE = apply(batch["input_ids"], batch["segment_ids"], batch["input_mask"],
-                         batch["masked_positions"], deterministic=False, rngs={"dropout": rng})
+                         batch["masked_positions"], deterministic=deterministic,
+                         rngs={"dropout": rng})
   logits_BxPxV = models.tied_logits(features_BxPxE, table_VxE, bias_V)
   loss, metrics = mlm_loss(logits_BxPxV, batch["masked_ids"], batch["masked_weights"])
   metrics["loss"] = loss
+  if with_outputs:
+    metrics["outputs"] = _outputs(batch, *mlm_terms(logits_BxPxV, batch["masked_ids"]))
   return loss, metrics
 
 

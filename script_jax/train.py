@@ -25,6 +25,7 @@ import optax
 from script_jax import checkpoints
 from script_jax import cli_errors
 from script_jax import config_lib
+from script_jax import evaluation
 from script_jax import fs
 from script_jax import models
 from script_jax import objectives
@@ -174,6 +175,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       process_index=jax.process_index(), process_count=jax.process_count())
   batches = iter(dataset.as_numpy_iterator())
   train_step = make_train_step(config, model, state_sharding, mesh)
+  evaluator = evaluation.Evaluator.create(config, model, state_sharding.params, mesh, metadata,
+                                          data_dir)
+  if evaluator is not None:
+    logging.info("Held-out evaluation every %d steps and at the end on %d sequences of %s.",
+                 config.eval_every_steps, evaluator.num_sequences, data_dir)
+  elif config.eval_every_steps:
+    from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
+    logging.warning("%s", prepared.no_eval_split_message(data_dir))
 
   is_chief = jax.process_index() == 0
   # TensorBoard on process 0; the console gets one progress line per log step (below).
@@ -223,8 +232,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                      if k in record)
     logging.info("step %d/%d | %s | %.2f steps/s | ETA %s", step, config.num_train_steps, shown,
                  rate, _format_eta(eta))
-    last_record, totals, count = record, {}, 0
+    last_record, totals, count = dict(record), {}, 0
     last_log_time, last_log_step = now, step
+
+  def evaluate(step: int) -> None:
+    record = evaluator.evaluate(state.params)
+    writer.write_scalars(step, record)
+    jsonl.write({"step": step, **record})
+    logging.info("eval step %d/%d | %s | %.1f s", step, config.num_train_steps,
+                 evaluation.format_metrics(record), record[evaluation.PREFIX + "seconds"])
+    last_record.update(record)
 
   pending = None
   step = start_step
@@ -245,6 +262,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         pending = None
       if must_log:
         log(step)
+      if evaluator is not None and (step % config.eval_every_steps == 0 or
+                                    step == config.num_train_steps):
+        evaluate(step)
       if must_save:
         manager.save(step, args=checkpoints.ocp.args.StandardSave(state), force=True)
       if stopping:

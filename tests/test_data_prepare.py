@@ -26,6 +26,7 @@ def small_config(**data):
   c.mask.max_predictions_per_seq = config_lib.max_predictions_for(c.seq_len)
   c.data.tokenizer = "sentencepiece"
   c.data.num_shards = 4
+  c.data.eval_fraction = 0.05  # 4 of the default corpus's 79 documents
   for k, v in data.items():
     c.data[k] = v
   return c
@@ -132,30 +133,57 @@ def test_default_corpus_end_to_end(default_data):
   tokenizer = tokenizers.load_tokenizer(metadata["tokenizer"])
   assert tokenizer.special_ids == SPECIAL and tokenizer.vocab_size == config.model.vocab_size
   assert f"{metadata['num_examples']:,} of 64 tokens in 4 shards" in prepared.summary(metadata)
+  split = prepared.eval_split(metadata)
+  assert split["fraction"] == 0.05 and split["num_documents"] == 4
+  assert split["shards"][0]["file"] == prepared.EVAL_SHARD_FILENAME
+  assert split["num_examples"] == split["shards"][0]["num_examples"] > 0
+  assert "4 held-out documents" in prepared.summary(metadata)
+
+
+def test_held_out_documents_are_every_nth_and_at_least_one():
+  chosen = lambda n, f: [i for i in range(n) if prepared.is_held_out(i, f)]
+  assert chosen(79, 0.05) == [0, 20, 40, 60]
+  assert chosen(79, 0.01) == [0]  # at least one document
+  assert chosen(1000, 0.01) == list(range(0, 1000, 100))
+  assert chosen(10, 0.0) == []
+  for n, f in [(79, 0.05), (1234, 0.013), (5, 0.5), (7, 0.3)]:
+    assert len(chosen(n, f)) == int(np.ceil(n * f))
 
 
 def test_every_token_accounted_for(default_data):
+  """The training shards hold the tokens of the documents not held out, the evaluation shard
+  those of the held-out documents: each in the corpus's order, none lost, none in both."""
   out, metadata = default_data
   ids, segments = read_all_in_order(out, metadata)
-  two = [check_layout(i, s, 64) for i, s in zip(ids, segments)]
+  eval_ids, eval_segments = read_shard(os.path.join(out, prepared.EVAL_SHARD_FILENAME), 64)
+  two = [check_layout(i, s, 64) for i, s in zip([*ids, *eval_ids], [*segments, *eval_segments])]
   assert np.mean(np.array(two) == 2) > 0.75  # most sequences have two segments
   tokenizer = tokenizers.load_tokenizer(metadata["tokenizer"])
-  corpus_ids = [t for doc in corpus.read_documents("") for line in tokenizer.encode_batch(doc)
-                for t in line]
+  train_corpus_ids, eval_corpus_ids = [], []
+  for index, doc in enumerate(corpus.read_documents("")):
+    held_out = prepared.is_held_out(index, 0.05)
+    (eval_corpus_ids if held_out else train_corpus_ids).extend(
+        t for line in tokenizer.encode_batch(doc) for t in line)
   structural = [SPECIAL["cls"], SPECIAL["sep"], SPECIAL["pad"]]
   packed_ids = ids[~np.isin(ids, structural)]
+  packed_eval_ids = eval_ids[~np.isin(eval_ids, structural)]
   # None lost, none invented, and in the corpus's order.
-  assert collections.Counter(packed_ids.tolist()) == collections.Counter(corpus_ids)
-  assert packed_ids.tolist() == corpus_ids
-  assert metadata["num_tokens"] == len(corpus_ids)
-  assert sum(s["num_tokens"] for s in metadata["shards"]) == len(corpus_ids)
+  assert collections.Counter(packed_ids.tolist()) == collections.Counter(train_corpus_ids)
+  assert packed_ids.tolist() == train_corpus_ids
+  assert packed_eval_ids.tolist() == eval_corpus_ids
+  assert metadata["num_tokens"] == len(train_corpus_ids)
+  assert sum(s["num_tokens"] for s in metadata["shards"]) == len(train_corpus_ids)
+  assert metadata["eval"]["num_tokens"] == len(eval_corpus_ids)
+  # No sequence of a held-out document is in a training shard.
+  train_rows = {tuple(row) for row in ids}
+  assert not any(tuple(row) in train_rows for row in eval_ids)
 
 
 def test_worker_processes_give_the_same_shards(default_data, tmp_path):
   out, metadata = default_data
   again = prepare.prepare(small_config(), str(tmp_path), num_workers=2)
   assert again["fingerprint"] == metadata["fingerprint"]
-  for s in metadata["shards"]:
+  for s in metadata["shards"] + metadata["eval"]["shards"]:
     with open(os.path.join(out, s["file"]), "rb") as a, \
          open(os.path.join(tmp_path, s["file"]), "rb") as b:
       assert a.read() == b.read()
@@ -252,7 +280,9 @@ def test_text_files_with_a_wordpiece_vocab(tmp_path):
   assert metadata["special_ids"] == SPECIAL
   assert metadata["skipped_lines"] == 1 and metadata["corpus"]["documents"] == 41
   ids, _ = read_all_in_order(out, metadata)
-  assert np.sum(ids == 1) == 40  # the digits are [UNK]
+  eval_ids, _ = read_shard(os.path.join(out, prepared.EVAL_SHARD_FILENAME), 16)
+  assert metadata["eval"]["num_documents"] == 3  # documents 0, 20 and 40 of 41
+  assert np.sum(ids == 1) + np.sum(eval_ids == 1) == 40  # the digits are [UNK]
   config.data.invalid_utf8 = "error"
   with pytest.raises(DataError, match="corpus.txt:121: not valid UTF-8"):
     prepare.prepare(config, str(tmp_path / "out3"), source=str(tmp_path / "corpus.txt"))
@@ -279,7 +309,7 @@ def test_too_little_data_for_one_batch(tmp_path):
   config.batch_size = 64
   config.model.vocab_size = 8
   out = str(tmp_path / "out")
-  with pytest.raises(DataError, match=r"Only 2 sequences.*fewer than one global batch of "
+  with pytest.raises(DataError, match=r"Only 1 training sequences.*1 sequences held out\), fewer than one global batch of "
                                       r"config.batch_size=64"):
     prepare.prepare(config, out, source=str(tmp_path / "small.txt"), num_workers=1)
   assert not [n for n in os.listdir(out) if n.endswith(".tfrecord") or "tmp" in n]

@@ -11,27 +11,42 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, load_config, run_main
+from conftest import ROOT, build_once, load_config, run_main
 
 from script_jax import checkpoints
 from script_jax.data import prepare
 
 FAST = ["--config=configs/tiny.py", "--config.num_train_steps=40",
         "--config.checkpoint_every_steps=20", "--config.log_every_steps=10",
-        "--config.batch_size=8", "--config.keep_checkpoints=5", "--config.optim.warmup_steps=10"]
+        "--config.batch_size=8", "--config.keep_checkpoints=5", "--config.optim.warmup_steps=10",
+        "--config.eval_every_steps=20"]
+EVAL_KEYS = ("eval_mlm_loss", "eval_mlm_accuracy")
+CRITIC_EVAL_KEYS = ("eval_disc_loss", "eval_disc_accuracy", "eval_disc_original_share",
+                    "eval_disc_auc", "eval_disc_precision", "eval_disc_recall",
+                    "eval_sampled_accuracy")
 
 
 @pytest.fixture(scope="module")
 def shared_data(tmp_path_factory):
-  """The embedded corpus prepared once for this module (as the first run of main does)."""
-  workdir = tmp_path_factory.mktemp("prep")
-  prepare.prepare_pretraining_data(load_config("tiny"), str(workdir))
-  return str(workdir / "data")
+  """The embedded corpus prepared once per test run (as the first run of main does)."""
+  def build(folder):
+    prepare.prepare_pretraining_data(load_config("tiny"), str(folder))
+    return str(folder / "data")
+  return build_once(tmp_path_factory, "tiny_prepared", build)
+
+
+def _all_records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
 
 
 def _metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+  """The training records (those of the logged steps)."""
+  return [r for r in _all_records(workdir) if "loss" in r]
+
+
+def _eval_records(workdir):
+  return [r for r in _all_records(workdir) if "eval_mlm_loss" in r]
 
 
 def _params(workdir, step=None):
@@ -58,6 +73,16 @@ def test_tiny_run_of_each_objective_through_main(objective, tmp_path, shared_dat
     assert "replaced_fraction" in records[0]
   assert records[-1]["mlm_loss"] < records[0]["mlm_loss"]
   assert "ETA" in result.stderr  # progress on the console
+  # Held-out metrics every eval_every_steps and at the end: their own records, on the console.
+  evals = _eval_records(tmp_path)
+  assert [r["step"] for r in evals] == [20, 40]
+  keys = EVAL_KEYS + (CRITIC_EVAL_KEYS if objective != "mlm" else ())
+  assert all(np.isfinite(r[k]) for r in evals for k in keys)
+  assert (objective == "mlm") == ("eval_disc_auc" not in evals[0])
+  assert all(0 <= r[k] <= 1 for r in evals for k in keys if k != "eval_mlm_loss" and
+             k != "eval_disc_loss")
+  assert evals[-1]["eval_mlm_loss"] < evals[0]["eval_mlm_loss"]
+  assert "eval step 40/40 | mlm_loss" in result.stderr
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["20", "40"]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
 
@@ -88,6 +113,31 @@ def test_resume_after_kill_between_checkpoints_is_exact(tmp_path, shared_data):
   assert "Resumed" in result.stderr
   _assert_same_params(_params(crashed), want)
   assert [r["step"] for r in _metrics(crashed)] == [10, 20, 30, 40]
+  # Evaluation on: each evaluation step once, with the uninterrupted run's numbers.
+  assert [r["step"] for r in _eval_records(crashed)] == [20, 40]
+  drop_time = lambda records: [{k: v for k, v in r.items() if k != "eval_seconds"}
+                               for r in records]
+  assert drop_time(_eval_records(crashed)) == drop_time(_eval_records(one_go))
+
+
+def test_a_folder_prepared_without_an_evaluation_split_still_trains_and_is_kept(
+    tmp_path, shared_data):
+  """A prepared folder from before data.eval_fraction: training goes on, a warning says how to
+  get held-out metrics, and nothing in the folder is rewritten."""
+  old = tmp_path / "old_data"
+  shutil.copytree(shared_data, old)
+  metadata = json.loads((old / "metadata.json").read_text())
+  for shard in metadata.pop("eval")["shards"]:
+    (old / shard["file"]).unlink()
+  del metadata["recipe"]["eval_fraction"]
+  (old / "metadata.json").write_text(json.dumps(metadata))
+  before = {p.name: p.stat().st_mtime_ns for p in old.iterdir()}
+  result = run_main(FAST + [f"--workdir={tmp_path / 'run'}", f"--config.data.prepared_dir={old}",
+                            "--config.num_train_steps=20", "--config.model.num_layers=1"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "has no evaluation split" in result.stderr and "prepare the data again" in result.stderr
+  assert _eval_records(tmp_path / "run") == [] and _metrics(tmp_path / "run")
+  assert {p.name: p.stat().st_mtime_ns for p in old.iterdir()} == before
 
 
 def _wait_for(predicate, timeout):

@@ -34,8 +34,11 @@ def test_two_processes_train_and_checkpoint_together(tmp_path):
     assert p.returncode == 0, err[-3000:]
   assert "JAX process 1/2, 2 devices" in errors[1]
   with open(tmp_path / "metrics.jsonl") as f:
-    steps = [json.loads(line)["step"] for line in f]
-  assert steps == [10, 20]  # written once, by process 0
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records if "loss" in r] == [10, 20]  # written once, by process 0
+  # The held-out evaluation at the end, over both processes' rows, written once.
+  evals = [r for r in records if "eval_disc_auc" in r]
+  assert [r["step"] for r in evals] == [20] and 0 < evals[0]["eval_disc_auc"] < 1
   config, _, params = checkpoints.load_pretrained(str(tmp_path))
   assert config.objective == "script"
   leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(params)]

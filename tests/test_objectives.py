@@ -154,7 +154,7 @@ def test_script_gradients_flow_through_both_passes_and_not_through_the_sample():
   table, bias = model.apply({"params": params}, method=model.output_embedding)
   feats = model.apply({"params": params}, batch["input_ids"], batch["segment_ids"],
                       batch["input_mask"], batch["masked_positions"])
-  sampled_ids, is_original, _ = objectives._sample_replacements(  # pylint: disable=protected-access
+  sampled_ids, is_original, _, _ = objectives._sample_replacements(  # pylint: disable=protected-access
       sample_rng, models.tied_logits(feats, table, bias), batch, config.script.temperature)
 
   def pass1(p):
@@ -193,7 +193,7 @@ def test_critic_on_masked_positions_only_equals_the_full_pass_weighted_there():
   feats = model.apply({"params": params}, batch["input_ids"], batch["segment_ids"],
                       batch["input_mask"], batch["masked_positions"])
   logits = models.tied_logits(feats, table, bias)
-  sampled_ids, is_original, _ = objectives._sample_replacements(  # pylint: disable=protected-access
+  sampled_ids, is_original, _, _ = objectives._sample_replacements(  # pylint: disable=protected-access
       sample_rng, logits, batch, config.script.temperature)
   full = model.apply({"params": params}, sampled_ids, batch["segment_ids"], batch["input_mask"])
   lse = np.asarray(objectives.critic_logsumexp(full, table, bias), np.float64)

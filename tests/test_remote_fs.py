@@ -138,6 +138,7 @@ def test_prepare_train_stop_resume_score_off_the_local_disk(gcs_emulator, monkey
   train.train_and_evaluate(config(2), workdir)  # stops at step 2 ...
   data_dir = fs.join(workdir, "data")
   assert sorted(fs.listdir(data_dir)) == [
+      "eval-00000-of-00001.tfrecord", "eval-00000-of-00001.tfrecord.json",
       "metadata.json", "spm.model", "spm.model.json",
       "train-00000-of-00002.tfrecord", "train-00000-of-00002.tfrecord.json",
       "train-00001-of-00002.tfrecord", "train-00001-of-00002.tfrecord.json"]
@@ -145,7 +146,10 @@ def test_prepare_train_stop_resume_score_off_the_local_disk(gcs_emulator, monkey
   train.train_and_evaluate(config(4), workdir)  # ... and resumes to step 4
   with fs.open(fs.join(workdir, "metrics.jsonl")) as f:
     import json  # pylint: disable=g-import-not-at-top
-    assert [json.loads(l)["step"] for l in f] == [1, 2, 3, 4]
+    records = [json.loads(l) for l in f]
+  assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+  # Held-out evaluation read from the remote folder at the end of each run.
+  assert [r["step"] for r in records if "eval_disc_auc" in r] == [2, 4]
   assert fs.exists(fs.join(workdir, checkpoints.RUN_CONFIG))
   assert tf.io.gfile.glob(fs.join(workdir, "events.out.tfevents*"))  # TensorBoard
   assert _checkpoint_steps() == ["2", "4"]

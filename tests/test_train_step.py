@@ -178,3 +178,20 @@ def test_fused_qkv_has_the_same_parameters_loss_and_gradients(objective):
     np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6, err_msg=str(path))
   top = "encoder" if objective == "script" else "discriminator"
   assert np.abs(g0[top]["layer_0"]["attention"]["query"]["kernel"]).max() > 0
+
+
+@pytest.mark.parametrize("keep_every,kept", [(0, [9, 10]), (4, [4, 8, 9, 10]),
+                                             (2, [2, 4, 6, 8, 9, 10])])
+def test_checkpoints_kept_for_curves_beside_the_last_ones(tmp_path, keep_every, kept):
+  """keep_checkpoint_every_steps: orbax keeps every multiple of it and the last
+  keep_checkpoints, the two policies combined."""
+  from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  config = load_config("tiny", checkpoint_every_steps=1, keep_checkpoints=2,
+                       keep_checkpoint_every_steps=keep_every)
+  manager = checkpoints.make_manager(str(tmp_path), config)
+  for step in range(1, 11):
+    manager.save(step, args=checkpoints.ocp.args.StandardSave({"x": np.arange(3) + step}))
+  manager.wait_until_finished()
+  assert manager.all_steps() == kept
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == kept
+  manager.close()

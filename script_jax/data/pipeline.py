@@ -221,3 +221,49 @@ def create_pretraining_dataset(config: ml_collections.ConfigDict, metadata: dict
   options.deterministic = True
   ds = ds.with_options(options)
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def create_eval_dataset(config: ml_collections.ConfigDict, metadata: dict, data_dir: str,
+                        process_index: int = 0, process_count: int = 1):
+  """This host's part of the fixed evaluation batches, or None without an evaluation split.
+
+  The first config.eval.max_sequences sequences of the held-out split (prepare.py), in file
+  order, in global batches of config.batch_size (the last one filled with empty rows: no
+  tokens, no predictions), each masked with a seed folded from (config.eval.seed, batch number):
+  the same sequences, masks and batches at every evaluation, in every run, for any number of
+  hosts. Each host keeps its rows [process_index * B / hosts, ...) of every global batch.
+  """
+  split = prepared.eval_split(metadata)
+  if split is None:
+    return None
+  prepared.check_metadata_matches(config, metadata, data_dir=data_dir)
+  problem = (config_lib.batch_per_host_problem(config.batch_size, process_count) or
+             config_lib.max_predictions_problem(config))
+  if problem:
+    raise DataError(problem)
+  files = [fs.join(data_dir, s["file"]) for s in split["shards"]]
+  missing = [f for f in files if not tf.io.gfile.exists(f)]
+  if missing:
+    raise DataError(f"The evaluation shard(s) listed in {data_dir}/metadata.json are missing: "
+                    f"{missing[:3]}. Prepare the data again.")
+  spec = MaskingSpec.from_config(config, metadata)
+  global_batch, seq_len = config.batch_size, config.seq_len
+  per_host = global_batch // process_count
+  eval_seed = tf.constant([config.eval.seed, 0], tf.int64)
+
+  def masked_batch(index, serialized):
+    batch = parse_batch(serialized, seq_len)
+    missing_rows = global_batch - tf.shape(serialized)[0]
+    input_ids = tf.pad(batch["input_ids"], [[0, missing_rows], [0, 0]],
+                       constant_values=spec.pad_id)
+    masked = mask_batch(input_ids, tf.random.experimental.stateless_fold_in(eval_seed, index),
+                        spec)
+    masked["segment_ids"] = tf.pad(batch["segment_ids"], [[0, missing_rows], [0, 0]])
+    rows = slice(process_index * per_host, (process_index + 1) * per_host)
+    return {k: v[rows] for k, v in masked.items()}
+
+  ds = tf.data.TFRecordDataset(files).take(config.eval.max_sequences)
+  ds = ds.batch(global_batch).enumerate().map(masked_batch)
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options)

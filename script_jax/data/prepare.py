@@ -15,10 +15,14 @@ one sequence.
 Output folder:
   train-00000-of-00008.tfrecord ...  features input_ids, segment_ids: int64 [seq_len]
   train-00000-of-00008.tfrecord.json counts of a finished shard (and how it was made)
+  eval-00000-of-00001.tfrecord       the held-out documents' sequences (data.eval_fraction)
   spm.model or vocab.txt             the tokenizer, copied or trained here
   metadata.json                      written last; what the trainer and the scorer read
 
-Examples go to shards round-robin, so shards differ by at most one example. A rerun skips
+A share data.eval_fraction of the documents (at least one; every 1/fraction-th in corpus order,
+prepared.is_held_out) is set aside whole: their sequences go to the evaluation shard only, never
+to a training shard. Training examples go to shards round-robin, so shards differ by at most one
+example. A rerun skips
 finished shards whose recipe matches, writes the others to temporary names and renames them
 when complete, so an interrupted run never leaves a half-written shard under a final name.
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import os
 import time
 from typing import Optional
@@ -130,6 +135,9 @@ def prepare(config: ml_collections.ConfigDict, output_dir: str, source: Optional
     raise DataError(f"config.seq_len={config.seq_len} is too short; use {MIN_SEQ_LEN} or more.")
   if config.data.num_shards < 1:
     raise DataError(f"config.data.num_shards={config.data.num_shards}; use 1 or more.")
+  if not 0 <= config.data.eval_fraction < 1:
+    raise DataError(f"config.data.eval_fraction={config.data.eval_fraction}; use a share of the "
+                    "documents in [0, 1), e.g. 0.01 (0: no evaluation split).")
   if num_workers is None:
     num_workers = writer.default_num_workers(source)
   source_description = corpus.describe_source(source)
@@ -149,10 +157,10 @@ def prepare(config: ml_collections.ConfigDict, output_dir: str, source: Optional
             "tokenizer_sha256": tokenizer.info["sha256"], "seq_len": config.seq_len,
             "num_shards": config.data.num_shards, "short_seq_prob": config.data.short_seq_prob,
             "single_segment_prob": packing.SINGLE_SEGMENT_PROB, "packing_seed": packing.PACKING_SEED,
-            "invalid_utf8": config.data.invalid_utf8}
+            "invalid_utf8": config.data.invalid_utf8, "eval_fraction": config.data.eval_fraction}
   fingerprint = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
   num_shards = config.data.num_shards
-  names = [prepared.shard_filename(k, num_shards) for k in range(num_shards)]
+  names = prepared.shard_filenames(num_shards, config.data.eval_fraction)
   if (existing is not None and existing.get("fingerprint") == fingerprint and
       all(fs.exists(fs.join(output_dir, n)) for n in names)):
     logging.info("%s is up to date (%d sequences); nothing to do.", output_dir,
@@ -170,24 +178,35 @@ def prepare(config: ml_collections.ConfigDict, output_dir: str, source: Optional
       s and s.get("recipe") == recipe and fs.exists(fs.join(output_dir, names[k])))]
   if todo:
     logging.info("Preparing %d of %d shards in %s from %s with %d worker process(es).",
-                 len(todo), num_shards, output_dir, source_description, max(num_workers, 1))
+                 len(todo), len(names), output_dir, source_description, max(num_workers, 1))
     stats = corpus.ReadStats()
     shards = writer.write_shards(config, output_dir, todo, read(stats), stats, tokenizer, num_workers,
                            recipe)
     corpus_summary = stats.summary()
   else:
-    logging.info("All %d shards in %s are finished; writing %s.", num_shards, output_dir,
+    logging.info("All %d shards in %s are finished; writing %s.", len(names), output_dir,
                  prepared.METADATA_FILE)
     shards = [{k: s[k] for k in ("file", "num_examples", "num_tokens")} for s in sidecars]
     corpus_summary = sidecars[0]["corpus"]
 
   # Shards of an earlier preparation with another number of shards.
-  for path in fs.glob(fs.join(output_dir, "train-*-of-*.tfrecord*")):
+  for path in (fs.glob(fs.join(output_dir, "train-*-of-*.tfrecord*")) +
+               fs.glob(fs.join(output_dir, "eval-*-of-*.tfrecord*"))):
     if os.path.basename(path).split(".tfrecord")[0] + ".tfrecord" not in names:
       fs.remove(path)
   output_bytes = sum(fs.getsize(fs.join(output_dir, n)) for n in fs.listdir(output_dir))
+  shards, eval_shards = shards[:num_shards], shards[num_shards:]
   num_examples = sum(s["num_examples"] for s in shards)
   num_tokens = sum(s["num_tokens"] for s in shards)
+  num_documents = corpus_summary["documents"]
+  eval_split = {
+      "fraction": config.data.eval_fraction,
+      # Σ_i [ceil((i+1)f) > ceil(if)] telescopes to ceil(Nf) for f <= 1.
+      "num_documents": math.ceil(num_documents * config.data.eval_fraction),
+      "num_examples": sum(s["num_examples"] for s in eval_shards),
+      "num_tokens": sum(s["num_tokens"] for s in eval_shards),
+      "shards": eval_shards,
+  }
   metadata = {
       "format_version": prepared.FORMAT_VERSION,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -199,7 +218,8 @@ def prepare(config: ml_collections.ConfigDict, output_dir: str, source: Optional
       "num_examples": num_examples,
       "num_tokens": num_tokens,
       "padding_fraction": 1.0 - (num_tokens + num_examples * 2) / (num_examples * config.seq_len),
-      "shards": shards,
+      "shards": shards,  # training
+      "eval": eval_split,  # held-out documents, never trained on (prepared.eval_split)
       "skipped_lines": corpus_summary["skipped_lines"],
       "corpus": corpus_summary,
       "recipe": recipe,

@@ -9,6 +9,7 @@ module; `prepare.py` writes it.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Optional
 
@@ -117,6 +118,36 @@ def shard_filename(index: int, num_shards: int) -> str:
   return f"train-{index:05d}-of-{num_shards:05d}.tfrecord"
 
 
+EVAL_SHARD_FILENAME = "eval-00000-of-00001.tfrecord"
+
+
+def shard_filenames(num_shards: int, eval_fraction: float) -> list[str]:
+  """The files a preparation writes: the training shards, then the evaluation shard (if any)."""
+  names = [shard_filename(k, num_shards) for k in range(num_shards)]
+  return names + [EVAL_SHARD_FILENAME] if eval_fraction > 0 else names
+
+
+def is_held_out(document_index: int, eval_fraction: float) -> bool:
+  """Whether a document goes to the evaluation split: every document whose index crosses a
+  multiple of 1 / eval_fraction, so ceil(N * eval_fraction) of N documents, the first always
+  (at least one), spread evenly over the corpus (sources are often ordered by topic or date)."""
+  return eval_fraction > 0 and (math.ceil((document_index + 1) * eval_fraction) >
+                                math.ceil(document_index * eval_fraction))
+
+
+def eval_split(metadata: dict) -> Optional[dict]:
+  """The evaluation split of a prepared folder, None for one prepared without it."""
+  return metadata.get("eval") if metadata.get("eval", {}).get("num_examples") else None
+
+
+def no_eval_split_message(data_dir: str) -> str:
+  return (f"{data_dir} has no evaluation split (prepared before data.eval_fraction existed, or "
+          "with data.eval_fraction=0 or too little text): training goes on without held-out "
+          "metrics. To get them, prepare the data again into a new folder "
+          "(--config.data.prepared_dir=NEW_FOLDER, or a new --workdir); this folder is left as "
+          "it is.")
+
+
 def summary(metadata: dict) -> str:
   """A short human-readable account of a preparation."""
   c = metadata["corpus"]
@@ -131,6 +162,10 @@ def summary(metadata: dict) -> str:
       f"{len(metadata['shards'])} shards ({min(s['num_examples'] for s in metadata['shards']):,}"
       f"-{max(s['num_examples'] for s in metadata['shards']):,} per shard)",
       f"tokens            {metadata['num_tokens']:,} ({metadata['padding_fraction']:.1%} padding)",
+      "evaluation        " + (
+          f"{split['num_documents']:,} held-out documents ({split['fraction']:g} of them), "
+          f"{split['num_examples']:,} sequences, {split['num_tokens']:,} tokens"
+          if (split := eval_split(metadata)) else "none (data.eval_fraction=0, or no split)"),
       f"output            {metadata['output_bytes'] / 2**20:.1f} MiB",
       f"wall time         {metadata['wall_time_s']:.1f} s",
   ]

@@ -32,31 +32,36 @@ _LOG_EVERY_S = 10.0
 _worker_state = {}
 
 
-def _init_worker(tokenizer_info: dict, seq_len: int, short_seq_prob: float, in_process: bool):
+def _init_worker(tokenizer_info: dict, seq_len: int, short_seq_prob: float, in_process: bool,
+                 eval_fraction: float = 0.0):
   if not in_process:
     # One core per worker process: no extra threads inside the tokenizer libraries.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
   _worker_state.update(
       tokenizer=tokenizers.load_tokenizer(tokenizer_info, num_threads=-1 if in_process else 1),
-      seq_len=seq_len, short_seq_prob=short_seq_prob)
+      seq_len=seq_len, short_seq_prob=short_seq_prob, eval_fraction=eval_fraction)
 
 
 def _encode_and_pack(task: tuple[int, list[corpus.Document]]):
-  """(first document index, documents) -> input_ids, segment_ids [n, T] and tokens per row."""
+  """(first document index, documents) -> input_ids, segment_ids [n, T], tokens per row, and
+  whether each row's document is held out for evaluation (prepared.is_held_out)."""
   first_index, documents = task
   tokenizer, seq_len = _worker_state["tokenizer"], _worker_state["seq_len"]
   ids_per_line = tokenizer.encode_batch([line for document in documents for line in document])
-  pairs, start = [], 0
+  pairs, held_out, start = [], [], 0
   for i, document in enumerate(documents):
     # One generator per document, seeded by its index: the packing does not depend on how
     # documents are split into tasks or on the number of worker processes.
     rng = random.Random(f"{packing.PACKING_SEED}/{first_index + i}")
     lines = ids_per_line[start:start + len(document)]
     start += len(document)
-    pairs += packing.pack_document(lines, seq_len, rng, _worker_state["short_seq_prob"])
+    document_pairs = packing.pack_document(lines, seq_len, rng, _worker_state["short_seq_prob"])
+    pairs += document_pairs
+    held_out += [prepared.is_held_out(first_index + i, _worker_state["eval_fraction"])
+                 ] * len(document_pairs)
   input_ids, segment_ids = packing.pairs_to_arrays(pairs, seq_len, tokenizer.special_ids)
   tokens = np.array([len(a) + len(b) for a, b in pairs], np.int64)
-  return input_ids, segment_ids, tokens
+  return input_ids, segment_ids, tokens, np.array(held_out, bool)
 
 
 def _tasks(documents: Iterator[corpus.Document]) -> Iterator[tuple[int, list[corpus.Document]]]:
@@ -120,15 +125,20 @@ def _serialize_fn():
 
 def write_shards(config, output_dir: str, todo: list[int], documents, stats, tokenizer,
                   num_workers: int, recipe: dict) -> list[dict]:
-  """Tokenizes and packs the corpus, writes the shards in `todo`; returns every shard's counts."""
+  """Tokenizes and packs the corpus, writes the shards in `todo`; returns every shard's counts.
+
+  Shard k < num_shards is a training shard; with data.eval_fraction > 0, shard num_shards is the
+  evaluation shard, which takes every sequence of the held-out documents (in corpus order).
+  """
   serialize, writer_cls = _serialize_fn()
   num_shards = config.data.num_shards
-  names = [prepared.shard_filename(k, num_shards) for k in range(num_shards)]
+  names = prepared.shard_filenames(num_shards, config.data.eval_fraction)
   tmp_paths = {k: fs.join(output_dir, f"{names[k]}.tmp-{os.getpid()}") for k in todo}
   writers = {k: writer_cls(tmp_paths[k]) for k in todo}
-  counts = np.zeros(num_shards, np.int64)
-  tokens = np.zeros(num_shards, np.int64)
-  init_args = (tokenizer.info, config.seq_len, config.data.short_seq_prob, num_workers <= 1)
+  counts = np.zeros(len(names), np.int64)
+  tokens = np.zeros(len(names), np.int64)
+  init_args = (tokenizer.info, config.seq_len, config.data.short_seq_prob, num_workers <= 1,
+               config.data.eval_fraction)
   progress = _Progress(stats)
   pool = None
   try:
@@ -140,27 +150,31 @@ def write_shards(config, output_dir: str, todo: list[int], documents, stats, tok
       pool = multiprocessing.get_context("spawn").Pool(
           num_workers, initializer=_init_worker, initargs=init_args)
       results = _ordered_map(pool, _encode_and_pack, _tasks(documents), 4 * num_workers)
-    example_index = 0
-    for input_ids_NxT, segment_ids_NxT, tokens_N in results:
+    train_index = 0
+    for input_ids_NxT, segment_ids_NxT, tokens_N, held_out_N in results:
       for row in range(len(tokens_N)):
-        shard = example_index % num_shards
+        if held_out_N[row]:
+          shard = num_shards
+        else:
+          shard = train_index % num_shards
+          train_index += 1
         if shard in writers:
           writers[shard].write(serialize(input_ids_NxT[row], segment_ids_NxT[row]))
         counts[shard] += 1
         tokens[shard] += tokens_N[row]
-        example_index += 1
       progress.update(int(counts.sum()), int(tokens.sum()))
     progress.update(int(counts.sum()), int(tokens.sum()), force=True)
     for writer in writers.values():
       writer.close()
-    if counts.sum() < config.batch_size:
+    if counts[:num_shards].sum() < config.batch_size:
       raise DataError(
-          f"Only {counts.sum()} sequences of {config.seq_len} tokens ({tokens.sum()} tokens, "
-          f"{stats.documents} documents), fewer than one global batch of "
+          f"Only {counts[:num_shards].sum()} training sequences of {config.seq_len} tokens "
+          f"({tokens[:num_shards].sum()} tokens, {stats.documents} documents, "
+          f"{counts[num_shards:].sum()} sequences held out), fewer than one global batch of "
           f"config.batch_size={config.batch_size}. Add text to the source, or lower "
-          "--config.batch_size or --config.seq_len.")
+          "--config.batch_size, --config.seq_len or --config.data.eval_fraction.")
     shards = []
-    for k in range(num_shards):
+    for k in range(len(names)):
       shard = {"file": names[k], "num_examples": int(counts[k]), "num_tokens": int(tokens[k])}
       if k in todo:
         final_path = fs.join(output_dir, names[k])
