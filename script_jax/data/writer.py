@@ -166,6 +166,12 @@ def write_shards(config, output_dir: str, todo: list[int], documents, stats, tok
     progress.update(int(counts.sum()), int(tokens.sum()), force=True)
     for writer in writers.values():
       writer.close()
+    if counts[:num_shards].sum() == 0 and counts[num_shards:].sum() > 0:
+      raise DataError(
+          f"All {stats.documents} document(s) of the source went to the evaluation split "
+          f"(data.eval_fraction={config.data.eval_fraction} holds out at least one document), "
+          "so nothing is left to train on. Separate the documents of a text source with blank "
+          "lines, add text, or set --config.data.eval_fraction=0 (no held-out metrics).")
     if counts[:num_shards].sum() < config.batch_size:
       raise DataError(
           f"Only {counts[:num_shards].sum()} training sequences of {config.seq_len} tokens "
