@@ -205,6 +205,10 @@ def finetune_config(size: str = "small") -> ml_collections.ConfigDict:
   # independent start and end logits and a no-answer logit from [CLS].
   c.squad.head = "electra"
   c.squad.eval_batch_size = 32  # the beam holds [batch, n_best, length, 512] activations
+  # SQuAD 2.0: answer "" when P(no answer) > this, in the scores and in predictions.json. -1:
+  # the head's own, ELECTRA's cut sigmoid(-2.75) = 0.0601 for "electra", BERT's 0.5 (null score
+  # above the best span's) for "bert". results.json also has the best threshold's scores.
+  c.squad.na_prob_thresh = -1.0
   return c
 
 

@@ -172,9 +172,12 @@ def test_squad_command_with_tfds(tmp_path, tmp_path_factory):
   scores = json.loads((out / "results.json").read_text())["runs"]["squad"]["0"]
   # The evaluated set is written in the official format; the official-interface command
   # re-scores the run's files to the same numbers.
+  # (span_predictions.json: the spans behind the threshold's blanks, for the official sweep.)
+  thresh = json.loads((out / "results.json").read_text())["na_prob_thresh"]
   rescored = run_module("finetune.squad_eval", [
-      str(out / "eval_dataset.json"), str(out / "seed_0" / "predictions.json"),
-      "--na-prob-file", str(out / "seed_0" / "na_probs.json")], timeout=300)
+      str(out / "eval_dataset.json"), str(out / "seed_0" / "span_predictions.json"),
+      "--na-prob-file", str(out / "seed_0" / "na_probs.json"), f"--na-prob-thresh={thresh}"],
+                        timeout=300)
   assert rescored.returncode == 0, rescored.stderr.decode()
   official = json.loads(rescored.stdout.decode())
   assert official["total"] == 6 and official["NoAns_total"] == 2

@@ -10,7 +10,10 @@
 Windows of --config.squad.max_length tokens (512 as ELECTRA; 128 or 256 for models pretrained
 on short sequences, whose later position embeddings never trained), a document stride of 128,
 questions of at most 64 tokens. Per seed, OUT/seed_<s>/ gets predictions.json (the official
-format), for 2.0 na_probs.json, and the training logs; OUT/eval_dataset.json is the evaluated
+format; for 2.0 "" where P(no answer) > squad.na_prob_thresh, by default ELECTRA's cut of
+0.060 for its head and BERT's 0.5 for "bert"), for 2.0 also na_probs.json and
+span_predictions.json (the best span behind every blank, for the best-threshold sweep), and the
+training logs; OUT/eval_dataset.json is the evaluated
 set in the official format when it is not a file of the user's (--dev_split, --tfds); OUT/results.json has every seed's scores (the official keys), OUT/results.md a
 table. `python -m script_jax.finetune.squad_eval DATA predictions.json [--na-prob-file ...]`
 re-scores any of them, as the official script would.
@@ -145,6 +148,9 @@ def run_squad(ft, init_from: str, dev_file: Optional[str], output_dir: str, *,
         f"{len(train_features)} windows to train on, {len(eval_examples)} questions in "
         f"{len(eval_features)} windows to evaluate.", file=sys.stderr)
   joint = sq.head == "electra"
+  na_prob_thresh = squad_data.na_prob_thresh_for(sq.head, sq.na_prob_thresh)
+  if version == "2.0":
+    results["na_prob_thresh"] = na_prob_thresh
   model = (task_models.JointSpanExtractor(cfg, beam_size=sq.n_best) if joint
            else task_models.SpanExtractor(cfg))
   train_arrays = train_features.model_inputs()
@@ -174,8 +180,9 @@ def run_squad(ft, init_from: str, dev_file: Optional[str], output_dir: str, *,
       predictions, na_probs = squad_data.postprocess(
           eval_examples, eval_features, start_logits, end_logits,
           no_answer if version == "2.0" else None, **answer_rules)
+    span_predictions = predictions
     if version == "2.0":
-      scores = squad_eval.evaluate_v2(eval_json, predictions, na_probs)
+      scores, predictions = score_v2(eval_json, span_predictions, na_probs, na_prob_thresh)
     else:
       scores = squad_eval.evaluate_v1(eval_json, predictions)
     scores = {**scores, "train_loss": float(last.get("loss", float("nan"))),
@@ -184,6 +191,7 @@ def run_squad(ft, init_from: str, dev_file: Optional[str], output_dir: str, *,
       squad_eval.write_json(fs.join(run_dir, "predictions.json"), predictions)
       if na_probs is not None:
         squad_eval.write_json(fs.join(run_dir, "na_probs.json"), na_probs)
+        squad_eval.write_json(fs.join(run_dir, "span_predictions.json"), span_predictions)
       if dev_split is not None or tfds_name:
         squad_eval.write_json(fs.join(output_dir, "eval_dataset.json"), eval_json)
     if ft.save_model:
@@ -197,10 +205,27 @@ def run_squad(ft, init_from: str, dev_file: Optional[str], output_dir: str, *,
   return results
 
 
+def score_v2(eval_json, span_predictions, na_probs, na_prob_thresh: float):
+  """(official SQuAD 2.0 scores, the predictions to write) at `na_prob_thresh`.
+
+  The written predictions answer "" where P(no answer) > na_prob_thresh, so the official script
+  scores them as they stand (no na-prob file needed); exact and f1 are those scores. best_exact
+  and best_f1 (the official best-threshold sweep) are computed from the spans behind the blanks,
+  which span_predictions.json keeps, with na_probs.json, for re-scoring.
+  """
+  from script_jax.finetune import squad_data  # pylint: disable=g-import-not-at-top
+  from script_jax.finetune import squad_eval  # pylint: disable=g-import-not-at-top
+  scores = squad_eval.evaluate_v2(eval_json, span_predictions, na_probs,
+                                  na_prob_thresh=na_prob_thresh)
+  return scores, squad_data.with_no_answers(span_predictions, na_probs, na_prob_thresh)
+
+
 def table(results: dict[str, Any]) -> str:
   """EM and F1 over seeds (mean ± sd, median, every run) as a Markdown table."""
   by_seed = results["runs"].get("squad", {})
-  lines = [f"Data: {results.get('data', '?')}.", "",
+  threshold = (f" No answer where P(no answer) > {results['na_prob_thresh']:.4g} (exact, f1); "
+               "best_*: at the best threshold." if "na_prob_thresh" in results else "")
+  lines = [f"Data: {results.get('data', '?')}.{threshold}", "",
            "| metric | mean | sd | median | runs |", "|---|---|---|---|---|"]
   for key in ("exact_match", "exact", "f1", "best_exact", "best_f1"):
     values = [r[key] for _, r in sorted(by_seed.items(), key=lambda kv: int(kv[0])) if key in r]

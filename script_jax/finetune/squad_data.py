@@ -47,7 +47,18 @@ import numpy as np
 from script_jax.finetune import squad_eval
 
 NO_ANSWER_INDEX = 0  # [CLS]: the start/end target when a window holds no answer
-DEFAULT_NA_PROB_THRESH = 0.5  # sigmoid(0): the null score beats the best span
+DEFAULT_NA_PROB_THRESH = 0.5  # sigmoid(0): the null score beats the best span (BERT's rule)
+# ELECTRA abstains when its answerable logit is above -2.75 (qa_metrics.py, squad_official_eval
+# .py): a no-answer probability above sigmoid(-2.75) = 0.0601.
+ELECTRA_NA_PROB_THRESH = 1.0 / (1.0 + math.exp(2.75))
+
+
+def na_prob_thresh_for(head: str, configured: float) -> float:
+  """The no-answer threshold a run applies: `configured` when in [0, 1], else the head's own
+  (ELECTRA's cut for "electra", BERT's null-score rule for "bert")."""
+  if 0.0 <= configured <= 1.0:
+    return configured
+  return ELECTRA_NA_PROB_THRESH if head == "electra" else DEFAULT_NA_PROB_THRESH
 
 
 @dataclasses.dataclass
