@@ -302,3 +302,64 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
   problems = [p for p in problems if p]
   if problems:
     raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def validate_finetune_config(ft: ml_collections.ConfigDict, squad: bool = False,
+                             num_devices: int | None = None) -> None:
+  """Raises ConfigError listing every mistake in a fine-tuning config, before any work.
+
+  `squad`: also the squad.* keys. The lengths against the model's positions are checked once
+  the pretrained model is read (finetune.glue / finetune.squad).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  problems = []
+
+  def at_least(key, value, low):
+    if value < low:
+      problems.append(f"{key}={value} must be at least {low}")
+
+  at_least("batch_size", ft.batch_size, 1)
+  if ft.batch_size >= 1 and ft.batch_size % num_devices:
+    problems.append(f"batch_size={ft.batch_size} is not divisible by the {num_devices} "
+                    "devices; use a multiple")
+  at_least("eval_batch_size", ft.eval_batch_size, 1)
+  at_least("epochs", ft.epochs, 0)
+  at_least("num_seeds", ft.num_seeds, 1)
+  at_least("first_seed", ft.first_seed, 0)
+  at_least("max_train_examples", ft.max_train_examples, 0)
+  at_least("log_every_steps", ft.log_every_steps, 1)
+  at_least("max_length", ft.max_length, 8)
+  if not ft.learning_rate > 0:
+    problems.append(f"learning_rate={ft.learning_rate} must be above 0")
+  if not 0 < ft.layerwise_lr_decay <= 1:
+    problems.append(f"layerwise_lr_decay={ft.layerwise_lr_decay} must be in (0, 1]")
+  if not 0 <= ft.warmup_fraction <= 1:
+    problems.append(f"warmup_fraction={ft.warmup_fraction} must be in [0, 1]")
+  for key in ("dropout_rate", "attention_dropout_rate"):
+    if not 0 <= ft[key] < 1:
+      problems.append(f"{key}={ft[key]} must be in [0, 1)")
+  if ft.loss_reduction not in ("sum", "mean"):
+    problems.append(f"loss_reduction={ft.loss_reduction!r}; use 'sum' or 'mean'")
+  if squad:
+    sq = ft.squad
+    if sq.head not in SQUAD_HEADS:
+      problems.append(f"squad.head={sq.head!r}; use one of {', '.join(SQUAD_HEADS)}")
+    at_least("squad.max_query_length", sq.max_query_length, 1)
+    # [CLS] question [SEP] context [SEP]: the longest question must leave context room.
+    if sq.max_length - sq.max_query_length - 3 < 1:
+      problems.append(f"squad.max_length={sq.max_length} leaves no room for context after a "
+                      f"question of squad.max_query_length={sq.max_query_length} tokens and "
+                      "3 special tokens; raise max_length or lower max_query_length")
+    at_least("squad.doc_stride", sq.doc_stride, 1)
+    at_least("squad.n_best", sq.n_best, 1)
+    at_least("squad.max_answer_length", sq.max_answer_length, 1)
+    at_least("squad.epochs", sq.epochs, 1)
+    at_least("squad.eval_batch_size", sq.eval_batch_size, 1)
+    if not (0 <= sq.na_prob_thresh <= 1 or sq.na_prob_thresh == -1):
+      problems.append(f"squad.na_prob_thresh={sq.na_prob_thresh} must be in [0, 1] (or -1: "
+                      "the head's own threshold)")
+    if sq.no_answer_weight < 0:
+      problems.append(f"squad.no_answer_weight={sq.no_answer_weight} must be 0 or more")
+  if problems:
+    raise ConfigError("Invalid fine-tuning config:\n  - " + "\n  - ".join(problems))

@@ -123,9 +123,10 @@ def make_workdir(root, objective="script"):
   return workdir
 
 
-def run_module(module, args, stdin=None, timeout=300):
-  """`python -m script_jax.<module> ARGS` as a user runs it, on the one real CPU device."""
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+def run_module(module, args, stdin=None, timeout=300, env=None):
+  """`python -m script_jax.<module> ARGS` as a user runs it, on the one real CPU device (unless
+  `env` says otherwise)."""
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", **(env or {})}
   return subprocess.run([sys.executable, "-m", f"script_jax.{module}", *args], cwd=ROOT,
                         input=stdin, capture_output=True, timeout=timeout, env=env)
 

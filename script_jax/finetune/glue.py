@@ -29,6 +29,7 @@ import numpy as np
 from absl import flags
 
 from script_jax import cli_errors
+from script_jax import config_lib
 from script_jax import fs
 from script_jax.finetune import runs
 from script_jax.finetune.runs import FinetuneError
@@ -121,8 +122,7 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
   from script_jax.finetune import model as task_models  # pylint: disable=g-import-not-at-top
   from script_jax.finetune import trainer  # pylint: disable=g-import-not-at-top
 
-  if ft.loss_reduction not in ("sum", "mean"):
-    raise FinetuneError(f"loss_reduction={ft.loss_reduction!r}; use 'sum' or 'mean'.")
+  config_lib.validate_finetune_config(ft)
   names = tasks_to_run(data_dir, tasks or [])
   start = runs.load_start(init_from, step, ft, random_init)
   cfg, tokenizer, special = start.encoder_cfg, start.tokenizer, start.special_ids

@@ -120,9 +120,7 @@ def run_squad(ft, init_from: str, dev_file: Optional[str], output_dir: str, *,
   from script_jax.finetune import trainer  # pylint: disable=g-import-not-at-top
 
   sq = ft.squad
-  if sq.head not in config_lib.SQUAD_HEADS:
-    raise FinetuneError(f"squad.head={sq.head!r}; use one of "
-                        f"{', '.join(config_lib.SQUAD_HEADS)}.")
+  config_lib.validate_finetune_config(ft, squad=True)
   train_json, eval_json, note = _datasets(train_file, dev_file, dev_split, seed=0,
                                           tfds_name=tfds_name)
   start = runs.load_start(init_from, step, ft, random_init)

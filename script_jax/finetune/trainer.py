@@ -28,6 +28,7 @@ import optax
 
 from script_jax import fs
 from script_jax.finetune import optim
+from script_jax.finetune.runs import FinetuneError
 
 P = jax.sharding.PartitionSpec
 LossFn = Callable[..., tuple[jax.Array, dict]]
@@ -163,11 +164,12 @@ def fit(model, params, loss_fn: LossFn, train_arrays: dict[str, np.ndarray], ft,
   num_examples = len(train_arrays["input_ids"])
   batch_size = ft.batch_size
   if batch_size % jax.device_count():
-    raise ValueError(f"finetune.batch_size={batch_size} is not divisible by the "
+    raise FinetuneError(f"finetune.batch_size={batch_size} is not divisible by the "
                      f"{jax.device_count()} devices.")
   steps_per_epoch = num_examples // batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f"{num_examples} training examples, fewer than one batch of {batch_size}.")
+    raise FinetuneError(f"{label}: {num_examples} training examples, fewer than one batch of "
+                        f"{batch_size}; lower --config.batch_size.")
   total_steps = steps_per_epoch * epochs
   tx, schedule = optim.make_optimizer(ft, params, num_layers, total_steps)
   replicated = jax.sharding.NamedSharding(mesh, P())
@@ -190,7 +192,7 @@ def fit(model, params, loss_fn: LossFn, train_arrays: dict[str, np.ndarray], ft,
       step += 1
       metrics = jax.device_get(metrics)
       if not np.isfinite(metrics["loss"]):
-        raise FloatingPointError(f"[{label}] the loss is {metrics['loss']} at step {step}; "
+        raise FinetuneError(f"[{label}] the loss is {metrics['loss']} at step {step}; "
                                  "lower finetune.learning_rate.")
       for k, v in metrics.items():
         totals[k] = totals.get(k, 0.0) + float(v)
