@@ -14,6 +14,7 @@ from conftest import run_module, shared_workdir
 
 from script_jax import config_lib
 from script_jax import models
+from script_jax.finetune import glue
 from script_jax.finetune import model as task_models
 from script_jax.finetune import optim
 from script_jax.finetune import trainer
@@ -241,3 +242,84 @@ def test_glue_command_random_init_and_bad_input(tmp_path, tmp_path_factory):
   assert "dev.tsv:1" in error(f"--data_dir={data_dir}", "--tasks=cola")
   assert "is not a script_jax workdir" in error(f"--data_dir={data_dir}",
                                                 f"--init_from={tmp_path / 'nowhere'}")
+
+
+@pytest.mark.parametrize("n, batch", [(13, 4), (8, 4), (3, 8)])
+def test_epochs_train_every_example_once_padded_to_whole_batches(n, batch):
+  """ELECTRA's step count: ceil(N / batch) per epoch, every example once, padding rows weight 0."""
+  for epoch in range(2):
+    batches = trainer.epoch_batches(n, batch, seed=5, epoch=epoch)
+    assert len(batches) == -(-n // batch)
+    rows = np.concatenate([r for r, _ in batches])
+    weights = np.concatenate([w for _, w in batches])
+    assert all(len(r) == batch for r, _ in batches)
+    assert sorted(rows[weights > 0].tolist()) == list(range(n))
+    assert weights.sum() == n and (weights[n:] == 0).all()
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_padding_rows_change_nothing_in_the_step(reduction):
+  """A batch with weight-0 rows gives the loss and the update of its real rows alone."""
+  cfg = _tiny_cfg(num_layers=1)
+  model, params = _classifier_params(cfg)
+  ft = config_lib.finetune_config()
+  ft.dropout_rate = ft.attention_dropout_rate = 0.0
+  tx, schedule = optim.make_optimizer(ft, params, num_layers=1, total_steps=10)
+  replicated = jax.sharding.NamedSharding(trainer.data_mesh(), jax.sharding.PartitionSpec())
+  step = trainer.make_train_step(model, glue.classification_loss, tx, schedule, reduction, 0,
+                                 replicated)
+  rng = np.random.default_rng(3)
+  real = {"input_ids": rng.integers(0, 50, size=(5, 7)).astype(np.int32),
+          "segment_ids": np.zeros((5, 7), np.int32), "input_mask": np.ones((5, 7), np.int32),
+          "labels": rng.integers(0, 3, 5).astype(np.int32)}
+  padded = {k: np.concatenate([v, v[:3]]) for k, v in real.items()}
+  results = []
+  for batch, weight in ((real, np.ones(5, np.float32)),
+                        (padded, np.array([1] * 5 + [0] * 3, np.float32))):
+    p = jax.tree.map(jnp.array, params)
+    new, _, metrics = step(p, tx.init(p), {**batch, "example_weight": weight}, jnp.int32(0))
+    results.append((float(metrics["loss"]), jax.device_get(new)))
+  assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_stsb_trains_on_the_score_over_5_and_predicts_on_0_to_5():
+  """ELECTRA's RegressionTask: targets label / 5; predictions scaled back for the metrics."""
+  from script_jax.finetune import glue_data  # pylint: disable=g-import-not-at-top
+  stsb, cola = glue_data.get_task("stsb"), glue_data.get_task("cola")
+  scores = np.array([0.0, 2.5, 3.8, 5.0], np.float32)
+  np.testing.assert_allclose(glue.training_targets(stsb, scores), [0.0, 0.5, 0.76, 1.0],
+                             rtol=1e-6)
+  np.testing.assert_allclose(glue.predictions_from(stsb, np.array([[0.1], [0.9]])), [0.5, 4.5])
+  labels = np.array([1, 0, 1], np.int32)
+  assert glue.training_targets(cola, labels) is labels
+  assert glue.predictions_from(cola, np.array([[0.2, 0.1], [0.0, 3.0]])).tolist() == [0, 1]
+
+
+def test_task_heads_start_from_glorot_uniform_as_electras_dense_layers():
+  """tf.layers.dense's default kernel initializer: U(-a, a), a = sqrt(6 / (fan_in + fan_out));
+  the encoder keeps the pretraining's truncated normal."""
+  cfg = _tiny_cfg(num_layers=1)
+  _, params = _classifier_params(cfg, num_outputs=3)
+  kernel = np.asarray(params["head"]["kernel"])
+  fan_in, fan_out = kernel.shape
+  limit = math.sqrt(6 / (fan_in + fan_out))
+  assert np.abs(kernel).max() <= limit and np.abs(kernel).max() > 0.8 * limit
+  assert np.var(kernel) == pytest.approx(limit ** 2 / 3, rel=0.35)
+  assert (np.asarray(params["head"]["bias"]) == 0).all()
+  ids = np.zeros((1, 7), np.int32)
+  for extractor, extra in ((task_models.SpanExtractor(cfg), {}),
+                           (task_models.JointSpanExtractor(cfg, beam_size=2),
+                            {"context_mask": ids + 1})):
+    head_params = extractor.init(jax.random.key(0), ids, ids, ids + 1, **extra)["params"]
+    kernels = [(p, l) for p, l in jax.tree_util.tree_leaves_with_path(head_params)
+               if str(getattr(p[0], "key", p[0])) != "backbone"
+               and str(getattr(p[-1], "key", p[-1])) == "kernel"]
+    assert len(kernels) >= 2
+    for path, leaf in kernels:
+      names = [str(getattr(p, "key", p)) for p in path]
+      if names[0] != "backbone" and names[-1] == "kernel":
+        fan_in, fan_out = leaf.shape
+        assert np.abs(leaf).max() <= math.sqrt(6 / (fan_in + fan_out)), names
+        assert np.abs(leaf).max() > 0.5 * math.sqrt(6 / (fan_in + fan_out)), names

@@ -86,7 +86,8 @@ def random_batch(task: str, batch_size: int, length: int, vocab_size: int,
   first = max(1, length // 4)  # [CLS] + a question of a quarter; the rest is the "context"
   segment[:, first:] = 1
   batch = {"input_ids": ids, "segment_ids": segment,
-           "input_mask": np.ones((batch_size, length), np.int32)}
+           "input_mask": np.ones((batch_size, length), np.int32),
+           "example_weight": np.ones((batch_size,), np.float32)}
   if task == "glue":
     batch["labels"] = rng.integers(0, 2, (batch_size,), dtype=np.int32)
   else:

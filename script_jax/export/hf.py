@@ -231,6 +231,9 @@ def export_finetuned(run_dir: str, output_dir: str, *, workdir: Optional[str] = 
                       "--workdir and --task it was fine-tuned with.") from None
   params = jax.device_get(params)
   if spec.is_regression:
+    # Trained on the score / 5 (ELECTRA's RegressionTask): the exported head gives the score.
+    params = {**params, "head": {k: np.asarray(v) * spec.regression_scale
+                                 for k, v in params["head"].items()}}
     labels, problem = {0: "score"}, "regression"
   else:
     labels, problem = dict(enumerate(spec.labels)), "single_label_classification"

@@ -158,6 +158,7 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
     if ft.swap_pairs:
       train_examples = glue_data.training_examples(name, train_examples)
     train_arrays = featurize(train_examples)
+    train_arrays["labels"] = training_targets(spec, train_arrays["labels"])
     eval_arrays = {e: featurize(_read(data_dir, e, "dev", check_counts)) for e in eval_names}
     epochs = ft.epochs or spec.default_epochs
     model = task_models.Classifier(cfg, spec.num_outputs)
@@ -172,7 +173,7 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
                                 log_dir=run_dir)
       for eval_name in eval_names:
         outputs = trainer.predict(model, final, eval_arrays[eval_name], ft.eval_batch_size)
-        predictions = outputs[:, 0] if spec.is_regression else outputs.argmax(-1)
+        predictions = predictions_from(spec, outputs)
         scores = metrics.task_metrics(eval_name, predictions, eval_arrays[eval_name]["labels"])
         scores.update(train_loss=float(last.get("loss", float("nan"))),
                       epochs=epochs, train_examples=len(train_examples),
@@ -190,6 +191,21 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
   return results
 
 
+def training_targets(spec, labels_N: np.ndarray) -> np.ndarray:
+  """What the head is trained to output: class ids, or (regression) ELECTRA's RegressionTask
+  target, the score scaled to [0, 1]."""
+  if spec.is_regression:
+    return (np.asarray(labels_N, np.float32) / spec.regression_scale).astype(np.float32)
+  return labels_N
+
+
+def predictions_from(spec, outputs_NxC: np.ndarray) -> np.ndarray:
+  """Class ids (argmax), or scores on the task's own scale (STS-B: 0-5)."""
+  if spec.is_regression:
+    return outputs_NxC[:, 0] * spec.regression_scale
+  return outputs_NxC.argmax(-1)
+
+
 def classification_loss(logits_BxC, batch):
   """Cross-entropy per example, and accuracy."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -200,7 +216,7 @@ def classification_loss(logits_BxC, batch):
 
 
 def regression_loss(scores_Bx1, batch):
-  """Squared error per example (STS-B)."""
+  """Squared error per example (STS-B, against the label scaled to [0, 1])."""
   losses = (scores_Bx1[:, 0] - batch["labels"]) ** 2
   return losses, {"mse": losses.mean()}
 

@@ -53,6 +53,9 @@ class Example(NamedTuple):
   label: Union[int, float]  # class id (index into the task's `labels`), or the STS-B score
 
 
+REGRESSION_MAX = 5.0  # STS-B scores are in [0, 5]
+
+
 @dataclasses.dataclass(frozen=True)
 class GlueTask:
   """What the code needs to know about one GLUE task. Look these up with `get_task(name)`.
@@ -93,6 +96,12 @@ class GlueTask:
   @property
   def is_pair(self) -> bool:
     return self.text_b_column is not None
+
+  @property
+  def regression_scale(self) -> float:
+    """ELECTRA trains a regression on label / scale (RegressionTask: STS-B's 0-5 into [0, 1])
+    and scales its predictions back; 1 for classification."""
+    return REGRESSION_MAX if self.is_regression else 1.0
 
   @property
   def num_outputs(self) -> int:

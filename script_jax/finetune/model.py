@@ -29,6 +29,9 @@ import jax.numpy as jnp
 from script_jax import models
 
 Array = jax.Array
+# ELECTRA's task heads are tf.layers.dense with its default kernel initializer, Glorot-uniform
+# (the encoder below keeps the pretraining's truncated normal); biases start at zero.
+HEAD_INIT = nn.initializers.glorot_uniform()
 
 
 class _Encoder(nn.Module):
@@ -56,7 +59,7 @@ class Classifier(nn.Module):
                                                        input_mask_BxT, deterministic)
     cls_BxH = hidden_BxTxH[:, 0].astype(jnp.float32)
     cls_BxH = models.Dropout(self.cfg.dropout_rate)(cls_BxH, deterministic=deterministic)
-    return nn.Dense(self.num_outputs, kernel_init=self.cfg.kernel_init, name="head")(cls_BxH)
+    return nn.Dense(self.num_outputs, kernel_init=HEAD_INIT, name="head")(cls_BxH)
 
 
 class SpanExtractor(nn.Module):
@@ -69,8 +72,8 @@ class SpanExtractor(nn.Module):
     hidden_BxTxH = _Encoder(self.cfg, name="backbone")(ids_BxT, segment_ids_BxT,
                                                        input_mask_BxT, deterministic)
     hidden_BxTxH = hidden_BxTxH.astype(jnp.float32)
-    span_BxTx2 = nn.Dense(2, kernel_init=self.cfg.kernel_init, name="head")(hidden_BxTxH)
-    no_answer_B = nn.Dense(1, kernel_init=self.cfg.kernel_init, name="no_answer")(
+    span_BxTx2 = nn.Dense(2, kernel_init=HEAD_INIT, name="head")(hidden_BxTxH)
+    no_answer_B = nn.Dense(1, kernel_init=HEAD_INIT, name="no_answer")(
         hidden_BxTxH[:, 0])[:, 0]
     return span_BxTx2[..., 0], span_BxTx2[..., 1], no_answer_B
 
@@ -92,7 +95,7 @@ class JointSpanHead(nn.Module):
   """
   beam_size: int = 20
   hidden_size: int = 512  # ELECTRA's qa_hidden width, the same for every model size
-  kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+  kernel_init: nn.initializers.Initializer = nn.initializers.glorot_uniform()
 
   @nn.compact
   def __call__(self, hidden_BxTxH, answer_mask_BxT, start_positions_B=None):
@@ -147,7 +150,7 @@ class JointSpanExtractor(nn.Module):
     """See JointSpanHead; `context_mask` marks the answer positions (context and [CLS])."""
     hidden_BxTxH = _Encoder(self.cfg, name="backbone")(ids_BxT, segment_ids_BxT,
                                                        input_mask_BxT, deterministic)
-    return JointSpanHead(self.beam_size, self.hidden_size, self.cfg.kernel_init, name="head")(
+    return JointSpanHead(self.beam_size, self.hidden_size, HEAD_INIT, name="head")(
         hidden_BxTxH, context_mask, start_positions)
 
 

@@ -81,9 +81,11 @@ def predict_lines(run_dir: str, lines: list[str]) -> list[str]:
   arrays = glue_data.featurize(examples, None, special["cls"], special["sep"], special["pad"],
                                max_length, encode_batch=tokenizer.encode_batch)
   outputs = trainer.predict(model, params, arrays, batch_size=64)
+  from script_jax.finetune import glue  # pylint: disable=g-import-not-at-top
+  predictions = glue.predictions_from(spec, outputs)
   if spec.is_regression:
-    return [f"{score:.4f}" for score in outputs[:, 0]]
-  return [spec.labels[i] for i in outputs.argmax(-1)]
+    return [f"{score:.4f}" for score in predictions]
+  return [spec.labels[i] for i in predictions]
 
 
 def run(run_dir: str, input_path: str, output_path: str = "-") -> int:

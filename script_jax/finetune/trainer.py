@@ -4,12 +4,17 @@
   outputs = predict(model, params, eval_arrays, ...)
 
 Data-parallel over every device of every host (the pretraining mesh, model axis 1): parameters
-replicated, each global batch split over the 'data' axis, each host feeding its slice. Training
-draws a fresh permutation of the examples per epoch from the seed and drops the last partial
-batch, as ELECTRA does (steps = floor(N / batch) * epochs). Prediction pads the examples to whole
-batches with zero-weight rows and trims the outputs, so every example counts exactly once, on any
-number of devices and hosts. Dropout randomness is fold_in(key(seed), step): the seed fixes the
-head's initialisation, the dropout masks and the data order.
+replicated, each global batch split over the 'data' axis, each host feeding its slice.
+
+Steps and order: as ELECTRA (preprocessing.py pads the training set with zero-weight rows to
+whole batches), every epoch trains on every example once, the last batch filled with zero-weight
+rows, so steps = ceil(N / batch) * epochs. The order is ours, one documented choice: a fresh
+permutation of the examples per epoch drawn from the seed (`epoch_batches`). ELECTRA shuffles
+the examples once when writing its TFRecords, then reads them repeated through a 100-example
+shuffle buffer, so its epochs are not permutations and its batches cross epoch borders.
+Prediction pads the examples to whole batches and trims the outputs, so every example counts
+exactly once, on any number of devices and hosts. Dropout randomness is fold_in(key(seed),
+step): the seed fixes the head's initialisation, the dropout masks and the data order.
 """
 
 from __future__ import annotations
@@ -59,6 +64,19 @@ def round_up(n: int, multiple: int) -> int:
 def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   """The order of the examples in an epoch: a permutation fixed by (seed, epoch)."""
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def epoch_batches(num_examples: int, batch_size: int, seed: int,
+                  epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  """An epoch's batches as (example rows [B], weights [B]): every example once, in the epoch's
+  order, the last batch filled up with weight-0 copies of row 0 (ELECTRA's padding rows)."""
+  order = epoch_order(num_examples, seed, epoch)
+  num_batches = -(-num_examples // batch_size)
+  padding = num_batches * batch_size - num_examples
+  rows = np.concatenate([order, np.zeros(padding, order.dtype)])
+  weights = np.concatenate([np.ones(num_examples, np.float32), np.zeros(padding, np.float32)])
+  return [(rows[b * batch_size:(b + 1) * batch_size], weights[b * batch_size:(b + 1) * batch_size])
+          for b in range(num_batches)]
 
 
 class Progress:
@@ -118,10 +136,14 @@ class MetricsLog:
 def make_train_step(model, loss_fn: LossFn, tx, schedule, loss_reduction: str, seed: int,
                     replicated) -> Callable:
   """The jitted step (params, opt_state, batch, step) -> (params, opt_state, metrics): one
-  value_and_grad of the task loss (summed or averaged over the batch), then the optimizer.
-  Parameters and optimizer state are donated; dropout draws from fold_in(key(seed), step)."""
+  value_and_grad of the task loss (summed, or averaged, over the batch's rows of weight 1: its
+  `example_weight`, 0 for padding rows), then the optimizer. Parameters and optimizer state are
+  donated; dropout draws from fold_in(key(seed), step)."""
   dropout_key = jax.random.key(seed)
-  reduce = jnp.sum if loss_reduction == "sum" else jnp.mean
+
+  def reduce(losses_B, weights_B):
+    total = jnp.sum(losses_B * weights_B)
+    return total if loss_reduction == "sum" else total / jnp.maximum(jnp.sum(weights_B), 1.0)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=(replicated,) * 3)
   def train_step(params, opt_state, batch, step):
@@ -131,7 +153,7 @@ def make_train_step(model, loss_fn: LossFn, tx, schedule, loss_reduction: str, s
                             rngs={"dropout": jax.random.fold_in(dropout_key, step)},
                             **{k: batch[k] for k in getattr(model, "train_inputs", ())})
       losses, metrics = loss_fn(outputs, batch)
-      return reduce(losses), metrics
+      return reduce(losses, batch["example_weight"]), metrics
     (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
@@ -166,10 +188,9 @@ def fit(model, params, loss_fn: LossFn, train_arrays: dict[str, np.ndarray], ft,
   if batch_size % jax.device_count():
     raise FinetuneError(f"finetune.batch_size={batch_size} is not divisible by the "
                      f"{jax.device_count()} devices.")
-  steps_per_epoch = num_examples // batch_size
-  if steps_per_epoch == 0:
-    raise FinetuneError(f"{label}: {num_examples} training examples, fewer than one batch of "
-                        f"{batch_size}; lower --config.batch_size.")
+  if num_examples == 0:
+    raise FinetuneError(f"{label}: no training examples.")
+  steps_per_epoch = -(-num_examples // batch_size)  # the last batch padded, as ELECTRA
   total_steps = steps_per_epoch * epochs
   tx, schedule = optim.make_optimizer(ft, params, num_layers, total_steps)
   replicated = jax.sharding.NamedSharding(mesh, P())
@@ -184,10 +205,9 @@ def fit(model, params, loss_fn: LossFn, train_arrays: dict[str, np.ndarray], ft,
   totals, count, last = {}, 0, {}
   step = 0
   for epoch in range(epochs):
-    order = epoch_order(num_examples, seed, epoch)
-    for b in range(steps_per_epoch):
-      rows = order[b * batch_size:(b + 1) * batch_size]
-      batch = _global_batch(mesh, {k: v[rows] for k, v in train_arrays.items()})
+    for rows, weights in epoch_batches(num_examples, batch_size, seed, epoch):
+      batch = _global_batch(mesh, {**{k: v[rows] for k, v in train_arrays.items()},
+                                   "example_weight": weights})
       params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step))
       step += 1
       metrics = jax.device_get(metrics)
