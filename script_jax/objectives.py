@@ -48,33 +48,37 @@ def binary_disc_loss(original_logit_BxT: Array, is_original_BxT: Array, weights_
   return loss, {"disc_loss": loss, "disc_accuracy": accuracy, "disc_original_share": original_share}
 
 
-def chunked_logsumexp(features_NxE: Array, table_VxE: Array, bias_V: Array,
+def chunked_logsumexp(features_BxTxE: Array, table_VxE: Array, bias_V: Array,
                       chunk_size: int) -> Array:
-  """logsumexp_v (W e_n + b)_v for every row n, in row chunks so [N, V] never exists at once.
+  """logsumexp_v (W e_bt + b)_v at every position, in chunks of about chunk_size tokens, so the
+  [B, T, V] logits never exist at once: [B, T].
 
-  Each chunk is rematerialised in the backward pass (jax.checkpoint), so the peak temporary
-  memory is one [chunk, V] block instead of [N, V] logits plus softmax.
+  A chunk is every sequence's next C = max(1, chunk_size // B) positions, the batch axis kept
+  whole and outermost: under data parallelism each device computes its own rows' chunk, with
+  no collective (chunking the flattened B*T rows would put the sharded batch axis inside the
+  chunks, and devices would gather the global batch). Each chunk is rematerialised in the
+  backward pass (jax.checkpoint), so the peak temporary memory is one [B, C, V] block.
   """
-  n, e = features_NxE.shape
-  num_chunks = -(-n // chunk_size)
-  chunk_size = -(-n // num_chunks)  # equal chunks of at most chunk_size rows: the least padding
-  padded = jnp.pad(features_NxE, ((0, num_chunks * chunk_size - n), (0, 0)))
+  b, t, e = features_BxTxE.shape
+  positions = max(1, chunk_size // b)
+  num_chunks = -(-t // positions)
+  positions = -(-t // num_chunks)  # equal chunks: the least padding
+  padded = jnp.pad(features_BxTxE, ((0, 0), (0, num_chunks * positions - t), (0, 0)))
+  chunks_NxBxCxE = padded.reshape(b, num_chunks, positions, e).transpose(1, 0, 2, 3)
 
   @jax.checkpoint
-  def one_chunk(chunk_CxE):
-    return jax.nn.logsumexp(models.tied_logits(chunk_CxE, table_VxE, bias_V), axis=-1)
+  def one_chunk(chunk_BxCxE):
+    return jax.nn.logsumexp(models.tied_logits(chunk_BxCxE, table_VxE, bias_V), axis=-1)
 
-  lse = jax.lax.map(one_chunk, padded.reshape(num_chunks, chunk_size, e))
-  return lse.reshape(-1)[:n]
+  lse_NxBxC = jax.lax.map(one_chunk, chunks_NxBxCxE)
+  return lse_NxBxC.transpose(1, 0, 2).reshape(b, num_chunks * positions)[:, :t]
 
 
 def critic_logsumexp(features_BxTxE: Array, table_VxE: Array, bias_V: Array,
                      chunk_size: int = 0) -> Array:
   """logsumexp over the vocabulary of the tied logits at every position: [B, T] float32."""
   if chunk_size and chunk_size > 0:
-    b, t, e = features_BxTxE.shape
-    return chunked_logsumexp(features_BxTxE.reshape(b * t, e), table_VxE, bias_V,
-                             chunk_size).reshape(b, t)
+    return chunked_logsumexp(features_BxTxE, table_VxE, bias_V, chunk_size)
   return jax.nn.logsumexp(models.tied_logits(features_BxTxE, table_VxE, bias_V), axis=-1)
 
 
@@ -137,12 +141,20 @@ SAMPLERS = {"gumbel": gumbel_max_sample, "inverse_cdf": inverse_cdf_sample}
 
 def scatter_at_positions(ids_BxT: Array, positions_BxP: Array, values_BxP: Array,
                          weights_BxP: Array) -> Array:
-  """ids with values written at the (weighted) positions; padding slots are left alone."""
-  b, t = ids_BxT.shape
-  # Padding slots point past the end and are dropped, so they never overwrite position 0.
-  positions = jnp.where(weights_BxP > 0, positions_BxP, t)
-  rows = jnp.broadcast_to(jnp.arange(b)[:, None], positions.shape)
-  return ids_BxT.at[rows, positions].set(values_BxP.astype(ids_BxT.dtype), mode="drop")
+  """ids with values written at the (weighted) positions; padding slots are left alone.
+
+  A one-hot select within each row, not an XLA scatter: elementwise along the batch axis, so a
+  batch sharded over devices stays local (the partitioner all-gathers a scatter's indices and
+  updates across the batch axis). The weighted positions of a row are distinct (masking draws
+  them without replacement). [B, P, T] booleans: small beside the logits.
+  """
+  t = ids_BxT.shape[1]
+  # Padding slots point past the end, so they match no position (and never overwrite 0).
+  positions_BxP = jnp.where(weights_BxP > 0, positions_BxP, t)
+  hit_BxPxT = positions_BxP[:, :, None] == jnp.arange(t)[None, None, :]
+  written_BxT = jnp.sum(jnp.where(hit_BxPxT, values_BxP[:, :, None].astype(ids_BxT.dtype), 0),
+                        axis=1)
+  return jnp.where(hit_BxPxT.any(axis=1), written_BxT, ids_BxT)
 
 
 def original_ids(batch) -> Array:

@@ -1,5 +1,7 @@
 """The sharded train step: equal on 8 fake devices and on 1, optimizer details, config checks."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from script_jax import models
 from script_jax import state as state_lib
 from script_jax import config_lib
 from script_jax import train
+from script_jax.data import synthetic
 
 
 @pytest.mark.parametrize("objective", ["script", "electra", "mlm"])
@@ -195,3 +198,31 @@ def test_checkpoints_kept_for_curves_beside_the_last_ones(tmp_path, keep_every, 
   assert manager.all_steps() == kept
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == kept
   manager.close()
+
+
+_COLLECTIVE = re.compile(r"= \S+ (all-gather|all-reduce|all-to-all|collective-permute|"
+                         r"reduce-scatter|collective-broadcast)(-start|-done)?\(")
+
+
+@pytest.mark.parametrize("objective", ["script", "electra", "mlm"])
+@pytest.mark.parametrize("memory_flags", [False, True])
+def test_compiled_step_has_only_the_gradient_and_metric_all_reduces(objective, memory_flags):
+  """The optimized HLO of the data-parallel step on 8 devices: no all-gather, all-to-all,
+  collective-permute or reduce-scatter (a device gathering the global batch's features, or a
+  scatter's indices, costs a pod bandwidth it should not), with the memory flags off and on."""
+  overrides = {"objective": objective, "batch_size": 16, "model.num_layers": 1,
+               "electra.generator_num_layers": 1}
+  if memory_flags:
+    overrides.update({"model.scan_layers": True, "model.remat": True,
+                      "script.logsumexp_chunk": 64})
+  config = load_config("tiny", **overrides)
+  mesh = train.create_mesh(config)
+  model = models.build_model(config)
+  state, sharding = state_lib.init_state(config, model, mesh)
+  step = train.make_train_step(config, model, sharding, mesh)
+  batch = train.to_global_batch(synthetic.random_masked_batch(config, 16, 0), mesh)
+  hlo = step.lower(state, batch).compile().as_text()
+  found = [m.group(0) for m in _COLLECTIVE.finditer(hlo)]
+  kinds = {m.group(1) for m in _COLLECTIVE.finditer(hlo)}
+  assert kinds == {"all-reduce"}, [line.strip()[:200] for line in hlo.splitlines()
+                                   if any(f in line for f in found) and "all-reduce" not in line]
