@@ -84,13 +84,21 @@ def critic_logsumexp(features_BxTxE: Array, table_VxE: Array, bias_V: Array,
 
 # ----------------------------------------------------------------------------- shared pieces
 
-def first_argmax(x: Array) -> Array:
-  """jnp.argmax(x, axis=-1) for NaN-free x (the first maximum), as two plain reductions.
+def first_argmax(x: Array, backend: str | None = None) -> Array:
+  """jnp.argmax(x, axis=-1) for NaN-free x (the first maximum), int32.
 
-  XLA:CPU compiles argmax's (value, index) reduction into a scalar loop that also evaluates
-  everything fused into it: over Gumbel-perturbed logits [B, P, V] that is 78 ms against 25 ms
-  for a max, then the smallest index that attains it (docs/benchmarks.md, section (h)).
+  On CPU as two plain reductions (`two_reduction_argmax`): XLA:CPU compiles argmax's (value,
+  index) reduction into a scalar loop that also evaluates everything fused into it (over
+  Gumbel-perturbed logits [B, P, V] 78 ms against 25 ms, docs/benchmarks.md section (h)). On
+  TPU and GPU, where that loop is not slow, argmax itself (one reduction instead of two).
   """
+  if (backend or jax.default_backend()) == "cpu":
+    return two_reduction_argmax(x)
+  return jnp.argmax(x, axis=-1).astype(jnp.int32)
+
+
+def two_reduction_argmax(x: Array) -> Array:
+  """The first maximum's index as a max, then the smallest index that attains it."""
   maximum = jnp.max(x, axis=-1, keepdims=True)
   index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
   return jnp.min(jnp.where(x == maximum, index, x.shape[-1] - 1), axis=-1)

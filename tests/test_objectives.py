@@ -79,6 +79,17 @@ def test_first_argmax_equals_numpy_argmax_with_ties_and_masked_columns():
   got = jax.jit(objectives.first_argmax)(jnp.asarray(x))
   assert got.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(got), np.argmax(x, axis=-1))
+  # The CPU form and argmax itself (what TPUs and GPUs run) agree, ties and -inf rows included.
+  np.testing.assert_array_equal(np.asarray(jax.jit(objectives.two_reduction_argmax)(x)),
+                                np.asarray(jax.jit(lambda a: jnp.argmax(a, axis=-1))(x)))
+
+
+@pytest.mark.parametrize("backend, primitive", [("cpu", "reduce_min"), ("gpu", "argmax"),
+                                                ("tpu", "argmax")])
+def test_first_argmax_form_follows_the_backend(backend, primitive):
+  jaxpr = str(jax.make_jaxpr(lambda x: objectives.first_argmax(x, backend))(jnp.zeros((2, 5))))
+  assert primitive in jaxpr
+  assert ("argmax" in jaxpr) == (backend != "cpu")
 
 
 @pytest.mark.parametrize("rng_impl", ["threefry2x32", "rbg"])
