@@ -104,11 +104,14 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
         "written with. Nothing was changed.") from e
 
 
-def load_pretrained(workdir: str, step: int | None = None):
+def load_pretrained(workdir: str, step: int | None = None,
+                    sharding: jax.sharding.Sharding | None = None):
   """(config, model, params) of the latest (or given) checkpoint of a pretraining workdir.
 
-  Restores the parameters alone, onto this process's first device, whatever topology wrote the
-  checkpoint: no optimizer is built and its state is not read.
+  Restores the parameters alone, whatever topology wrote the checkpoint (no optimizer is built
+  and its state is not read): onto this process's first device, or straight into `sharding`
+  (e.g. replicated over a multi-host mesh, where a host cannot device_put onto other hosts'
+  devices).
   """
   config = read_run_config(workdir)
   manager = make_manager(workdir, config, read_only=True)
@@ -117,7 +120,7 @@ def load_pretrained(workdir: str, step: int | None = None):
     raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: train longer than "
                             "checkpoint_every_steps, or let the run finish.")
   model = models.build_model(config)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  device = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = {"params": jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
       state_lib.abstract_params(config, model))}

@@ -162,10 +162,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if hf_import.is_hf_init(config.init_from):
       pretrained, report = hf_import.pretraining_params(config.init_from, config, state.params)
       logging.info("HuggingFace parameters:\n  %s", "\n  ".join(report))
+      state = state.replace(params=jax.device_put(pretrained, state_sharding.params))
     else:
-      _, _, pretrained = checkpoints.load_pretrained(config.init_from)
-      pretrained = models.to_layout(pretrained, config.model.scan_layers)
-    state = state.replace(params=jax.device_put(pretrained, state_sharding.params))
+      # Restored replicated over the mesh, relaid out on the devices: on several hosts a
+      # device_put of one host's copy onto the global sharding is a cross-host transfer.
+      _, _, pretrained = checkpoints.load_pretrained(
+          config.init_from, sharding=jax.sharding.NamedSharding(mesh, P()))
+      relayout = jax.jit(functools.partial(models.to_layout, scan_layers=config.model.scan_layers),
+                         out_shardings=state_sharding.params)
+      state = state.replace(params=relayout(pretrained))
     logging.info("Initialised parameters from %s", config.init_from)
   start_step = int(state.step)
 

@@ -46,8 +46,8 @@ def two_process_run(tmp_path_factory):
           json.loads((folder / "stderr.json").read_text()))
 
 
-def test_two_processes_train_and_checkpoint_together(two_process_run):
-  _, workdir, errors = two_process_run
+def test_two_processes_train_and_checkpoint_together(two_process_run, tmp_path):
+  args, workdir, errors = two_process_run
   assert "JAX process 1/2, 2 devices" in errors[1]
   with open(workdir / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
@@ -62,6 +62,20 @@ def test_two_processes_train_and_checkpoint_together(two_process_run):
   assert checkpoints.make_manager(str(workdir), config, read_only=True).all_steps() == [50, 100]
   leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(params)]
   assert all(np.isfinite(x).all() for x in leaves)
+
+  # init_from on two processes: the parameters restored straight into the global sharding
+  # (a device_put of one host's copy would be a cross-host transfer), relaid out to scanned
+  # layers; at learning rate 0 they stay the first run's.
+  second = tmp_path / "second"
+  errors = _finish(_launch(args + [f"--workdir={second}", f"--config.init_from={workdir}",
+                                   "--config.num_train_steps=2", "--config.optim.warmup_steps=0",
+                                   "--config.optim.learning_rate=0.0",
+                                   "--config.model.scan_layers=True"], _free_port()))
+  assert f"Initialised parameters from {workdir}" in errors[0]
+  from script_jax import models  # pylint: disable=g-import-not-at-top
+  restored = models.unstack_layers(checkpoints.load_pretrained(str(second))[2])
+  for a, b in zip(__import__("jax").tree.leaves(restored), leaves):
+    np.testing.assert_array_equal(np.asarray(a), b)
 
 
 def test_host_local_prepared_folder_fails_at_once_on_every_process(tmp_path):
