@@ -80,8 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # SCRIPT (paper Section 2).
   c.script = ml_collections.ConfigDict()
-  # > 0: the critic's logsumexp over the vocabulary in chunks of this many tokens, so the B x T
-  # x V logits never exist at once; 0: the whole vocabulary at once.
+  # > 0: the critic's logsumexp over the vocabulary in chunks of about this many tokens (every
+  # sequence's next logsumexp_chunk // B positions), so the B x T x V logits never exist at
+  # once; 0: the whole vocabulary at once.
   c.script.logsumexp_chunk = 0
   c.script.temperature = 1.0  # tau of the Gumbel-max sample
   c.script.disc_positions = "all"  # "all" non-padding positions or "masked" positions only
