@@ -157,23 +157,33 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# configs/finetune.py:PRESET -> (learning rate, layer-wise decay, weight decay). "small" and
+# "base" are the SCRIPT paper's Table 5; "electra_code" is ELECTRA's configure_finetuning.py
+# default for small and base models, "large" its setting for large models.
+FINETUNE_PRESETS = {"small": (3e-4, 0.8, 0.0), "base": (1e-4, 0.8, 0.0),
+                    "electra_code": (1e-4, 0.8, 0.01), "large": (5e-5, 0.9, 0.01)}
+
+
 def finetune_config(size: str = "small") -> ml_collections.ConfigDict:
   """Defaults of fine-tuning: ELECTRA's recipe, the SCRIPT paper's Table 5 (configs/finetune.py).
 
-  `size` picks Table 5's learning rate: 3e-4 for "small" (and smaller) models, 1e-4 for "base".
+  `size` picks a preset of FINETUNE_PRESETS: Table 5's 3e-4 for "small" (and smaller) models or
+  1e-4 for "base"; ELECTRA's code defaults "electra_code" (1e-4, weight decay 0.01) or "large"
+  (5e-5, layer-wise decay 0.9, weight decay 0.01).
   """
-  if size not in ("small", "base"):
-    raise ConfigError(f"finetune size {size!r}: use 'small' or 'base'.")
+  if size not in FINETUNE_PRESETS:
+    raise ConfigError(f"finetune preset {size!r}: use one of {', '.join(FINETUNE_PRESETS)}.")
+  learning_rate, layerwise_lr_decay, weight_decay = FINETUNE_PRESETS[size]
   c = ml_collections.ConfigDict()
-  c.learning_rate = 3e-4 if size == "small" else 1e-4
-  c.layerwise_lr_decay = 0.8
+  c.learning_rate = learning_rate
+  c.layerwise_lr_decay = layerwise_lr_decay
   # ELECTRA's code gives the top layer 0.8^2 (a kept quirk, finetune/optim.py); False: 0.8^1.
   c.top_layer_at_decay_2 = True
   c.b1 = 0.9
   c.b2 = 0.999
   c.eps = 1e-6
   c.adam_bias_correction = False  # ELECTRA's AdamWeightDecayOptimizer has none
-  c.weight_decay = 0.0  # Table 5 (ELECTRA's code default is 0.01); never on LayerNorm, biases
+  c.weight_decay = weight_decay  # Table 5: 0 (ELECTRA's code: 0.01); never on LayerNorm, biases
   c.grad_clip_norm = 1.0
   c.warmup_fraction = 0.1
   c.batch_size = 32

@@ -323,3 +323,20 @@ def test_task_heads_start_from_glorot_uniform_as_electras_dense_layers():
         fan_in, fan_out = leaf.shape
         assert np.abs(leaf).max() <= math.sqrt(6 / (fan_in + fan_out)), names
         assert np.abs(leaf).max() > 0.5 * math.sqrt(6 / (fan_in + fan_out)), names
+
+
+@pytest.mark.parametrize("preset, lr, decay, weight_decay", [
+    ("small", 3e-4, 0.8, 0.0), ("base", 1e-4, 0.8, 0.0), ("electra_code", 1e-4, 0.8, 0.01),
+    ("large", 5e-5, 0.9, 0.01)])
+def test_finetune_presets(preset, lr, decay, weight_decay):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "finetune_cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "finetune.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  ft = module.get_config(preset)
+  assert (ft.learning_rate, ft.layerwise_lr_decay, ft.weight_decay) == (lr, decay, weight_decay)
+  config_lib.validate_finetune_config(ft, squad=True, num_devices=8)
+  with pytest.raises(config_lib.ConfigError, match="use one of small, base, electra_code"):
+    module.get_config("huge")
