@@ -25,7 +25,8 @@ SHAPE_KEYS = ("objective", "model.vocab_size", "model.embedding_size", "model.hi
               "model.max_position_embeddings", "model.type_vocab_size", "model.scan_layers",
               "model.vocab_pad_multiple",
               "electra.generator_hidden_size", "electra.generator_num_heads",
-              "electra.generator_intermediate_size", "electra.generator_num_layers")
+              "electra.generator_intermediate_size", "electra.generator_num_layers",
+              "optim.recipe")  # the optimizer state's tree
 
 
 class CheckpointMismatchError(cli_errors.UserError):

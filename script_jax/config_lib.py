@@ -19,6 +19,7 @@ RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 # Where the critic's (SCRIPT's) loss is taken: all non-padding tokens, or the masked ones.
 DISC_POSITIONS = ("all", "masked")
 DTYPES = ("float32", "bfloat16")
+OPTIMIZER_RECIPES = ("optax", "electra")  # config.optim.recipe (state.make_optimizer)
 SQUAD_HEADS = ("electra", "bert")
 # ELECTRA's (and BERT's) uncased WordPiece vocab, shipped with the package (Apache-2.0).
 BERT_UNCASED_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
@@ -129,6 +130,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-6
   c.optim.weight_decay = 0.01
   c.optim.grad_clip_norm = 1.0
+  # "optax": optax.adamw (bias-corrected) and a decay that starts after the warmup; "electra":
+  # BERT's and ELECTRA's AdamWeightDecayOptimizer (no bias correction) and schedule
+  # lr * (1 - t/T) * min(1, t/W) (state.py). tiny and mini were measured with "optax".
+  c.optim.recipe = "optax"
   c.num_train_steps = 1_000_000
 
   # Mesh: data-parallel over all devices by default.
@@ -284,6 +289,9 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
   if config.sampler not in SAMPLERS:
     problems.append(f"sampler must be one of {', '.join(SAMPLERS)}, got "
                     f"{config.sampler!r}")
+  if config.optim.get("recipe", "optax") not in OPTIMIZER_RECIPES:
+    problems.append(f"optim.recipe must be one of {', '.join(OPTIMIZER_RECIPES)}, got "
+                    f"{config.optim.recipe!r}")
   if config.optim.warmup_steps > config.num_train_steps:
     problems.append(f"optim.warmup_steps {config.optim.warmup_steps} exceeds num_train_steps "
                     f"{config.num_train_steps}")

@@ -14,6 +14,7 @@ from conftest import run_module, shared_workdir
 
 from script_jax import config_lib
 from script_jax import models
+from script_jax import state as state_lib
 from script_jax.finetune import glue
 from script_jax.finetune import model as task_models
 from script_jax.finetune import optim
@@ -63,7 +64,7 @@ def test_schedule_is_warmup_times_linear_decay():
 def test_adam_without_bias_correction_matches_numpy():
   rng = np.random.default_rng(0)
   params = {"w": rng.normal(size=(3, 4)).astype(np.float32)}
-  tx = optim.scale_by_adam_without_bias_correction(0.9, 0.999, 1e-6)
+  tx = state_lib.scale_by_adam_without_bias_correction(0.9, 0.999, 1e-6)
   state = tx.init(params)
   m = np.zeros((3, 4)); v = np.zeros((3, 4))
   for _ in range(3):

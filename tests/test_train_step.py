@@ -226,3 +226,46 @@ def test_compiled_step_has_only_the_gradient_and_metric_all_reduces(objective, m
   kinds = {m.group(1) for m in _COLLECTIVE.finditer(hlo)}
   assert kinds == {"all-reduce"}, [line.strip()[:200] for line in hlo.splitlines()
                                    if any(f in line for f in found) and "all-reduce" not in line]
+
+
+def test_electra_recipe_matches_a_numpy_reference_of_electras_optimizer():
+  """optim.recipe="electra": clip to norm 1, Adam without bias correction, + weight decay off
+  LayerNorm and biases, times -lr(t) with lr(t) = lr * (1 - t/T) * min(1, t/W); four steps
+  against float64 NumPy."""
+  config = load_config("tiny", **{"optim.recipe": "electra", "optim.warmup_steps": 3,
+                                  "num_train_steps": 10, "optim.learning_rate": 1e-3})
+  tx = state_lib.make_optimizer(config)
+  rng = np.random.default_rng()
+  params = {"dense": {"kernel": rng.normal(size=(3, 4)), "bias": rng.normal(size=4)},
+            "LayerNorm": {"scale": rng.normal(size=4)}}
+  params = jax.tree.map(lambda x: jax.numpy.asarray(x, jax.numpy.float32), params)
+  opt_state = tx.init(params)
+  want = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  m = jax.tree.map(np.zeros_like, want)
+  v = jax.tree.map(np.zeros_like, want)
+  for t in range(4):
+    grads = jax.tree.map(lambda x: rng.normal(size=x.shape) * 2.0, want)
+    updates, opt_state = tx.update(jax.tree.map(lambda g: jax.numpy.asarray(g, jax.numpy.float32),
+                                                grads), opt_state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+    norm = np.sqrt(sum((g ** 2).sum() for g in jax.tree.leaves(grads)))
+    clipped = jax.tree.map(lambda g: g * min(1.0, 1.0 / norm), grads)
+    m = jax.tree.map(lambda a, g: 0.9 * a + 0.1 * g, m, clipped)
+    v = jax.tree.map(lambda a, g: 0.999 * a + 0.001 * g * g, v, clipped)
+    lr = 1e-3 * (1 - t / 10) * min(1.0, t / 3)
+    decay = {"dense": {"kernel": 0.01, "bias": 0.0}, "LayerNorm": {"scale": 0.0}}
+    want = jax.tree.map(lambda p, a, b, d: p - lr * (a / (np.sqrt(b) + 1e-6) + d * p),
+                        want, m, v, decay)
+    for got, expected in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+      np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+  assert float(state_lib.learning_rate_schedule(config)(0)) == 0.0  # step 0: no update
+
+
+def test_optimizer_recipe_is_checked_and_kept_on_resume(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match="optim.recipe must be one of optax, electra"):
+    config_lib.validate_config(load_config("tiny", **{"optim.recipe": "lamb"}), num_devices=8)
+  from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  checkpoints.check_run_config(str(tmp_path), load_config("tiny"))
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match="optim.recipe: workdir has 'optax', config asks for 'electra'"):
+    checkpoints.check_run_config(str(tmp_path), load_config("tiny", **{"optim.recipe": "electra"}))

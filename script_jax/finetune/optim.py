@@ -18,7 +18,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,13 +30,7 @@ from script_jax import state as state_lib
 def learning_rate_schedule(peak: float, total_steps: int, warmup_fraction: float):
   """lr * min(1, t / W) * max(0, 1 - t / T) with W = round(warmup_fraction * T)."""
   warmup_steps = max(1, int(round(warmup_fraction * total_steps)))
-  total = max(1, total_steps)
-
-  def schedule(step):
-    t = jnp.asarray(step, jnp.float32)
-    return peak * jnp.minimum(1.0, t / warmup_steps) * jnp.maximum(0.0, 1.0 - t / total)
-
-  return schedule
+  return state_lib.electra_schedule(peak, total_steps, warmup_steps)
 
 
 def layer_depths(params: dict, num_layers: int) -> Any:
@@ -62,32 +56,11 @@ def layer_scales(params: dict, num_layers: int, decay: float,
   return jax.tree.map(scale, layer_depths(params, num_layers))
 
 
-class _AdamState(NamedTuple):
-  mu: Any
-  nu: Any
-
-
-def scale_by_adam_without_bias_correction(b1: float, b2: float, eps: float):
-  """m / (sqrt(v) + eps) with m, v the raw moving averages, as ELECTRA's optimizer."""
-  def init(params):
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    return _AdamState(mu=zeros, nu=jax.tree.map(jnp.zeros_like, params))
-
-  def update(grads, state, params=None):
-    del params
-    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
-    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, grads)
-    updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
-    return updates, _AdamState(mu=mu, nu=nu)
-
-  return optax.GradientTransformation(init, update)
-
-
 def make_optimizer(ft, params: dict, num_layers: int, total_steps: int):
   """The optimizer for `params` from the `finetune` config section `ft`."""
   schedule = learning_rate_schedule(ft.learning_rate, total_steps, ft.warmup_fraction)
   adam = (optax.scale_by_adam(ft.b1, ft.b2, ft.eps) if ft.adam_bias_correction
-          else scale_by_adam_without_bias_correction(ft.b1, ft.b2, ft.eps))
+          else state_lib.scale_by_adam_without_bias_correction(ft.b1, ft.b2, ft.eps))
   scales = layer_scales(params, num_layers, ft.layerwise_lr_decay, ft.top_layer_at_decay_2)
   return optax.chain(
       optax.clip_by_global_norm(ft.grad_clip_norm),
