@@ -26,7 +26,8 @@ SHAPE_KEYS = ("objective", "model.vocab_size", "model.embedding_size", "model.hi
               "model.vocab_pad_multiple",
               "electra.generator_hidden_size", "electra.generator_num_heads",
               "electra.generator_intermediate_size", "electra.generator_num_layers",
-              "optim.recipe")  # the optimizer state's tree
+              "optim.recipe",  # the optimizer state's tree
+              "rng_impl")  # the random stream (resolved from "auto" per platform)
 
 
 class CheckpointMismatchError(cli_errors.UserError):
@@ -50,6 +51,10 @@ def check_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     diffs = [f"{k}: workdir has {_lookup(old, k)!r}, config asks for {_lookup(new, k)!r}"
              for k in SHAPE_KEYS
              if _lookup(old, k) is not None and _lookup(old, k) != _lookup(new, k)]
+    if any(d.startswith("rng_impl:") for d in diffs):
+      diffs.append("(rng_impl decides the run's random stream; on another platform \"auto\" "
+                   f"may choose another: pass --config.rng_impl={_lookup(old, 'rng_impl')} to "
+                   "continue the same stream)")
     if diffs:
       raise CheckpointMismatchError(
           f"The workdir {workdir} holds a run of a different model, so its checkpoints cannot "

@@ -14,8 +14,12 @@ from script_jax import cli_errors
 OBJECTIVES = ("script", "electra", "mlm")
 # How replacements are drawn (objectives.py has one function per name).
 SAMPLERS = ("gumbel", "inverse_cdf")
-# jax.random implementations a run may draw its step randomness from (config.rng_impl).
-RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+# jax.random implementations a run may draw its step randomness from (config.rng_impl); "auto"
+# is resolved per platform when the run starts (resolve_rng_impl).
+RNG_IMPLS = ("auto", "threefry2x32", "rbg", "unsafe_rbg")
+# libtpu's flag that lets XLA's RngBitGenerator draw each shard's bits locally (MaxText sets
+# it too); without it the partitioned program makes the global random bits on every device.
+LIBTPU_RNG_FLAG = "--xla_tpu_spmd_rng_bit_generator_unsafe=true"
 # Where the critic's (SCRIPT's) loss is taken: all non-padding tokens, or the masked ones.
 DISC_POSITIONS = ("all", "masked")
 DTYPES = ("float32", "bfloat16")
@@ -28,6 +32,30 @@ BERT_UNCASED_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "a
 
 class ConfigError(cli_errors.UserError):
   """The config is inconsistent; raised at start, before any work is done."""
+
+
+def resolve_rng_impl(requested: str, platform: str, remat: bool) -> str:
+  """config.rng_impl as a jax.random implementation name ("auto" decided for the platform)."""
+  if requested != "auto":
+    return requested
+  return "rbg" if platform == "tpu" and not remat else "threefry2x32"
+
+
+def rng_impl_of(config) -> str:
+  """The run's jax.random implementation (config.rng_impl; "auto" for the default backend)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return resolve_rng_impl(config.rng_impl, jax.default_backend(), config.model.remat)
+
+
+def libtpu_init_args(config, current: str) -> str:
+  """LIBTPU_INIT_ARGS for a run: `current` plus LIBTPU_RNG_FLAG when the run may draw rbg bits
+  on a TPU (rng_impl rbg or unsafe_rbg, or auto without remat). Set before JAX starts; libtpu
+  alone reads it, so elsewhere it changes nothing."""
+  may_use_rbg = config.rng_impl in ("rbg", "unsafe_rbg") or (
+      config.rng_impl == "auto" and not config.model.remat)
+  if not may_use_rbg or "xla_tpu_spmd_rng_bit_generator_unsafe" in current:
+    return current
+  return f"{current} {LIBTPU_RNG_FLAG}".strip()
 
 
 def max_predictions_for(seq_len: int, mask_prob: float = 0.15) -> int:
@@ -45,11 +73,12 @@ def base_config() -> ml_collections.ConfigDict:
   # position (cheaper on CPU, a different random stream).
   c.sampler = "gumbel"
   # PRNG behind each step's dropout masks and samples (init always uses threefry2x32, so the
-  # initial parameters do not depend on it). "rbg" draws bits with XLA's RngBitGenerator
-  # (commonly cheaper than threefry on TPUs; no measurable change on an H200, see
-  # docs/benchmarks.md); its streams may differ across platforms, jax versions and
-  # device counts (the distributions do not).
-  c.rng_impl = "threefry2x32"
+  # initial parameters do not depend on it). "auto": "rbg" on TPU (XLA's RngBitGenerator, drawn
+  # per shard with LIBTPU_RNG_FLAG, which main.py sets) unless model.remat is on (recomputed
+  # bits may then differ from the forward pass's, jax-ml/jax#21046), "threefry2x32" elsewhere.
+  # The run records the resolved name and a resume must use the same (the stream changes).
+  # threefry2x32 is the one stream that is the same on every platform and device count.
+  c.rng_impl = "auto"
 
   # Model (ELECTRA/BERT encoder). vocab_size must match the tokenizer's.
   c.model = ml_collections.ConfigDict()

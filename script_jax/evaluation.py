@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
+from script_jax import config_lib
 from script_jax import objectives
 
 P = jax.sharding.PartitionSpec
@@ -97,7 +98,7 @@ def make_eval_step(config, model, params_sharding, mesh) -> Callable:
   on every device (the set is small; the host needs them all for the exact AUC)."""
   loss_fn = functools.partial(objectives.get_objective(config.objective), model=model,
                               config=config, deterministic=True, with_outputs=True)
-  seed, rng_impl = config.eval.seed, config.rng_impl
+  seed, rng_impl = config.eval.seed, config_lib.rng_impl_of(config)
 
   def eval_step(params, batch, batch_number):
     rng = jax.random.fold_in(jax.random.key(seed, impl=rng_impl), batch_number)

@@ -38,6 +38,13 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  import os  # pylint: disable=g-import-not-at-top
+  from script_jax import config_lib  # pylint: disable=g-import-not-at-top
+  # Before JAX starts libtpu: rbg's bits drawn per shard on TPU (a no-op elsewhere).
+  libtpu_args = config_lib.libtpu_init_args(FLAGS.config, os.environ.get("LIBTPU_INIT_ARGS", ""))
+  if libtpu_args != os.environ.get("LIBTPU_INIT_ARGS", ""):
+    os.environ["LIBTPU_INIT_ARGS"] = libtpu_args
+    logging.info("LIBTPU_INIT_ARGS=%s", libtpu_args)
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,

@@ -60,7 +60,7 @@ def make_train_step(config, model, state_sharding, mesh):
   loss_fn = functools.partial(objectives.get_objective(config.objective), model=model,
                               config=config)
   schedule = state_lib.learning_rate_schedule(config)
-  seed, rng_impl = config.seed, config.rng_impl
+  seed, rng_impl = config.seed, config_lib.rng_impl_of(config)
 
   def train_step(state, batch):
     # Step-indexed randomness: the same step draws the same numbers, resumed or not.
@@ -133,6 +133,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   Returns the last logged metrics.
   """
   config_lib.validate_config(config)
+  if config.rng_impl == "auto":  # decided here, recorded in run_config.json, kept on resume
+    config.rng_impl = config_lib.rng_impl_of(config)
+    logging.info("rng_impl auto: %s on %s", config.rng_impl, jax.default_backend())
   if config.get("init_from"):
     from script_jax.export import hf_import  # pylint: disable=g-import-not-at-top
     if hf_import.is_hf_init(config.init_from):  # its sizes and tokenizer, before any data work

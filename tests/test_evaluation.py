@@ -7,6 +7,7 @@ import pytest
 import sklearn.metrics
 from conftest import load_config, random_batch
 
+from script_jax import config_lib
 from script_jax import evaluation
 from script_jax import models
 from script_jax import objectives
@@ -102,7 +103,8 @@ def test_tiny_model_evaluation_equals_the_objectives_metrics_and_scikit_learn(ob
   assert got.pop("eval_seconds") > 0 and again.pop("eval_seconds") > 0
   assert again == got  # the same masks, samples and numbers every time
 
-  rng = jax.random.fold_in(jax.random.key(config.eval.seed, impl=config.rng_impl), 0)
+  rng = jax.random.fold_in(
+      jax.random.key(config.eval.seed, impl=config_lib.rng_impl_of(config)), 0)
   _, want = objectives.get_objective(objective)(
       jax.device_get(state.params), {k: jax.numpy.asarray(v) for k, v in batch.items()}, rng,
       model=model, config=config, deterministic=True)

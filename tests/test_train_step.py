@@ -83,7 +83,7 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     ({"mesh.model": 2}, "mesh.model=2: model parallelism is not implemented"),
     ({"script.disc_positions": "some"}, "script.disc_positions must be one of all, masked"),
     ({"sampler": "topk"}, "sampler must be one of gumbel, inverse_cdf"),
-    ({"rng_impl": "philox"}, "rng_impl must be one of threefry2x32, rbg, unsafe_rbg"),
+    ({"rng_impl": "philox"}, "rng_impl must be one of auto, threefry2x32, rbg, unsafe_rbg"),
 ])
 def test_inconsistent_configs_are_clear_errors(override, message):
   config = load_config("tiny", **override)
@@ -269,3 +269,30 @@ def test_optimizer_recipe_is_checked_and_kept_on_resume(tmp_path):
   with pytest.raises(checkpoints.CheckpointMismatchError,
                      match="optim.recipe: workdir has 'optax', config asks for 'electra'"):
     checkpoints.check_run_config(str(tmp_path), load_config("tiny", **{"optim.recipe": "electra"}))
+
+
+@pytest.mark.parametrize("requested, platform, remat, resolved", [
+    ("auto", "tpu", False, "rbg"), ("auto", "tpu", True, "threefry2x32"),
+    ("auto", "gpu", False, "threefry2x32"), ("auto", "cpu", False, "threefry2x32"),
+    ("rbg", "cpu", False, "rbg"), ("threefry2x32", "tpu", False, "threefry2x32")])
+def test_rng_impl_auto_is_decided_per_platform(requested, platform, remat, resolved):
+  assert config_lib.resolve_rng_impl(requested, platform, remat) == resolved
+
+
+def test_libtpu_flag_for_runs_that_may_draw_rbg_bits():
+  flag = config_lib.LIBTPU_RNG_FLAG
+  args = lambda **o: config_lib.libtpu_init_args(load_config("tiny", **o), "--xla_foo=1")
+  assert args() == f"--xla_foo=1 {flag}"  # auto: rbg on a TPU
+  assert args(rng_impl="unsafe_rbg") == f"--xla_foo=1 {flag}"
+  assert args(rng_impl="threefry2x32") == "--xla_foo=1"
+  assert args(**{"model.remat": True}) == "--xla_foo=1"  # auto with remat: threefry
+  assert config_lib.libtpu_init_args(load_config("tiny"), flag) == flag  # not twice
+
+
+def test_resume_with_another_random_stream_says_so(tmp_path):
+  from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  checkpoints.check_run_config(str(tmp_path), load_config("tiny", rng_impl="rbg"))
+  with pytest.raises(checkpoints.CheckpointMismatchError) as error:
+    checkpoints.check_run_config(str(tmp_path), load_config("tiny", rng_impl="threefry2x32"))
+  assert "rng_impl: workdir has 'rbg', config asks for 'threefry2x32'" in str(error.value)
+  assert "--config.rng_impl=rbg" in str(error.value)
