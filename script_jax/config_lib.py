@@ -371,13 +371,9 @@ def validate_finetune_config(ft: ml_collections.ConfigDict, squad: bool = False,
   if ft.batch_size >= 1 and ft.batch_size % num_devices:
     problems.append(f"batch_size={ft.batch_size} is not divisible by the {num_devices} "
                     "devices; use a multiple")
-  at_least("eval_batch_size", ft.eval_batch_size, 1)
-  at_least("epochs", ft.epochs, 0)
-  at_least("num_seeds", ft.num_seeds, 1)
-  at_least("first_seed", ft.first_seed, 0)
-  at_least("max_train_examples", ft.max_train_examples, 0)
-  at_least("log_every_steps", ft.log_every_steps, 1)
-  at_least("max_length", ft.max_length, 8)
+  for key, low in (("eval_batch_size", 1), ("epochs", 0), ("num_seeds", 1), ("first_seed", 0),
+                   ("max_train_examples", 0), ("log_every_steps", 1), ("max_length", 8)):
+    at_least(key, ft[key], low)
   if not ft.learning_rate > 0:
     problems.append(f"learning_rate={ft.learning_rate} must be above 0")
   if not 0 < ft.layerwise_lr_decay <= 1:
@@ -393,17 +389,14 @@ def validate_finetune_config(ft: ml_collections.ConfigDict, squad: bool = False,
     sq = ft.squad
     if sq.head not in SQUAD_HEADS:
       problems.append(f"squad.head={sq.head!r}; use one of {', '.join(SQUAD_HEADS)}")
-    at_least("squad.max_query_length", sq.max_query_length, 1)
+    for key, low in (("max_query_length", 1), ("doc_stride", 1), ("n_best", 1),
+                     ("max_answer_length", 1), ("epochs", 1), ("eval_batch_size", 1)):
+      at_least("squad." + key, sq[key], low)
     # [CLS] question [SEP] context [SEP]: the longest question must leave context room.
     if sq.max_length - sq.max_query_length - 3 < 1:
       problems.append(f"squad.max_length={sq.max_length} leaves no room for context after a "
                       f"question of squad.max_query_length={sq.max_query_length} tokens and "
                       "3 special tokens; raise max_length or lower max_query_length")
-    at_least("squad.doc_stride", sq.doc_stride, 1)
-    at_least("squad.n_best", sq.n_best, 1)
-    at_least("squad.max_answer_length", sq.max_answer_length, 1)
-    at_least("squad.epochs", sq.epochs, 1)
-    at_least("squad.eval_batch_size", sq.eval_batch_size, 1)
     if not (0 <= sq.na_prob_thresh <= 1 or sq.na_prob_thresh == -1):
       problems.append(f"squad.na_prob_thresh={sq.na_prob_thresh} must be in [0, 1] (or -1: "
                       "the head's own threshold)")

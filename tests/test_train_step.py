@@ -209,9 +209,10 @@ _COLLECTIVE = re.compile(r"= \S+ (all-gather|all-reduce|all-to-all|collective-pe
 def test_compiled_step_has_only_the_gradient_and_metric_all_reduces(objective, memory_flags):
   """The optimized HLO of the data-parallel step on 8 devices: no all-gather, all-to-all,
   collective-permute or reduce-scatter (a device gathering the global batch's features, or a
-  scatter's indices, costs a pod bandwidth it should not), with the memory flags off and on."""
+  scatter's indices, costs a pod bandwidth it should not), with the memory flags off and on;
+  and the random bits are drawn per device."""
   overrides = {"objective": objective, "batch_size": 16, "model.num_layers": 1,
-               "electra.generator_num_layers": 1}
+               "electra.generator_num_layers": 1, "model.dropout_rate": 0.1}
   if memory_flags:
     overrides.update({"model.scan_layers": True, "model.remat": True,
                       "script.logsumexp_chunk": 64})
@@ -226,6 +227,10 @@ def test_compiled_step_has_only_the_gradient_and_metric_all_reduces(objective, m
   kinds = {m.group(1) for m in _COLLECTIVE.finditer(hlo)}
   assert kinds == {"all-reduce"}, [line.strip()[:200] for line in hlo.splitlines()
                                    if any(f in line for f in found) and "all-reduce" not in line]
+  # threefry (rng_impl auto on CPU) draws each device's own random bits (dropout masks, Gumbel
+  # noise): its u32 arrays have the local batch of 2 rows, never the global 16.
+  random_bits = re.findall(r"u32\[(\d+),[\d,]+\]", hlo)
+  assert random_bits and "16" not in random_bits and "2" in random_bits, sorted(set(random_bits))
 
 
 def test_electra_recipe_matches_a_numpy_reference_of_electras_optimizer():
