@@ -301,6 +301,13 @@ require_create_settings() {
   require_zone
   [[ -n $TYPE ]] || die_usage "--type is needed, e.g. --type=v4-8" \
     "(none saved for $NAME in $(state_file))"
+  # Google's docs: the Cloud TPU API (gcloud compute tpus) is in maintenance and does not
+  # create TPU7x (Ironwood) or later generations; GKE or Compute Engine do.
+  if [[ $TYPE =~ ^(tpu|v)([0-9]+) ]] && (( BASH_REMATCH[2] >= 7 )); then
+    die_usage "type '$TYPE': TPU7x (Ironwood) and later generations cannot be created with" \
+      "the Cloud TPU API this script uses (gcloud compute tpus). Create them through GKE or" \
+      "Compute Engine instead; see launch/README.md, 'TPU7x and later'."
+  fi
   if [[ -z $VERSION ]] && ! runtime_version_for "$TYPE" >/dev/null; then
     die_usage "no default TPU software version for type '$TYPE': pass --version=V" \
       "(gcloud compute tpus tpu-vm versions list --zone=$ZONE)"

@@ -98,8 +98,8 @@ def test_overall_help(tmp_path):
     (["--type=v4-32", "--queued", "--spot", "--create-flag=--network=my net"],
      f"queued-resources create my-tpu --node-id=my-tpu --zone={ZONE} --accelerator-type=v4-32 "
      "--runtime-version=tpu-ubuntu2204-base --spot '--network=my net'"),
-    (["--type=tpu7x-8", "--version=some-future-version"],
-     f"tpu-vm create my-tpu --zone={ZONE} --accelerator-type=tpu7x-8 "
+    (["--type=v5litepod-16", "--version=some-future-version"],
+     f"tpu-vm create my-tpu --zone={ZONE} --accelerator-type=v5litepod-16 "
      "--version=some-future-version"),
 ])
 def test_create_dry_run_prints_the_gcloud_command(tmp_path, flags, expected):
@@ -320,7 +320,10 @@ def test_logs_status_delete(tmp_path):
     (["launch", "x"], "unknown subcommand 'launch'"),
     (["create", "my-tpu", "--type=v4-8"], "--zone is needed"),
     (["create", "my-tpu", f"--zone={ZONE}"], "--type is needed"),
-    (["create", "my-tpu", f"--zone={ZONE}", "--type=v9-8"], "pass --version"),
+    (["create", "my-tpu", f"--zone={ZONE}", "--type=v5-8"], "pass --version"),
+    (["create", "my-tpu", f"--zone={ZONE}", "--type=tpu7x-8"], "TPU7x (Ironwood) and later"),
+    (["create", "my-tpu", f"--zone={ZONE}", "--type=tpu8-16", "--version=x"], "GKE or"),
+    (["create", "my-tpu", f"--zone={ZONE}", "--type=v7-8"], "cannot be created with"),
     (["create", f"--zone={ZONE}", "--type=v4-8"], "NAME is missing"),
     (["create", "My_TPU", f"--zone={ZONE}", "--type=v4-8"], "is not a TPU VM name"),
     (["create", "t", f"--zone={ZONE}", "--type=v4-8", "--provisioning=cheap"], "--provisioning"),
