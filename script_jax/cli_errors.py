@@ -9,6 +9,7 @@ fine-tuning errors ...); a missing file counts too. Each command's `main` runs i
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -25,15 +26,34 @@ def is_user_error(error: BaseException) -> bool:
   return isinstance(error, USER_ERRORS)
 
 
+def remote_storage_problem(error: BaseException) -> str | None:
+  """One line for TensorFlow's file-system errors on a gs:// path (no network or credentials, no
+  such bucket, no permission), None for anything else."""
+  tf = sys.modules.get("tensorflow")
+  if tf is None or not isinstance(error, tf.errors.OpError):
+    return None
+  paths = re.findall(r"gs://[^\s'\"]+", str(error))
+  if not paths:
+    return None
+  detail = " ".join(str(error.message).split())
+  return (f"cannot use {paths[0]}: {detail[:300]}. Check the network, the credentials "
+          "(gcloud auth application-default login, or the VM's service account) and that the "
+          "bucket exists and this account may read and write it.")
+
+
 @contextlib.contextmanager
 def friendly_errors():
-  """Prints `error: <message>` and exits with status 2 for the errors a user can fix."""
+  """Prints `error: <message>` and exits with status 2 for the errors a user can fix (and for
+  gs:// paths that cannot be reached)."""
   try:
     yield
-  except USER_ERRORS as e:
+  except Exception as e:  # pylint: disable=broad-except
+    message = str(e) if is_user_error(e) else remote_storage_problem(e)
+    if message is None:
+      raise
     from absl import logging  # pylint: disable=g-import-not-at-top
     logging.flush()
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -264,3 +264,13 @@ def test_init_from_starts_from_another_run_whatever_its_layer_layout(tmp_path, s
   again = run_main(FAST + [f"--workdir={second}", data, "--config.num_train_steps=40"])
   assert again.returncode == 2
   assert "model.scan_layers: workdir has True, config asks for False" in again.stderr
+
+
+def test_unreachable_bucket_is_one_clear_error(tmp_path):
+  """No network or credentials here: the gs:// workdir cannot be read, said in one line."""
+  result = run_main(FAST + ["--workdir=gs://script-jax-no-such-bucket-7f3a/run"], timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  line = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+  assert len(line) == 1 and "cannot use gs://script-jax-no-such-bucket-7f3a/run" in line[0]
+  assert "credentials" in line[0]
