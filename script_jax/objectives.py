@@ -116,7 +116,11 @@ def mlm_terms(logits_BxPxV: Array, masked_ids_BxP: Array) -> tuple[Array, Array]
 
 def mlm_loss(logits_BxPxV: Array, masked_ids_BxP: Array, masked_weights_BxP: Array):
   """Weighted mean negative log-likelihood of the original tokens (eqs. 1-2) and accuracy."""
-  nll_BxP, correct = mlm_terms(logits_BxPxV, masked_ids_BxP)
+  return mlm_loss_of_terms(*mlm_terms(logits_BxPxV, masked_ids_BxP), masked_weights_BxP)
+
+
+def mlm_loss_of_terms(nll_BxP: Array, correct: Array, masked_weights_BxP: Array):
+  """`mlm_loss` from `mlm_terms` (computed once when the objectives also return them)."""
   denom = jnp.maximum(masked_weights_BxP.sum(), 1e-6)
   loss = (nll_BxP * masked_weights_BxP).sum() / denom
   accuracy = (correct * masked_weights_BxP).sum() / denom
@@ -221,7 +225,8 @@ def script_objective(params, batch, rng, *, model: models.MaskedLM, config,
                          batch["masked_positions"], deterministic=deterministic,
                          rngs={"dropout": dropout1})
   logits_BxPxV = models.tied_logits(features_BxPxE, table_VxE, bias_V)
-  loss_mlm, metrics = mlm_loss(logits_BxPxV, batch["masked_ids"], batch["masked_weights"])
+  terms = mlm_terms(logits_BxPxV, batch["masked_ids"])
+  loss_mlm, metrics = mlm_loss_of_terms(*terms, batch["masked_weights"])
 
   # The model proposes replacements from its own distribution.
   sampled_ids, is_original, replaced, sampled_BxP = _sample_replacements(
@@ -249,7 +254,7 @@ def script_objective(params, batch, rng, *, model: models.MaskedLM, config,
   loss = loss_mlm + config.disc_weight * loss_disc
   metrics.update(disc_metrics, loss=loss, replaced_fraction=replaced)
   if with_outputs:
-    metrics["outputs"] = _outputs(batch, *mlm_terms(logits_BxPxV, batch["masked_ids"]),
+    metrics["outputs"] = _outputs(batch, *terms,
                                   sampled_BxP, lse, is_original, weights)
   return loss, metrics
 
@@ -262,7 +267,8 @@ def electra_objective(params, batch, rng, *, model: models.ElectraPretrainer, co
   logits_BxPxV = apply(batch["input_ids"], batch["segment_ids"], batch["input_mask"],
                        batch["masked_positions"], deterministic=deterministic,
                        rngs={"dropout": dropout1}, method=model.generate)
-  loss_gen, metrics = mlm_loss(logits_BxPxV, batch["masked_ids"], batch["masked_weights"])
+  terms = mlm_terms(logits_BxPxV, batch["masked_ids"])
+  loss_gen, metrics = mlm_loss_of_terms(*terms, batch["masked_weights"])
   sampled_ids, is_original, replaced, sampled_BxP = _sample_replacements(
       sample_rng, logits_BxPxV, batch, config.electra.temperature, config.model.vocab_size,
       config.sampler)
@@ -274,7 +280,7 @@ def electra_objective(params, batch, rng, *, model: models.ElectraPretrainer, co
   loss = loss_gen + config.disc_weight * loss_disc
   metrics.update(disc_metrics, loss=loss, replaced_fraction=replaced)
   if with_outputs:
-    metrics["outputs"] = _outputs(batch, *mlm_terms(logits_BxPxV, batch["masked_ids"]),
+    metrics["outputs"] = _outputs(batch, *terms,
                                   sampled_BxP, disc_logit_BxT, is_original, weights)
   return loss, metrics
 
@@ -289,10 +295,11 @@ def mlm_objective(params, batch, rng, *, model: models.MaskedLM, config,
                          batch["masked_positions"], deterministic=deterministic,
                          rngs={"dropout": rng})
   logits_BxPxV = models.tied_logits(features_BxPxE, table_VxE, bias_V)
-  loss, metrics = mlm_loss(logits_BxPxV, batch["masked_ids"], batch["masked_weights"])
+  terms = mlm_terms(logits_BxPxV, batch["masked_ids"])
+  loss, metrics = mlm_loss_of_terms(*terms, batch["masked_weights"])
   metrics["loss"] = loss
   if with_outputs:
-    metrics["outputs"] = _outputs(batch, *mlm_terms(logits_BxPxV, batch["masked_ids"]))
+    metrics["outputs"] = _outputs(batch, *terms)
   return loss, metrics
 
 

@@ -158,6 +158,22 @@ def _epoch_records(files: list[str], seed: int, shuffle_buffer: int):
   return records
 
 
+def _shard_files(data_dir: str, shards: list[dict]) -> list[str]:
+  """The paths of metadata.json's `shards` entries; DataError if any is missing."""
+  files = [fs.join(data_dir, s["file"]) for s in shards]
+  missing = [f for f in files if not tf.io.gfile.exists(f)]
+  if missing:
+    raise DataError(f"Shards listed in {data_dir}/metadata.json are missing: {missing[:3]}. "
+                    "Prepare the data again.")
+  return files
+
+
+def _deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options)
+
+
 def create_pretraining_dataset(config: ml_collections.ConfigDict, metadata: dict, data_dir: str,
                                start_step: int = 0, process_index: int = 0,
                                process_count: int = 1) -> tf.data.Dataset:
@@ -190,11 +206,7 @@ def create_pretraining_dataset(config: ml_collections.ConfigDict, metadata: dict
   problem = config_lib.max_predictions_problem(config)
   if problem:
     raise DataError(problem)
-  files = [fs.join(data_dir, s["file"]) for s in host_shards]
-  missing = [f for f in files if not tf.io.gfile.exists(f)]
-  if missing:
-    raise DataError(f"Shards listed in {data_dir}/metadata.json are missing: {missing[:3]}. "
-                    "Prepare the data again.")
+  files = _shard_files(data_dir, host_shards)
   if start_step < 0:
     raise DataError(f"start_step={start_step}")
 
@@ -217,9 +229,7 @@ def create_pretraining_dataset(config: ml_collections.ConfigDict, metadata: dict
   ds = ds.batch(per_host_batch, drop_remainder=True)
   ds = ds.enumerate(start=start_step)  # the step numbers seed the masking
   ds = ds.map(masked_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  options = tf.data.Options()
-  options.deterministic = True
-  ds = ds.with_options(options)
+  ds = _deterministic(ds)
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -241,11 +251,7 @@ def create_eval_dataset(config: ml_collections.ConfigDict, metadata: dict, data_
              config_lib.max_predictions_problem(config))
   if problem:
     raise DataError(problem)
-  files = [fs.join(data_dir, s["file"]) for s in split["shards"]]
-  missing = [f for f in files if not tf.io.gfile.exists(f)]
-  if missing:
-    raise DataError(f"The evaluation shard(s) listed in {data_dir}/metadata.json are missing: "
-                    f"{missing[:3]}. Prepare the data again.")
+  files = _shard_files(data_dir, split["shards"])
   spec = MaskingSpec.from_config(config, metadata)
   global_batch, seq_len = config.batch_size, config.seq_len
   per_host = global_batch // process_count
@@ -264,6 +270,4 @@ def create_eval_dataset(config: ml_collections.ConfigDict, metadata: dict, data_
 
   ds = tf.data.TFRecordDataset(files).take(config.eval.max_sequences)
   ds = ds.batch(global_batch).enumerate().map(masked_batch)
-  options = tf.data.Options()
-  options.deterministic = True
-  return ds.with_options(options)
+  return _deterministic(ds)
