@@ -155,6 +155,13 @@ def _glue_fixture(root):
         f"{i}\tmain\tx\t2012\t{i}\tnone\tnone\t{a}\t{b}\t{s:.3f}\n"
         for i, (a, b, s) in enumerate(_STSB * repeat)))
     del name
+  # The unlabelled test files, as the standard release has them (index column, header).
+  (root / "CoLA" / "test.tsv").write_text("index\tsentence\n" + "".join(
+      f"{i}\t{t}\n" for i, (_, _, t) in enumerate(_COLA)))
+  (root / "STS-B" / "test.tsv").write_text(
+      "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\n" +
+      "".join(f"{i}\tmain\tx\t2012\t{i}\tnone\tnone\t{a}\t{b}\n"
+              for i, (a, b, _) in enumerate(_STSB)))
   return str(root)
 
 
@@ -186,6 +193,23 @@ def test_glue_command_end_to_end(tmp_path, tmp_path_factory):
   for task in ("cola", "stsb"):
     lines = (out / task / "seed_0" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] > 0
+  # Every run predicted its task's test file, in the GLUE server's format.
+  for task, name, n in [("cola", "CoLA", len(_COLA)), ("stsb", "STS-B", len(_STSB))]:
+    for seed in (0, 1):
+      rows = [line.split("\t") for line in
+              (out / task / f"seed_{seed}" / "test_predictions" / f"{name}.tsv")
+              .read_text().splitlines()]
+      assert rows[0] == ["index", "prediction"] and [r[0] for r in rows[1:]] == [
+          str(i) for i in range(n)]
+      if task == "cola":
+        assert {r[1] for r in rows[1:]} <= {"0", "1"}
+      else:
+        assert all(0 <= float(r[1]) <= 5 for r in rows[1:])
+  submitted = run_module("finetune.submit", [f"--output_dir={out}"], timeout=120)
+  assert submitted.returncode == 0, submitted.stderr.decode()[-2000:]
+  record = json.loads((out / "submission" / "results.json").read_text())
+  assert set(record["files"]) == {"CoLA.tsv", "STS-B.tsv"} and len(record["missing"]) == 9
+  assert "the GLUE server scores only a submission of all of them" in submitted.stdout.decode()
 
   # A rerun skips what is done; one more seed runs only that seed.
   again = run_module("finetune.glue", args, timeout=600)

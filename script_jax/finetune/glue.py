@@ -14,6 +14,10 @@ metrics are written to OUT/results.json as soon as it ends: a rerun skips the ru
 there, so an interrupted multi-task run keeps what it finished. OUT also gets results.md (the
 Table-2-shaped table and the per-task detail), and per run OUT/<task>/seed_<s>/ with
 metrics.jsonl and TensorBoard events (and the final parameters with --config.save_model).
+Where the data folder holds a task's unlabelled test file (`CoLA/test.tsv`, MNLI's
+`test_matched.tsv` and `test_mismatched.tsv`, `diagnostic/diagnostic.tsv` for the MNLI model),
+each run also predicts it into OUT/<task>/seed_<s>/test_predictions/<NAME>.tsv in the GLUE
+server's format; `python -m script_jax.finetune.submit --output_dir=OUT` assembles a submission.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from absl import flags
 from script_jax import cli_errors
 from script_jax import config_lib
 from script_jax import fs
+from script_jax.finetune import glue_submission
 from script_jax.finetune import runs
 from script_jax.finetune.runs import FinetuneError
 
@@ -160,6 +165,7 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
     train_arrays = featurize(train_examples)
     train_arrays["labels"] = training_targets(spec, train_arrays["labels"])
     eval_arrays = {e: featurize(_read(data_dir, e, "dev", check_counts)) for e in eval_names}
+    unlabelled = _unlabelled_sets(data_dir, name, check_counts, featurize)
     epochs = ft.epochs or spec.default_epochs
     model = task_models.Classifier(cfg, spec.num_outputs)
     loss_fn = regression_loss if spec.is_regression else classification_loss
@@ -182,6 +188,14 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
         print(f"{glue_data.get_task(eval_name).display_name} seed {seed}: " +
               ", ".join(f"{k} {v:.2f}" for k, v in scores.items()
                         if k in glue_data.get_task(eval_name).metrics), file=sys.stderr)
+      for test_set, (indices, arrays) in unlabelled.items():
+        outputs = trainer.predict(model, final, arrays, ft.eval_batch_size)
+        text = glue_submission.submission_text(test_set, indices,
+                                               predictions_from(spec, outputs))
+        if jax.process_index() == 0:
+          path = glue_submission.predictions_path(run_dir, test_set)
+          fs.makedirs(fs.dirname(path))
+          runs.write_text_atomically(path, text)
       if ft.save_model:
         trainer.save_params(trainer.resolved(fs.join(run_dir, "params")), final)
       if jax.process_index() == 0:
@@ -189,6 +203,24 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
         runs.write_text_atomically(fs.join(output_dir, "results.md"),
                               tables({label: results}))
   return results
+
+
+def _unlabelled_sets(data_dir: str, task: str, check_counts: bool, featurize):
+  """{test set: (its indices, its features)} for the task's test files found in data_dir."""
+  from script_jax.finetune import glue_data  # pylint: disable=g-import-not-at-top
+  if data_dir == "tfds":  # TFDS's test splits hold no index column to submit by
+    return {}
+  found = {}
+  for test_set in glue_submission.sets_predicted_by(task):
+    if fs.exists(glue_submission.unlabelled_path(data_dir, test_set)):
+      try:
+        indices, examples = glue_submission.read_test_set(data_dir, test_set,
+                                                          check_counts=check_counts)
+      except glue_data.GlueDataError as e:
+        raise FinetuneError(f"{e} (--nocheck_counts skips the row-count check for subsets)"
+                            if "rows" in str(e) else str(e)) from None
+      found[test_set] = (indices, featurize(examples))
+  return found
 
 
 def training_targets(spec, labels_N: np.ndarray) -> np.ndarray:
