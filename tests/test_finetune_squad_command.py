@@ -94,7 +94,7 @@ def test_squad_v2_scores_abstain_at_the_heads_threshold():
   """Hand-made answerable logits (ELECTRA's: higher means no answer), scores worked out by hand
   with the official rules."""
   import math  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import squad, squad_data  # pylint: disable=g-import-not-at-top
+  from script_jax.finetune import squad, squad_answers  # pylint: disable=g-import-not-at-top
   context = "Paris is the capital of France and the sky above it is the blue sky."
   questions = [("q1", "What is the capital?", "Paris"), ("q2", "Capital of Mars?", None),
                ("q3", "Capital of the Moon?", None), ("q4", "What colour?", "blue sky")]
@@ -107,10 +107,10 @@ def test_squad_v2_scores_abstain_at_the_heads_threshold():
   spans = {"q1": "Paris", "q2": "France", "q3": "the sky", "q4": "the blue sky"}
   logits = {"q1": -4.0, "q2": -2.0, "q3": -3.0, "q4": -5.0}
   na_probs = {q: 1 / (1 + math.exp(-l)) for q, l in logits.items()}
-  electra = squad_data.na_prob_thresh_for("electra", -1.0)
+  electra = squad_answers.na_prob_thresh_for("electra", -1.0)
   assert electra == pytest.approx(0.0601, abs=1e-4)
-  assert squad_data.na_prob_thresh_for("bert", -1.0) == 0.5
-  assert squad_data.na_prob_thresh_for("bert", 0.2) == 0.2
+  assert squad_answers.na_prob_thresh_for("bert", -1.0) == 0.5
+  assert squad_answers.na_prob_thresh_for("bert", 0.2) == 0.2
   # ELECTRA's cut: q2 (0.119) abstains, rightly; q3 (0.047) answers, wrongly; q1 and q4 answer
   # ("the blue sky" is "blue sky" once articles are dropped): 3 of 4.
   scores, written = squad.score_v2(dataset, spans, na_probs, electra)

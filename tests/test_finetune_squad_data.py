@@ -1,5 +1,5 @@
-"""Tests of script_jax/finetune/squad_data.py: reading, offsets, windows and postprocessing, with
-real WordPiece and SentencePiece tokenizers built in tmp_path."""
+"""Tests of script_jax/finetune/squad_data.py (reading, offsets, windows) and squad_answers.py
+(postprocessing), with real WordPiece and SentencePiece tokenizers built in tmp_path."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 
+from script_jax.finetune import squad_answers
 from script_jax.finetune import squad_data
 from script_jax.finetune import squad_eval
 
@@ -339,14 +340,14 @@ def test_postprocess_picks_the_best_valid_span(wordpiece):
   start[0, at("Zürich")] = 8.0  # with any end within 4 tokens: 8 + 0 < 10
   end[0, at("Café")] = 9.0  # before both starts: end < start
   end[0, at("!")] = 7.0  # Zürich , Québec & São Paulo ! : over max_answer_length
-  predictions, na_probs = squad_data.postprocess([example], features, start, end,
-                                                 max_answer_length=4)
+  predictions, na_probs = squad_answers.postprocess([example], features, start, end,
+                                                    max_answer_length=4)
   assert predictions == {"q": "Müller's"} and na_probs is None
   # With room for longer answers, Zürich ... "!" (8 + 7 = 15) wins, punctuation included.
-  predictions, _ = squad_data.postprocess([example], features, start, end, max_answer_length=30)
+  predictions, _ = squad_answers.postprocess([example], features, start, end, max_answer_length=30)
   assert predictions == {"q": "Zürich, Québec & São Paulo!"}
   # Taking only the best start and end, no valid pair: "" (no answer to give).
-  predictions, _ = squad_data.postprocess([example], features, start, end, n_best=1)
+  predictions, _ = squad_answers.postprocess([example], features, start, end, n_best=1)
   assert predictions == {"q": ""}
 
 
@@ -364,7 +365,7 @@ def test_postprocess_requires_the_start_in_its_max_context_window(wordpiece):
   other = 8 + 15
   assert features.is_max_context[1, other]
   start[1, other] = end[1, other] = 1.0
-  predictions, _ = squad_data.postprocess([example], features, start, end)
+  predictions, _ = squad_answers.postprocess([example], features, start, end)
   s, e = features.token_offsets[1, other]
   assert predictions == {"l1": LONG[s:e]}
   assert LONG[s:e] != LONG[slice(*features.token_offsets[0, token])]
@@ -384,18 +385,18 @@ def test_postprocess_no_answer_probability(wordpiece):
   w = long_rows[1]
   token = int(np.flatnonzero(features.is_max_context[w])[0])
   start[w, token] = end[w, token] = 2.0
-  predictions, na_probs = squad_data.postprocess(examples, features, start, end, version="2.0")
+  predictions, na_probs = squad_answers.postprocess(examples, features, start, end, version="2.0")
   assert na_probs["l1"] == pytest.approx(1 / (1 + np.exp(3.0)))
   assert predictions["l1"] == LONG[slice(*features.token_offsets[w, token])]
   assert set(predictions) == set(na_probs) == set(QUESTIONS)
   # An answerability head's logit (higher = no answer) replaces the null score: min over windows.
   no_answer = np.full(len(features), 4.0)
   no_answer[long_rows[-1]] = -1.5
-  _, na_probs = squad_data.postprocess(examples, features, start, end, no_answer, version="2.0")
+  _, na_probs = squad_answers.postprocess(examples, features, start, end, no_answer, version="2.0")
   assert na_probs["l1"] == pytest.approx(1 / (1 + np.exp(1.5)))
   assert na_probs["n1"] == pytest.approx(1 / (1 + np.exp(-4.0)))
   # The threshold turns predictions into "" only where na_prob exceeds it.
-  blanked = squad_data.with_no_answers(predictions, na_probs)
+  blanked = squad_answers.with_no_answers(predictions, na_probs)
   assert blanked["l1"] == predictions["l1"] and blanked["n1"] == ""
 
 
@@ -423,17 +424,17 @@ def test_gold_positions_round_trip_to_full_marks(tokenizer, max_seq_length, doc_
     if max_seq_length == 64:
       assert len(features) > 2 * len(examples)
     start, end = _one_hot_logits(features)
-    predictions, na_probs = squad_data.postprocess(examples, features, start, end,
-                                                   version=version)
+    predictions, na_probs = squad_answers.postprocess(examples, features, start, end,
+                                                      version=version)
     answerable = {e.qas_id: e.answers[0][0] for e in examples if not e.is_impossible}
     assert {q: predictions[q] for q in answerable} == answerable  # exact text, accents and all
     if version == "1.1":
       assert squad_eval.evaluate_v1(dataset, predictions) == {"exact_match": 100.0, "f1": 100.0}
     else:
       scores = squad_eval.evaluate_v2(dataset, predictions, na_probs,
-                                      squad_data.DEFAULT_NA_PROB_THRESH)
+                                      squad_answers.DEFAULT_NA_PROB_THRESH)
       assert scores["exact"] == scores["f1"] == scores["best_exact"] == 100.0
-      blanked = squad_data.with_no_answers(predictions, na_probs)
+      blanked = squad_answers.with_no_answers(predictions, na_probs)
       assert squad_eval.evaluate_v2(dataset, blanked)["exact"] == 100.0
 
 
@@ -453,15 +454,15 @@ def test_postprocess_joint_picks_the_best_valid_beam_pair(wordpiece):
                          [at("Müller") + 2, at("Müller"), at("!")]]])
   end_lp = np.array([[[0.0, 0.0, 0.0], [-0.1, -0.2, -3.0], [-0.5, -0.6, -0.7]]])
   beams = (start_lp, start_index, end_lp, end_index, np.array([0.0]))
-  predictions, na_probs = squad_data.postprocess_joint([example], features, *beams,
-                                                       max_answer_length=4)
+  predictions, na_probs = squad_answers.postprocess_joint([example], features, *beams,
+                                                          max_answer_length=4)
   assert predictions == {"q": "Müller's"} and na_probs is None  # -2.0 - 0.5 beats -1 - 3
-  predictions, _ = squad_data.postprocess_joint([example], features, *beams)
+  predictions, _ = squad_answers.postprocess_joint([example], features, *beams)
   assert predictions == {"q": "Zürich, Québec & São Paulo!"}  # -1.1, allowed at 30 tokens
-  predictions, _ = squad_data.postprocess_joint([example], features, *beams, n_best=1)
+  predictions, _ = squad_answers.postprocess_joint([example], features, *beams, n_best=1)
   assert predictions == {"q": ""}  # only the question token's pair is left
-  _, na_probs = squad_data.postprocess_joint([example], features, *beams[:4],
-                                             np.array([1.25]), version="2.0")
+  _, na_probs = squad_answers.postprocess_joint([example], features, *beams[:4],
+                                                np.array([1.25]), version="2.0")
   assert na_probs == {"q": pytest.approx(1 / (1 + np.exp(-1.25)))}
 
 
@@ -480,12 +481,12 @@ def test_postprocess_joint_gold_beams_round_trip_to_full_marks(wordpiece):
     end_lp = np.full((n, 2, 2), -2.0)
     end_lp[:, 0, 0] = -0.5
     answerable = np.where(features.is_impossible > 0, 3.0, -3.0)
-    predictions, na_probs = squad_data.postprocess_joint(
+    predictions, na_probs = squad_answers.postprocess_joint(
         examples, features, start_lp, start_index, end_lp, end_index, answerable,
         version=version)
     answerable_qs = {e.qas_id: e.answers[0][0] for e in examples if not e.is_impossible}
     assert {q: predictions[q] for q in answerable_qs} == answerable_qs
     if version == "2.0":
       scores = squad_eval.evaluate_v2(dataset, predictions, na_probs,
-                                      squad_data.DEFAULT_NA_PROB_THRESH)
+                                      squad_answers.DEFAULT_NA_PROB_THRESH)
       assert scores["exact"] == scores["f1"] == 100.0

@@ -115,6 +115,7 @@ def run_squad(ft, init_from: str, dev_file: Optional[str], output_dir: str, *,
   """Fine-tunes and evaluates every seed not yet in OUT/results.json; returns the results."""
   import jax  # pylint: disable=g-import-not-at-top
   from script_jax.finetune import model as task_models  # pylint: disable=g-import-not-at-top
+  from script_jax.finetune import squad_answers  # pylint: disable=g-import-not-at-top
   from script_jax.finetune import squad_data  # pylint: disable=g-import-not-at-top
   from script_jax.finetune import squad_eval  # pylint: disable=g-import-not-at-top
   from script_jax.finetune import trainer  # pylint: disable=g-import-not-at-top
@@ -146,7 +147,7 @@ def run_squad(ft, init_from: str, dev_file: Optional[str], output_dir: str, *,
         f"{len(train_features)} windows to train on, {len(eval_examples)} questions in "
         f"{len(eval_features)} windows to evaluate.", file=sys.stderr)
   joint = sq.head == "electra"
-  na_prob_thresh = squad_data.na_prob_thresh_for(sq.head, sq.na_prob_thresh)
+  na_prob_thresh = squad_answers.na_prob_thresh_for(sq.head, sq.na_prob_thresh)
   if version == "2.0":
     results["na_prob_thresh"] = na_prob_thresh
   model = (task_models.JointSpanExtractor(cfg, beam_size=sq.n_best) if joint
@@ -171,11 +172,11 @@ def run_squad(ft, init_from: str, dev_file: Optional[str], output_dir: str, *,
     answer_rules = dict(n_best=sq.n_best, max_answer_length=sq.max_answer_length,
                         version=version)
     if joint:
-      predictions, na_probs = squad_data.postprocess_joint(eval_examples, eval_features,
-                                                           *outputs, **answer_rules)
+      predictions, na_probs = squad_answers.postprocess_joint(eval_examples, eval_features,
+                                                              *outputs, **answer_rules)
     else:
       start_logits, end_logits, no_answer = outputs
-      predictions, na_probs = squad_data.postprocess(
+      predictions, na_probs = squad_answers.postprocess(
           eval_examples, eval_features, start_logits, end_logits,
           no_answer if version == "2.0" else None, **answer_rules)
     span_predictions = predictions
@@ -211,11 +212,11 @@ def score_v2(eval_json, span_predictions, na_probs, na_prob_thresh: float):
   and best_f1 (the official best-threshold sweep) are computed from the spans behind the blanks,
   which span_predictions.json keeps, with na_probs.json, for re-scoring.
   """
-  from script_jax.finetune import squad_data  # pylint: disable=g-import-not-at-top
+  from script_jax.finetune import squad_answers  # pylint: disable=g-import-not-at-top
   from script_jax.finetune import squad_eval  # pylint: disable=g-import-not-at-top
   scores = squad_eval.evaluate_v2(eval_json, span_predictions, na_probs,
                                   na_prob_thresh=na_prob_thresh)
-  return scores, squad_data.with_no_answers(span_predictions, na_probs, na_prob_thresh)
+  return scores, squad_answers.with_no_answers(span_predictions, na_probs, na_prob_thresh)
 
 
 def table(results: dict[str, Any]) -> str:

@@ -1,5 +1,5 @@
-"""SQuAD data: reading the official JSON, windows over long contexts, and turning logits back
-into answer text.
+"""SQuAD data: reading the official JSON into examples and cutting them into fixed-length
+windows of token ids, with each token's character span in its context.
 
   read_squad(path) / examples_from_dataset(json)   -> [SquadExample]   (v1.1 or v2.0 files)
   load_tfds_squad(name, split)                      -> dataset dict in the official format, from
@@ -8,8 +8,9 @@ into answer text.
                                                        split of one file, whole articles apart
   encode_with_offsets(tokenizer, text)              -> (ids, [(char_start, char_end)])
   make_features(examples, tokenizer, is_training=)  -> SquadFeatures: fixed-length windows
-  postprocess(examples, features, logits...)        -> ({qid: text}, {qid: na_prob} or None)
-  postprocess_joint(examples, features, beams...)   -> the same from ELECTRA's joint head
+
+Turning a model's logits over these windows back into answer text (n-best spans, no-answer
+probabilities and thresholds) is squad_answers.py.
 
 Window layout (BERT/ELECTRA): [CLS] question [SEP] context [SEP], padded to max_seq_length. The
 question keeps its first max_query_length tokens. A context longer than the room left is cut into
@@ -17,20 +18,8 @@ overlapping windows whose starts are `doc_stride` tokens apart (BERT's meaning o
 step, not the overlap). Position 0, [CLS], is the "no answer here" target: start = end = 0 for
 an impossible question and for a window that does not hold the whole answer.
 
-Answer text always comes from the original context through character offsets
-(context[start of first token : end of last token]), never from detokenized pieces, so case,
-accents, punctuation and spacing come out as written.
-
-No-answer probability (SQuAD 2.0), as ELECTRA scores it, squashed into [0, 1] so that the
-official --na-prob-thresh semantics apply:
-  without a no-answer head: na_prob = sigmoid(min over the example's windows of
-      (start_logit[CLS] + end_logit[CLS]) - score of the best span), BERT's null-score difference;
-  with one (`no_answer_logits`, ELECTRA's "answerable" classifier trained against is_impossible,
-      so higher means no answer): na_prob = sigmoid(min over windows of that logit).
-`postprocess` returns the best non-empty span for every question and leaves the abstaining to
-the threshold (`with_no_answers`, or evaluate_v2's na_prob_thresh): predictions already blanked
-would make the official best-threshold search blind to the answers behind them. na_prob > 0.5 is
-BERT's default rule (null score difference > 0).
+Each window keeps its context tokens' character spans (`token_offsets`), so that an answer's
+text can be cut from the original context rather than detokenized.
 """
 
 from __future__ import annotations
@@ -38,7 +27,6 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-import math
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from absl import logging
@@ -47,18 +35,6 @@ import numpy as np
 from script_jax.finetune import squad_eval
 
 NO_ANSWER_INDEX = 0  # [CLS]: the start/end target when a window holds no answer
-DEFAULT_NA_PROB_THRESH = 0.5  # sigmoid(0): the null score beats the best span (BERT's rule)
-# ELECTRA abstains when its answerable logit is above -2.75 (qa_metrics.py, squad_official_eval
-# .py): a no-answer probability above sigmoid(-2.75) = 0.0601.
-ELECTRA_NA_PROB_THRESH = 1.0 / (1.0 + math.exp(2.75))
-
-
-def na_prob_thresh_for(head: str, configured: float) -> float:
-  """The no-answer threshold a run applies: `configured` when in [0, 1], else the head's own
-  (ELECTRA's cut for "electra", BERT's null-score rule for "bert")."""
-  if 0.0 <= configured <= 1.0:
-    return configured
-  return ELECTRA_NA_PROB_THRESH if head == "electra" else DEFAULT_NA_PROB_THRESH
 
 
 @dataclasses.dataclass
@@ -306,7 +282,7 @@ class SquadFeatures:
       when the question is impossible or the window does not hold the whole answer.
     is_impossible [N]: the question's label, the same on all its windows (as ELECTRA trains its
       answerability classifier).
-  Bookkeeping for `postprocess`:
+  Bookkeeping for `squad_answers.postprocess`:
     example_index [N]: which example (index into the list given to make_features).
     token_offsets [N, L, 2]: (char_start, char_end) in the example's context of each context
       token, -1 elsewhere.
@@ -451,166 +427,3 @@ def make_features(examples: Sequence[SquadExample], tokenizer, *, is_training: b
   return SquadFeatures(**{
       f.name: np.asarray(rows[f.name], bool if f.name == "is_max_context" else np.int32)
       .reshape((-1,) + trailing.get(f.name, length)) for f in dataclasses.fields(SquadFeatures)})
-
-
-# ----------------------------------------------------------------------------------------------
-# Logits back to text.
-
-
-def _sigmoid(x: float) -> float:
-  return 0.5 * (1.0 + math.tanh(0.5 * x))  # no overflow at +-inf
-
-
-def postprocess(examples: Sequence[SquadExample], features: SquadFeatures,
-                start_logits: np.ndarray, end_logits: np.ndarray,
-                no_answer_logits: Optional[np.ndarray] = None, *, n_best: int = 20,
-                max_answer_length: int = 30,
-                version: str = "1.1") -> tuple[dict[str, str], Optional[dict[str, float]]]:
-  """Best answer span per question from BERT's head, and (2.0) the no-answer probability.
-
-  Per window, the n_best highest start logits among tokens that may start an answer (context,
-  max-context here) and the n_best highest end logits among context tokens are paired; a pair is
-  kept when start <= end and it spans at most max_answer_length tokens. (BERT ranks all
-  positions first and then filters, which can crowd out valid ones; ranking only valid ones
-  never does worse.) The best pair over the question's windows by start + end logit gives
-  context[char_start(start) : char_end(end)].
-
-  Args:
-    examples, features: as given to / returned by make_features.
-    start_logits, end_logits: [N, L] for the N windows.
-    no_answer_logits: optional [N] logit that the window's question has no answer (2.0 only).
-    n_best, max_answer_length: ELECTRA's defaults.
-    version: "1.1" or "2.0".
-
-  Returns:
-    (predictions {qas_id: text}, na_probs {qas_id: P(no answer)} for 2.0, None for 1.1). Every
-    prediction is the best non-empty span ("" only if the question has no valid span at all,
-    with na_prob 1); apply the threshold with `with_no_answers` or at evaluation (see the module
-    docstring). Examples without windows (dropped by make_features in training) are absent.
-  """
-  shape = features.input_ids.shape
-  start_logits = np.asarray(start_logits, np.float64)
-  end_logits = np.asarray(end_logits, np.float64)
-  if start_logits.shape != shape or end_logits.shape != shape:
-    raise ValueError(f"start/end logits {start_logits.shape}/{end_logits.shape} do not match "
-                     f"the features' {shape}")
-  starts_ok, is_context = _answer_positions(features)
-  k = max(1, min(n_best, shape[1]))
-
-  def top(logits, ok):
-    logits = np.where(ok & ~np.isnan(logits), logits, -np.inf)
-    index = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    return index, np.take_along_axis(logits, index, axis=1)
-
-  start_index, start_value = top(start_logits, starts_ok)
-  end_index, end_value = top(end_logits, is_context)
-  n = len(features)
-  candidates = (np.repeat(start_index, k, axis=1), np.tile(end_index, (1, k)),
-                (start_value[:, :, None] + end_value[:, None, :]).reshape(n, k * k))
-  null_score = start_logits[:, NO_ANSWER_INDEX] + end_logits[:, NO_ANSWER_INDEX]
-  return _select(examples, features, candidates, max_answer_length, version,
-                 (starts_ok, is_context), no_answer_logits=no_answer_logits,
-                 null_score=null_score)
-
-
-def postprocess_joint(examples: Sequence[SquadExample], features: SquadFeatures,
-                      start_top_log_probs: np.ndarray, start_top_index: np.ndarray,
-                      end_top_log_probs: np.ndarray, end_top_index: np.ndarray,
-                      answerable_logits: np.ndarray, *, n_best: int = 20,
-                      max_answer_length: int = 30,
-                      version: str = "1.1") -> tuple[dict[str, str], Optional[dict[str, float]]]:
-  """Best answer span per question from ELECTRA's joint head (model.JointSpanHead's beams).
-
-  Candidates are the beam's (start i, end j given start i) pairs, scored by
-  log p(start) + log p(end | start), the first n_best of each; a pair counts when the start may
-  start an answer (context, max-context window), the end is context, start <= end and it spans
-  at most max_answer_length tokens (ELECTRA's qa_metrics rules). The best pair over the
-  question's windows gives the text; for 2.0 the no-answer probability is sigmoid of the
-  smallest answerable logit over the windows (ELECTRA's null odds, squashed).
-
-  Args:
-    start_top_log_probs, start_top_index: [N, K]; end_top_log_probs, end_top_index: [N, K, K].
-    answerable_logits: [N], higher means no answer.
-    Others as in `postprocess`.
-  """
-  start_top_index = np.asarray(start_top_index)
-  n, beam = start_top_index.shape
-  k = max(1, min(n_best, beam))
-  start_lp = np.asarray(start_top_log_probs, np.float64)[:, :k]
-  end_lp = np.asarray(end_top_log_probs, np.float64)[:, :k, :k]
-  if n != len(features) or end_lp.shape != (n, k, k):
-    raise ValueError(f"beams {start_top_index.shape}/{np.shape(end_top_log_probs)} do not "
-                     f"match the {len(features)} windows")
-  candidates = (np.repeat(start_top_index[:, :k], k, axis=1),
-                np.asarray(end_top_index)[:, :k, :k].reshape(n, k * k),
-                (start_lp[:, :, None] + end_lp).reshape(n, k * k))
-  return _select(examples, features, candidates, max_answer_length, version,
-                 _answer_positions(features), no_answer_logits=answerable_logits)
-
-
-def _answer_positions(features: SquadFeatures) -> tuple[np.ndarray, np.ndarray]:
-  """([N, L] may start an answer: context in its max-context window, [N, L] is context)."""
-  offsets = features.token_offsets
-  is_context = (offsets[..., 0] >= 0) & (offsets[..., 1] > offsets[..., 0])
-  return is_context & features.is_max_context, is_context
-
-
-def _select(examples, features, candidates, max_answer_length, version, answer_positions, *,
-            no_answer_logits=None, null_score=None):
-  """Per question, the best valid candidate span over its windows, and (2.0) its na_prob.
-
-  candidates: (start [N, C], end [N, C], score [N, C]) token positions and scores per window.
-  answer_positions: `_answer_positions(features)`.
-  na_prob: sigmoid(min over windows of no_answer_logits) when given, else sigmoid(min over
-  windows of null_score - the best span's score) (BERT's null-score difference).
-  """
-  if version not in squad_eval.VERSIONS:
-    raise ValueError(f"version must be one of {squad_eval.VERSIONS}, not {version!r}")
-  if len(features) and features.example_index.max() >= len(examples):
-    raise ValueError("the features were made from more examples than given")
-  starts_ok, is_context = answer_positions
-  start, end, score = (np.asarray(a) for a in candidates)
-  window = np.arange(len(features))[:, None]
-  length = end - start + 1
-  valid = (starts_ok[window, start] & is_context[window, end] & (length >= 1) &
-           (length <= max_answer_length) & ~np.isnan(score))
-  score = np.where(valid, np.asarray(score, np.float64), -np.inf)
-  best = score.argmax(axis=1) if score.size else np.zeros(len(features), int)
-  window = np.arange(len(features))
-  best_score = score[window, best] if score.size else np.full(len(features), -np.inf)
-  best_start, best_end = start[window, best], end[window, best]
-  if no_answer_logits is not None:
-    no_answer_logits = np.asarray(no_answer_logits, np.float64).reshape(-1)
-    if len(no_answer_logits) != len(features):
-      raise ValueError(f"{len(no_answer_logits)} no-answer logits for {len(features)} windows")
-
-  windows_of = collections.defaultdict(list)
-  for w, index in enumerate(features.example_index):
-    windows_of[int(index)].append(w)
-  offsets = features.token_offsets
-  predictions, na_probs = {}, {}
-  for index, example in enumerate(examples):
-    windows = windows_of.get(index)
-    if not windows:
-      continue
-    w = windows[int(np.argmax(best_score[windows]))]  # first window on ties
-    if not np.isfinite(best_score[w]):
-      predictions[example.qas_id] = ""
-      na_probs[example.qas_id] = 1.0
-      continue
-    char_start = offsets[w, best_start[w], 0]
-    char_end = offsets[w, best_end[w], 1]
-    predictions[example.qas_id] = example.context[char_start:char_end]
-    if no_answer_logits is not None:
-      na_probs[example.qas_id] = _sigmoid(float(np.min(no_answer_logits[windows])))
-    else:
-      na_probs[example.qas_id] = _sigmoid(float(np.min(null_score[windows]) - best_score[w]))
-  return predictions, (na_probs if version == "2.0" else None)
-
-
-def with_no_answers(predictions: Mapping[str, str], na_probs: Mapping[str, float],
-                    na_prob_thresh: float = DEFAULT_NA_PROB_THRESH) -> dict[str, str]:
-  """Predictions with "" where na_prob > na_prob_thresh: a 2.0 prediction file that needs no
-  na-prob file (what evaluate_v2 scores at that threshold)."""
-  return {qid: "" if na_probs[qid] > na_prob_thresh else text
-          for qid, text in predictions.items()}
