@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Cloud TPU VMs for script_jax: create a VM or pod slice, set it up, train on every worker, read
-# the logs, resume after a Spot preemption, delete. Each step is a few gcloud commands; --dry-run
-# prints them, one per line, quoted so they can be pasted, and runs nothing else.
+# Cloud TPU VMs for script_jax: create a VM or pod slice, set it up, check it can use the workdir,
+# train on every worker, read the logs, resume after a Spot preemption, delete. Each step is a few
+# gcloud commands; --dry-run prints them, one per line, quoted so they can be pasted, and runs
+# nothing else.
 #
 #   launch/tpu.sh SUBCOMMAND NAME [FLAGS] [-- MAIN_FLAGS...]
 #   launch/tpu.sh SUBCOMMAND --help
@@ -19,6 +20,13 @@ PYTHON_VERSION=3.11
 # shellcheck disable=SC2016  # expanded on the workers
 SET_TRAINER_PATTERN='p="^[^ ]*python[0-9.]* -m script_jax[.]main( |\$)"'
 QUEUE_POLL_SECONDS=30
+# The exit status of `python -m script_jax.launch_check` when the workdir cannot be used
+# (CANNOT_USE_WORKDIR there), and of the check's remote command when the worker is not set up.
+CHECK_CANNOT_USE_WORKDIR=3
+CHECK_NOT_SET_UP=4
+# Processes that hold these keep the next trainer off the TPU: /dev/accel* up to v4,
+# /dev/vfio/* from v5e on.
+TPU_DEVICE_FILES='/dev/accel* /dev/vfio/*'
 
 usage_main() {
   cat <<EOF
@@ -27,6 +35,7 @@ Usage: $PROG SUBCOMMAND NAME [FLAGS] [-- MAIN_FLAGS...]
 Subcommands:
   create   create the TPU VM (on-demand, Spot, or through a queued resource)
   setup    copy this checkout to every worker; install Python $PYTHON_VERSION and pinned packages
+  check    can worker 0 write, read and remove files under the workdir? (train runs it first)
   train    (re)start training on every worker, detached from the SSH session
   logs     show the training log of every worker
   status   the VM's state, and which workers are training
@@ -38,12 +47,16 @@ Flags every subcommand takes:
   --project=PROJECT  otherwise gcloud's default project
   --state-dir=DIR    where each VM's settings are saved
                      (default \${XDG_CONFIG_HOME:-~/.config}/script_jax/launch)
+  --ssh-flag=F       one more flag for every gcloud tpu-vm ssh and scp, e.g.
+                     --ssh-flag=--tunnel-through-iap (repeatable; saved by create, train and
+                     resume; delete takes none)
   --dry-run          print the commands instead of running them
   --help             help for a subcommand: $PROG create --help
 
 Example (see launch/README.md):
   $PROG create my-tpu --zone=us-central2-b --type=v4-8 --spot
   $PROG setup my-tpu
+  $PROG check my-tpu --workdir=gs://BUCKET/script_small
   $PROG train my-tpu --config=configs/small.py --workdir=gs://BUCKET/script_small
   $PROG logs my-tpu --follow
   $PROG resume my-tpu          # after a preemption
@@ -70,7 +83,7 @@ Creates the TPU VM NAME and saves its settings for the other subcommands.
   --on-demand        neither Spot nor queued (the default; overrides saved settings)
   --provisioning=M   the same as one of the above: on-demand, spot, queued or queued-spot
   --create-flag=F    one more flag for gcloud's create, e.g. --create-flag=--network=my-net
-                     (repeatable; saved)
+                     or --create-flag=--service-account=SA_EMAIL (repeatable; saved)
   --no-wait          --queued only: return once queued instead of waiting until it is ACTIVE
   --zone, --project, --state-dir, --dry-run as for every subcommand
 
@@ -93,12 +106,29 @@ Example:
 EOF
 }
 
+usage_check() {
+  cat <<EOF
+Usage: $PROG check NAME --workdir=gs://BUCKET/DIR [FLAGS]
+
+On worker 0, over ssh: ~/script_jax_venv/bin/python -m script_jax.launch_check --workdir=DIR
+writes a small file under DIR through script_jax's own file-system layer, reads it back and
+removes it. When it cannot, prints the VM's service account and the command that lets it use
+the bucket. train runs the same check first (unless --no-check). Needs setup first.
+
+  --workdir=DIR      the workdir to check (default: the one saved by train)
+
+Example:
+  $PROG check my-tpu --workdir=gs://BUCKET/script_small
+EOF
+}
+
 usage_train() {
   cat <<EOF
 Usage: $PROG train NAME --workdir=gs://BUCKET/DIR [--config=FILE] [FLAGS] [-- MAIN_FLAGS...]
 
-On every worker: stops a trainer that is still running (SIGTERM, which saves a checkpoint; up to
-120 s, then SIGKILL), removes /tmp/libtpu_lockfile, and starts
+First checks that worker 0 can write, read and remove files under WORKDIR ($PROG check NAME).
+Then on every worker: stops a trainer that is still running (SIGTERM, which saves a checkpoint;
+up to 120 s, then SIGKILL), removes /tmp/libtpu_lockfile, and starts
   ~/script_jax_venv/bin/python -m script_jax.main --config=FILE --workdir=DIR \\
       --distributed MAIN_FLAGS
 detached from the SSH session, appending to ~/script_jax.log. Training resumes from WORKDIR's
@@ -108,6 +138,9 @@ latest checkpoint when there is one. The settings are saved for resume.
   --config=FILE      a config file of this checkout (default configs/small.py)
   -- MAIN_FLAGS      passed to script_jax.main as given, e.g. -- --config.model.dtype=bfloat16
                      (saved; a later resume reuses them unless given a new --)
+  --no-check         skip the workdir check
+  --kill-tpu-holders also stop (sudo kill) every other process that holds the TPU's device
+                     files ($TPU_DEVICE_FILES), and say which
 
 Example:
   $PROG train my-tpu --config=configs/small.py --workdir=gs://BUCKET/script_small \\
@@ -145,11 +178,15 @@ Usage: $PROG resume NAME [FLAGS of create and train] [-- MAIN_FLAGS...]
 
 Brings training back after a preemption, with the settings saved by create and train (flags
 given here override them and are saved):
-  VM READY                             train again
-  VM PREEMPTED, TERMINATED or STOPPED  delete it, create it, setup, train
-  VM not found                         create it, setup, train
-  queued resource still waiting        wait until ACTIVE, setup, train
-Training continues from the latest checkpoint in the gs:// workdir. With --dry-run the VM's
+  VM READY                       train again
+  VM STOPPED                     start it (gcloud compute tpus tpu-vm start), train
+                                 (with a queued resource: delete, create, setup, train)
+  VM PREEMPTED or TERMINATED     delete it, create it, setup, train
+  VM not found                   create it, setup, train
+  queued resource still waiting  wait until ACTIVE, setup, train
+After a create, ssh and scp skip the host key check (--strict-host-key-checking=no): the new VM
+has new keys under the old name. Training continues from the latest checkpoint in the gs://
+workdir; train's --no-check and --kill-tpu-holders apply. With --dry-run the VM's
 state is still read (describe changes nothing) and the commands of the path it picks are printed.
 
 Example:
@@ -210,6 +247,22 @@ gcloud_tpu() {  # gcloud compute tpus ARGS [--project=P]
   run gcloud compute tpus "$@" ${PROJECT:+"--project=$PROJECT"}
 }
 
+# Every ssh and scp: --quiet (no prompt, e.g. for a new SSH key's passphrase), no host key
+# check right after a create (as MaxText's multihost runner does), then the --ssh-flag flags.
+RECREATED=0
+
+gcloud_ssh_scp() {  # ssh|scp ARGS: gcloud compute tpus tpu-vm ssh|scp ARGS --quiet ...
+  local verb=$1 host_keys=()
+  shift
+  ((RECREATED)) && host_keys=(--strict-host-key-checking=no)
+  gcloud_tpu tpu-vm "$verb" "$@" --quiet ${host_keys[@]+"${host_keys[@]}"} \
+    ${SSH_FLAGS[@]+"${SSH_FLAGS[@]}"}
+}
+
+ssh_workers() {  # WORKER REMOTE_COMMAND
+  gcloud_ssh_scp ssh "$NAME" "--zone=$ZONE" "--worker=$1" "--command=$2"
+}
+
 describe_state() {  # KIND FORMAT: sets STATE (READY, ..., NOTFOUND) or fails. Runs even in a dry run.
   local kind=$1 format=$2 err out
   local cmd=(gcloud compute tpus "$kind" describe "$NAME" "--zone=$ZONE"
@@ -254,7 +307,7 @@ state_file() {
 
 load_settings() {
   ZONE="" TYPE="" VERSION="" SPOT=0 QUEUED=0 PROJECT="" CONFIG="" WORKDIR=""
-  EXTRA=() CREATE_FLAGS=()
+  EXTRA=() CREATE_FLAGS=() SSH_FLAGS=()
   local file
   file=$(state_file)
   if [[ -f $file ]]; then
@@ -271,6 +324,7 @@ load_settings() {
   WORKDIR=${F_WORKDIR-$WORKDIR}
   if ((F_EXTRA_GIVEN)); then EXTRA=(${F_EXTRA[@]+"${F_EXTRA[@]}"}); fi
   if ((F_CREATE_FLAGS_GIVEN)); then CREATE_FLAGS=(${F_CREATE_FLAGS[@]+"${F_CREATE_FLAGS[@]}"}); fi
+  if ((F_SSH_FLAGS_GIVEN)); then SSH_FLAGS=(${F_SSH_FLAGS[@]+"${F_SSH_FLAGS[@]}"}); fi
 }
 
 save_settings() {  # not with --dry-run: that changes nothing
@@ -287,6 +341,8 @@ save_settings() {  # not with --dry-run: that changes nothing
     for word in ${EXTRA[@]+"${EXTRA[@]}"}; do printf ' %s' "$(shquote "$word")"; done
     printf ' )\nCREATE_FLAGS=('
     for word in ${CREATE_FLAGS[@]+"${CREATE_FLAGS[@]}"}; do printf ' %s' "$(shquote "$word")"; done
+    printf ' )\nSSH_FLAGS=('
+    for word in ${SSH_FLAGS[@]+"${SSH_FLAGS[@]}"}; do printf ' %s' "$(shquote "$word")"; done
     printf ' )\n'
   } > "$file.tmp"
   mv "$file.tmp" "$file"
@@ -314,10 +370,14 @@ require_create_settings() {
   fi
 }
 
-require_train_settings() {
+require_workdir() {
   require_zone
   [[ -n $WORKDIR ]] || die_usage "--workdir is needed, e.g. --workdir=gs://BUCKET/script_small" \
     "(none saved for $NAME in $(state_file))"
+}
+
+require_train_settings() {
+  require_workdir
   [[ -f $ROOT/$CONFIG ]] || die_usage "no config file $CONFIG in $ROOT (configs/*.py)"
   if [[ $WORKDIR != gs://* ]]; then
     echo "$PROG: warning: --workdir=$WORKDIR is not on gs://: a worker's local disk is lost with" \
@@ -390,9 +450,48 @@ do_setup() {
   remote+=" print(sys.version.split()[0], jax.__version__, flax.__version__)\")"
   run env COPYFILE_DISABLE=1 tar -C "$ROOT" --exclude=.git --exclude=./runs --exclude=__pycache__ \
     --exclude='*.egg-info' --exclude=.pytest_cache --exclude=.venv -czf "$tarball" .
-  gcloud_tpu tpu-vm scp "$tarball" "$NAME:script_jax.tgz" "--zone=$ZONE" --worker=all
+  gcloud_ssh_scp scp "$tarball" "$NAME:script_jax.tgz" "--zone=$ZONE" --worker=all
   run rm -f "$tarball"
-  gcloud_tpu tpu-vm ssh "$NAME" "--zone=$ZONE" --worker=all "--command=$remote"
+  ssh_workers all "$remote"
+}
+
+report_workdir_problem() {  # after the check failed: who the VM is, and how to let it in
+  local format='value(serviceAccount.email)' account bucket
+  echo "$PROG: worker 0 of $NAME cannot use $WORKDIR (the error above)." >&2
+  if [[ $WORKDIR != gs://* ]]; then
+    echo "It is a path on the worker's own disk: give one the VM may write, on gs://." >&2
+    return 0
+  fi
+  account=$(gcloud compute tpus tpu-vm describe "$NAME" "--zone=$ZONE" \
+    ${PROJECT:+"--project=$PROJECT"} "--format=$format" 2>/dev/null) || account=""
+  bucket=${WORKDIR#gs://}
+  bucket=${bucket%%/*}
+  if [[ -n $account ]]; then
+    echo "The VM runs as the service account $account. Let it read and write the bucket:" >&2
+  else
+    echo "The VM's description names no service account, so it runs as the project's Compute" \
+      "Engine default one, PROJECT_NUMBER-compute@developer.gserviceaccount.com. Let it read" \
+      "and write the bucket:" >&2
+    account=PROJECT_NUMBER-compute@developer.gserviceaccount.com
+  fi
+  echo "  gcloud storage buckets add-iam-policy-binding gs://$bucket" \
+    "--member=serviceAccount:$account --role=roles/storage.objectAdmin" >&2
+  echo "then check again: $PROG check $NAME (launch/README.md, 'Workdir access')" >&2
+}
+
+do_check() {  # worker 0 writes, reads and removes a file under WORKDIR, through script_jax.fs
+  # shellcheck disable=SC2088  # the tilde is for the worker's shell
+  local python='~/script_jax_venv/bin/python' status=0
+  local remote="cd ~/script_jax 2>/dev/null && [ -x $python ] || { echo \"\$(hostname):"
+  remote+=" ~/script_jax or ~/script_jax_venv is missing\" >&2; exit $CHECK_NOT_SET_UP; }"
+  remote+="; $python -m script_jax.launch_check --workdir=$(shquote "$WORKDIR")"
+  ssh_workers 0 "$remote" || status=$?
+  case $status in
+    0) ;;
+    "$CHECK_CANNOT_USE_WORKDIR") report_workdir_problem; exit 1 ;;
+    "$CHECK_NOT_SET_UP") die "$NAME is not set up: $PROG setup $NAME" ;;
+    *) die "the check could not run on worker 0 of $NAME (exit status $status, see above)" ;;
+  esac
 }
 
 do_train() {
@@ -405,12 +504,27 @@ do_train() {
   remote+="; pkill -TERM -f \"\$p\"; i=0"
   remote+="; while pgrep -f \"\$p\" >/dev/null && [ \$i -lt 120 ]; do sleep 1; i=\$((i + 1)); done"
   remote+="; pkill -KILL -f \"\$p\""
+  if ((F_KILL_TPU_HOLDERS)); then
+    # Whoever else holds the TPU: lsof, or fuser where lsof is missing (both print the pids).
+    remote+="; d=; for f in $TPU_DEVICE_FILES; do [ -e \"\$f\" ] && d=\"\$d \$f\"; done; h="
+    remote+="; [ -n \"\$d\" ] && h=\$({ if command -v lsof >/dev/null; then sudo -n lsof -t \$d"
+    remote+="; else sudo -n fuser \$d; fi; } 2>/dev/null | tr -s \" \" \"\\n\" | sort -un)"
+    remote+="; h=\$(echo \$h)"
+    remote+="; if [ -n \"\$h\" ]; then echo \"\$(hostname): stopping the processes that hold"
+    remote+="\$d:\"; for q in \$h; do ps -o pid=,user=,args= -p \$q; done"
+    remote+="; sudo -n kill -TERM \$h; i=0; while [ \$i -lt 10 ]; do a=; for q in \$h"
+    remote+="; do ps -o stat= -p \$q | grep -q \"^[^Z]\" && a=1; done"
+    remote+="; [ -z \"\$a\" ] && break; sleep 1"
+    remote+="; i=\$((i + 1)); done; sudo -n kill -KILL \$h 2>/dev/null"
+    remote+="; else echo \"\$(hostname): no other process holds the TPU\"; fi"
+  fi
   remote+="; rm -f /tmp/libtpu_lockfile 2>/dev/null || sudo -n rm -f /tmp/libtpu_lockfile"
   remote+="; echo \"=== \$(date -u) start\" >> ~/script_jax.log"
   remote+="; nohup setsid ~/script_jax_venv/bin/python -m script_jax.main$args"
   remote+=" >> ~/script_jax.log 2>&1 < /dev/null &"
   remote+=" echo \"\$(hostname): training started, pid \$!\""
-  gcloud_tpu tpu-vm ssh "$NAME" "--zone=$ZONE" --worker=all "--command=$remote"
+  ((F_NO_CHECK)) || do_check
+  ssh_workers all "$remote"
   if ((!DRY_RUN)); then
     echo "Training on $NAME. Follow it: $PROG logs $NAME --follow" >&2
   fi
@@ -431,6 +545,11 @@ cmd_setup() {
   do_setup
 }
 
+cmd_check() {
+  require_workdir
+  do_check
+}
+
 cmd_train() {
   require_train_settings
   save_settings
@@ -443,7 +562,7 @@ cmd_logs() {
   ((F_FOLLOW)) && follow=" -F"
   local remote="w=\$(hostname); tail -n $F_LINES$follow ~/script_jax.log 2>&1"
   remote+=" | sed -u \"s|^|[\$w] |\""
-  gcloud_tpu tpu-vm ssh "$NAME" "--zone=$ZONE" "--worker=$F_WORKER" "--command=$remote"
+  ssh_workers "$F_WORKER" "$remote"
 }
 
 cmd_status() {
@@ -457,7 +576,7 @@ cmd_status() {
       gcloud_tpu queued-resources describe "$NAME" "--zone=$ZONE" '--format=value(state.state)'
     fi
     gcloud_tpu tpu-vm describe "$NAME" "--zone=$ZONE" '--format=value(state)'
-    gcloud_tpu tpu-vm ssh "$NAME" "--zone=$ZONE" --worker=all "--command=$remote"
+    ssh_workers all "$remote"
     return 0
   fi
   if ((QUEUED)); then
@@ -467,7 +586,7 @@ cmd_status() {
   describe_state tpu-vm 'value(state)'
   echo "TPU VM $NAME: $STATE"
   if [[ $STATE == READY ]]; then
-    gcloud_tpu tpu-vm ssh "$NAME" "--zone=$ZONE" --worker=all "--command=$remote"
+    ssh_workers all "$remote"
   fi
 }
 
@@ -481,7 +600,16 @@ cmd_resume() {
     READY)
       do_train
       return 0 ;;
-    PREEMPTED|TERMINATED|STOPPED)
+    STOPPED)
+      if ((!QUEUED)); then  # its disk, with the code and venv of the last setup, is kept
+        gcloud_tpu tpu-vm start "$NAME" "--zone=$ZONE"
+        do_train
+        return 0
+      fi
+      # A queued resource's node is not started again here: delete and create, as before.
+      do_delete 0
+      do_create ;;
+    PREEMPTED|TERMINATED)
       do_delete 0
       do_create ;;
     NOTFOUND)
@@ -499,6 +627,7 @@ cmd_resume() {
       die "TPU VM $NAME is $node; run '$PROG resume $NAME' again once it is READY or PREEMPTED" ;;
   esac
   if ((QUEUED)); then wait_until_active; fi
+  RECREATED=1  # a new VM under the old name, with new host keys
   do_setup
   do_train
 }
@@ -517,21 +646,23 @@ cmd_delete() {
 ALLOWED_COMMON="--help --dry-run --zone --project --state-dir"
 ALLOWED_CREATE="--type --accelerator-type --version --spot --queued --on-demand --provisioning"
 ALLOWED_CREATE+=" --create-flag"
-ALLOWED_TRAIN="--config --workdir"
+ALLOWED_TRAIN="--config --workdir --no-check --kill-tpu-holders"
 
 allowed_flags() {
   case $1 in
-    create) echo "$ALLOWED_COMMON $ALLOWED_CREATE --no-wait" ;;
-    setup|status) echo "$ALLOWED_COMMON" ;;
-    train) echo "$ALLOWED_COMMON $ALLOWED_TRAIN" ;;
-    logs) echo "$ALLOWED_COMMON --lines --follow --worker" ;;
-    resume) echo "$ALLOWED_COMMON $ALLOWED_CREATE $ALLOWED_TRAIN" ;;
+    create) echo "$ALLOWED_COMMON --ssh-flag $ALLOWED_CREATE --no-wait" ;;
+    setup|status) echo "$ALLOWED_COMMON --ssh-flag" ;;
+    check) echo "$ALLOWED_COMMON --ssh-flag --workdir" ;;
+    train) echo "$ALLOWED_COMMON --ssh-flag $ALLOWED_TRAIN" ;;
+    logs) echo "$ALLOWED_COMMON --ssh-flag --lines --follow --worker" ;;
+    resume) echo "$ALLOWED_COMMON --ssh-flag $ALLOWED_CREATE $ALLOWED_TRAIN" ;;
     delete) echo "$ALLOWED_COMMON --yes --queued" ;;
   esac
 }
 
-DRY_RUN=0 F_NO_WAIT=0 F_FOLLOW=0 F_YES=0 F_LINES=100 F_WORKER=all
-F_EXTRA=() F_EXTRA_GIVEN=0 F_CREATE_FLAGS=() F_CREATE_FLAGS_GIVEN=0
+DRY_RUN=0 F_NO_WAIT=0 F_FOLLOW=0 F_YES=0 F_LINES=100 F_WORKER=all F_NO_CHECK=0
+F_KILL_TPU_HOLDERS=0 F_EXTRA=() F_EXTRA_GIVEN=0 F_CREATE_FLAGS=() F_CREATE_FLAGS_GIVEN=0
+F_SSH_FLAGS=() F_SSH_FLAGS_GIVEN=0
 SUBCOMMAND="" NAME="" WANT_HELP=0
 
 # Global flags may come before the subcommand too: launch/tpu.sh --dry-run create ...
@@ -540,8 +671,8 @@ while (($#)) && [[ $1 == -* ]]; do
   case $1 in
     -h|--help) usage_main; exit 0 ;;
     --) die_usage "a subcommand is needed before --" ;;
-    --dry-run|--zone=*|--project=*|--state-dir=*) PRE_FLAGS+=("$1"); shift ;;
-    --zone|--project|--state-dir)
+    --dry-run|--zone=*|--project=*|--state-dir=*|--ssh-flag=*) PRE_FLAGS+=("$1"); shift ;;
+    --zone|--project|--state-dir|--ssh-flag)
       (($# >= 2)) || die_usage "$1 needs a value"
       PRE_FLAGS+=("$1=$2"); shift 2 ;;
     *) die_usage "unknown flag before the subcommand: $1" ;;
@@ -551,7 +682,7 @@ done
 SUBCOMMAND=$1; shift
 case $SUBCOMMAND in
   help) usage_main; exit 0 ;;
-  create|setup|train|logs|status|resume|delete) ;;
+  create|setup|check|train|logs|status|resume|delete) ;;
   *) bad=$SUBCOMMAND; SUBCOMMAND=""; die_usage "unknown subcommand '$bad'" ;;
 esac
 if (($#)) && [[ $1 != -* ]]; then NAME=$1; shift; fi
@@ -571,7 +702,7 @@ while (($#)); do
     || die_usage "unknown flag $key (flags for script_jax.main go after --)"
   case $key in
     --zone|--type|--accelerator-type|--version|--project|--state-dir|--config|--workdir|\
-    --lines|--worker|--provisioning|--create-flag)
+    --lines|--worker|--provisioning|--create-flag|--ssh-flag)
       if ((!has_value)); then
         (($#)) || die_usage "$key needs a value"
         value=$1; shift
@@ -600,6 +731,9 @@ while (($#)); do
         *) die_usage "--provisioning is on-demand, spot, queued or queued-spot, not '$value'" ;;
       esac ;;
     --create-flag) F_CREATE_FLAGS+=("$value"); F_CREATE_FLAGS_GIVEN=1 ;;
+    --ssh-flag) F_SSH_FLAGS+=("$value"); F_SSH_FLAGS_GIVEN=1 ;;
+    --no-check) F_NO_CHECK=1 ;;
+    --kill-tpu-holders) F_KILL_TPU_HOLDERS=1 ;;
     --no-wait) F_NO_WAIT=1 ;;
     --follow) F_FOLLOW=1 ;;
     --yes) F_YES=1 ;;

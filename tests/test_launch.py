@@ -20,21 +20,26 @@ from conftest import ROOT
 
 TPU_SH = os.path.join(ROOT, "launch", "tpu.sh")
 FAKE_GCLOUD_DIR = os.path.join(ROOT, "tests", "fake_gcloud")
-SUBCOMMANDS = ["create", "setup", "train", "logs", "status", "resume", "delete"]
+SUBCOMMANDS = ["create", "setup", "check", "train", "logs", "status", "resume", "delete"]
 ZONE = "us-central2-b"
 AWKWARD_ARGS = ["--config.data.source=gs://b/my dir/*.txt", "--config.name=it's \"quoted\"",
                 "$HOME", "`id`", "a;b|c&", "back\\slash", "!bang", ""]
 
 
-def _tpu(tmp_path, *args, state="READY", qr_state="NOTFOUND"):
-  """Runs launch/tpu.sh ARGS with the fake gcloud first on PATH; returns (result, gcloud calls)."""
+def _tpu(tmp_path, *args, state="READY", qr_state="NOTFOUND", **fake_env):
+  """Runs launch/tpu.sh ARGS with the fake gcloud first on PATH; returns (result, gcloud calls).
+
+  fake_env: more of the fake's settings, e.g. service_account="..." for
+  FAKE_GCLOUD_SERVICE_ACCOUNT.
+  """
   log = tmp_path / "gcloud.jsonl"  # one per run: the fake's VM exists after a create in this run
   log.write_text("")
   env = dict(os.environ, FAKE_GCLOUD_LOG=str(log), FAKE_GCLOUD_STATE=state,
              FAKE_GCLOUD_QR_STATE=qr_state, XDG_CONFIG_HOME=str(tmp_path / "config"),
              TMPDIR=str(tmp_path),
              PATH=os.pathsep.join([FAKE_GCLOUD_DIR, os.path.dirname(sys.executable),
-                                   os.environ["PATH"]]))
+                                   os.environ["PATH"]]),
+             **{f"FAKE_GCLOUD_{key.upper()}": str(value) for key, value in fake_env.items()})
   result = subprocess.run([TPU_SH, *args], capture_output=True, text=True, env=env, timeout=60,
                           check=False)
   calls = [json.loads(line) for line in log.read_text().splitlines()]
@@ -42,14 +47,16 @@ def _tpu(tmp_path, *args, state="READY", qr_state="NOTFOUND"):
 
 
 def _verbs(calls):
-  """`tpu-vm create`, `queued-resources delete`, `tpu-vm ssh:setup`, `tpu-vm ssh:train`, ..."""
+  """`tpu-vm create`, `queued-resources delete`, `tpu-vm ssh:setup`, `tpu-vm ssh:train`,
+  `tpu-vm ssh:check`, ..."""
   verbs = []
   for call in calls:
     assert call[:2] == ["compute", "tpus"], call
     verb = f"{call[2]} {call[3]}"
     if call[3] == "ssh":
       command = next(a for a in call if a.startswith("--command="))
-      verb += ":train" if "script_jax.main" in command else ":setup" if "uv pip" in command else ":"
+      verb += (":train" if "script_jax.main" in command else ":setup" if "uv pip" in command else
+               ":check" if "script_jax.launch_check" in command else ":")
     verbs.append(verb)
   return verbs
 
@@ -148,13 +155,14 @@ def _resume_flags():
 
 
 @pytest.mark.parametrize("state, expected", [
-    ("READY", ["tpu-vm describe", "tpu-vm ssh:train"]),
+    ("READY", ["tpu-vm describe", "tpu-vm ssh:check", "tpu-vm ssh:train"]),
+    ("STOPPED", ["tpu-vm describe", "tpu-vm start", "tpu-vm ssh:check", "tpu-vm ssh:train"]),
     ("PREEMPTED", ["tpu-vm describe", "tpu-vm delete", "tpu-vm create", "tpu-vm scp",
-                   "tpu-vm ssh:setup", "tpu-vm ssh:train"]),
+                   "tpu-vm ssh:setup", "tpu-vm ssh:check", "tpu-vm ssh:train"]),
     ("TERMINATED", ["tpu-vm describe", "tpu-vm delete", "tpu-vm create", "tpu-vm scp",
-                    "tpu-vm ssh:setup", "tpu-vm ssh:train"]),
+                    "tpu-vm ssh:setup", "tpu-vm ssh:check", "tpu-vm ssh:train"]),
     ("NOTFOUND", ["tpu-vm describe", "tpu-vm create", "tpu-vm scp", "tpu-vm ssh:setup",
-                  "tpu-vm ssh:train"]),
+                  "tpu-vm ssh:check", "tpu-vm ssh:train"]),
 ])
 def test_resume_follows_the_vm_state(tmp_path, state, expected):
   result, calls = _tpu(tmp_path, "resume", "my-tpu", *_resume_flags(), state=state)
@@ -164,6 +172,12 @@ def test_resume_follows_the_vm_state(tmp_path, state, expected):
     assert "--quiet" in calls[1]  # no prompt in the middle of a resume
   if "tpu-vm create" in expected:
     assert "--spot" in calls[expected.index("tpu-vm create")]
+  if "tpu-vm start" in expected:
+    assert calls[1] == ["compute", "tpus", "tpu-vm", "start", "my-tpu", f"--zone={ZONE}"]
+  for call in calls:  # every ssh and scp: no prompt; no host key check on a new VM only
+    if call[3] in ("ssh", "scp"):
+      assert "--quiet" in call
+      assert ("--strict-host-key-checking=no" in call) == ("tpu-vm create" in expected), call
   train = _remote_command(calls[-1])
   assert ("-m script_jax.main --config=configs/tiny.py --workdir=gs://bucket/run --distributed "
           "--config.num_train_steps=10 " in train)
@@ -190,15 +204,20 @@ def test_resume_of_a_queued_resource(tmp_path):
   assert _verbs(calls) == ["tpu-vm describe", "queued-resources describe",
                            "queued-resources delete", "queued-resources create",
                            "queued-resources describe", "tpu-vm scp", "tpu-vm ssh:setup",
-                           "tpu-vm ssh:train"]
+                           "tpu-vm ssh:check", "tpu-vm ssh:train"]
   assert calls[2][-2:] == ["--force", "--quiet"]
+  # A queued resource's stopped node is not started: deleted and created, as when preempted.
+  result, calls = _tpu(tmp_path, "resume", "my-tpu", *flags, state="STOPPED", qr_state="ACTIVE")
+  assert result.returncode == 0, result.stderr
+  assert _verbs(calls)[:4] == ["tpu-vm describe", "queued-resources delete",
+                               "queued-resources create", "queued-resources describe"]
   # Still waiting for capacity: keep the place in the queue, wait, then set up and train.
   dry, _ = _tpu(tmp_path, "resume", "other", "--dry-run", *flags, state="NOTFOUND",
                 qr_state="WAITING_FOR_RESOURCES")
   assert dry.returncode == 0, dry.stderr
   assert "create" not in dry.stdout and "delete" not in dry.stdout
   assert [c[2:4] for c in _gcloud_lines(dry.stdout)] == [["tpu-vm", "scp"], ["tpu-vm", "ssh"],
-                                                          ["tpu-vm", "ssh"]]
+                                                          ["tpu-vm", "ssh"], ["tpu-vm", "ssh"]]
   assert "# then, every 30s until ACTIVE" in dry.stdout
 
 
@@ -214,7 +233,9 @@ def test_resume_reuses_saved_settings(tmp_path):
   assert calls[2] == ["compute", "tpus", "tpu-vm", "create", "my-tpu", f"--zone={ZONE}",
                       "--accelerator-type=v5litepod-8", "--version=v2-alpha-tpuv5-lite", "--spot",
                       "--project=p1"]
-  assert calls[-1] == first_train
+  # The same command, but for the host key check that a new VM's new keys would fail.
+  assert [a for a in calls[-1] if a != "--strict-host-key-checking=no"] == first_train
+  assert "--strict-host-key-checking=no" in calls[-1]
   # A flag given to resume overrides the saved one, and is saved in turn.
   _tpu(tmp_path, "resume", "my-tpu", "--workdir=gs://b/run2", state="READY")
   _, calls = _tpu(tmp_path, "resume", "my-tpu", state="READY")
@@ -243,8 +264,8 @@ def test_train_quotes_arguments_for_the_workers(tmp_path, shell):
   result, calls = _tpu(tmp_path, "train", "my-tpu", f"--zone={ZONE}", "--workdir=gs://b/w",
                        "--", *AWKWARD_ARGS)
   assert result.returncode == 0, result.stderr
-  assert _verbs(calls) == ["tpu-vm ssh:train"]
-  assert "--worker=all" in calls[0]
+  assert _verbs(calls) == ["tpu-vm ssh:check", "tpu-vm ssh:train"]
+  assert "--worker=0" in calls[0] and "--worker=all" in calls[1]
   dry, _ = _tpu(tmp_path, "train", "my-tpu", f"--zone={ZONE}", "--workdir=gs://b/w", "--dry-run",
                 "--", *AWKWARD_ARGS)
   assert _gcloud_lines(dry.stdout) == calls  # the printed line pastes as the same command
@@ -262,7 +283,7 @@ def test_train_quotes_arguments_for_the_workers(tmp_path, shell):
   for path in [venv_bin / "python", *stubs.iterdir()]:
     path.chmod(0o755)
   env = dict(os.environ, HOME=str(home), PATH=f"{stubs}{os.pathsep}{os.environ['PATH']}")
-  worker = subprocess.run([shell, "-c", _remote_command(calls[0])], env=env, capture_output=True,
+  worker = subprocess.run([shell, "-c", _remote_command(calls[1])], env=env, capture_output=True,
                           text=True, timeout=30, check=False)
   assert worker.returncode == 0, worker.stderr
   assert "training started, pid" in worker.stdout
@@ -276,6 +297,130 @@ def test_train_quotes_arguments_for_the_workers(tmp_path, shell):
   assert stub_calls[0].startswith("pkill -TERM -f ^[^ ]*python")
   assert "rm -f /tmp/libtpu_lockfile" in stub_calls
   assert "=== " in (home / "script_jax.log").read_text()
+
+
+def test_ssh_flags_quiet_and_a_service_account(tmp_path):
+  """--ssh-flag reaches every ssh and scp after --quiet, and is saved like --create-flag."""
+  account = "trainer@my-proj.iam.gserviceaccount.com"
+  result, calls = _tpu(tmp_path, "create", "my-tpu", f"--zone={ZONE}", "--type=v4-8",
+                       f"--create-flag=--service-account={account}",
+                       "--ssh-flag=--tunnel-through-iap", "--ssh-flag", "--internal-ip")
+  assert result.returncode == 0, result.stderr
+  assert calls[0][-1] == f"--service-account={account}"
+  result, calls = _tpu(tmp_path, "setup", "my-tpu")
+  assert result.returncode == 0, result.stderr
+  assert _verbs(calls) == ["tpu-vm scp", "tpu-vm ssh:setup"]
+  for call in calls:
+    assert call[-3:] == ["--quiet", "--tunnel-through-iap", "--internal-ip"], call
+  # Given again, before the subcommand too, they replace the saved ones for this run.
+  result, calls = _tpu(tmp_path, "--ssh-flag=--ssh-key-expire-after=1h", "logs", "my-tpu")
+  assert result.returncode == 0, result.stderr
+  assert calls[0][-2:] == ["--quiet", "--ssh-key-expire-after=1h"]
+  dry, _ = _tpu(tmp_path, "status", "my-tpu", "--dry-run")
+  ssh = _gcloud_lines(dry.stdout)[-1]
+  assert ssh[2:4] == ["tpu-vm", "ssh"] and ssh[-2:] == ["--tunnel-through-iap", "--internal-ip"]
+
+
+def _worker_home(tmp_path, python_body=None):
+  """A worker's home after setup: ~/script_jax is this checkout; ~/script_jax_venv/bin/python
+  runs this Python, or the shell script PYTHON_BODY."""
+  home = tmp_path / "worker_home"
+  (home / "script_jax_venv" / "bin").mkdir(parents=True)
+  (home / "script_jax").symlink_to(ROOT)
+  python = home / "script_jax_venv" / "bin" / "python"
+  python.write_text("#!/bin/sh\n" + (python_body or f'exec {shlex.quote(sys.executable)} "$@"\n'))
+  python.chmod(0o755)
+  return home
+
+
+def test_check_writes_reads_and_removes_on_worker_0(tmp_path):
+  workdir = tmp_path / "workdir"
+  result, calls = _tpu(tmp_path, "check", "my-tpu", f"--zone={ZONE}", f"--workdir={workdir}",
+                       check_home=_worker_home(tmp_path))
+  assert result.returncode == 0, result.stderr
+  assert _verbs(calls) == ["tpu-vm ssh:check"]
+  assert "--worker=0" in calls[0] and "--quiet" in calls[0]
+  assert "wrote, read back and removed" in result.stdout
+  assert workdir.is_dir() and not list(workdir.iterdir())
+
+
+def test_check_fails_on_a_workdir_the_worker_cannot_write(tmp_path):
+  (tmp_path / "taken").write_text("a file where the workdir's folder should be")
+  workdir = tmp_path / "taken" / "workdir"
+  result, calls = _tpu(tmp_path, "check", "my-tpu", f"--zone={ZONE}", f"--workdir={workdir}",
+                       check_home=_worker_home(tmp_path))
+  assert result.returncode == 1
+  assert f"cannot write, read back and remove a file under {workdir}" in result.stderr
+  assert f"worker 0 of my-tpu cannot use {workdir}" in result.stderr
+  assert "worker's own disk" in result.stderr  # not on gs://: no bucket to grant
+  assert _verbs(calls) == ["tpu-vm ssh:check"]
+
+
+@pytest.mark.parametrize("account", ["trainer@my-proj.iam.gserviceaccount.com", ""])
+def test_check_prints_the_service_account_and_the_fix(tmp_path, account):
+  # Worker 0's Python fails as script_jax.launch_check does on a bucket it may not write.
+  home = _worker_home(tmp_path, "echo 'error: cannot write ... gs://my-bucket/run' >&2; exit 3\n")
+  result, calls = _tpu(tmp_path, "train", "my-tpu", f"--zone={ZONE}",
+                       "--workdir=gs://my-bucket/run", check_home=home, service_account=account)
+  assert result.returncode == 1
+  assert _verbs(calls) == ["tpu-vm ssh:check", "tpu-vm describe"]  # and no training started
+  assert "--format=value(serviceAccount.email)" in calls[1]
+  member = account or "PROJECT_NUMBER-compute@developer.gserviceaccount.com"
+  assert (f"gcloud storage buckets add-iam-policy-binding gs://my-bucket "
+          f"--member=serviceAccount:{member} --role=roles/storage.objectAdmin") in result.stderr
+  if account:
+    assert f"runs as the service account {account}" in result.stderr
+  else:
+    assert "Compute Engine default" in result.stderr
+
+
+def test_check_says_when_the_worker_is_not_set_up(tmp_path):
+  home = tmp_path / "empty_home"
+  home.mkdir()
+  result, _ = _tpu(tmp_path, "check", "my-tpu", f"--zone={ZONE}", "--workdir=gs://b/r",
+                   check_home=home)
+  assert result.returncode == 1
+  assert "my-tpu is not set up: launch/tpu.sh setup my-tpu" in result.stderr
+  _, calls = _tpu(tmp_path, "train", "my-tpu", f"--zone={ZONE}", "--workdir=gs://b/r",
+                  "--no-check")
+  assert _verbs(calls) == ["tpu-vm ssh:train"]
+
+
+@pytest.mark.skipif(shutil.which("lsof") is None, reason="the workers' command uses lsof")
+def test_kill_tpu_holders_stops_the_processes_that_hold_the_device(tmp_path):
+  """The remote command, run by sh, stops whoever holds the device file and says so."""
+  _, calls = _tpu(tmp_path, "train", "my-tpu", f"--zone={ZONE}", "--workdir=gs://b/w")
+  assert "lsof" not in _remote_command(calls[-1])  # only when asked
+  result, calls = _tpu(tmp_path, "train", "my-tpu", f"--zone={ZONE}", "--workdir=gs://b/w",
+                       "--kill-tpu-holders")
+  assert result.returncode == 0, result.stderr
+  remote = _remote_command(calls[-1])
+  assert "for f in /dev/accel* /dev/vfio/*;" in remote and "sudo -n lsof -t" in remote
+  # Here a file of this test stands for the TPU, and a sleeper that holds it for the holder.
+  device = tmp_path / "accel0"
+  device.write_text("")
+  stubs = tmp_path / "stubs"
+  stubs.mkdir()
+  (stubs / "sudo").write_text('#!/bin/sh\n[ "$1" = -n ] && shift\nexec "$@"\n')
+  for tool in ("pkill", "pgrep", "setsid", "nohup"):  # never touch this machine's trainers
+    (stubs / tool).write_text("#!/bin/sh\nexit 1\n")
+  for path in stubs.iterdir():
+    path.chmod(0o755)
+  (tmp_path / "home" / "script_jax").mkdir(parents=True)
+  env = dict(os.environ, HOME=str(tmp_path / "home"),
+             PATH=f"{stubs}{os.pathsep}{os.environ['PATH']}")
+  with open(device, encoding="utf-8") as held:
+    holder = subprocess.Popen(["sleep", "60"], stdin=held)
+  try:
+    worker = subprocess.run(
+        ["sh", "-c", remote.replace("/dev/accel* /dev/vfio/*", str(device))], env=env,
+        capture_output=True, text=True, timeout=30, check=False)
+    assert holder.wait(timeout=15) == -signal.SIGTERM
+  finally:
+    holder.kill()
+    holder.wait()
+  assert f"stopping the processes that hold {device}:" in worker.stdout, worker.stderr
+  assert re.search(rf"^ *{holder.pid} +\S+ +sleep 60$", worker.stdout, re.M), worker.stdout
 
 
 def test_trainer_pattern_spares_the_remote_shell():
@@ -336,6 +481,11 @@ def test_logs_status_delete(tmp_path):
     (["logs", "t", f"--zone={ZONE}", "--lines=many"], "--lines takes a number"),
     (["status", "t", "--zone"], "--zone needs a value"),
     (["setup", "t", "--dry-run=yes", f"--zone={ZONE}"], "--dry-run takes no value"),
+    (["check", "t", f"--zone={ZONE}"], "--workdir is needed"),
+    (["check", "t", f"--zone={ZONE}", "--workdir=gs://b", "--kill-tpu-holders"],
+     "unknown flag --kill-tpu-holders"),
+    (["delete", "t", f"--zone={ZONE}", "--ssh-flag=--internal-ip"], "unknown flag --ssh-flag"),
+    (["logs", "t", f"--zone={ZONE}", "--ssh-flag"], "--ssh-flag needs a value"),
 ])
 def test_bad_input_is_a_usage_error(tmp_path, args, message):
   result, calls = _tpu(tmp_path, *args)
