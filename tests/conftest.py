@@ -103,22 +103,34 @@ def _training_lines(count=400):
   return lines[:count]
 
 
-def make_workdir(root, objective="script"):
-  """A pretraining workdir made by the real entry point: one step of a one-layer tiny model on
-  400 lines of text, with a 512-piece SentencePiece tokenizer (random-ish weights)."""
-  root = str(root)
-  source = os.path.join(root, "corpus.txt")
+def write_tiny_corpus(root) -> str:
+  """400 lines of text as 10 documents of 40 lines (the first is held out for evaluation)."""
+  source = os.path.join(str(root), "corpus.txt")
   lines = _training_lines()
-  with open(source, "w") as f:  # 10 documents of 40 lines: the first is held out for evaluation
+  with open(source, "w") as f:
     f.write("\n\n".join("\n".join(lines[i:i + 40]) for i in range(0, len(lines), 40)) + "\n")
-  workdir = os.path.join(root, f"workdir_{objective}")
-  result = run_main([
-      "--config=configs/tiny.py", f"--workdir={workdir}", f"--config.objective={objective}",
-      f"--config.data.source={source}", "--config.model.vocab_size=512",
-      "--config.data.num_shards=1", "--config.model.num_layers=1",
-      "--config.electra.generator_num_layers=1", "--config.seq_len=32",
-      "--config.batch_size=8", "--config.num_train_steps=1", "--config.optim.warmup_steps=0",
-      "--config.checkpoint_every_steps=1"])
+  return source
+
+
+def tiny_pretraining_flags(source: str) -> list[str]:
+  """Two steps of a one-layer tiny model with a 512-piece SentencePiece tokenizer, a checkpoint
+  and a held-out evaluation at each step (two points for a curve). The same flags everywhere,
+  so that the compiled programs are shared through the compilation cache."""
+  return [
+      "--config=configs/tiny.py", f"--config.data.source={source}",
+      "--config.model.vocab_size=512", "--config.data.num_shards=1",
+      "--config.model.num_layers=1", "--config.electra.generator_num_layers=1",
+      "--config.seq_len=32", "--config.batch_size=8", "--config.num_train_steps=2",
+      "--config.optim.warmup_steps=0", "--config.checkpoint_every_steps=1",
+      "--config.eval_every_steps=1"]
+
+
+def make_workdir(root, objective="script"):
+  """A pretraining workdir made by the real entry point (tiny_pretraining_flags: random-ish
+  weights)."""
+  workdir = os.path.join(str(root), f"workdir_{objective}")
+  result = run_main([*tiny_pretraining_flags(write_tiny_corpus(root)), f"--workdir={workdir}",
+                     f"--config.objective={objective}"])
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
 

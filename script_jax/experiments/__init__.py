@@ -1,0 +1,1 @@
+"""The paper's experiments as commands, built on the library (curve.py: Figure 2)."""

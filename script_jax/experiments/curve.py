@@ -1,0 +1,287 @@
+"""The sample-efficiency curve (the paper's Figure 2): GLUE against pretraining steps.
+
+  python -m script_jax.experiments.curve --workdirs=RUN_A,RUN_B --data_dir=GLUE_DIR \
+      --output_dir=OUT [--tasks=sst2,rte] [--steps=1000,2000] [--config.num_seeds=2] ...
+
+Every kept checkpoint of every pretraining workdir (keep_checkpoint_every_steps keeps them; or
+the --steps given) is fine-tuned on the tasks with the GLUE command's code and recipe
+(configs/finetune.py, overridable as for finetune.glue), into OUT/<label>/step_<N>/, a
+finetune.glue output folder each. A rerun fine-tunes only the (checkpoint, task, seed) runs not
+yet there. OUT then gets:
+
+  curve.json  every point: per task the headline metric's mean, min and max over seeds, the GLUE
+              mean of the tasks (its band: the min and max over seeds of the per-seed means),
+              and the workdir's held-out pretraining metrics (metrics.jsonl's eval_ records)
+  curve.csv   the same points, one row per (label, step, metric)
+  curve.md    a table per workdir: steps by tasks, GLUE mean, held-out MLM loss and critic AUC
+  curve.png   GLUE mean and each task against steps, one line per workdir with its min-max band
+              over seeds; below, the held-out MLM loss and critic AUC against steps
+
+matplotlib draws the PNG (in the `experiments` and `test` extras).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+from absl import app
+from absl import flags
+
+from script_jax import cli_errors
+from script_jax import fs
+from script_jax.finetune.runs import FinetuneError
+
+FLAGS = flags.FLAGS
+PRETRAINING_METRICS = ("eval_mlm_loss", "eval_disc_auc")  # the second panel's curves
+
+
+def define_flags() -> None:
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", "configs/finetune.py",
+                                  "The fine-tuning recipe (configs/finetune.py).",
+                                  lock_config=True)
+  flags.DEFINE_list("workdirs", None, "Pretraining workdirs (any objective; local or gs://).")
+  flags.DEFINE_list("labels", [], "A name per workdir (default: each workdir's folder name).")
+  flags.DEFINE_string("data_dir", None, "GLUE folder in the standard layout, or 'tfds'.")
+  flags.DEFINE_list("tasks", [], "GLUE tasks (default: every task found in --data_dir).")
+  flags.DEFINE_list("steps", [], "Only these checkpoint steps (default: every kept one).")
+  flags.DEFINE_string("output_dir", None, "Fine-tuning runs, the curve's files.")
+  flags.DEFINE_bool("check_counts", True, "Refuse GLUE files whose row count differs from the "
+                    "standard release (turn off for subsets).")
+  flags.mark_flags_as_required(["workdirs", "data_dir", "output_dir"])
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def kept_steps(workdir: str) -> list[int]:
+  """The checkpoint steps a pretraining workdir holds, ascending."""
+  from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  if not fs.exists(fs.join(workdir, "run_config.json")):
+    raise FinetuneError(f"{workdir} is not a pretraining workdir (no run_config.json).")
+  config = checkpoints.read_run_config(workdir)
+  manager = checkpoints.make_manager(workdir, config, read_only=True)
+  try:
+    return sorted(int(s) for s in manager.all_steps())
+  finally:
+    manager.close()
+
+
+def pretraining_metrics(workdir: str) -> list[dict[str, float]]:
+  """The held-out evaluation records of a workdir's metrics.jsonl, by step (the last record of
+  a step wins, as a resumed run may have logged it again)."""
+  path = fs.join(workdir, "metrics.jsonl")
+  if not fs.exists(path):
+    return []
+  by_step = {}
+  with fs.open(path) as f:
+    for line in f:
+      record = json.loads(line)
+      if any(key.startswith("eval_") for key in record):
+        by_step[int(record["step"])] = {k: v for k, v in record.items()
+                                        if k == "step" or k.startswith("eval_")}
+  return [by_step[s] for s in sorted(by_step)]
+
+
+def default_labels(workdirs: Sequence[str]) -> list[str]:
+  return [os.path.basename(w.rstrip("/")) for w in workdirs]
+
+
+# ----------------------------------------------------------------------------- the points
+
+def task_point(scores_by_seed: dict[str, float]) -> dict[str, Any]:
+  values = list(scores_by_seed.values())
+  return {"mean": sum(values) / len(values), "min": min(values), "max": max(values),
+          "seeds": len(values)}
+
+
+def curve_point(results: dict[str, Any], tasks: Sequence[str]) -> Optional[dict[str, Any]]:
+  """One checkpoint's point from its finetune.glue results: per task and the GLUE mean (over
+  the tasks; its band from the per-seed means over the seeds every task has). None until every
+  task has a run."""
+  from script_jax.finetune import glue_data  # pylint: disable=g-import-not-at-top
+  by_task = {}
+  for task in tasks:
+    headline = glue_data.get_task(task).headline_metric
+    runs = results["runs"].get(task, {})
+    if not runs:
+      return None
+    by_task[task] = {seed: r[headline] for seed, r in runs.items()}
+  point = {"tasks": {task: task_point(s) for task, s in by_task.items()}}
+  point["glue_mean"] = sum(p["mean"] for p in point["tasks"].values()) / len(tasks)
+  common = set.intersection(*(set(s) for s in by_task.values()))
+  per_seed = [sum(by_task[t][seed] for t in tasks) / len(tasks) for seed in common]
+  point["glue_min"], point["glue_max"] = (min(per_seed), max(per_seed)) if per_seed else (
+      point["glue_mean"], point["glue_mean"])
+  return point
+
+
+def missing_runs(results: dict[str, Any], tasks: Sequence[str], seeds: Sequence[int]) -> int:
+  from script_jax.finetune import glue_data  # pylint: disable=g-import-not-at-top
+  return sum(str(seed) not in results["runs"].get(e, {})
+             for task in tasks for e in glue_data.eval_tasks(task) for seed in seeds)
+
+
+def run_curve(ft, workdirs: Sequence[str], labels: Sequence[str], data_dir: str,
+              output_dir: str, tasks: Sequence[str], steps: Sequence[int] = (),
+              check_counts: bool = True) -> dict[str, Any]:
+  """Fine-tunes what is missing, then returns the curve (curve.json's content)."""
+  from script_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from script_jax.finetune import glue  # pylint: disable=g-import-not-at-top
+  from script_jax.finetune import runs  # pylint: disable=g-import-not-at-top
+  config_lib.validate_finetune_config(ft)
+  if len(labels) != len(workdirs) or len(set(labels)) != len(labels):
+    raise FinetuneError(f"--labels needs one distinct name per workdir; got {list(labels)} for "
+                        f"{len(workdirs)} workdir(s).")
+  names = glue.tasks_to_run(data_dir, list(tasks))
+  seeds = list(range(ft.first_seed, ft.first_seed + ft.num_seeds))
+  plan = []
+  for workdir, label in zip(workdirs, labels):
+    kept = kept_steps(workdir)
+    chosen = [s for s in kept if not steps or s in steps]
+    absent = sorted(set(steps) - set(kept))
+    if absent or not chosen:
+      raise FinetuneError(f"{workdir} keeps checkpoints at steps {kept or 'none'}; "
+                          f"asked for {absent or 'any'}.")
+    plan += [(workdir, label, step) for step in chosen]
+  curve = {"tasks": names, "seeds": seeds, "finetune_config": json.loads(ft.to_json()),
+           "workdirs": {label: {"workdir": w, "points": [], "pretraining": pretraining_metrics(w)}
+                        for w, label in zip(workdirs, labels)}}
+  for number, (workdir, label, step) in enumerate(plan, start=1):
+    folder = fs.join(output_dir, label, f"step_{step}")
+    results = runs.read_results(folder)
+    todo = missing_runs(results, names, seeds)
+    print(f"[{number}/{len(plan)}] {label} step {step}: "
+          f"{f'{todo} run(s) to fine-tune' if todo else 'done'}", file=sys.stderr)
+    if todo:
+      results = glue.run_glue(ft, workdir, data_dir, folder, tasks=names, step=step,
+                              label=f"{label} step {step}", check_counts=check_counts)
+    point = curve_point(results, names)
+    if point is not None:
+      curve["workdirs"][label]["points"].append({"step": step, **point})
+  return curve
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def _pretraining_at(curve_entry: dict[str, Any], step: int) -> dict[str, float]:
+  return next((r for r in curve_entry["pretraining"] if r["step"] == step), {})
+
+
+def csv_text(curve: dict[str, Any]) -> str:
+  out = io.StringIO()
+  writer = csv.writer(out, lineterminator="\n")
+  writer.writerow(["label", "step", "metric", "mean", "min", "max", "seeds"])
+  for label, entry in curve["workdirs"].items():
+    for p in entry["points"]:
+      writer.writerow([label, p["step"], "glue_mean", p["glue_mean"], p["glue_min"],
+                       p["glue_max"], min(t["seeds"] for t in p["tasks"].values())])
+      for task, t in p["tasks"].items():
+        writer.writerow([label, p["step"], task, t["mean"], t["min"], t["max"], t["seeds"]])
+    for record in entry["pretraining"]:
+      for key in PRETRAINING_METRICS:
+        if key in record:
+          writer.writerow([label, record["step"], key, record[key], "", "", ""])
+  return out.getvalue()
+
+
+def markdown(curve: dict[str, Any]) -> str:
+  from script_jax.finetune import glue_data  # pylint: disable=g-import-not-at-top
+  names = [glue_data.get_task(t).display_name for t in curve["tasks"]]
+  lines = []
+  for label, entry in curve["workdirs"].items():
+    lines += [f"**{label}** ({entry['workdir']}), mean over {len(curve['seeds'])} seed(s) "
+              "[min, max]:", "",
+              "| step | " + " | ".join(names) + " | GLUE mean | held-out MLM loss | "
+              "held-out critic AUC |",
+              "|---" * (len(names) + 4) + "|"]
+    for p in entry["points"]:
+      held_out = _pretraining_at(entry, p["step"])
+      cells = [f"{t['mean']:.2f} [{t['min']:.2f}, {t['max']:.2f}]" for t in p["tasks"].values()]
+      cells.append(f"{p['glue_mean']:.2f} [{p['glue_min']:.2f}, {p['glue_max']:.2f}]")
+      cells += [f"{held_out[k]:.4f}" if k in held_out else "-" for k in PRETRAINING_METRICS]
+      lines.append(f"| {p['step']:,} | " + " | ".join(cells) + " |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def plot_png(curve: dict[str, Any]) -> bytes:
+  """The figure as PNG bytes: GLUE mean and each task, then the held-out metrics."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  from script_jax.finetune import glue_data  # pylint: disable=g-import-not-at-top
+  panels = ["glue_mean", *curve["tasks"]]
+  columns = max(len(panels), len(PRETRAINING_METRICS))
+  figure, axes = plt.subplots(2, columns, figsize=(4 * columns, 7), squeeze=False)
+  for column, name in enumerate(panels):
+    ax = axes[0][column]
+    for label, entry in curve["workdirs"].items():
+      points = entry["points"]
+      steps = [p["step"] for p in points]
+      if name == "glue_mean":
+        center = [p["glue_mean"] for p in points]
+        low, high = [p["glue_min"] for p in points], [p["glue_max"] for p in points]
+      else:
+        center = [p["tasks"][name]["mean"] for p in points]
+        low = [p["tasks"][name]["min"] for p in points]
+        high = [p["tasks"][name]["max"] for p in points]
+      line, = ax.plot(steps, center, marker="o", label=label)
+      ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
+    title = "GLUE mean" if name == "glue_mean" else (
+        f"{glue_data.get_task(name).display_name} ({glue_data.get_task(name).headline_metric})")
+    ax.set(title=title, xlabel="pretraining step")
+    ax.legend(fontsize="small")
+  for column, key in enumerate(PRETRAINING_METRICS):
+    ax = axes[1][column]
+    for label, entry in curve["workdirs"].items():
+      records = [r for r in entry["pretraining"] if key in r]
+      if records:
+        ax.plot([r["step"] for r in records], [r[key] for r in records], marker=".",
+                label=label)
+    ax.set(title=f"held-out {'MLM loss' if key == 'eval_mlm_loss' else 'critic AUC'}",
+           xlabel="pretraining step")
+    if ax.lines:
+      ax.legend(fontsize="small")
+  for column in range(len(panels), columns):
+    axes[0][column].axis("off")
+  for column in range(len(PRETRAINING_METRICS), columns):
+    axes[1][column].axis("off")
+  figure.tight_layout()
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png", dpi=100)
+  plt.close(figure)
+  return buffer.getvalue()
+
+
+def write_outputs(curve: dict[str, Any], output_dir: str) -> None:
+  fs.makedirs(output_dir)
+  fs.write_atomically(fs.join(output_dir, "curve.json"), json.dumps(curve, indent=2))
+  fs.write_atomically(fs.join(output_dir, "curve.csv"), csv_text(curve))
+  fs.write_atomically(fs.join(output_dir, "curve.md"), markdown(curve))
+  fs.write_atomically(fs.join(output_dir, "curve.png"), plot_png(curve))
+
+
+def main(argv):
+  def body():
+    labels = FLAGS.labels or default_labels(FLAGS.workdirs)
+    try:
+      steps = [int(s) for s in FLAGS.steps]
+    except ValueError:
+      raise FinetuneError(f"--steps takes step numbers: {','.join(FLAGS.steps)}") from None
+    curve = run_curve(FLAGS.config, FLAGS.workdirs, labels, FLAGS.data_dir, FLAGS.output_dir,
+                      FLAGS.tasks, steps, FLAGS.check_counts)
+    write_outputs(curve, FLAGS.output_dir)
+    print(markdown(curve))
+    print(f"Curve: {fs.join(FLAGS.output_dir, 'curve.png')} (and curve.json, .csv, .md).",
+          file=sys.stderr)
+  cli_errors.run_cli(argv, body)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
