@@ -27,6 +27,7 @@ from script_jax import cli_errors
 from script_jax import config_lib
 from script_jax import evaluation
 from script_jax import fs
+from script_jax import meshes
 from script_jax import models
 from script_jax import objectives
 from script_jax import state as state_lib
@@ -44,13 +45,12 @@ class NonFiniteLossError(FloatingPointError, cli_errors.UserError):
 # ----------------------------------------------------------------------------- config and mesh
 
 def create_mesh(config, devices=None) -> jax.sharding.Mesh:
-  """The ('data', 'model') mesh; data-parallel over every device by default."""
+  """The ('data', 'model') mesh; data-parallel over every device by default, across slices on
+  a multi-slice TPU job (meshes.py)."""
   devices = jax.devices() if devices is None else devices
   model_axis = config.mesh.model
   data_axis = config.mesh.data if config.mesh.data > 0 else len(devices) // model_axis
-  # Auto axes: XLA propagates the shardings (make_mesh defaults to Explicit in new JAX).
-  return jax.make_mesh((data_axis, model_axis), ("data", "model"), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  return meshes.make_mesh((data_axis, model_axis), ("data", "model"), devices)
 
 
 # ----------------------------------------------------------------------------- state and step

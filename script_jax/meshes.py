@@ -1,0 +1,48 @@
+"""Device meshes for pretraining and fine-tuning, on one slice or across several.
+
+Within one slice (every device on CPU and GPU, one TPU pod slice) `jax.make_mesh` lays the
+axes out over the chip interconnect (ICI). A multi-slice TPU job (several slices joined by the
+data-centre network, DCN; each device reports its `slice_index`) is not one torus, and
+`jax.make_mesh` refuses it. There the 'data' axis spans the slices: each slice holds a
+contiguous block of the data axis and its whole model axis, so the only traffic over DCN is the
+data-parallel gradient all-reduce, as MaxText lays out its DCN data parallelism
+(`mesh_utils.create_hybrid_device_mesh`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+from jax.experimental import mesh_utils
+import numpy as np
+
+
+def num_slices(devices: Sequence[Any]) -> int:
+  """How many slices the devices come from (1 where devices report no slice_index)."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+  """The devices arranged as `shape` (the first axis is 'data'): within a slice by
+  mesh_utils.create_device_mesh, across slices with the first axis split over the slices."""
+  slices = num_slices(devices)
+  if slices == 1:
+    return mesh_utils.create_device_mesh(tuple(shape), devices)
+  data, *rest = shape
+  if data % slices:
+    raise ValueError(f"The data axis ({data}) must be a multiple of the number of slices "
+                     f"({slices}): each slice holds whole rows of the mesh.")
+  return mesh_utils.create_hybrid_device_mesh((data // slices, *rest), (slices,) + (1,) * len(rest),
+                                               devices)
+
+
+def make_mesh(shape: Sequence[int], names: Sequence[str],
+              devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
+  """A mesh of Auto axes (XLA propagates the shardings; make_mesh defaults to Explicit in new
+  JAX) over `devices` (default: all), across slices where there are several."""
+  devices = jax.devices() if devices is None else list(devices)
+  axis_types = (jax.sharding.AxisType.Auto,) * len(shape)
+  if num_slices(devices) == 1:
+    return jax.make_mesh(tuple(shape), tuple(names), devices=devices, axis_types=axis_types)
+  return jax.sharding.Mesh(device_grid(shape, devices), tuple(names), axis_types=axis_types)

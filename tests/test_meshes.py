@@ -1,0 +1,56 @@
+"""Meshes across slices: the data axis is split over the slices, each row within one slice."""
+
+import dataclasses
+import random
+
+import jax
+import numpy as np
+import pytest
+
+from script_jax import meshes
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeDevice:
+  """What mesh_utils reads of a device: an id, a slice, a platform and a kind."""
+  id: int
+  slice_index: int
+  process_index: int = 0
+  platform: str = "cpu"
+  device_kind: str = "cpu"
+
+
+def _devices(slices, per_slice, shuffle=False):
+  devices = [FakeDevice(s * per_slice + i, s, process_index=s) for s in range(slices)
+             for i in range(per_slice)]
+  if shuffle:
+    random.Random(0).shuffle(devices)
+  return devices
+
+
+@pytest.mark.parametrize("slices,per_slice,model", [(2, 4, 1), (2, 4, 2), (4, 2, 1), (3, 4, 2)])
+def test_each_slice_holds_whole_rows_of_the_data_axis(slices, per_slice, model):
+  devices = _devices(slices, per_slice, shuffle=True)
+  data = slices * per_slice // model
+  grid = meshes.device_grid((data, model), devices)
+  assert grid.shape == (data, model)
+  assert sorted(d.id for d in grid.flat) == list(range(slices * per_slice))  # each device once
+  slice_of_row = [{d.slice_index for d in row} for row in grid]
+  assert all(len(s) == 1 for s in slice_of_row)  # a row (its model axis) never crosses DCN
+  # The rows of a slice are contiguous, in slice order: the data axis is [slice, within slice].
+  assert [s.pop() for s in slice_of_row] == [r // (data // slices) for r in range(data)]
+
+
+def test_a_data_axis_that_does_not_divide_into_slices_is_refused():
+  with pytest.raises(ValueError, match="multiple of the number of slices"):
+    meshes.device_grid((3, 2), _devices(2, 3))
+
+
+def test_one_slice_is_jax_make_mesh():
+  assert meshes.num_slices(jax.devices()) == 1
+  mesh = meshes.make_mesh((4, 2), ("data", "model"))
+  want = jax.make_mesh((4, 2), ("data", "model"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  assert mesh == want and mesh.axis_types == want.axis_types
+  assert np.array_equal(meshes.device_grid((8,), _devices(1, 8)),
+                        np.array(_devices(1, 8), dtype=object))
