@@ -177,6 +177,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 5_000
   c.keep_checkpoints = 3
   c.log_every_steps = 100
+  # WORKDIR/metrics/ gets a new file of the records queued since the last one this often (and
+  # at every checkpoint and the end): metrics_log.py.
+  c.metrics_flush_seconds = 300.0
   # Besides the last keep_checkpoints, keep every checkpoint at a multiple of this many steps
   # (for curves: fine-tune each, script_jax/experiments/); 0 keeps only the last ones. A
   # multiple of checkpoint_every_steps.
@@ -342,6 +345,9 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
   if config.eval_every_steps < 0 or config.eval.max_sequences < 1:
     problems.append(f"eval_every_steps ({config.eval_every_steps}) must be 0 (no evaluation) "
                     f"or more, eval.max_sequences ({config.eval.max_sequences}) 1 or more")
+  if not config.metrics_flush_seconds > 0:
+    problems.append(f"metrics_flush_seconds ({config.metrics_flush_seconds}) must be more "
+                    "than 0")
   keep_every = config.keep_checkpoint_every_steps
   if keep_every < 0 or (keep_every and keep_every % config.checkpoint_every_steps):
     problems.append(f"keep_checkpoint_every_steps {keep_every} must be 0 or a multiple of "

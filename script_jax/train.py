@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import signal
+import sys
 import time
 from typing import Any
 
@@ -28,6 +29,7 @@ from script_jax import config_lib
 from script_jax import evaluation
 from script_jax import fs
 from script_jax import meshes
+from script_jax import metrics_log
 from script_jax import models
 from script_jax import objectives
 from script_jax import state as state_lib
@@ -85,25 +87,6 @@ def to_global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, Array
 
 
 # ----------------------------------------------------------------------------- logging
-
-class JsonlWriter:
-  """Appends one JSON object per logged step to WORKDIR/metrics.jsonl (process 0 only)."""
-
-  def __init__(self, path: str, resume_step: int, enabled: bool):
-    self.path, self.enabled = path, enabled
-    if enabled and fs.exists(path):
-      # Steps after the checkpoint we resume from are re-run: keep one record per step.
-      with fs.open(path) as f:
-        kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-      with fs.open(path + ".tmp", "w") as f:
-        f.write("".join(kept))
-      fs.replace(path + ".tmp", path)
-
-  def write(self, record: dict[str, Any]):
-    if self.enabled:
-      with fs.open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
 
 def _format_eta(seconds: float) -> str:
   if not math.isfinite(seconds):
@@ -199,7 +182,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if start_step == 0:
     writer.write_hparams(dict(flax.traverse_util.flatten_dict(json.loads(config.to_json()),
                                                               sep=".")))
-  jsonl = JsonlWriter(fs.join(workdir, "metrics.jsonl"), start_step, is_chief)
+  # Records leave the loop at once; a background thread writes them as new files (never
+  # rewriting one: an append on gs:// re-uploads the whole object). Flushed at every checkpoint,
+  # so the records up to the step a resume starts from are all written.
+  jsonl = metrics_log.MetricsLog(workdir, is_chief, config.metrics_flush_seconds)
   stop_requested = []
   # One process: SIGTERM means "save and stop" at once. Several: jax.distributed's own SIGTERM
   # handler tells its preemption sync manager, which picks one step for every host
@@ -275,10 +261,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         evaluate(step)
       if must_save:
         manager.save(step, args=checkpoints.ocp.args.StandardSave(state), force=True)
+        jsonl.flush()
       if stopping:
         logging.warning("Stop requested (SIGTERM or preemption): saved step %d, exiting.", step)
         break
   finally:
+    jsonl.close(raise_errors=sys.exc_info()[0] is None)
     manager.wait_until_finished()
     manager.close()
     writer.flush()
@@ -287,6 +275,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   logging.info("%s at step %d of %d. Checkpoints: %s; metrics: %s (TensorBoard: "
                "tensorboard --logdir %s).",
                "Finished" if step >= config.num_train_steps else "Stopped", step,
-               config.num_train_steps, manager.directory, fs.join(workdir, "metrics.jsonl"),
+               config.num_train_steps, manager.directory, fs.join(workdir, metrics_log.FOLDER),
                workdir)
   return last_record

@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, build_once, load_config, run_main
 
 from script_jax import checkpoints
+from script_jax import metrics_log
 from script_jax.data import prepare
 
 FAST = ["--config=configs/tiny.py", "--config.num_train_steps=40",
@@ -36,8 +37,7 @@ def shared_data(tmp_path_factory):
 
 
 def _all_records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+  return metrics_log.read_records(str(workdir))
 
 
 def _metrics(workdir):
@@ -112,11 +112,15 @@ def test_resume_after_kill_between_checkpoints_is_exact(tmp_path, shared_data):
   crashed = tmp_path / "crashed"
   shutil.copytree(one_go, crashed)
   shutil.rmtree(crashed / "checkpoints" / "40")
+  written = {p: (crashed / p).read_bytes() for p in map(str, (crashed / "metrics").iterdir())}
   result = run_main(FAST + [f"--workdir={crashed}", data])
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Resumed" in result.stderr
   _assert_same_params(_params(crashed), want)
   assert [r["step"] for r in _metrics(crashed)] == [10, 20, 30, 40]
+  # The metrics files of the first run are left as they were; the resumed run added its own.
+  assert {p: (crashed / p).read_bytes() for p in written} == written
+  assert len(list((crashed / "metrics").iterdir())) > len(written)
   # Evaluation on: each evaluation step once, with the uninterrupted run's numbers.
   assert [r["step"] for r in _eval_records(crashed)] == [20, 40]
   drop_time = lambda records: [{k: v for k, v in r.items() if k != "eval_seconds"}
@@ -179,8 +183,8 @@ def test_real_signal_mid_run_then_resume_equals_uninterrupted(sig, tmp_path, sha
   proc = subprocess.Popen([sys.executable, "-m", "script_jax.main", *args,
                            f"--workdir={workdir}"], cwd=ROOT, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  metrics = workdir / "metrics.jsonl"
-  assert _wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, 300)
+  # Training has reached its first checkpoint (which flushes the metrics) when a file appears.
+  assert _wait_for(lambda: bool(metrics_log.segment_paths(str(workdir))), 300)
   proc.send_signal(sig)
   _, stderr = proc.communicate(timeout=120)
   if sig == signal.SIGTERM:

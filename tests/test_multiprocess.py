@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT, build_once
 
 from script_jax import checkpoints
+from script_jax import metrics_log
 
 
 def _free_port() -> int:
@@ -49,8 +50,7 @@ def two_process_run(tmp_path_factory):
 def test_two_processes_train_and_checkpoint_together(two_process_run, tmp_path):
   args, workdir, errors = two_process_run
   assert "JAX process 1/2, 2 devices" in errors[1]
-  with open(workdir / "metrics.jsonl") as f:
-    records = [json.loads(line) for line in f]
+  records = metrics_log.read_records(str(workdir))
   # Written once, by process 0.
   assert [r["step"] for r in records if "loss" in r] == list(range(2, 101, 2))
   # The held-out evaluations over both processes' rows, written once.
@@ -128,9 +128,9 @@ def test_sigterm_to_one_host_saves_the_same_step_on_both_and_resumes_exactly(tmp
   args, straight, _ = two_process_run
   interrupted = tmp_path / "interrupted"
   procs = _launch(args + [f"--workdir={interrupted}"], _free_port())
-  metrics = interrupted / "metrics.jsonl"
   deadline = time.time() + 300
-  while not (metrics.exists() and metrics.stat().st_size > 0) and time.time() < deadline:
+  # The first checkpoint flushes the metrics: training is under way once a file appears.
+  while not metrics_log.segment_paths(str(interrupted)) and time.time() < deadline:
     assert all(p.poll() is None for p in procs), "a process ended before training"
     time.sleep(0.05)
   procs[1].send_signal(signal.SIGTERM)

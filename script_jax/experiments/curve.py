@@ -11,7 +11,7 @@ yet there. OUT then gets:
 
   curve.json  every point: per task the headline metric's mean, min and max over seeds, the GLUE
               mean of the tasks (its band: the min and max over seeds of the per-seed means),
-              and the workdir's held-out pretraining metrics (metrics.jsonl's eval_ records)
+              and the workdir's held-out pretraining metrics (its eval_ records)
   curve.csv   the same points, one row per (label, step, metric)
   curve.md    a table per workdir: steps by tasks, GLUE mean, held-out MLM loss and critic AUC
   curve.png   GLUE mean and each task against steps, one line per workdir with its min-max band
@@ -72,19 +72,10 @@ def kept_steps(workdir: str) -> list[int]:
 
 
 def pretraining_metrics(workdir: str) -> list[dict[str, float]]:
-  """The held-out evaluation records of a workdir's metrics.jsonl, by step (the last record of
-  a step wins, as a resumed run may have logged it again)."""
-  path = fs.join(workdir, "metrics.jsonl")
-  if not fs.exists(path):
-    return []
-  by_step = {}
-  with fs.open(path) as f:
-    for line in f:
-      record = json.loads(line)
-      if any(key.startswith("eval_") for key in record):
-        by_step[int(record["step"])] = {k: v for k, v in record.items()
-                                        if k == "step" or k.startswith("eval_")}
-  return [by_step[s] for s in sorted(by_step)]
+  """The held-out evaluation records of a workdir (metrics_log.read_records), by step."""
+  from script_jax import metrics_log  # pylint: disable=g-import-not-at-top
+  return [{k: v for k, v in r.items() if k == "step" or k.startswith("eval_")}
+          for r in metrics_log.read_records(workdir) if metrics_log.is_eval(r)]
 
 
 def default_labels(workdirs: Sequence[str]) -> list[str]:
