@@ -13,7 +13,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PROG=launch/tpu.sh
 # requirements-tpu.txt was resolved with this Python; the TPU images ship 3.10.
-PYTHON_VERSION=3.11
+PYTHON_VERSION=3.12
 # Sets $p on the workers to a pattern for `pgrep -f` that matches the trainer's command line
 # (`.../python -m script_jax.main ...`), not that of the remote shell running the pattern, which
 # holds the same words further along. No single quotes: they would nest in --dry-run's output.

@@ -136,7 +136,7 @@ def test_create_saves_settings_that_later_commands_use(tmp_path):
   assert scp[4] == str(tmp_path / "script_jax-my-tpu.tgz") and scp[5] == "my-tpu:script_jax.tgz"
   assert f"--zone={ZONE}" in scp and "--worker=all" in scp and "--worker=all" in ssh
   setup = _remote_command(ssh)
-  assert "uv venv --python 3.11 ~/script_jax_venv" in setup
+  assert "uv venv --python 3.12 ~/script_jax_venv" in setup
   assert "-r ~/script_jax/launch/requirements-tpu.txt -e ~/script_jax" in setup
   assert not (tmp_path / "script_jax-my-tpu.tgz").exists()  # the local tarball is removed
 
