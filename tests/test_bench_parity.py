@@ -33,7 +33,9 @@ def test_same_weights_same_batches_same_losses(tmp_path):
   assert "| 6 | " in result.stdout.decode() and "Mean gap" in result.stdout.decode()
 
   # From each side's own random initialisation the first losses differ: the check above can fail.
+  # Data prepared elsewhere (config.data.prepared_dir): the workdir is made for parity.json.
   own = run_module("bench.parity", [*flags, "--init=own", "--steps=1",
+                                    f"--config.data.prepared_dir={tmp_path / 'parity' / 'data'}",
                                     f"--workdir={tmp_path / 'own'}"], timeout=600)
   assert own.returncode == 0, own.stderr.decode()[-3000:]
   own_report = json.loads((tmp_path / "own" / "parity.json").read_text())

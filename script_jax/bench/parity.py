@@ -199,6 +199,7 @@ def run_parity(config, workdir: str, steps: int, *, init: str = "same", dropout:
   from script_jax import train  # pylint: disable=g-import-not-at-top
   from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
   config = parity_config(config, dropout)
+  fs.makedirs(workdir)  # parity.json goes there, even when the data is prepared elsewhere
   with config.unlocked():
     config.num_train_steps = steps  # the schedule's length on both sides
   torch.set_num_threads(threads or os.cpu_count())
