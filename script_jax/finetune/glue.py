@@ -112,8 +112,14 @@ def _read(data_dir: str, task: str, split: str, check_counts: bool):
       return glue_data.load_tfds_split(task, split, check_counts=check_counts)
     return glue_data.read_glue_split(data_dir, task, split, check_counts=check_counts)
   except glue_data.GlueDataError as e:
-    raise FinetuneError(f"{e} (--nocheck_counts skips the row-count check for subsets)"
-                        if "rows" in str(e) else str(e)) from None
+    raise _data_error(e) from None
+
+
+def _data_error(error: Exception) -> FinetuneError:
+  """A GLUE file problem as the command's one-line error, with the way past a row count."""
+  text = str(error)
+  return FinetuneError(f"{text} (--nocheck_counts skips the row-count check for subsets)"
+                       if "rows" in text else text)
 
 
 def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
@@ -217,8 +223,7 @@ def _unlabelled_sets(data_dir: str, task: str, check_counts: bool, featurize):
         indices, examples = glue_submission.read_test_set(data_dir, test_set,
                                                           check_counts=check_counts)
       except glue_data.GlueDataError as e:
-        raise FinetuneError(f"{e} (--nocheck_counts skips the row-count check for subsets)"
-                            if "rows" in str(e) else str(e)) from None
+        raise _data_error(e) from None
       found[test_set] = (indices, featurize(examples))
   return found
 
