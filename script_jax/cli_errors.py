@@ -26,29 +26,76 @@ def is_user_error(error: BaseException) -> bool:
   return isinstance(error, USER_ERRORS)
 
 
+# A path with a scheme (gs://, ram://, s3:// ...) in an error's text, not the HTTP endpoint.
+_REMOTE_PATH = re.compile(r"\b(?!https?://)[a-z][a-z0-9+.-]*://[^\s'\",;]+")
+_UNREACHABLE = ("resolve host", "could not connect", "timeout was reached", "retry attempts failed",
+                "connection refused", "network is unreachable")
+
+
+def _cause_and_fix(error: BaseException, path: str) -> tuple[str, str]:
+  """What went wrong on `path` and what the user does about it, from TensorFlow's error class
+  and the HTTP status or curl failure in its message."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from script_jax import fs  # pylint: disable=g-import-not-at-top
+  text = str(error).lower()
+  bucket = fs.bucket_root(path) or path
+  # TF's GCS client reports HTTP 401 (no valid credentials) as PermissionDeniedError too.
+  if isinstance(error, tf.errors.UnauthenticatedError) or "response code 401" in text:
+    return ("no valid credentials",
+            "run `gcloud auth application-default login`, or run on a VM with a service account")
+  if isinstance(error, tf.errors.PermissionDeniedError) or "response code 403" in text:
+    return ("this account may not use the bucket",
+            f"grant it object read and write: gcloud storage buckets add-iam-policy-binding "
+            f"{bucket} --member=serviceAccount:ACCOUNT --role=roles/storage.objectAdmin "
+            "(the account is `gcloud auth list`'s, or on a VM its service account: "
+            "launch/tpu.sh check prints it)")
+  if isinstance(error, tf.errors.NotFoundError) and "bucket" in text:
+    return ("no such bucket",
+            f"check its name, or create it: gcloud storage buckets create {bucket} "
+            "--location=REGION (the TPU's region)")
+  if isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                        tf.errors.AbortedError)) or any(u in text for u in _UNREACHABLE):
+    waited = ("" if "retry attempts failed" not in text else
+              ", after TensorFlow's retries (about 30 s; 90 s for a host that never answers; "
+              "fs.GCS_WAIT_DEFAULTS, the GCS_RETRY_CONFIG_* variables set them)")
+    return ("the storage service cannot be reached" + waited,
+            "check the network and the proxy settings; a VM without an external IP needs "
+            "Private Google Access or Cloud NAT")
+  if isinstance(error, tf.errors.NotFoundError):
+    return "not found", "check the path"
+  return ("the file system refused it",
+          "check the network, the credentials (gcloud auth application-default login, or the "
+          "VM's service account) and that the bucket exists and this account may read and "
+          "write it")
+
+
 def remote_storage_problem(error: BaseException) -> str | None:
-  """One line for TensorFlow's file-system errors on a gs:// path (no network or credentials, no
-  such bucket, no permission), None for anything else."""
+  """One line for TensorFlow's file-system errors on a path with a scheme (gs://, ram://):
+  the path, the cause (unreachable, no credentials, no such bucket, no permission) and the fix;
+  None for anything else."""
   tf = sys.modules.get("tensorflow")
-  if tf is None or not isinstance(error, tf.errors.OpError):
+  if tf is None:
     return None
-  paths = re.findall(r"gs://[^\s'\"]+", str(error))
+  # fs.open's files raise OSError from TensorFlow's error, with the path in front.
+  op_error = error if isinstance(error, tf.errors.OpError) else error.__cause__
+  if not isinstance(op_error, tf.errors.OpError):
+    return None
+  paths = [p.rstrip(":.)") for p in _REMOTE_PATH.findall(f"{error} {op_error}")]
   if not paths:
     return None
-  detail = " ".join(str(error.message).split())
-  return (f"cannot use {paths[0]}: {detail[:300]}. Check the network, the credentials "
-          "(gcloud auth application-default login, or the VM's service account) and that the "
-          "bucket exists and this account may read and write it.")
+  cause, fix = _cause_and_fix(op_error, paths[0])
+  detail = " ".join(str(op_error.message).split())[:300]
+  return f"cannot use {paths[0]}: {cause}. {fix}. (TensorFlow: {detail})"
 
 
 @contextlib.contextmanager
 def friendly_errors():
   """Prints `error: <message>` and exits with status 2 for the errors a user can fix (and for
-  gs:// paths that cannot be reached)."""
+  remote paths that cannot be used: remote_storage_problem)."""
   try:
     yield
   except Exception as e:  # pylint: disable=broad-except
-    message = str(e) if is_user_error(e) else remote_storage_problem(e)
+    message = remote_storage_problem(e) or (str(e) if is_user_error(e) else None)
     if message is None:
       raise
     from absl import logging  # pylint: disable=g-import-not-at-top

@@ -16,7 +16,27 @@ import functools
 import glob as _glob
 import os
 import shutil
+import types
 from typing import IO
+
+
+# TensorFlow's GCS client waits up to ~25 minutes by default before giving up on a host that
+# does not answer (11 tries of a 120 s connect timeout, 191 s of back-off between them). These
+# defaults bound it: 6 tries of at most 10 s to connect, 1+2+4+8+16 s of back-off (plus up to
+# 1 s of jitter each), so about 31 s for a refused or unresolvable host and 91 s for a silent
+# one. They are read once, when TensorFlow is imported, and a variable the user set wins.
+GCS_WAIT_DEFAULTS = {
+    "GCS_RETRY_CONFIG_MAX_RETRIES": "5",
+    "GCS_RETRY_CONFIG_INIT_DELAY_TIME_US": "1000000",
+    "GCS_RETRY_CONFIG_MAX_DELAY_TIME_US": "16000000",
+    "GCS_REQUEST_CONNECTION_TIMEOUT_SECS": "10",
+}
+
+
+def bound_remote_waits() -> None:
+  """Sets GCS_WAIT_DEFAULTS in the environment where unset; call before TensorFlow's import."""
+  for name, value in GCS_WAIT_DEFAULTS.items():
+    os.environ.setdefault(name, value)
 
 
 def is_remote(path: str) -> bool:
@@ -24,9 +44,33 @@ def is_remote(path: str) -> bool:
   return "://" in str(path)
 
 
+@functools.cache
 def _gfile():
+  """tf.io.gfile's functions, whose errors name the path they were given: TF's GCS client
+  leaves it out of some (a refused request says only the HTTP status and body)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return tf.io.gfile
+
+  def naming_the_path(function):
+    @functools.wraps(function)
+    def call(path, *args, **kwargs):
+      try:
+        return function(path, *args, **kwargs)
+      except tf.errors.OpError as e:
+        if str(path) in str(e.message):
+          raise
+        raise type(e)(e.node_def, e.op, f"{path}: {e.message}") from e
+    return call
+
+  names = ("copy", "exists", "glob", "isdir", "listdir", "makedirs", "remove", "rename", "stat",
+           "walk")
+  return types.SimpleNamespace(**{n: naming_the_path(getattr(tf.io.gfile, n)) for n in names})
+
+
+def bucket_root(path: str) -> str | None:
+  """`gs://bucket` for a path in a GCS bucket, None for any other path."""
+  if not str(path).startswith("gs://"):
+    return None
+  return "gs://" + path[len("gs://"):].split("/", 1)[0]
 
 
 def abspath(path: str) -> str:
@@ -64,6 +108,17 @@ def isfile(path: str) -> bool:
 def makedirs(path: str) -> None:
   """Creates the folder and its parents; fine if it exists (GCS has no folders: a no-op there)."""
   if is_remote(path):
+    bucket = bucket_root(path)
+    # Under a missing bucket, TF's makedirs asks for the bucket again and again, forever (its
+    # walk up the path stops at a folder that exists, and "/" is its own parent).
+    if bucket:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      try:
+        bucket_exists = _gfile().exists(bucket)
+      except tf.errors.OpError as e:
+        raise type(e)(e.node_def, e.op, f"{path}: {e.message}") from e
+      if not bucket_exists:
+        raise tf.errors.NotFoundError(None, None, f"{path}: the bucket {bucket} does not exist")
     _gfile().makedirs(path)
   else:
     os.makedirs(path, exist_ok=True)
@@ -92,7 +147,7 @@ def _remote_file_class():
         return method(self, *args, **kwargs)
       except tf.errors.NotFoundError as e:
         raise FileNotFoundError(f"{self.name}: {e.message}") from e
-      except tf.errors.OpError as e:
+      except tf.errors.OpError as e:  # cli_errors.remote_storage_problem reads the cause
         raise OSError(f"{self.name}: {e.message}") from e
     return call
 

@@ -277,4 +277,4 @@ def test_unreachable_bucket_is_one_clear_error(tmp_path):
   assert "Traceback" not in result.stderr
   line = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
   assert len(line) == 1 and "cannot use gs://script-jax-no-such-bucket-7f3a/run" in line[0]
-  assert "credentials" in line[0]
+  assert "the storage service cannot be reached" in line[0] and "Cloud NAT" in line[0]
