@@ -90,5 +90,8 @@ def test_compare_command_pretrains_each_objective_on_one_prepared_folder(tmp_pat
   assert (out / "curve" / "curve.png").stat().st_size > 20_000
   curve_data = json.loads((out / "curve" / "curve.json").read_text())
   assert [p["step"] for p in curve_data["workdirs"]["MLM"]["points"]] == [1, 2]
-  again = run_module("experiments.compare", flags, timeout=600)
+  # A rerun trains nothing; --steps keeps the curve to the checkpoints named.
+  again = run_module("experiments.compare", [*flags, "--steps=2"], timeout=600)
   assert again.returncode == 0 and again.stderr.decode().count(": pretrained") == 2
+  curve_data = json.loads((out / "curve" / "curve.json").read_text())
+  assert [p["step"] for p in curve_data["workdirs"]["MLM"]["points"]] == [2]

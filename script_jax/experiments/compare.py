@@ -1,7 +1,7 @@
 """The three objectives under identical settings (the paper's Tables 1-2), then their curve.
 
   python -m script_jax.experiments.compare --config=configs/mini.py --output_dir=OUT \
-      --data_dir=GLUE_DIR [--tasks=sst2,rte] [--objectives=script,electra,mlm] \
+      --data_dir=GLUE_DIR [--tasks=sst2,rte] [--objectives=script,electra,mlm] [--steps=N,M] \
       [--config.num_train_steps=1500 ...] [--finetune.num_seeds=2 ...]
 
 From one pretraining config, each objective pretrains in OUT/<objective>/ on one prepared
@@ -51,6 +51,8 @@ def define_flags() -> None:
   flags.DEFINE_string("output_dir", None, "Workdirs, prepared data, curve, table.")
   flags.DEFINE_string("data_dir", None, "GLUE folder in the standard layout, or 'tfds'.")
   flags.DEFINE_list("tasks", [], "GLUE tasks (default: every task found in --data_dir).")
+  flags.DEFINE_list("steps", [], "Fine-tune only these checkpoint steps (default: every kept "
+                    "one).")
   flags.DEFINE_bool("check_counts", True, "Refuse GLUE files whose row count differs from the "
                     "standard release (turn off for subsets).")
   flags.mark_flags_as_required(["config", "output_dir", "data_dir"])
@@ -95,7 +97,8 @@ def comparison_table(curve_data: dict[str, Any], output_dir: str) -> str:
 
 
 def run_compare(config, ft, objectives: Sequence[str], output_dir: str, data_dir: str,
-                tasks: Sequence[str], check_counts: bool = True) -> str:
+                tasks: Sequence[str], check_counts: bool = True,
+                steps: Sequence[int] = ()) -> str:
   """Pretrains what is missing, runs the curve, writes and returns comparison.md."""
   from script_jax import train  # pylint: disable=g-import-not-at-top
   from script_jax.experiments import curve  # pylint: disable=g-import-not-at-top
@@ -114,7 +117,7 @@ def run_compare(config, ft, objectives: Sequence[str], output_dir: str, data_dir
     train.train_and_evaluate(objective_config(config, objective, prepared_dir), workdir)
   labels = [OBJECTIVES[o] for o in objectives]
   curve_dir = fs.join(output_dir, "curve")
-  curve_data = curve.run_curve(ft, workdirs, labels, data_dir, curve_dir, tasks,
+  curve_data = curve.run_curve(ft, workdirs, labels, data_dir, curve_dir, tasks, steps=steps,
                                check_counts=check_counts)
   curve.write_outputs(curve_data, curve_dir)
   table = comparison_table(curve_data, curve_dir)
@@ -130,9 +133,11 @@ def main(argv):
                                               os.environ.get("LIBTPU_INIT_ARGS", ""))
     os.environ["LIBTPU_INIT_ARGS"] = libtpu_args
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from script_jax.experiments import curve  # pylint: disable=g-import-not-at-top
     tf.config.set_visible_devices([], "GPU")  # tf.data only
     table = run_compare(FLAGS.config, FLAGS.finetune, FLAGS.objectives, FLAGS.output_dir,
-                        FLAGS.data_dir, FLAGS.tasks, FLAGS.check_counts)
+                        FLAGS.data_dir, FLAGS.tasks, FLAGS.check_counts,
+                        curve.parse_steps(FLAGS.steps))
     print(table)
     print(f"Curve: {fs.join(FLAGS.output_dir, 'curve', 'curve.png')}; table: "
           f"{fs.join(FLAGS.output_dir, 'comparison.md')}.", file=sys.stderr)

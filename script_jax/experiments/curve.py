@@ -257,15 +257,19 @@ def write_outputs(curve: dict[str, Any], output_dir: str) -> None:
   fs.write_atomically(fs.join(output_dir, "curve.png"), plot_png(curve))
 
 
+def parse_steps(values: Sequence[str]) -> list[int]:
+  """--steps' values as step numbers; FinetuneError on anything else."""
+  try:
+    return [int(s) for s in values]
+  except ValueError:
+    raise FinetuneError(f"--steps takes step numbers: {','.join(values)}") from None
+
+
 def main(argv):
   def body():
     labels = FLAGS.labels or default_labels(FLAGS.workdirs)
-    try:
-      steps = [int(s) for s in FLAGS.steps]
-    except ValueError:
-      raise FinetuneError(f"--steps takes step numbers: {','.join(FLAGS.steps)}") from None
     curve = run_curve(FLAGS.config, FLAGS.workdirs, labels, FLAGS.data_dir, FLAGS.output_dir,
-                      FLAGS.tasks, steps, FLAGS.check_counts)
+                      FLAGS.tasks, parse_steps(FLAGS.steps), FLAGS.check_counts)
     write_outputs(curve, FLAGS.output_dir)
     print(markdown(curve))
     print(f"Curve: {fs.join(FLAGS.output_dir, 'curve.png')} (and curve.json, .csv, .md).",
