@@ -14,6 +14,7 @@ from script_jax import cli_errors
 OBJECTIVES = ("script", "electra", "mlm")
 # How replacements are drawn (objectives.py has one function per name).
 SAMPLERS = ("gumbel", "inverse_cdf")
+DATA_ORDERS = ("buffer", "windows")  # data.order: pipeline.create_pretraining_dataset
 # jax.random implementations a run may draw its step randomness from (config.rng_impl); "auto"
 # is resolved per platform when the run starts (resolve_rng_impl).
 RNG_IMPLS = ("auto", "threefry2x32", "rbg", "unsafe_rbg")
@@ -143,6 +144,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.vocab_file = ""  # a vocab.txt (wordpiece) or a .model (sentencepiece) to use as is
   c.data.num_shards = 8
   c.data.shuffle_buffer = 10_000
+  # "buffer": files interleaved through a shuffle buffer of shuffle_buffer records (resume
+  # reads up to an epoch to get back to its place); "windows": files read whole in a per-epoch
+  # order, shuffled within windows of shuffle_buffer records (resume seeks: constant time).
+  c.data.order = "buffer"
   c.data.short_seq_prob = 0.1
   c.data.invalid_utf8 = "skip"  # "skip" (and count) or "error"
   # Share of whole documents set aside as the evaluation split (at least one document when > 0;
@@ -318,6 +323,9 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
                     f"{config.script.disc_positions!r}")
   if config.rng_impl not in RNG_IMPLS:
     problems.append(f"rng_impl must be one of {', '.join(RNG_IMPLS)}, got {config.rng_impl!r}")
+  if config.data.get("order", "buffer") not in DATA_ORDERS:
+    problems.append(f"data.order must be one of {', '.join(DATA_ORDERS)}, got "
+                    f"{config.data.order!r}")
   if config.sampler not in SAMPLERS:
     problems.append(f"sampler must be one of {', '.join(SAMPLERS)}, got "
                     f"{config.sampler!r}")

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, load_config
+from conftest import ROOT, load_config, run_module, shared_workdir, tiny_pretraining_flags
 
 from script_jax.bench import step_speed
 from script_jax.data import synthetic
@@ -316,3 +316,22 @@ def test_gpu_check_script_runs_every_variant_on_cpu(tmp_path):
   for objective in ("script", "electra"):
     assert log.count(f"[{objective}] state initialised") == 1
     assert f"[{objective}] state reused" in log
+
+
+def test_resume_benchmark_times_both_orders_and_writes_json(tmp_path_factory, tmp_path):
+  workdir = shared_workdir(tmp_path_factory, "script")
+  with open(os.path.join(workdir, "run_config.json")) as f:
+    source = json.load(f)["data"]["source"]
+  output = tmp_path / "resume_data.json"
+  result = run_module("bench.resume_data", [
+      *tiny_pretraining_flags(source), f"--data_dir={workdir}/data", "--fractions=0.2,0.8",
+      f"--output={output}"])
+  assert result.returncode == 0, result.stderr.decode()[-3000:]
+  figures = json.loads(output.read_text())
+  assert [r["fraction"] for r in figures["rows"]] == [0.2, 0.8]
+  assert figures["rows"][1]["start_step"] > figures["rows"][0]["start_step"] > 0
+  assert all(r["buffer_seconds"] > 0 and r["windows_seconds"] > 0 for r in figures["rows"])
+  assert "| 80% of an epoch |" in result.stdout.decode()
+  bad = run_module("bench.resume_data", [*tiny_pretraining_flags(source),
+                                         f"--data_dir={workdir}/data", "--fractions=1.5"])
+  assert bad.returncode == 2 and b"error: --fractions must lie in [0, 1)" in bad.stderr

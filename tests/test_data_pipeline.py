@@ -180,8 +180,10 @@ def test_static_shapes(data):
   assert ds.element_spec["masked_weights"].shape == (8, 9)
 
 
-def test_same_seed_same_batches_other_seed_other_batches(data):
+@pytest.mark.parametrize("order", config_lib.DATA_ORDERS)
+def test_same_seed_same_batches_other_seed_other_batches(data, order):
   config = small_config()
+  config.data.order = order
   a, b = batches(config, data, 4), batches(config, data, 4)
   assert_batches_equal(a, b)
   config.seed = 1
@@ -190,9 +192,11 @@ def test_same_seed_same_batches_other_seed_other_batches(data):
   assert not np.array_equal(a[0]["masked_positions"], c[0]["masked_positions"])
 
 
+@pytest.mark.parametrize("order", config_lib.DATA_ORDERS)
 @pytest.mark.parametrize("process_count", [1, 2])
-def test_resume_equals_uninterrupted_run(data, process_count):
+def test_resume_equals_uninterrupted_run(data, process_count, order):
   config = small_config()
+  config.data.order = order
   _, metadata = data
   per_host = config.batch_size // process_count
   host_examples = sum(s["num_examples"] for s in metadata["shards"][0::process_count])
@@ -202,10 +206,15 @@ def test_resume_equals_uninterrupted_run(data, process_count):
   assert_batches_equal(full[start:], resumed)
   resumed = batches(config, data, 5, start_step=7, process_count=process_count)
   assert_batches_equal(full[7:12], resumed)
+  last = host_examples // per_host - 2  # the first epoch's last batches, into the next
+  assert_batches_equal(full[last:last + 5], batches(config, data, 5, start_step=last,
+                                                    process_count=process_count))
 
 
-def test_epochs_cover_the_data_and_hosts_are_disjoint(data):
+@pytest.mark.parametrize("order", config_lib.DATA_ORDERS)
+def test_epochs_cover_the_data_and_hosts_are_disjoint(data, order):
   config = small_config()
+  config.data.order = order
   out, metadata = data
   shard_rows = {}
   for s in metadata["shards"]:

@@ -158,6 +158,64 @@ def _epoch_records(files: list[str], seed: int, shuffle_buffer: int):
   return records
 
 
+def _epoch_seeds(seed: int, epoch):
+  """(file_seed, order_seed) of an epoch: stateless, so any epoch's can be drawn on its own."""
+  epoch_seed = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+  return tf.unstack(tf.random.experimental.stateless_split(epoch_seed, 2))
+
+
+def _file_order(num_files: int, seed: int, epoch) -> tf.Tensor:
+  """The order the files are read in an epoch of data.order="windows"."""
+  file_seed, _ = _epoch_seeds(seed, epoch)
+  return tf.random.experimental.stateless_shuffle(tf.range(num_files), file_seed)
+
+
+def _shuffled_windows(records: tf.data.Dataset, seed: int, epoch, first_window: int,
+                      window: int) -> tf.data.Dataset:
+  """Records permuted within consecutive windows of `window`, each window by its own seed
+  (seed, epoch, window number): a window is shuffled the same wherever reading starts."""
+  _, order_seed = _epoch_seeds(seed, epoch)
+
+  def permute(number, block_W):
+    block_seed = tf.random.experimental.stateless_fold_in(order_seed, number)
+    order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(block_W)[0]), block_seed)
+    return tf.gather(block_W, order)
+
+  return records.batch(window).enumerate(start=first_window).map(permute).unbatch()
+
+
+def _windowed_records(files: list[str], sizes: list[int], seed: int, window: int,
+                      start_epoch: int, offset: int) -> tf.data.Dataset:
+  """data.order="windows": each epoch reads the files whole, one after another, in an order
+  drawn from (seed, epoch), and shuffles the records within windows of `window`. Starting at
+  record `offset` of epoch `start_epoch` costs one file's record headers (TFRecordDataset
+  skips a record by its length, without parsing it) and at most one window, whatever the step.
+  """
+  window = max(window, 1)
+  order = [int(i) for i in _file_order(len(files), seed, start_epoch).numpy()]
+  ordered_files, ordered_sizes = [files[i] for i in order], [sizes[i] for i in order]
+  first_window = offset // window
+  position = first_window * window  # where that window starts in the epoch's records
+  first_file = 0
+  while position >= ordered_sizes[first_file]:
+    position -= ordered_sizes[first_file]
+    first_file += 1
+  records = tf.data.TFRecordDataset(ordered_files[first_file]).skip(position)
+  if first_file + 1 < len(files):
+    records = records.concatenate(tf.data.TFRecordDataset(ordered_files[first_file + 1:]))
+  first = _shuffled_windows(records, seed, start_epoch, first_window, window).skip(
+      offset - first_window * window)
+
+  files_tensor = tf.constant(files)
+
+  def epoch_records(epoch):
+    epoch_files = tf.gather(files_tensor, _file_order(len(files), seed, epoch))
+    return _shuffled_windows(tf.data.TFRecordDataset(epoch_files), seed, epoch, 0, window)
+
+  return first.concatenate(tf.data.Dataset.range(start_epoch + 1, _EPOCHS).flat_map(
+      epoch_records))
+
+
 def _shard_files(data_dir: str, shards: list[dict]) -> list[str]:
   """The paths of metadata.json's `shards` entries; DataError if any is missing."""
   files = [fs.join(data_dir, s["file"]) for s in shards]
@@ -221,11 +279,17 @@ def create_pretraining_dataset(config: ml_collections.ConfigDict, metadata: dict
     masked["segment_ids"] = batch["segment_ids"]
     return masked
 
-  # Resume without replaying: whole epochs are skipped by their number, the rest record by record.
+  # Resume without replaying: whole epochs are skipped by their number, the rest record by record
+  # ("buffer": through the shuffle buffer, a cost that grows with the offset) or by seeking
+  # ("windows": constant).
   start_epoch, offset = divmod(start_step * per_host_batch, examples_per_epoch)
-  ds = tf.data.Dataset.range(start_epoch, _EPOCHS).flat_map(
-      _epoch_records(files, config.seed, config.data.shuffle_buffer))
-  ds = ds.skip(offset)
+  if config.data.get("order", "buffer") == "windows":
+    ds = _windowed_records(files, [s["num_examples"] for s in host_shards], config.seed,
+                           config.data.shuffle_buffer, start_epoch, offset)
+  else:
+    ds = tf.data.Dataset.range(start_epoch, _EPOCHS).flat_map(
+        _epoch_records(files, config.seed, config.data.shuffle_buffer))
+    ds = ds.skip(offset)
   ds = ds.batch(per_host_batch, drop_remainder=True)
   ds = ds.enumerate(start=start_step)  # the step numbers seed the masking
   ds = ds.map(masked_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
