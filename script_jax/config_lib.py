@@ -174,6 +174,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the model axis
   c.mesh.model = 1  # only 1: no parameter is sharded over a model axis (validate_config)
+  # True: parameters and optimizer state split over 'data' (FSDP, state.state_shardings);
+  # False: replicated on every device.
+  c.mesh.fsdp = False
 
   # Start from another pretraining workdir's parameters when this workdir has no checkpoint.
   c.init_from = ""

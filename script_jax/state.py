@@ -129,12 +129,52 @@ def create_train_state(config, model, rng) -> train_state.TrainState:
                                        tx=make_optimizer(config))
 
 
+def fsdp_spec(shape: tuple[int, ...], data_size: int) -> P:
+  """FSDP's layout of one array: its largest dimension that the data axis divides is split over
+  'data'; an array with no such dimension (a scalar, an odd size) stays replicated."""
+  dims = [i for i, d in enumerate(shape) if d % data_size == 0 and d >= data_size]
+  if data_size == 1 or not dims:
+    return P()
+  axis = max(dims, key=lambda i: (shape[i], -i))  # the largest; the first of equals
+  return P(*[("data" if i == axis else None) for i in range(len(shape))])
+
+
+def state_shardings(config, abstract_state, mesh):
+  """Where each array of the state lives: replicated on every device (data parallelism, the
+  default), or with mesh.fsdp its parameters and optimizer moments split over 'data'
+  (`fsdp_spec`; XLA gathers each weight where the step uses it and reduce-scatters its
+  gradient)."""
+  if not config.mesh.get("fsdp", False):
+    replicated = jax.sharding.NamedSharding(mesh, P())
+    return jax.tree.map(lambda _: replicated, abstract_state)
+  data_size = mesh.shape["data"]
+  return jax.tree.map(
+      lambda x: jax.sharding.NamedSharding(mesh, fsdp_spec(x.shape, data_size)), abstract_state)
+
+
+def fsdp_use_shardings(params_sharding, mesh, scan_layers: bool = False):
+  """The layout each parameter takes where the step uses it, under mesh.fsdp: the lookup tables
+  (`embedding` leaves: words, positions, segments) whole on every device, the rest as stored
+  (XLA gathers each where it is used, layer by layer). A lookup into a table split over 'data'
+  makes XLA all-gather every device's token ids instead, the batch crossing the pod; gathering
+  the table once also serves the tied output layer. With scanned layers everything is gathered
+  whole at the start of the step: left split, XLA partitions the scan's saved activations
+  across the batch and all-gathers attention probabilities."""
+  replicated = jax.sharding.NamedSharding(mesh, P())
+
+  def use(path, sharding):
+    if scan_layers or str(getattr(path[-1], "key", "")) == "embedding":
+      return replicated
+    return sharding
+
+  return jax.tree_util.tree_map_with_path(use, params_sharding)
+
+
 def init_state(config, model, mesh):
   """Initialises abstractly, then runs a sharded jit(init): (state, state_sharding)."""
-  replicated = jax.sharding.NamedSharding(mesh, P())
   init_fn = functools.partial(create_train_state, config, model)
   abstract = jax.eval_shape(init_fn, jax.random.key(config.seed))
-  state_sharding = jax.tree.map(lambda _: replicated, abstract)
+  state_sharding = state_shardings(config, abstract, mesh)
   state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.key(config.seed))
   return state, state_sharding
 

@@ -61,6 +61,12 @@ def make_train_step(config, model, state_sharding, mesh):
   """The jitted, sharded train step: (state, batch) -> (state, metrics). State is donated."""
   loss_fn = functools.partial(objectives.get_objective(config.objective), model=model,
                               config=config)
+  if config.mesh.get("fsdp", False):
+    objective_loss, use = loss_fn, state_lib.fsdp_use_shardings(
+        state_sharding.params, mesh, config.model.scan_layers)
+
+    def loss_fn(params, batch, rng):
+      return objective_loss(jax.lax.with_sharding_constraint(params, use), batch, rng)
   schedule = state_lib.learning_rate_schedule(config)
   seed, rng_impl = config.seed, config_lib.rng_impl_of(config)
 

@@ -1,0 +1,107 @@
+"""mesh.fsdp: parameters and optimizer state split over 'data' (state.state_shardings).
+
+On the 8 fake CPU devices: the layout of each array, the train step equal to the replicated one,
+the compiled step's collectives, and a checkpoint restored into the FSDP layout.
+"""
+
+import re
+
+import jax
+import numpy as np
+import pytest
+from conftest import load_config, random_batch, run_steps
+
+from script_jax import checkpoints
+from script_jax import models
+from script_jax import state as state_lib
+from script_jax import train
+from script_jax.data import synthetic
+
+P = jax.sharding.PartitionSpec
+_COLLECTIVE = re.compile(r"= (\S+) (all-gather|all-reduce|all-to-all|collective-permute|"
+                         r"reduce-scatter|collective-broadcast)(-start|-done)?\(")
+
+
+def _config(objective="script", **overrides):
+  return load_config("tiny", objective=objective, batch_size=16,
+                     **{"model.num_layers": 2, "electra.generator_num_layers": 2,
+                        "optim.warmup_steps": 1, **overrides})
+
+
+@pytest.mark.parametrize("shape,spec", [
+    ((), P()),  # the step counter
+    ((7,), P()),  # no dimension the 8 devices divide
+    ((4,), P()),  # smaller than the axis
+    ((64,), P("data")),
+    ((512, 64), P("data", None)),  # the largest divisible dimension
+    ((64, 256), P(None, "data")),
+    ((64, 64), P("data", None)),  # equals: the first
+    ((2, 64, 129), P(None, "data", None)),  # scanned layers: 2 is not divided, 129 not by 8
+])
+def test_fsdp_spec_splits_the_largest_divisible_dimension(shape, spec):
+  assert state_lib.fsdp_spec(shape, 8) == spec
+  assert state_lib.fsdp_spec(shape, 1) == P()
+
+
+@pytest.mark.parametrize("objective", ["script", "electra", "mlm"])
+def test_fsdp_steps_equal_the_replicated_steps(objective):
+  devices = jax.devices()
+  assert len(devices) == 8
+  batches = [random_batch(_config(objective), 16, seed=10 + s) for s in range(3)]
+  replicated_params, replicated_losses = run_steps(_config(objective), devices, batches)
+  fsdp_params, fsdp_losses = run_steps(_config(objective, **{"mesh.fsdp": True}), devices,
+                                       batches)
+  np.testing.assert_allclose(fsdp_losses, replicated_losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               fsdp_params, replicated_params)
+
+
+def _fsdp_state(config):
+  mesh = train.create_mesh(config)
+  model = models.build_model(config)
+  state, sharding = state_lib.init_state(config, model, mesh)
+  return mesh, model, state, sharding
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_fsdp_compiled_step_gathers_only_parameters(scan_layers):
+  """All-gathers bring whole weights (or, scanned, one layer's) to the step, never the batch's
+  activations; gradients and metrics are summed with all-reduces (on TPU and GPU, XLA rewrites
+  an all-reduce whose result is then sliced into a reduce-scatter; its CPU pipeline does not);
+  nothing else moves."""
+  config = _config(**{"mesh.fsdp": True, "model.scan_layers": scan_layers})
+  mesh, model, state, sharding = _fsdp_state(config)
+  sharded = [x for x in jax.tree.leaves(state.params) if x.sharding.spec != P()]
+  assert len(sharded) > 0.8 * len(jax.tree.leaves(state.params))
+  assert all(x.sharding.spec == s.spec for x, s in zip(jax.tree.leaves(state),
+                                                       jax.tree.leaves(sharding)))
+  per_device = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state))
+  assert per_device < 0.3 * sum(x.nbytes for x in jax.tree.leaves(state))
+  step = train.make_train_step(config, model, sharding, mesh)
+  batch = train.to_global_batch(synthetic.random_masked_batch(config, 16, 0), mesh)
+  hlo = step.lower(state, batch).compile().as_text()
+  collectives = [(m.group(2), m.group(1)) for m in _COLLECTIVE.finditer(hlo)]
+  assert {kind for kind, _ in collectives} <= {"all-gather", "all-reduce", "reduce-scatter"}
+  weight_shapes = set()
+  for x in jax.tree.leaves(state.params):
+    weight_shapes.add(tuple(x.shape))
+    if scan_layers and x.ndim > 1:
+      weight_shapes.add(tuple(x.shape[1:]))  # one layer of a stacked weight
+  gathered = [shape for kind, shape in collectives if kind == "all-gather"]
+  assert gathered
+  for result in gathered:  # e.g. f32[64,256]{1,0}
+    dims = tuple(int(d) for d in re.findall(r"\d+", result.split("[")[1].split("]")[0]))
+    assert dims in weight_shapes, result
+
+
+def test_fsdp_checkpoint_restores_into_its_layout(tmp_path):
+  config = _config(**{"mesh.fsdp": True})
+  _, _, state, _ = _fsdp_state(config)
+  manager = checkpoints.make_manager(str(tmp_path), config)
+  manager.save(1, args=checkpoints.ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+  restored = checkpoints.restore_state(manager, 1, state_lib.abstract_like(state))
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    assert b.sharding == a.sharding
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+  manager.close()
