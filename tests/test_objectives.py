@@ -242,7 +242,8 @@ def _param_shapes(config):
   return jax.eval_shape(model.init, jax.random.key(0), z, z, z, pos)["params"]
 
 
-@pytest.mark.parametrize("name,low,high", [("small", 13e6, 15e6), ("base", 105e6, 115e6)])
+@pytest.mark.parametrize("name,low,high", [("small", 13e6, 15e6), ("base", 105e6, 115e6),
+                                           ("large", 330e6, 340e6)])  # ELECTRA-large: 335M
 def test_parameter_counts_match_the_paper(name, low, high):
   config = load_config(name)
   count = sum(x.size for x in jax.tree.leaves(_param_shapes(config)))
