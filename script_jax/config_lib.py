@@ -144,10 +144,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.vocab_file = ""  # a vocab.txt (wordpiece) or a .model (sentencepiece) to use as is
   c.data.num_shards = 8
   c.data.shuffle_buffer = 10_000
-  # "buffer": files interleaved through a shuffle buffer of shuffle_buffer records (resume
-  # reads up to an epoch to get back to its place); "windows": files read whole in a per-epoch
-  # order, shuffled within windows of shuffle_buffer records (resume seeks: constant time).
-  c.data.order = "buffer"
+  # "windows": files read whole in a per-epoch order, shuffled within windows of shuffle_buffer
+  # records (resume seeks: constant time); "buffer" (the default before 2026-12-06): files
+  # interleaved through a shuffle buffer of shuffle_buffer records (resume reads up to an epoch
+  # to get back to its place).
+  c.data.order = "windows"
   c.data.short_seq_prob = 0.1
   c.data.invalid_utf8 = "skip"  # "skip" (and count) or "error"
   # Share of whole documents set aside as the evaluation split (at least one document when > 0;

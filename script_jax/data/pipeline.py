@@ -7,8 +7,8 @@
   for batch in ds.as_numpy_iterator(): ...
 
 Each host reads its own shards (shards[process_index::process_count]), shuffles them with
-config.seed, repeats them without end, and batches config.batch_size // process_count sequences
-with static shapes. Masking (BERT's, Devlin et al., 2019, Section 3.1) is done in the graph on
+config.seed (config.data.order: within windows, or through a shuffle buffer), repeats them
+without end, and batches config.batch_size // process_count sequences with static shapes. Masking (BERT's, Devlin et al., 2019, Section 3.1) is done in the graph on
 whole batches, seeded by (config.seed, process index, step) with stateless random ops: the same
 seed gives the same batches, and `start_step=N` gives exactly the batches an uninterrupted run
 gives from step N, without reading through the first N.
