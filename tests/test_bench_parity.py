@@ -27,9 +27,12 @@ def test_same_weights_same_batches_same_losses(tmp_path):
   # Step 1 is the same function of the same weights and batch: float32 rounding only.
   assert ours[0] == pytest.approx(hf[0], abs=1e-5)
   # After it the two optimizers' float rounding compounds (measured: gaps of at most 4e-6 nats
-  # over these 6 steps); the losses move together, far closer than they move.
-  assert max(abs(a - b) for a, b in zip(ours, hf)) < 1e-4
-  assert abs(ours[-1] - ours[0]) > 0.1
+  # over these 6 steps); the losses move together, a hundred times closer than they move
+  # (each step's batch and weights differ: 0.0155 nats between steps 1 and 6 in data.order
+  # "windows", 0.1 and more in "buffer").
+  gap = max(abs(a - b) for a, b in zip(ours, hf))
+  assert gap < 1e-4
+  assert max(ours) - min(ours) > 100 * 1e-4
   assert "| 6 | " in result.stdout.decode() and "Mean gap" in result.stdout.decode()
 
   # From each side's own random initialisation the first losses differ: the check above can fail.
