@@ -1,6 +1,6 @@
 """mesh.fsdp: parameters and optimizer state split over 'data' (state.state_shardings).
 
-On the 8 fake CPU devices: the layout of each array, the train step equal to the replicated one,
+On the 8 fake CPU devices: the layout of each array, the train step equal to the replicated one (2 steps),
 the compiled step's collectives, and a checkpoint restored into the FSDP layout.
 """
 
@@ -43,11 +43,12 @@ def test_fsdp_spec_splits_the_largest_divisible_dimension(shape, spec):
   assert state_lib.fsdp_spec(shape, 1) == P()
 
 
-@pytest.mark.parametrize("objective", ["script", "electra", "mlm"])
+# SCRIPT's step has both passes, ELECTRA's a second model; MLM's parameters are SCRIPT's.
+@pytest.mark.parametrize("objective", ["script", "electra"])
 def test_fsdp_steps_equal_the_replicated_steps(objective):
   devices = jax.devices()
   assert len(devices) == 8
-  batches = [random_batch(_config(objective), 16, seed=10 + s) for s in range(3)]
+  batches = [random_batch(_config(objective), 16, seed=10 + s) for s in range(2)]
   replicated_params, replicated_losses = run_steps(_config(objective), devices, batches)
   fsdp_params, fsdp_losses = run_steps(_config(objective, **{"mesh.fsdp": True}), devices,
                                        batches)
