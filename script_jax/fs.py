@@ -44,6 +44,11 @@ def is_remote(path: str) -> bool:
   return "://" in str(path)
 
 
+def _naming(error, path: str):
+  """The same TensorFlow error with `path` in front of its message."""
+  return type(error)(error.node_def, error.op, f"{path}: {error.message}")
+
+
 @functools.cache
 def _gfile():
   """tf.io.gfile's functions, whose errors name the path they were given: TF's GCS client
@@ -58,7 +63,7 @@ def _gfile():
       except tf.errors.OpError as e:
         if str(path) in str(e.message):
           raise
-        raise type(e)(e.node_def, e.op, f"{path}: {e.message}") from e
+        raise _naming(e, path) from e
     return call
 
   names = ("copy", "exists", "glob", "isdir", "listdir", "makedirs", "remove", "rename", "stat",
@@ -116,7 +121,7 @@ def makedirs(path: str) -> None:
       try:
         bucket_exists = _gfile().exists(bucket)
       except tf.errors.OpError as e:
-        raise type(e)(e.node_def, e.op, f"{path}: {e.message}") from e
+        raise _naming(e, path) from e
       if not bucket_exists:
         raise tf.errors.NotFoundError(None, None, f"{path}: the bucket {bucket} does not exist")
     _gfile().makedirs(path)
