@@ -66,6 +66,9 @@ class EncoderConfig:
   # time): one GEMM, one bias reduction and one input gradient instead of three.
   fused_qkv: bool = False
   initializer_range: float = 0.02  # BERT's; tiny models need more to learn attention quickly
+  # With scan_layers: a function of one layer's parameters applied where the scan uses them
+  # (FSDP's per-layer gather, state.LayerGather); set by the train step, never by a config.
+  layer_params_at_use: Any = None
 
   @property
   def kernel_init(self):
@@ -209,8 +212,11 @@ class Transformer(nn.Module):
       # One layer body compiled once and looped L times. With remat, XLA:CPU (which ignores
       # rematerialisation in unrolled code) keeps one layer's activations at a time.
       body = _ScanBody
+      if c.layer_params_at_use is not None:
+        # Inside remat, so the backward pass gathers each layer again rather than keeping all L.
+        body = nn.map_variables(_ScanBody, "params", trans_in_fn=c.layer_params_at_use)
       if c.remat:
-        body = nn.remat(_ScanBody, prevent_cse=False)
+        body = nn.remat(body, prevent_cse=False)
       scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                       "dropout": True},
                         in_axes=nn.broadcast, length=c.num_layers)
@@ -430,6 +436,17 @@ def generator_config(config) -> EncoderConfig:
                              num_heads=e.generator_num_heads,
                              intermediate_size=e.generator_intermediate_size,
                              num_layers=e.generator_num_layers)
+
+
+def with_layer_params_at_use(model: nn.Module, transform_for) -> nn.Module:
+  """`model` (MaskedLM or ElectraPretrainer) with `transform_for(cfg)` applied to each scanned
+  layer's parameters where the scan uses them, in each of its encoders
+  (EncoderConfig.layer_params_at_use)."""
+  updates = {f.name: dataclasses.replace(getattr(model, f.name),
+                                         layer_params_at_use=transform_for(getattr(model, f.name)))
+             for f in dataclasses.fields(model)
+             if isinstance(getattr(model, f.name, None), EncoderConfig)}
+  return model.clone(**updates)
 
 
 def build_model(config) -> nn.Module:

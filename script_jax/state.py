@@ -6,6 +6,7 @@ and fine-tuning need only `init_params` / `abstract_params`, no optimizer.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -152,22 +153,65 @@ def state_shardings(config, abstract_state, mesh):
       lambda x: jax.sharding.NamedSharding(mesh, fsdp_spec(x.shape, data_size)), abstract_state)
 
 
-def fsdp_use_shardings(params_sharding, mesh, scan_layers: bool = False):
+def fsdp_use_shardings(params_sharding, mesh):
   """The layout each parameter takes where the step uses it, under mesh.fsdp: the lookup tables
-  (`embedding` leaves: words, positions, segments) whole on every device, the rest as stored
-  (XLA gathers each where it is used, layer by layer). A lookup into a table split over 'data'
-  makes XLA all-gather every device's token ids instead, the batch crossing the pod; gathering
-  the table once also serves the tied output layer. With scanned layers everything is gathered
-  whole at the start of the step: left split, XLA partitions the scan's saved activations
-  across the batch and all-gathers attention probabilities."""
+  (`embedding` leaves: words, positions, segments) whole on every device, the rest as stored.
+  A lookup into a table split over 'data' makes XLA all-gather every device's token ids
+  instead, the batch crossing the pod; gathering the table once also serves the tied output
+  layer. Unscanned weights XLA gathers where each is used; scanned layers are gathered one at a
+  time inside the scan (`LayerGather`)."""
   replicated = jax.sharding.NamedSharding(mesh, P())
 
   def use(path, sharding):
-    if scan_layers or str(getattr(path[-1], "key", "")) == "embedding":
-      return replicated
-    return sharding
+    return replicated if str(getattr(path[-1], "key", "")) == "embedding" else sharding
 
   return jax.tree_util.tree_map_with_path(use, params_sharding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gathered(x, stored, whole):
+  """x (in its `stored` layout) made `whole`: an all-gather, whose gradient is split back into
+  `stored`. (Constraining x to `stored` first as well made XLA split the layer's activations
+  along the weights' split dimensions.)"""
+  del stored
+  return jax.lax.with_sharding_constraint(x, whole)
+
+
+def _gathered_fwd(x, stored, whole):
+  return _gathered(x, stored, whole), None
+
+
+def _gathered_bwd(stored, whole, _, g):
+  # The gradient goes straight back to the stored layout: each device's partial sum over its
+  # batch is reduced into its own slice (a reduce-scatter), not summed whole on every device.
+  del whole
+  return (jax.lax.with_sharding_constraint(g, stored),)
+
+
+_gathered.defvjp(_gathered_fwd, _gathered_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerGather:
+  """FSDP for scanned layers: applied to one layer's parameters inside the scan
+  (`models.with_layer_params_at_use`), it gathers that layer whole where it is used and sends
+  its gradient back split. One layer's weights are whole at a time, not all L; remat gathers
+  again in the backward pass. Left to XLA, the scan's weights stay split and it partitions
+  the saved activations across the batch instead, all-gathering attention probabilities."""
+  mesh: jax.sharding.Mesh
+  num_layers: int
+
+  def __call__(self, layer_params):
+    data_size = self.mesh.shape["data"]
+    whole = jax.sharding.NamedSharding(self.mesh, P())
+
+    def gather(x):
+      stacked_spec = tuple(fsdp_spec((self.num_layers,) + tuple(x.shape), data_size))
+      stacked_spec += (None,) * (x.ndim + 1 - len(stacked_spec))
+      stored = jax.sharding.NamedSharding(self.mesh, P(*stacked_spec[1:]))
+      return _gathered(x, stored, whole)
+
+    return jax.tree.map(gather, layer_params)
 
 
 def init_state(config, model, mesh):

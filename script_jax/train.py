@@ -62,8 +62,12 @@ def make_train_step(config, model, state_sharding, mesh):
   loss_fn = functools.partial(objectives.get_objective(config.objective), model=model,
                               config=config)
   if config.mesh.get("fsdp", False):
-    objective_loss, use = loss_fn, state_lib.fsdp_use_shardings(
-        state_sharding.params, mesh, config.model.scan_layers)
+    if config.model.scan_layers:
+      model = models.with_layer_params_at_use(
+          model, lambda cfg: state_lib.LayerGather(mesh, cfg.num_layers))
+      loss_fn = functools.partial(objectives.get_objective(config.objective), model=model,
+                                  config=config)
+    objective_loss, use = loss_fn, state_lib.fsdp_use_shardings(state_sharding.params, mesh)
 
     def loss_fn(params, batch, rng):
       return objective_loss(jax.lax.with_sharding_constraint(params, use), batch, rng)

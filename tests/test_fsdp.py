@@ -18,8 +18,9 @@ from script_jax import train
 from script_jax.data import synthetic
 
 P = jax.sharding.PartitionSpec
-_COLLECTIVE = re.compile(r"= (\S+) (all-gather|all-reduce|all-to-all|collective-permute|"
-                         r"reduce-scatter|collective-broadcast)(-start|-done)?\(")
+# The result type may be a tuple (XLA combines collectives): "(f32[2,32]{1,0}, ...)".
+_COLLECTIVE = re.compile(r"= (\([^)]*\)|\S+) (all-gather|all-reduce|all-to-all|"
+                         r"collective-permute|reduce-scatter|collective-broadcast)(-start|-done)?\(")
 
 
 def _config(objective="script", **overrides):
@@ -43,15 +44,18 @@ def test_fsdp_spec_splits_the_largest_divisible_dimension(shape, spec):
   assert state_lib.fsdp_spec(shape, 1) == P()
 
 
-# SCRIPT's step has both passes, ELECTRA's a second model; MLM's parameters are SCRIPT's.
-@pytest.mark.parametrize("objective", ["script", "electra"])
-def test_fsdp_steps_equal_the_replicated_steps(objective):
+# SCRIPT's step has both passes, ELECTRA's a second model (scanned: two scans, the generator's
+# narrower, each gathering its own layers); MLM's parameters are SCRIPT's.
+@pytest.mark.parametrize("objective,scan_layers", [("script", False), ("electra", True)])
+def test_fsdp_steps_equal_the_replicated_steps(objective, scan_layers):
   devices = jax.devices()
   assert len(devices) == 8
+  layout = {"model.scan_layers": scan_layers, "model.remat": scan_layers}
   batches = [random_batch(_config(objective), 16, seed=10 + s) for s in range(2)]
-  replicated_params, replicated_losses = run_steps(_config(objective), devices, batches)
-  fsdp_params, fsdp_losses = run_steps(_config(objective, **{"mesh.fsdp": True}), devices,
-                                       batches)
+  replicated_params, replicated_losses = run_steps(_config(objective, **layout), devices,
+                                                   batches)
+  fsdp_params, fsdp_losses = run_steps(_config(objective, **layout, **{"mesh.fsdp": True}),
+                                       devices, batches)
   np.testing.assert_allclose(fsdp_losses, replicated_losses, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                fsdp_params, replicated_params)
@@ -64,13 +68,20 @@ def _fsdp_state(config):
   return mesh, model, state, sharding
 
 
+def _dims(hlo_type: str) -> tuple[int, ...]:
+  """f32[64,256]{1,0} -> (64, 256)."""
+  return tuple(int(d) for d in re.findall(r"\d+", hlo_type.split("[")[1].split("]")[0]))
+
+
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_fsdp_compiled_step_gathers_only_parameters(scan_layers):
-  """All-gathers bring whole weights (or, scanned, one layer's) to the step, never the batch's
-  activations; gradients and metrics are summed with all-reduces (on TPU and GPU, XLA rewrites
-  an all-reduce whose result is then sliced into a reduce-scatter; its CPU pipeline does not);
+  """All-gathers bring whole weights to the step, never the batch's activations, and scanned
+  layers one at a time inside the scan (a [1, ...] slice of a stacked weight, never all L);
+  gradients and metrics are summed with all-reduces (on TPU and GPU, XLA rewrites an
+  all-reduce whose result is then sliced into a reduce-scatter; its CPU pipeline does not);
   nothing else moves."""
-  config = _config(**{"mesh.fsdp": True, "model.scan_layers": scan_layers})
+  config = _config(**{"mesh.fsdp": True, "model.scan_layers": scan_layers,
+                      "model.remat": scan_layers})
   mesh, model, state, sharding = _fsdp_state(config)
   sharded = [x for x in jax.tree.leaves(state.params) if x.sharding.spec != P()]
   assert len(sharded) > 0.8 * len(jax.tree.leaves(state.params))
@@ -83,16 +94,18 @@ def test_fsdp_compiled_step_gathers_only_parameters(scan_layers):
   hlo = step.lower(state, batch).compile().as_text()
   collectives = [(m.group(2), m.group(1)) for m in _COLLECTIVE.finditer(hlo)]
   assert {kind for kind, _ in collectives} <= {"all-gather", "all-reduce", "reduce-scatter"}
-  weight_shapes = set()
-  for x in jax.tree.leaves(state.params):
-    weight_shapes.add(tuple(x.shape))
-    if scan_layers and x.ndim > 1:
-      weight_shapes.add(tuple(x.shape[1:]))  # one layer of a stacked weight
-  gathered = [shape for kind, shape in collectives if kind == "all-gather"]
+  layers = state.params["encoder"].get("layers", {})
+  one_layer_shapes = {(1,) + x.shape[1:] for x in jax.tree.leaves(layers)}
+  whole_shapes = {tuple(x.shape) for x in jax.tree.leaves(
+      {k: v for k, v in state.params.items() if k != "encoder"})}
+  whole_shapes |= {tuple(x.shape) for x in jax.tree.leaves(
+      {k: v for k, v in state.params["encoder"].items() if k != "layers"})}
+  gathered = [_dims(result) for kind, result in collectives if kind == "all-gather"]
   assert gathered
-  for result in gathered:  # e.g. f32[64,256]{1,0}
-    dims = tuple(int(d) for d in re.findall(r"\d+", result.split("[")[1].split("]")[0]))
-    assert dims in weight_shapes, result
+  for dims in gathered:
+    assert dims in whole_shapes | one_layer_shapes, dims
+  if scan_layers:  # the largest weight, one layer of it at a time
+    assert (1,) + layers["layer"]["intermediate"]["kernel"].shape[1:] in gathered
 
 
 def test_fsdp_checkpoint_restores_into_its_layout(tmp_path):
