@@ -178,6 +178,10 @@ def base_config() -> ml_collections.ConfigDict:
   # True: parameters and optimizer state split over 'data' (FSDP, state.state_shardings);
   # False: replicated on every device.
   c.mesh.fsdp = False
+  # With fsdp: how many groups of devices each hold a whole copy of the split state (a
+  # 'replica' mesh axis; the batch is split over both). 0: one per slice, so FSDP's gathers
+  # stay on a slice's interconnect and only the gradient all-reduce crosses DCN.
+  c.mesh.fsdp_replicas = 0
 
   # Start from another pretraining workdir's parameters when this workdir has no checkpoint.
   c.init_from = ""
@@ -300,11 +304,22 @@ def vocab_size_problem(tokenizer_vocab_size: int, config: ml_collections.ConfigD
           f"--config.model.vocab_size={tokenizer_vocab_size}.")
 
 
-def validate_config(config, num_devices: int | None = None, process_count: int | None = None):
+def fsdp_replicas(config, num_slices: int = 1) -> int:
+  """How many groups each hold a whole copy of the state: 1 without FSDP (every device holds
+  it; the mesh has no 'replica' axis), with it mesh.fsdp_replicas, or one per slice when 0."""
+  if not config.mesh.get("fsdp", False):
+    return 1
+  return config.mesh.get("fsdp_replicas", 0) or num_slices
+
+
+def validate_config(config, num_devices: int | None = None, process_count: int | None = None,
+                    num_slices: int | None = None):
   """Raises ConfigError with a clear message for every inconsistency we can see up front."""
   import jax  # pylint: disable=g-import-not-at-top
+  from script_jax import meshes  # pylint: disable=g-import-not-at-top
   num_devices = jax.device_count() if num_devices is None else num_devices
   process_count = jax.process_count() if process_count is None else process_count
+  num_slices = meshes.num_slices(jax.devices()) if num_slices is None else num_slices
   m = config.model
   problems = []
   if config.objective not in OBJECTIVES:
@@ -340,13 +355,26 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
     problems.append(f"optim.warmup_steps {config.optim.warmup_steps} exceeds num_train_steps "
                     f"{config.num_train_steps}")
   model_axis = config.mesh.model
-  data_axis = config.mesh.data if config.mesh.data > 0 else num_devices // max(model_axis, 1)
-  if model_axis < 1 or data_axis * model_axis != num_devices:
-    problems.append(f"mesh data={config.mesh.data} x model={config.mesh.model} does not cover "
-                    f"the {num_devices} devices")
-  elif config.batch_size % data_axis:
-    problems.append(f"batch_size {config.batch_size} is not divisible by the {data_axis} "
-                    "data-parallel devices; choose a multiple (--config.batch_size=...)")
+  requested_replicas = config.mesh.get("fsdp_replicas", 0)
+  replicas = max(1, fsdp_replicas(config, num_slices))
+  data_axis = (config.mesh.data if config.mesh.data > 0
+               else num_devices // max(model_axis * replicas, 1))
+  if requested_replicas < 0 or (requested_replicas and not config.mesh.get("fsdp", False)):
+    problems.append(f"mesh.fsdp_replicas={requested_replicas}: it is 0 (one per slice) or the "
+                    "number of groups that each hold a copy of the state, and applies only "
+                    "with mesh.fsdp=True")
+  elif model_axis < 1 or replicas * data_axis * model_axis != num_devices:
+    shown = f"fsdp_replicas={replicas} x " if replicas > 1 else ""
+    problems.append(f"mesh {shown}data={config.mesh.data} x model={config.mesh.model} does not "
+                    f"cover the {num_devices} devices")
+  elif replicas > 1 and num_slices > 1 and replicas % num_slices:
+    problems.append(f"mesh.fsdp_replicas={replicas} must be a multiple of the {num_slices} "
+                    "slices: a group of devices that holds a copy of the state lies within one "
+                    "slice")
+  elif config.batch_size % (replicas * data_axis):
+    problems.append(f"batch_size {config.batch_size} is not divisible by the "
+                    f"{replicas * data_axis} data-parallel devices; choose a multiple "
+                    "(--config.batch_size=...)")
   if model_axis > 1:
     # Nothing is sharded over a model axis yet: it would only run the same work twice.
     problems.append(f"mesh.model={model_axis}: model parallelism is not implemented (no "

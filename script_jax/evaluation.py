@@ -32,7 +32,9 @@ import jax
 import numpy as np
 
 from script_jax import config_lib
+from script_jax import meshes
 from script_jax import objectives
+from script_jax import state as state_lib
 
 P = jax.sharding.PartitionSpec
 PREFIX = "eval_"
@@ -96,16 +98,17 @@ def summarize(outputs: list[dict[str, np.ndarray]]) -> dict[str, float]:
 def make_eval_step(config, model, params_sharding, mesh) -> Callable:
   """The jitted evaluation step: (params, batch, batch number) -> per-token outputs, gathered
   on every device (the set is small; the host needs them all for the exact AUC)."""
+  model, params_at_use = state_lib.for_the_step(config, model, params_sharding, mesh)
   loss_fn = functools.partial(objectives.get_objective(config.objective), model=model,
                               config=config, deterministic=True, with_outputs=True)
   seed, rng_impl = config.eval.seed, config_lib.rng_impl_of(config)
 
   def eval_step(params, batch, batch_number):
     rng = jax.random.fold_in(jax.random.key(seed, impl=rng_impl), batch_number)
-    _, metrics = loss_fn(params, batch, rng)
+    _, metrics = loss_fn(params_at_use(params), batch, rng)
     return metrics["outputs"]
 
-  batch_sharding = jax.sharding.NamedSharding(mesh, P("data"))
+  batch_sharding = jax.sharding.NamedSharding(mesh, meshes.batch_spec(mesh))
   replicated = jax.sharding.NamedSharding(mesh, P())
   return jax.jit(eval_step, in_shardings=(params_sharding, batch_sharding, replicated),
                  out_shardings=replicated)
@@ -138,7 +141,7 @@ class Evaluator:
   def evaluate(self, params) -> dict[str, float]:
     """The metrics of `params` on the whole set, and the seconds it took (eval_seconds)."""
     start = time.time()
-    sharding = jax.sharding.NamedSharding(self.mesh, P("data"))
+    sharding = jax.sharding.NamedSharding(self.mesh, meshes.batch_spec(self.mesh))
     outputs = []
     for number, host_batch in enumerate(self.batches):
       batch = {k: jax.make_array_from_process_local_data(sharding, v)

@@ -24,17 +24,25 @@ def num_slices(devices: Sequence[Any]) -> int:
 
 
 def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
-  """The devices arranged as `shape` (the first axis is 'data'): within a slice by
-  mesh_utils.create_device_mesh, across slices with the first axis split over the slices."""
+  """The devices arranged as `shape` (the first axis is 'data', or FSDP's 'replica'): within
+  a slice by mesh_utils.create_device_mesh, across slices with the first axis split over the
+  slices."""
   slices = num_slices(devices)
   if slices == 1:
     return mesh_utils.create_device_mesh(tuple(shape), devices)
   data, *rest = shape
   if data % slices:
-    raise ValueError(f"The data axis ({data}) must be a multiple of the number of slices "
-                     f"({slices}): each slice holds whole rows of the mesh.")
+    raise ValueError(f"The mesh's first axis ({data}) must be a multiple of the number of "
+                     f"slices ({slices}): each slice holds whole rows of the mesh.")
   return mesh_utils.create_hybrid_device_mesh((data // slices, *rest), (slices,) + (1,) * len(rest),
                                                devices)
+
+
+def batch_spec(mesh: jax.sharding.Mesh) -> jax.sharding.PartitionSpec:
+  """How a batch is split over `mesh`: over every data-parallel axis ('replica' and 'data')."""
+  if "replica" in mesh.axis_names:
+    return jax.sharding.PartitionSpec(("replica", "data"))
+  return jax.sharding.PartitionSpec("data")
 
 
 def make_mesh(shape: Sequence[int], names: Sequence[str],

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from script_jax import models
+
 P = jax.sharding.PartitionSpec
 
 
@@ -212,6 +214,18 @@ class LayerGather:
       return _gathered(x, stored, whole)
 
     return jax.tree.map(gather, layer_params)
+
+
+def for_the_step(config, model, params_sharding, mesh):
+  """(model, params_at_use) for a step over `mesh`: under mesh.fsdp the model gathers its
+  scanned layers one at a time (`LayerGather`) and `params_at_use` puts the rest in the layout
+  the step uses them in (`fsdp_use_shardings`); otherwise `model` and the identity."""
+  if not config.mesh.get("fsdp", False):
+    return model, lambda params: params
+  if config.model.scan_layers:
+    model = models.with_layer_params_at_use(model, lambda cfg: LayerGather(mesh, cfg.num_layers))
+  use = fsdp_use_shardings(params_sharding, mesh)
+  return model, lambda params: jax.lax.with_sharding_constraint(params, use)
 
 
 def init_state(config, model, mesh):

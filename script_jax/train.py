@@ -48,29 +48,31 @@ class NonFiniteLossError(FloatingPointError, cli_errors.UserError):
 
 def create_mesh(config, devices=None) -> jax.sharding.Mesh:
   """The ('data', 'model') mesh; data-parallel over every device by default, across slices on
-  a multi-slice TPU job (meshes.py)."""
+  a multi-slice TPU job (meshes.py). With FSDP over several groups (`config_lib.fsdp_replicas`:
+  one per slice unless set), ('replica', 'data', 'model'): the state is split within a group
+  and each group holds a whole copy, so FSDP's gathers stay on a slice's interconnect."""
   devices = jax.devices() if devices is None else devices
   model_axis = config.mesh.model
-  data_axis = config.mesh.data if config.mesh.data > 0 else len(devices) // model_axis
-  return meshes.make_mesh((data_axis, model_axis), ("data", "model"), devices)
+  replicas = config_lib.fsdp_replicas(config, meshes.num_slices(devices))
+  data_axis = (config.mesh.data if config.mesh.data > 0
+               else len(devices) // (model_axis * replicas))
+  if replicas == 1:
+    return meshes.make_mesh((data_axis, model_axis), ("data", "model"), devices)
+  return meshes.make_mesh((replicas, data_axis, model_axis), ("replica", "data", "model"),
+                          devices)
 
 
 # ----------------------------------------------------------------------------- state and step
 
 def make_train_step(config, model, state_sharding, mesh):
   """The jitted, sharded train step: (state, batch) -> (state, metrics). State is donated."""
-  loss_fn = functools.partial(objectives.get_objective(config.objective), model=model,
-                              config=config)
-  if config.mesh.get("fsdp", False):
-    if config.model.scan_layers:
-      model = models.with_layer_params_at_use(
-          model, lambda cfg: state_lib.LayerGather(mesh, cfg.num_layers))
-      loss_fn = functools.partial(objectives.get_objective(config.objective), model=model,
-                                  config=config)
-    objective_loss, use = loss_fn, state_lib.fsdp_use_shardings(state_sharding.params, mesh)
+  model, params_at_use = state_lib.for_the_step(config, model, state_sharding.params, mesh)
+  objective_loss = functools.partial(objectives.get_objective(config.objective), model=model,
+                                     config=config)
 
-    def loss_fn(params, batch, rng):
-      return objective_loss(jax.lax.with_sharding_constraint(params, use), batch, rng)
+  def loss_fn(params, batch, rng):
+    return objective_loss(params_at_use(params), batch, rng)
+
   schedule = state_lib.learning_rate_schedule(config)
   seed, rng_impl = config.seed, config_lib.rng_impl_of(config)
 
@@ -83,7 +85,7 @@ def make_train_step(config, model, state_sharding, mesh):
     metrics["learning_rate"] = schedule(state.step)
     return state.apply_gradients(grads=grads), metrics
 
-  batch_sharding = jax.sharding.NamedSharding(mesh, P("data"))
+  batch_sharding = jax.sharding.NamedSharding(mesh, meshes.batch_spec(mesh))
   replicated = jax.sharding.NamedSharding(mesh, P())
   return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, replicated), donate_argnums=0)
@@ -91,7 +93,7 @@ def make_train_step(config, model, state_sharding, mesh):
 
 def to_global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, Array]:
   """This host's slice of the batch -> global arrays split over the 'data' axis."""
-  sharding = jax.sharding.NamedSharding(mesh, P("data"))
+  sharding = jax.sharding.NamedSharding(mesh, meshes.batch_spec(mesh))
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[k]))
           for k in BATCH_KEYS}
 

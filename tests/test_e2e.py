@@ -91,6 +91,26 @@ def test_tiny_run_of_each_objective_through_main(objective, tmp_path, shared_dat
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
 
 
+def test_fsdp_with_replicas_through_main(tmp_path, shared_data):
+  """mesh.fsdp over two groups of 4, scanned layers gathered one at a time: trains, evaluates
+  and checkpoints through main on 8 devices; the checkpoint loads whole."""
+  result = run_main(FAST + [f"--workdir={tmp_path}", f"--config.data.prepared_dir={shared_data}",
+                            "--config.mesh.fsdp=True", "--config.mesh.fsdp_replicas=2",
+                            "--config.model.scan_layers=True", "--config.model.remat=True",
+                            "--config.num_train_steps=20", "--config.eval_every_steps=10"],
+                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "8 devices" in result.stderr
+  records = _metrics(tmp_path)
+  assert [r["step"] for r in records] == [10, 20]
+  assert records[-1]["mlm_loss"] < records[0]["mlm_loss"]
+  evals = _eval_records(tmp_path)
+  assert [r["step"] for r in evals] == [10, 20]
+  assert all(np.isfinite(r[k]) for r in evals for k in EVAL_KEYS + CRITIC_EVAL_KEYS)
+  kernel = _params(tmp_path)["encoder"]["layers"]["layer"]["intermediate"]["kernel"]
+  assert isinstance(kernel, np.ndarray) and kernel.shape == (2, 64, 256)  # whole on the host
+
+
 def test_inverse_cdf_sampler_through_main(tmp_path, shared_data):
   result = run_main(FAST + [f"--workdir={tmp_path}", "--config.objective=electra",
                             "--config.sampler=inverse_cdf",

@@ -4,12 +4,11 @@ On the 8 fake CPU devices: the layout of each array, the train step equal to the
 the compiled step's collectives, and a checkpoint restored into the FSDP layout.
 """
 
-import re
-
 import jax
 import numpy as np
 import pytest
 from conftest import load_config, random_batch, run_steps
+import hlo_collectives
 
 from script_jax import checkpoints
 from script_jax import models
@@ -18,9 +17,6 @@ from script_jax import train
 from script_jax.data import synthetic
 
 P = jax.sharding.PartitionSpec
-# The result type may be a tuple (XLA combines collectives): "(f32[2,32]{1,0}, ...)".
-_COLLECTIVE = re.compile(r"= (\([^)]*\)|\S+) (all-gather|all-reduce|all-to-all|"
-                         r"collective-permute|reduce-scatter|collective-broadcast)(-start|-done)?\(")
 
 
 def _config(objective="script", **overrides):
@@ -68,11 +64,6 @@ def _fsdp_state(config):
   return mesh, model, state, sharding
 
 
-def _dims(hlo_type: str) -> tuple[int, ...]:
-  """f32[64,256]{1,0} -> (64, 256)."""
-  return tuple(int(d) for d in re.findall(r"\d+", hlo_type.split("[")[1].split("]")[0]))
-
-
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_fsdp_compiled_step_gathers_only_parameters(scan_layers):
   """All-gathers bring whole weights to the step, never the batch's activations, and scanned
@@ -91,21 +82,52 @@ def test_fsdp_compiled_step_gathers_only_parameters(scan_layers):
   assert per_device < 0.3 * sum(x.nbytes for x in jax.tree.leaves(state))
   step = train.make_train_step(config, model, sharding, mesh)
   batch = train.to_global_batch(synthetic.random_masked_batch(config, 16, 0), mesh)
-  hlo = step.lower(state, batch).compile().as_text()
-  collectives = [(m.group(2), m.group(1)) for m in _COLLECTIVE.finditer(hlo)]
-  assert {kind for kind, _ in collectives} <= {"all-gather", "all-reduce", "reduce-scatter"}
+  collectives = hlo_collectives.collectives(step.lower(state, batch).compile().as_text())
+  assert {c.kind for c in collectives} <= {"all-gather", "all-reduce", "reduce-scatter"}
   layers = state.params["encoder"].get("layers", {})
   one_layer_shapes = {(1,) + x.shape[1:] for x in jax.tree.leaves(layers)}
   whole_shapes = {tuple(x.shape) for x in jax.tree.leaves(
       {k: v for k, v in state.params.items() if k != "encoder"})}
   whole_shapes |= {tuple(x.shape) for x in jax.tree.leaves(
       {k: v for k, v in state.params["encoder"].items() if k != "layers"})}
-  gathered = [_dims(result) for kind, result in collectives if kind == "all-gather"]
+  gathered = [shape for c in collectives if c.kind == "all-gather" for shape in c.shapes()]
   assert gathered
   for dims in gathered:
     assert dims in whole_shapes | one_layer_shapes, dims
   if scan_layers:  # the largest weight, one layer of it at a time
     assert (1,) + layers["layer"]["intermediate"]["kernel"].shape[1:] in gathered
+
+
+def test_fsdp_replicas_gather_within_their_group_and_equal_the_replicated_steps():
+  """mesh.fsdp_replicas=2 on 8 devices (what one group per slice gives on a two-slice job):
+  each group of 4 holds a split copy of the state, weights are gathered only within a group
+  (scanned, one layer at a time), gradients are summed across groups, and two steps equal the
+  replicated ones."""
+  layout = {"model.scan_layers": True, "model.remat": True}
+  config = _config(**layout, **{"mesh.fsdp": True, "mesh.fsdp_replicas": 2})
+  mesh, model, state, sharding = _fsdp_state(config)
+  assert dict(mesh.shape) == {"replica": 2, "data": 4, "model": 1}
+  assert all(x.sharding.spec == P() or "replica" not in str(x.sharding.spec)
+             for x in jax.tree.leaves(state))
+  step = train.make_train_step(config, model, sharding, mesh)
+  batch = train.to_global_batch(synthetic.random_masked_batch(config, 16, 0), mesh)
+  collectives = hlo_collectives.collectives(step.lower(state, batch).compile().as_text())
+  position = {d: i for i, d in enumerate(mesh.devices.flat)}
+  replica_of = {position[d]: r for r, group in enumerate(mesh.devices) for d in group.flat}
+  gathers = [c for c in collectives if c.kind == "all-gather"]
+  assert gathers and all(c.groups for c in gathers)
+  for c in gathers:
+    for group in c.groups:
+      assert len({replica_of[d] for d in group}) == 1, (c.result, group)
+  # A gradient's sum over the whole batch crosses the groups (on a multi-slice job: DCN).
+  assert any(c.groups == () or any(len({replica_of[d] for d in g}) == 2 for g in c.groups)
+             for c in collectives if c.kind == "all-reduce")
+  batches = [random_batch(_config(), 16, seed=10 + s) for s in range(2)]
+  replicated_params, replicated_losses = run_steps(_config(**layout), jax.devices(), batches)
+  fsdp_params, fsdp_losses = run_steps(config, jax.devices(), batches)
+  np.testing.assert_allclose(fsdp_losses, replicated_losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               fsdp_params, replicated_params)
 
 
 def test_fsdp_checkpoint_restores_into_its_layout(tmp_path):

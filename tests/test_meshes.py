@@ -7,7 +7,10 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import load_config
+
 from script_jax import meshes
+from script_jax import train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,3 +57,19 @@ def test_one_slice_is_jax_make_mesh():
   assert mesh == want and mesh.axis_types == want.axis_types
   assert np.array_equal(meshes.device_grid((8,), _devices(1, 8)),
                         np.array(_devices(1, 8), dtype=object))
+
+
+@pytest.mark.parametrize("slices,per_slice", [(2, 4), (4, 2)])
+def test_fsdp_on_several_slices_keeps_each_copy_of_the_state_in_one_slice(slices, per_slice):
+  """mesh.fsdp on a multi-slice job: a 'replica' axis of one group per slice, the state split
+  over 'data' within it (so FSDP's gathers never cross DCN), the batch over both."""
+  devices = _devices(slices, per_slice, shuffle=True)
+  mesh = train.create_mesh(load_config("tiny", **{"mesh.fsdp": True}), devices=devices)
+  assert mesh.axis_names == ("replica", "data", "model")
+  assert mesh.devices.shape == (slices, per_slice, 1)
+  assert [{d.slice_index for d in group.flat} for group in mesh.devices] == [
+      {s} for s in range(slices)]
+  assert meshes.batch_spec(mesh) == jax.sharding.PartitionSpec(("replica", "data"))
+  # Without FSDP the data axis spans the slices, as before.
+  plain = train.create_mesh(load_config("tiny"), devices=devices)
+  assert plain.axis_names == ("data", "model") and plain.devices.shape == (slices * per_slice, 1)

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import load_config, random_batch, run_steps
+import hlo_collectives
 
 from script_jax import models
 from script_jax import state as state_lib
@@ -84,11 +85,27 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     ({"script.disc_positions": "some"}, "script.disc_positions must be one of all, masked"),
     ({"sampler": "topk"}, "sampler must be one of gumbel, inverse_cdf"),
     ({"rng_impl": "philox"}, "rng_impl must be one of auto, threefry2x32, rbg, unsafe_rbg"),
+    ({"mesh.fsdp_replicas": 2}, "applies only with mesh.fsdp=True"),
+    ({"mesh.fsdp": True, "mesh.fsdp_replicas": 3}, "fsdp_replicas=3 x data=-1 x model=1 does "
+                                                   "not cover the 8 devices"),
+    ({"mesh.fsdp": True, "mesh.fsdp_replicas": 4, "batch_size": 4},
+     "batch_size 4 is not divisible by the 8 data-parallel devices"),
 ])
 def test_inconsistent_configs_are_clear_errors(override, message):
   config = load_config("tiny", **override)
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate_config(config)
+
+
+def test_fsdp_replicas_follow_the_slices():
+  """One FSDP group per slice by default; a group never spans two slices."""
+  fsdp = load_config("tiny", **{"mesh.fsdp": True})
+  assert config_lib.fsdp_replicas(fsdp, num_slices=4) == 4
+  assert config_lib.fsdp_replicas(load_config("tiny"), num_slices=4) == 1
+  config_lib.validate_config(fsdp, num_devices=8, process_count=1, num_slices=2)
+  split = load_config("tiny", **{"mesh.fsdp": True, "mesh.fsdp_replicas": 2})
+  with pytest.raises(config_lib.ConfigError, match="must be a multiple of the 4 slices"):
+    config_lib.validate_config(split, num_devices=8, process_count=1, num_slices=4)
 
 
 def test_encoder_params_have_one_layout_whatever_the_objective():
@@ -200,10 +217,6 @@ def test_checkpoints_kept_for_curves_beside_the_last_ones(tmp_path, keep_every, 
   manager.close()
 
 
-_COLLECTIVE = re.compile(r"= \S+ (all-gather|all-reduce|all-to-all|collective-permute|"
-                         r"reduce-scatter|collective-broadcast)(-start|-done)?\(")
-
-
 @pytest.mark.parametrize("objective", ["script", "electra", "mlm"])
 @pytest.mark.parametrize("memory_flags", [False, True])
 def test_compiled_step_has_only_the_gradient_and_metric_all_reduces(objective, memory_flags):
@@ -223,10 +236,8 @@ def test_compiled_step_has_only_the_gradient_and_metric_all_reduces(objective, m
   step = train.make_train_step(config, model, sharding, mesh)
   batch = train.to_global_batch(synthetic.random_masked_batch(config, 16, 0), mesh)
   hlo = step.lower(state, batch).compile().as_text()
-  found = [m.group(0) for m in _COLLECTIVE.finditer(hlo)]
-  kinds = {m.group(1) for m in _COLLECTIVE.finditer(hlo)}
-  assert kinds == {"all-reduce"}, [line.strip()[:200] for line in hlo.splitlines()
-                                   if any(f in line for f in found) and "all-reduce" not in line]
+  found = hlo_collectives.collectives(hlo)
+  assert {c.kind for c in found} == {"all-reduce"}, [c for c in found if c.kind != "all-reduce"]
   # threefry (rng_impl auto on CPU) draws each device's own random bits (dropout masks, Gumbel
   # noise): its u32 arrays have the local batch of 2 rows, never the global 16.
   random_bits = re.findall(r"u32\[(\d+),[\d,]+\]", hlo)
