@@ -151,6 +151,7 @@ class GcsTlsProxy:
     self._socket.listen(64)
     self.port = self._socket.getsockname()[1]
     self.requests: list[tuple[str, str]] = []  # (method, path) of every request served
+    self.bytes_served = 0  # response bodies sent to clients (what a reader downloads)
     threading.Thread(target=self._accept, daemon=True).start()
 
   def environment(self) -> dict[str, str]:
@@ -225,6 +226,7 @@ class GcsTlsProxy:
       emulator_url = f"http://{self._emulator.netloc}"
       headers = [(k, v.replace(emulator_url, f"https://{GCS_HOSTS[0]}"))
                  for k, v in answer.getheaders()]
+      self.bytes_served += len(data)
       tls.sendall(_response(answer.status, headers, data))
     finally:
       emulator.close()

@@ -335,3 +335,12 @@ def test_resume_benchmark_times_both_orders_and_writes_json(tmp_path_factory, tm
   bad = run_module("bench.resume_data", [*tiny_pretraining_flags(source),
                                          f"--data_dir={workdir}/data", "--fractions=1.5"])
   assert bad.returncode == 2 and b"error: --fractions must lie in [0, 1)" in bad.stderr
+  one = run_module("bench.resume_data", [*tiny_pretraining_flags(source),
+                                         f"--data_dir={workdir}/data", "--fractions=0.5",
+                                         "--orders=windows"])
+  assert one.returncode == 0, one.stderr.decode()[-3000:]
+  assert "| resume at | step | windows (s) |" in one.stdout.decode()
+  assert "buffer" not in one.stdout.decode().split("| resume at")[1]
+  bad = run_module("bench.resume_data", [*tiny_pretraining_flags(source),
+                                         f"--data_dir={workdir}/data", "--orders=random"])
+  assert bad.returncode == 2 and b"error: --orders takes buffer, windows: random" in bad.stderr

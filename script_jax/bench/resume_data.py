@@ -1,7 +1,7 @@
 """Time to the first batch when a run resumes late in an epoch, for each `data.order`.
 
   python -m script_jax.bench.resume_data --config=configs/mini.py --data_dir=OUT/data \
-      [--fractions=0.1,0.5,0.9] [--output=resume_data.json]
+      [--fractions=0.1,0.5,0.9] [--orders=buffer,windows] [--output=resume_data.json]
 
 --data_dir is a folder made by script_jax.data.prepare for the config. For each order
 ("buffer": files interleaved through a shuffle buffer, resume reads its way back to its place;
@@ -36,6 +36,7 @@ def define_flags() -> None:
                                   lock_config=True)
   flags.DEFINE_string("data_dir", None, "A prepared folder (script_jax.data.prepare).")
   flags.DEFINE_list("fractions", ["0.1", "0.5", "0.9"], "Where in the first epoch to resume.")
+  flags.DEFINE_list("orders", list(config_lib.DATA_ORDERS), "The data.order values to time.")
   flags.DEFINE_string("output", "", "Also write the figures here as JSON.")
   flags.mark_flags_as_required(["config", "data_dir"])
 
@@ -49,7 +50,8 @@ def time_to_first_batch(config, metadata: dict, data_dir: str, start_step: int) 
   return time.perf_counter() - start
 
 
-def benchmark(config, data_dir: str, fractions: list[float]) -> dict:
+def benchmark(config, data_dir: str, fractions: list[float],
+              orders: tuple[str, ...] = config_lib.DATA_ORDERS) -> dict:
   """The figures: for each fraction, the resume step and each order's seconds."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
@@ -59,7 +61,7 @@ def benchmark(config, data_dir: str, fractions: list[float]) -> dict:
   for fraction in fractions:
     start_step = int(fraction * examples) // config.batch_size
     row = {"fraction": fraction, "start_step": start_step}
-    for order in config_lib.DATA_ORDERS:
+    for order in orders:
       run_config = config.copy_and_resolve_references()
       run_config.data.order = order
       row[f"{order}_seconds"] = round(time_to_first_batch(run_config, metadata, data_dir,
@@ -81,10 +83,12 @@ def benchmark(config, data_dir: str, fractions: list[float]) -> dict:
 
 
 def table(figures: dict) -> str:
-  lines = ["| resume at | step | buffer (s) | windows (s) |", "|---:|---:|---:|---:|"]
+  orders = [o for o in config_lib.DATA_ORDERS if f"{o}_seconds" in figures["rows"][0]]
+  lines = ["| resume at | step | " + " | ".join(f"{o} (s)" for o in orders) + " |",
+           "|---:|---:|" + "---:|" * len(orders)]
   for row in figures["rows"]:
-    lines.append(f"| {row['fraction']:.0%} of an epoch | {row['start_step']:,} | "
-                 f"{row['buffer_seconds']:.2f} | {row['windows_seconds']:.2f} |")
+    lines.append(f"| {row['fraction']:.0%} of an epoch | {row['start_step']:,} | " +
+                 " | ".join(f"{row[o + '_seconds']:.2f}" for o in orders) + " |")
   return "\n".join(lines)
 
 
@@ -96,9 +100,13 @@ def main(argv):
       raise config_lib.ConfigError(f"--fractions takes numbers: {FLAGS.fractions}") from None
     if not all(0 <= f < 1 for f in fractions):
       raise config_lib.ConfigError(f"--fractions must lie in [0, 1): {fractions}")
+    unknown = [o for o in FLAGS.orders if o not in config_lib.DATA_ORDERS]
+    if unknown or not FLAGS.orders:
+      raise config_lib.ConfigError(f"--orders takes {', '.join(config_lib.DATA_ORDERS)}: "
+                                   f"{','.join(FLAGS.orders)}")
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.set_visible_devices([], "GPU")
-    figures = benchmark(FLAGS.config, FLAGS.data_dir, fractions)
+    figures = benchmark(FLAGS.config, FLAGS.data_dir, fractions, tuple(FLAGS.orders))
     print(f"{figures['examples_per_epoch']:,} sequences per epoch in {figures['num_shards']} "
           f"shards, batch {figures['batch_size']}, shuffle_buffer {figures['shuffle_buffer']:,}")
     print(table(figures))
