@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,12 +24,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import gcs_tls_proxy  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _run(args: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -48,50 +41,35 @@ def main() -> None:
   parser.add_argument("--fractions", default="0.1,0.5,0.9")
   parser.add_argument("--output", default="")
   args = parser.parse_args()
-  from gcp_storage_emulator import server as emulator_server  # pylint: disable=g-import-not-at-top
-  import pytest  # pylint: disable=g-import-not-at-top
-
-  monkeypatch = pytest.MonkeyPatch()
-  gcs_tls_proxy.accept_empty_uploads(monkeypatch)
-  port = _free_port()
-  server = emulator_server.create_server("127.0.0.1", port, in_memory=True,
-                                         default_bucket="bench")
-  server.start()
-  with tempfile.TemporaryDirectory() as tls_dir:
-    proxy = gcs_tls_proxy.GcsTlsProxy(f"http://127.0.0.1:{port}", tls_dir)
-    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "all_proxy")}
-    env.update(proxy.environment(), TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="")
-    try:
-      remote = "gs://bench/data"
-      _run(["-c", "import sys, tensorflow as tf\n"
-            "src, dst = sys.argv[1], sys.argv[2]\n"
-            "for name in tf.io.gfile.listdir(src):\n"
-            "  tf.io.gfile.copy(src + '/' + name, dst + '/' + name, overwrite=True)\n",
-            args.data_dir, remote], env)
-      rows = []
-      for fraction in args.fractions.split(","):
-        for order in ("buffer", "windows"):
-          with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            before, requests = proxy.bytes_served, len(proxy.requests)
-            _run(["-m", "script_jax.bench.resume_data", f"--config={args.config}",
-                  f"--data_dir={remote}", f"--fractions={fraction}", f"--orders={order}",
-                  f"--output={out.name}"], env)
-            figures = json.load(open(out.name))
-          row = figures["rows"][0]
-          rows.append({"fraction": float(fraction), "start_step": row["start_step"],
-                       "order": order, "seconds": row[f"{order}_seconds"],
-                       "bytes": proxy.bytes_served - before,
-                       "requests": len(proxy.requests) - requests})
-          print(f"{float(fraction):.0%} {order:8s} step {row['start_step']:,}: "
-                f"{rows[-1]['bytes'] / 2**20:.1f} MiB in {rows[-1]['requests']} requests, "
-                f"{rows[-1]['seconds']:.2f} s", flush=True)
-      if args.output:
-        with open(args.output, "w") as f:
-          json.dump({"rows": rows, "config": args.config}, f, indent=2)
-    finally:
-      proxy.close()
-      server.stop()
-      monkeypatch.undo()
+  remote = "gs://bench/data"
+  with tempfile.TemporaryDirectory() as tls_dir, gcs_tls_proxy.served_emulator(
+      tls_dir, "bench") as (env, proxy):
+    env.update(XLA_FLAGS="")
+    _run(["-c", "import sys, tensorflow as tf\n"
+          "src, dst = sys.argv[1], sys.argv[2]\n"
+          "for name in tf.io.gfile.listdir(src):\n"
+          "  tf.io.gfile.copy(src + '/' + name, dst + '/' + name, overwrite=True)\n",
+          args.data_dir, remote], env)
+    rows = []
+    for fraction in args.fractions.split(","):
+      for order in ("buffer", "windows"):
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+          before, requests = proxy.bytes_served, len(proxy.requests)
+          _run(["-m", "script_jax.bench.resume_data", f"--config={args.config}",
+                f"--data_dir={remote}", f"--fractions={fraction}", f"--orders={order}",
+                f"--output={out.name}"], env)
+          with open(out.name) as f:
+            row = json.load(f)["rows"][0]
+        rows.append({"fraction": float(fraction), "start_step": row["start_step"],
+                     "order": order, "seconds": row[f"{order}_seconds"],
+                     "bytes": proxy.bytes_served - before,
+                     "requests": len(proxy.requests) - requests})
+        print(f"{float(fraction):.0%} {order:8s} step {row['start_step']:,}: "
+              f"{rows[-1]['bytes'] / 2**20:.1f} MiB in {rows[-1]['requests']} requests, "
+              f"{rows[-1]['seconds']:.2f} s", flush=True)
+  if args.output:
+    with open(args.output, "w") as f:
+      json.dump({"rows": rows, "config": args.config}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,15 @@ in GCS's JSON error format.
 
   proxy = GcsTlsProxy(emulator_url, folder, refusals={"locked": (403, "... access ...")})
   env = proxy.environment()   # https_proxy, CURL_CA_BUNDLE, a token: for a subprocess
+
+or, with the emulator started on a free port too:
+
+  with served_emulator(folder, "bucket") as (env, proxy): ...
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import http.client
 import json
@@ -231,3 +236,35 @@ class GcsTlsProxy:
     finally:
       emulator.close()
     return True
+
+
+def free_port() -> int:
+  """A localhost port nothing listens on (at the time of asking)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served_emulator(folder: str, default_bucket: str,
+                    refusals: dict[str, tuple[int, str]] | None = None):
+  """gcp-storage-emulator (in memory, with `default_bucket`) behind a GcsTlsProxy whose
+  certificates go in `folder`: yields (the environment that sends a subprocess's gs:// there,
+  the proxy)."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  from gcp_storage_emulator import server as emulator_server  # pylint: disable=g-import-not-at-top
+  monkeypatch = pytest.MonkeyPatch()
+  accept_empty_uploads(monkeypatch)
+  port = free_port()
+  server = emulator_server.create_server("127.0.0.1", port, in_memory=True,
+                                         default_bucket=default_bucket)
+  server.start()
+  proxy = GcsTlsProxy(f"http://127.0.0.1:{port}", folder, refusals)
+  env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "all_proxy")}
+  env.update(proxy.environment(), TF_CPP_MIN_LOG_LEVEL="2")
+  try:
+    yield env, proxy
+  finally:
+    proxy.close()
+    server.stop()
+    monkeypatch.undo()

@@ -9,7 +9,6 @@ fix, and no traceback.
 """
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ import pytest
 import gcs_tls_proxy
 from script_jax import fs
 
-emulator_server = pytest.importorskip("gcp_storage_emulator.server")
+pytest.importorskip("gcp_storage_emulator.server")
 pytest.importorskip("cryptography")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,31 +29,12 @@ REFUSALS = {
 }
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tf_gcs(tmp_path_factory):
   """The environment that sends a subprocess's gs:// to the emulator, and the proxy."""
-  monkeypatch = pytest.MonkeyPatch()
-  gcs_tls_proxy.accept_empty_uploads(monkeypatch)
-  port = _free_port()
-  server = emulator_server.create_server("127.0.0.1", port, in_memory=True,
-                                         default_bucket="bucket")
-  server.start()
-  proxy = gcs_tls_proxy.GcsTlsProxy(f"http://127.0.0.1:{port}",
-                                    str(tmp_path_factory.mktemp("tls")), REFUSALS)
-  env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "all_proxy")}
-  env.update(proxy.environment(), TF_CPP_MIN_LOG_LEVEL="2")
-  try:
-    yield env, proxy
-  finally:
-    proxy.close()
-    server.stop()
-    monkeypatch.undo()
+  with gcs_tls_proxy.served_emulator(str(tmp_path_factory.mktemp("tls")), "bucket",
+                                     REFUSALS) as served:
+    yield served
 
 
 def _run(module: str, args: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -105,7 +85,7 @@ def test_pretraining_on_a_missing_bucket_is_one_error_not_a_hang(tf_gcs):
 
 def test_a_refusing_host_is_retried_within_the_bound(tmp_path):
   """Nothing listens on the port: TF retries GCS_WAIT_DEFAULTS' 5 times, then one line."""
-  env = dict(os.environ, https_proxy=f"http://127.0.0.1:{_free_port()}",
+  env = dict(os.environ, https_proxy=f"http://127.0.0.1:{gcs_tls_proxy.free_port()}",
              # Shorter back-off than the default's 1 s, so the test waits 3 s, not 31 s; the
              # number of retries is still the package's default.
              GCS_RETRY_CONFIG_INIT_DELAY_TIME_US="100000", TF_CPP_MIN_LOG_LEVEL="2")
