@@ -52,10 +52,8 @@ def create_mesh(config, devices=None) -> jax.sharding.Mesh:
   one per slice unless set), ('replica', 'data', 'model'): the state is split within a group
   and each group holds a whole copy, so FSDP's gathers stay on a slice's interconnect."""
   devices = jax.devices() if devices is None else devices
-  model_axis = config.mesh.model
-  replicas = config_lib.fsdp_replicas(config, meshes.num_slices(devices))
-  data_axis = (config.mesh.data if config.mesh.data > 0
-               else len(devices) // (model_axis * replicas))
+  replicas, data_axis, model_axis = config_lib.mesh_shape(config, len(devices),
+                                                          meshes.num_slices(devices))
   if replicas == 1:
     return meshes.make_mesh((data_axis, model_axis), ("data", "model"), devices)
   return meshes.make_mesh((replicas, data_axis, model_axis), ("replica", "data", "model"),
@@ -92,7 +90,7 @@ def make_train_step(config, model, state_sharding, mesh):
 
 
 def to_global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, Array]:
-  """This host's slice of the batch -> global arrays split over the 'data' axis."""
+  """This host's slice of the batch -> global arrays split over the data-parallel axes."""
   sharding = jax.sharding.NamedSharding(mesh, meshes.batch_spec(mesh))
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[k]))
           for k in BATCH_KEYS}
