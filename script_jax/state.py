@@ -225,7 +225,10 @@ def for_the_step(config, model, params_sharding, mesh):
   if config.model.scan_layers:
     model = models.with_layer_params_at_use(model, lambda cfg: LayerGather(mesh, cfg.num_layers))
   use = fsdp_use_shardings(params_sharding, mesh)
-  return model, lambda params: jax.lax.with_sharding_constraint(params, use)
+  # Each gradient is constrained back to its stored split (`_gathered`): a lookup table used
+  # whole would otherwise get its gradient summed whole on every device (an all-reduce of
+  # [V, E]), not reduce-scattered into the shards.
+  return model, lambda params: jax.tree.map(_gathered, params, params_sharding, use)
 
 
 def init_state(config, model, mesh):

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import load_config, random_batch, run_steps
-import hlo_collectives
+from script_jax.bench import hlo_collectives
 
 from script_jax import checkpoints
 from script_jax import models

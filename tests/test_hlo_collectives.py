@@ -4,7 +4,7 @@ and on a program compiled here."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import hlo_collectives
+from script_jax.bench import hlo_collectives
 
 
 def test_the_three_forms_of_device_groups():

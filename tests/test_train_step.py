@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import load_config, random_batch, run_steps
-import hlo_collectives
+from script_jax.bench import hlo_collectives
 
 from script_jax import models
 from script_jax import state as state_lib

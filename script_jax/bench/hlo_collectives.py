@@ -20,8 +20,9 @@ import numpy as np
 
 _KINDS = ("all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter|"
           "collective-broadcast")
-# The result type may be a tuple (XLA combines collectives): "(f32[2,32]{1,0}, ...)".
-_OP = re.compile(r"= (\([^)]*\)|\S+) (" + _KINDS + r")(-start|-done)?\((.*)")
+# The result type may be a tuple (XLA combines collectives): "(f32[2,32]{1,0}, ...)"; TPU
+# layouts hold parentheses too ("{0,1:T(8,128)}"), so a tuple runs to the ") kind(" after it.
+_OP = re.compile(r"= (\(.*?\)|\S+) (" + _KINDS + r")(-start|-done)?\((.*)")
 _INTS = re.compile(r"\d+")
 
 
@@ -76,3 +77,51 @@ def collectives(hlo: str) -> list[Collective]:
   """Every collective of the program (an async pair counted at its -start and -done)."""
   return [Collective(m.group(2), m.group(1), parse_groups(m.group(4)))
           for m in _OP.finditer(hlo)]
+
+
+_BYTES_PER_ELEMENT = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
+                      "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8,
+                      "u64": 8}
+_ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+
+
+def arrays(result: str) -> list[tuple[str, tuple[int, ...]]]:
+  """(dtype, shape) of each array in a result type: "f32[2,3]{1,0}" or a tuple of them."""
+  return [(dtype, tuple(int(d) for d in _INTS.findall(dims)))
+          for dtype, dims in _ARRAY.findall(result)]
+
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.-]+) \(.*\) -> (.*) \{$")
+
+
+def summary(hlo: str) -> list[dict]:
+  """Each collective of the program as {kind, arrays: ["bf16[256]", ...], bytes, group_size},
+  the asynchronous pairs counted once (at their -start), largest first.
+
+  The TPU compiler writes a reduce-scatter as an all-reduce inside a fusion computation named
+  all-reduce-scatter.N, whose outputs are the shards (it moves a reduce-scatter's bytes): such
+  an all-reduce is reported as the reduce-scatter it is, with the shards as its arrays."""
+  rows, computation, outputs = [], "", ""
+  for line in hlo.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      computation, outputs = header.group(1), header.group(2)
+      continue
+    m = _OP.search(line)
+    if not m or m.group(3) == "-done":
+      continue
+    op = Collective(m.group(2), m.group(1), parse_groups(m.group(4)))
+    kind, parts = op.kind, arrays(op.result)
+    if m.group(3) == "-start" and kind in ("all-gather", "collective-permute"):
+      parts = parts[len(parts) // 2:]  # (operands..., results...): the results
+    if kind == "all-reduce" and computation.startswith("all-reduce-scatter"):
+      kind, parts = "reduce-scatter", arrays(outputs)
+    groups = op.groups
+    rows.append({
+        "kind": kind,
+        "arrays": [f"{dtype}[{','.join(map(str, shape))}]" for dtype, shape in parts],
+        "bytes": sum(_BYTES_PER_ELEMENT.get(dtype, 4) * math.prod(shape)
+                     for dtype, shape in parts),
+        "group_size": (len(next(iter(groups))) if groups else None),
+    })
+  return sorted(rows, key=lambda r: -r["bytes"])
