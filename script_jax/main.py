@@ -59,4 +59,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from script_jax import cli_errors as _cli_errors  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=_cli_errors.parse_flags)
