@@ -290,18 +290,25 @@ def _train_holding_the_lock(config, workdir: str) -> dict[str, float]:
           f"Step {step}: the update left {bad:,} NaN or Inf values in the parameters or the "
           f"optimizer's moments, so it was not saved. Training stopped; {last_good_text()}. "
           "Try a lower learning rate or float32.")
+    saving.append(step)
     try:
       manager.save(step, args=checkpoints.ocp.args.StandardSave(state), force=True)
     except Exception as e:  # pylint: disable=broad-except
       raise _save_failed(e, step) from e
     last_good = step
 
+  saving = []  # the steps whose save was started
+
   def _save_failed(error, step: int) -> CheckpointSaveError:
     manager.reload()  # the steps whose save finished
     saved = manager.all_steps()
+    unsaved = [s for s in saving if s not in saved]
+    text = " ".join(str(error).split())
+    if len(text) > 400:  # tensorstore names the file, then the cause, at the end
+      text = f"{text[:150]} ... {text[-250:]}"
     return CheckpointSaveError(
-        f"Saving a checkpoint failed at step {step} ({type(error).__name__}: "
-        f"{' '.join(str(error).split())[:300]}); training stopped. The earlier checkpoints in "
+        f"Saving checkpoint {unsaved[0] if unsaved else step} failed ({type(error).__name__}: "
+        f"{text}); training stopped at step {step}. The earlier checkpoints in "
         f"{manager.directory} are intact (newest: {max(saved) if saved else 'none'}). Free "
         "space or fix the permissions, then start again: it resumes from the newest.")
 
