@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -41,13 +42,26 @@ def _lookup(config: dict, dotted: str) -> Any:
   return value
 
 
+def _read_json_config(path: str) -> dict:
+  """run_config.json's contents; one clear error when it is not whole JSON (truncated)."""
+  with fs.open(path) as f:
+    text = f.read()
+  try:
+    return json.loads(text)
+  except ValueError as e:
+    raise cli_errors.UserError(
+        f"{path} is damaged ({e}; {len(text)} characters): it records the config this "
+        "workdir's run was started with. Restore it from a copy, or delete it: the next start "
+        "writes it again from its --config, and a checkpoint of another model is still refused "
+        "when it is restored.") from e
+
+
 def check_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes WORKDIR/run_config.json on first start; on later starts checks shapes still match."""
+  """Refuses a config whose model differs from the workdir's run (run_config.json); reads only."""
   path = fs.join(workdir, RUN_CONFIG)
   new = json.loads(config.to_json())
-  if fs.exists(path):
-    with fs.open(path) as f:
-      old = json.load(f)
+  if fs.isfile(path):
+    old = _read_json_config(path)
     diffs = [f"{k}: workdir has {_lookup(old, k)!r}, config asks for {_lookup(new, k)!r}"
              for k in SHAPE_KEYS
              if _lookup(old, k) is not None and _lookup(old, k) != _lookup(new, k)]
@@ -61,8 +75,13 @@ def check_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
           "be resumed with this config:\n  " + "\n  ".join(diffs) +
           "\nUse a new --workdir, or the config that run was started with "
           f"(saved in {path}). Nothing in the workdir was changed.")
+
+
+def write_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Records the config in WORKDIR/run_config.json (process 0), once every check has passed."""
   if jax.process_index() == 0:
     fs.makedirs(workdir)
+    path = fs.join(workdir, RUN_CONFIG)
     tmp = path + ".tmp"
     with fs.open(tmp, "w") as f:
       f.write(config.to_json(indent=2))
@@ -76,8 +95,7 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{workdir} is not a script_jax workdir: {path} does not exist. "
                             "Pretrain first: python -m script_jax.main --config=... "
                             f"--workdir={workdir}")
-  with fs.open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(_read_json_config(path))
 
 
 def make_manager(workdir: str, config, read_only: bool = False) -> ocp.CheckpointManager:
@@ -110,6 +128,93 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
         "written with. Nothing was changed.") from e
 
 
+@jax.jit
+def _non_finite_count(tree) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+  return sum((jax.numpy.sum(~jax.numpy.isfinite(x)) for x in leaves), jax.numpy.int32(0))
+
+
+def non_finite_count(tree) -> int:
+  """How many NaN or Inf values the floating-point arrays of `tree` hold (a state's parameters
+  and optimizer moments, or parameters alone)."""
+  return int(_non_finite_count(tree))
+
+
+DAMAGED_FOLDER = "damaged_checkpoints"
+
+
+def _shapes(tree) -> list[tuple[int, ...]]:
+  return [tuple(x.shape) for x in jax.tree.leaves(tree) if hasattr(x, "shape")]
+
+
+def _is_other_model(manager: ocp.CheckpointManager, step: int, abstract_state) -> bool:
+  """Whether checkpoint `step` reads as whole but holds other shapes than `abstract_state`
+  (another model), rather than being damaged (its description unreadable)."""
+  try:
+    saved = manager.item_metadata(step)
+  except Exception:  # pylint: disable=broad-except
+    return False
+  saved = getattr(saved, "tree", saved)
+  return saved is not None and sorted(_shapes(saved)) != sorted(_shapes(abstract_state))
+
+
+def restore_newest_good(manager: ocp.CheckpointManager, workdir: str, abstract_state):
+  """(state, step) of the newest checkpoint that restores whole and finite; (None, None) when
+  there is none. Newer ones that are damaged or hold NaN/Inf are moved to
+  WORKDIR/damaged_checkpoints/ (kept, out of the way of the steps this run saves again), each
+  with a warning that says why. A checkpoint of another model is CheckpointMismatchError."""
+  steps = sorted(manager.all_steps(), reverse=True)
+  skipped = []
+  for step in steps:
+    try:
+      state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except Exception as e:  # pylint: disable=broad-except
+      if isinstance(e, (ValueError, KeyError, TypeError)) and _is_other_model(
+          manager, step, abstract_state):
+        raise CheckpointMismatchError(
+            f"Checkpoint {step} in {manager.directory} does not match this model's parameters "
+            f"({type(e).__name__}: {str(e)[:500]}). Use a new --workdir or the config it was "
+            "written with. Nothing was changed.") from e
+      detail = " ".join(str(e).split("See full TensorStore details")[0].split())[:200]
+      why = f"is damaged ({type(e).__name__}: {detail})"
+    else:
+      bad = non_finite_count(state)
+      if not bad:
+        break
+      why = f"holds {bad:,} NaN or Inf values"
+      del state
+    skipped.append((step, why))
+  else:
+    state, step = None, None
+  if skipped and jax.process_index() == 0:
+    for bad_step, why in skipped:
+      target = fs.join(workdir, DAMAGED_FOLDER, str(bad_step))
+      if fs.exists(target):
+        fs.remove_tree(target)
+      fs.move_tree(fs.join(str(manager.directory), str(bad_step)), target)
+      logging.warning("Checkpoint %d %s: skipped, moved to %s.", bad_step, why, target)
+  if skipped:
+    if jax.process_count() > 1:  # every host reloads once process 0 has moved them
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("script_jax damaged checkpoints moved")
+    manager.reload()
+  if state is None and skipped:
+    raise cli_errors.UserError(
+        f"No checkpoint in {manager.directory} restores: " +
+        "; ".join(f"{s} {why}" for s, why in skipped) +
+        f". They were moved to {fs.join(workdir, DAMAGED_FOLDER)}; start again to train from "
+        "scratch in this workdir, or use another --workdir.")
+  return state, step
+
+
+def remove_unfinished_saves(workdir: str) -> None:
+  """Deletes the temporary folders of saves that never finished (a run killed mid-save); call
+  only while holding the workdir's lock, when no save of this workdir can be under way."""
+  for path in fs.glob(fs.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*")):
+    logging.info("Removing %s, a save that never finished.", path)
+    fs.remove_tree(path)
+
+
 def load_pretrained(workdir: str, step: int | None = None,
                     sharding: jax.sharding.Sharding | None = None):
   """(config, model, params) of the latest (or given) checkpoint of a pretraining workdir.
@@ -138,6 +243,11 @@ def load_pretrained(workdir: str, step: int | None = None,
     raise CheckpointMismatchError(
         f"Checkpoint {step} in {manager.directory} does not match the model of its "
         f"run_config.json ({type(e).__name__}: {str(e)[:500]}).") from e
+  bad = non_finite_count(restored["params"])
+  if bad:
+    raise cli_errors.UserError(
+        f"Checkpoint {step} in {manager.directory} holds {bad:,} NaN or Inf parameters: it is "
+        "not a model to use. Pick an earlier step, or train again from a finite one.")
   return config, model, restored["params"]
 
 

@@ -94,6 +94,9 @@ def friendly_errors():
   remote paths that cannot be used: remote_storage_problem)."""
   try:
     yield
+  except KeyboardInterrupt:  # Ctrl-C outside the training loop, which saves and stops itself
+    print("\nerror: interrupted (Ctrl-C).", file=sys.stderr)
+    sys.exit(130)
   except Exception as e:  # pylint: disable=broad-except
     message = remote_storage_problem(e) or (str(e) if is_user_error(e) else None)
     if message is None:
@@ -101,6 +104,55 @@ def friendly_errors():
     from absl import logging  # pylint: disable=g-import-not-at-top
     logging.flush()
     print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+  """The value of --name=VALUE (or --name VALUE) in argv; None when absent."""
+  for k, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+    if arg == f"--{name}" and k + 1 < len(argv):
+      return argv[k + 1]
+  return None
+
+
+def flags_problem(error: BaseException, argv: Sequence[str]) -> str:
+  """One line for a mistake on the command line: a flag absl refuses, or a --config file that
+  cannot be loaded (missing, a syntax error, an unknown key, a value of the wrong type)."""
+  config_path = _flag_value(argv, "config")
+  if isinstance(error, SyntaxError):
+    return (f"the config file {error.filename} has a syntax error at line {error.lineno}: "
+            f"{error.msg}")
+  if isinstance(error, AttributeError) and str(error).strip("\"'").isidentifier():
+    key = str(error).strip("\"'")
+    given = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and
+             f".{key}" in a.split("=", 1)[0]]
+    return (f"unknown config key {key!r} ({', '.join(given) or 'in the config file'}); every "
+            "key and its default are in script_jax/config_lib.py (base_config)")
+  if config_path is not None and isinstance(error, OSError):
+    from script_jax import fs  # pylint: disable=g-import-not-at-top
+    config_file = config_path.split(":", 1)[0]
+    if not fs.exists(config_file):
+      return f"the config file {config_file} (--config) does not exist"
+  text = " ".join(str(error).split())
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if isinstance(error, flags.Error):
+    return text
+  return f"cannot load the config {config_path}: {type(error).__name__}: {text}"
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing (for `app.run(main, flags_parser=parse_flags)`), with a mistake on the
+  command line reported as one `error:` line and exit status 2 instead of a traceback."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    remaining = flags.FLAGS(argv)
+    if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
+      flags.FLAGS["config"].value.keys()  # config_flags reports a failed load at first use
+    return remaining
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"error: {flags_problem(e, argv)}", file=sys.stderr)
     sys.exit(2)
 
 

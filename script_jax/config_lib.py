@@ -331,6 +331,13 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
   num_slices = meshes.num_slices(jax.devices()) if num_slices is None else num_slices
   m = config.model
   problems = []
+  # Counts and intervals a run divides or loops by: 0 or less is never meant.
+  for key in ("num_train_steps", "batch_size", "checkpoint_every_steps", "log_every_steps",
+              "keep_checkpoints"):
+    if config[key] < 1:
+      problems.append(f"{key}={config[key]} must be 1 or more" + (
+          " (it is how many of the latest checkpoints are kept; 0 would delete them all)"
+          if key == "keep_checkpoints" else ""))
   if config.objective not in OBJECTIVES:
     problems.append(f"unknown objective {config.objective!r}; choose one of "
                     f"{', '.join(OBJECTIVES)}")
@@ -360,7 +367,9 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
   if config.optim.get("recipe", "optax") not in OPTIMIZER_RECIPES:
     problems.append(f"optim.recipe must be one of {', '.join(OPTIMIZER_RECIPES)}, got "
                     f"{config.optim.recipe!r}")
-  if config.optim.warmup_steps > config.num_train_steps:
+  if config.optim.warmup_steps < 0:
+    problems.append(f"optim.warmup_steps={config.optim.warmup_steps} must be 0 or more")
+  elif config.num_train_steps >= 1 and config.optim.warmup_steps > config.num_train_steps:
     problems.append(f"optim.warmup_steps {config.optim.warmup_steps} exceeds num_train_steps "
                     f"{config.num_train_steps}")
   requested_replicas = config.mesh.get("fsdp_replicas", 0)
@@ -377,7 +386,7 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
     problems.append(f"mesh.fsdp_replicas={replicas} must be a multiple of the {num_slices} "
                     "slices: a group of devices that holds a copy of the state lies within one "
                     "slice")
-  elif config.batch_size % (replicas * data_axis):
+  elif config.batch_size >= 1 and config.batch_size % (replicas * data_axis):
     problems.append(f"batch_size {config.batch_size} is not divisible by the "
                     f"{replicas * data_axis} data-parallel devices; choose a multiple "
                     "(--config.batch_size=...)")
@@ -395,7 +404,8 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
     problems.append(f"metrics_flush_seconds ({config.metrics_flush_seconds}) must be more "
                     "than 0")
   keep_every = config.keep_checkpoint_every_steps
-  if keep_every < 0 or (keep_every and keep_every % config.checkpoint_every_steps):
+  if keep_every < 0 or (keep_every and config.checkpoint_every_steps >= 1 and
+                        keep_every % config.checkpoint_every_steps):
     problems.append(f"keep_checkpoint_every_steps {keep_every} must be 0 or a multiple of "
                     f"checkpoint_every_steps {config.checkpoint_every_steps} (only saved "
                     "checkpoints can be kept)")

@@ -239,3 +239,79 @@ def write_atomically(path: str, data: str | bytes) -> None:
   with open(tmp_path, "wb" if isinstance(data, bytes) else "w") as f:
     f.write(data)
   replace(tmp_path, path)
+
+
+def lock_exclusive(path: str) -> IO | None:
+  """Opens (creating) a local file and takes an exclusive, non-blocking flock on it: the open
+  file (keep it open: closing it releases the lock), or None when another process holds it.
+  The kernel releases the lock when its holder exits, killed or not. Local paths only."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  handle = builtins.open(path, "a+", encoding="utf-8")
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    handle.close()
+    return None
+  return handle
+
+
+def create_if_absent(path: str, data: str) -> bool:
+  """Writes a small file only if nothing is at `path`: True if this call created it.
+
+  Atomic locally (O_EXCL) and on gs:// through google-cloud-storage's if-generation-match=0
+  precondition when that client is installed. tf.io.gfile offers no precondition: on gs://
+  without that client, and on other schemes, it is a check then a write, so two callers in the
+  same second may both succeed.
+  """
+  if not is_remote(path):
+    try:
+      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(data)
+    return True
+  if path.startswith("gs://"):
+    try:
+      from google.cloud import storage  # pylint: disable=g-import-not-at-top
+      from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      storage = None
+    if storage is not None:
+      bucket, name = path[len("gs://"):].split("/", 1)
+      try:
+        storage.Client().bucket(bucket).blob(name).upload_from_string(data, if_generation_match=0)
+      except exceptions.PreconditionFailed:
+        return False
+      return True
+  if exists(path):
+    return False
+  with open(path, "w") as f:
+    f.write(data)
+  return True
+
+
+def move_tree(src: str, dst: str) -> None:
+  """Moves a folder (a rename locally; on object stores, where folders are name prefixes, each
+  file is copied and then deleted)."""
+  if not is_remote(src):
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.replace(src, dst)
+    return
+  for root, _, names in walk(src):
+    target = join(dst, root[len(src):].lstrip("/"))
+    makedirs(target)
+    for name in names:
+      copy(join(root, name), join(target, name))
+  for root, _, names in list(walk(src)):
+    for name in names:
+      remove(join(root, name))
+
+
+def remove_tree(path: str) -> None:
+  """Deletes a folder and everything in it."""
+  if is_remote(path):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.io.gfile.rmtree(path)
+  else:
+    shutil.rmtree(path)

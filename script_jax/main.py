@@ -27,11 +27,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries:
-  """Drops the INFO chatter of orbax and friends from the console; warnings still show."""
-  NOISY = ("/orbax/", "/jax/_src/", "replica_slices", "/tensorstore/")
+  """Drops the INFO chatter of orbax and friends from the console; warnings and errors still
+  show, as one line without the traceback (a failed save is then reported by the trainer)."""
+  NOISY = ("/orbax/", "/jax/_src/", "replica_slices", "/tensorstore/", "/asyncio/")
 
   def filter(self, record):
-    return record.levelno >= 30 or not any(n in record.pathname for n in self.NOISY)
+    if not any(n in record.pathname for n in self.NOISY):
+      return True
+    record.exc_info, record.exc_text = None, None
+    return record.levelno >= 30
 
 
 def main(argv):
@@ -49,9 +53,12 @@ def main(argv):
   if FLAGS.distributed:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  from script_jax import cli_errors  # pylint: disable=g-import-not-at-top
+  with cli_errors.friendly_errors():  # before the heavier imports: a mistake is said at once
+    config_lib.validate_config(FLAGS.config)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # tf.data only: leave the accelerators to JAX
-  from script_jax import cli_errors, train  # pylint: disable=g-import-not-at-top
+  from script_jax import train  # pylint: disable=g-import-not-at-top
   logging.info("JAX process %d/%d, %d devices: %s", jax.process_index(), jax.process_count(),
                jax.device_count(), jax.devices()[0].device_kind)
   with cli_errors.friendly_errors():
@@ -59,4 +66,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from script_jax import cli_errors as _cli_errors  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=_cli_errors.parse_flags)

@@ -61,10 +61,17 @@ def read_records(workdir: str) -> list[dict[str, Any]]:
     paths.insert(0, legacy)
   latest: dict[tuple[int, str], dict[str, Any]] = {}
   for path in paths:
-    for line in fs.read_bytes(path).decode("utf-8").splitlines():
+    for number, line in enumerate(fs.read_bytes(path).decode("utf-8", "replace").splitlines()):
       if line.strip():
-        record = json.loads(line)
-        latest[(int(record["step"]), _kind(record))] = record
+        try:
+          record = json.loads(line)
+          latest[(int(record["step"]), _kind(record))] = record
+        except (ValueError, KeyError, TypeError) as e:
+          from script_jax import cli_errors  # pylint: disable=g-import-not-at-top
+          raise cli_errors.UserError(
+              f"{path}, line {number + 1}, is not a whole metrics record ({e}): the file is "
+              "damaged (cut short?). Move it away to read the others; the trainer never reads "
+              "these files back, so training is not affected.") from e
   return [latest[key] for key in sorted(latest, key=lambda k: (k[0], k[1] == "eval"))]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -32,6 +33,7 @@ from script_jax import meshes
 from script_jax import metrics_log
 from script_jax import models
 from script_jax import objectives
+from script_jax import run_lock
 from script_jax import state as state_lib
 
 Array = jax.Array
@@ -42,6 +44,10 @@ BATCH_KEYS = ("input_ids", "input_mask", "segment_ids", "masked_positions", "mas
 
 class NonFiniteLossError(FloatingPointError, cli_errors.UserError):
   """Training produced a NaN or Inf; the last good checkpoint is left intact."""
+
+
+class CheckpointSaveError(cli_errors.UserError):
+  """A checkpoint could not be written (a full disk, lost permissions): the run stops."""
 
 
 # ----------------------------------------------------------------------------- config and mesh
@@ -117,6 +123,8 @@ def _prepare_data(config, workdir):
   if problem:
     raise config_lib.ConfigError(problem)
   data_dir = prepared.data_dir_of(config, workdir)
+  from script_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  pipeline.check_shards(data_dir, metadata)
   return metadata, data_dir
 
 
@@ -134,6 +142,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if hf_import.is_hf_init(config.init_from):  # its sizes and tokenizer, before any data work
       hf_import.check_pretraining_config(config.init_from, config)
   checkpoints.check_run_config(workdir, config)
+  with run_lock.hold(workdir):
+    return _train_holding_the_lock(config, workdir)
+
+
+def _train_holding_the_lock(config, workdir: str) -> dict[str, float]:
+  """train_and_evaluate's work once the config is checked and the workdir is this run's."""
   metadata, data_dir = _prepare_data(config, workdir)
 
   # clu's writers import TensorFlow: only the training loop needs them, not the step functions
@@ -148,10 +162,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   logging.info("Model for objective %s: %s parameters\n%s", config.objective, f"{num_params:,}",
                parameter_overview.get_parameter_overview(state.params))
 
+  if jax.process_index() == 0:
+    checkpoints.remove_unfinished_saves(workdir)
   manager = checkpoints.make_manager(workdir, config)
-  latest = manager.latest_step()
-  if latest is not None:
-    state = checkpoints.restore_state(manager, latest, state_lib.abstract_like(state))
+  restored, latest = checkpoints.restore_newest_good(manager, workdir,
+                                                     state_lib.abstract_like(state))
+  if restored is not None:
+    state = restored
     logging.info("Resumed from %s at step %d", manager.directory, latest)
   elif config.get("init_from"):
     from script_jax.export import hf_import  # pylint: disable=g-import-not-at-top
@@ -175,6 +192,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       config, metadata, data_dir, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count())
   batches = iter(dataset.as_numpy_iterator())
+  checkpoints.write_run_config(workdir, config)  # every check has passed
   train_step = make_train_step(config, model, state_sharding, mesh)
   evaluator = evaluation.Evaluator.create(config, model, state_sharding.params, mesh, metadata,
                                           data_dir)
@@ -205,6 +223,24 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if own_handler:
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
 
+    def on_ctrl_c(*_):
+      if stop_requested:  # the second Ctrl-C: at once, without saving
+        print("\nerror: interrupted again: exiting without saving (the checkpoints already "
+              "written are intact).", file=sys.stderr, flush=True)
+        os._exit(130)  # pylint: disable=protected-access
+      stop_requested.append(True)
+      logging.warning("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C "
+                      "again exits at once, without saving).")
+    previous_int_handler = signal.signal(signal.SIGINT, on_ctrl_c)
+  # The newest checkpoint known to hold a finite state: the one resumed from, then each saved.
+  last_good = latest
+
+  def last_good_text() -> str:
+    if last_good is None:
+      return f"no checkpoint of a finite state was saved in {manager.directory}"
+    return (f"the last good checkpoint, step {last_good} in {manager.directory} (its state "
+            "was checked finite), is intact")
+
   totals: dict[str, float] = {}
   count, last_log_time, last_log_step = 0, time.time(), start_step
   last_record: dict[str, float] = {}
@@ -216,8 +252,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
       raise NonFiniteLossError(
           f"Step {step}: loss {host['loss']}, gradient norm {host['grad_norm']}. Training "
-          f"stopped; the last good checkpoint in {manager.directory} is intact (latest: "
-          f"{manager.latest_step()}). Try a lower learning rate or float32.")
+          f"stopped; {last_good_text()}. Try a lower learning rate or float32.")
     for k, v in host.items():
       totals[k] = totals.get(k, 0.0) + v
     count += 1
@@ -247,12 +282,50 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                  evaluation.format_metrics(record), record[evaluation.PREFIX + "seconds"])
     last_record.update(record)
 
+  def save(step: int) -> None:
+    nonlocal last_good
+    bad = checkpoints.non_finite_count((state.params, state.opt_state))
+    if bad:
+      raise NonFiniteLossError(
+          f"Step {step}: the update left {bad:,} NaN or Inf values in the parameters or the "
+          f"optimizer's moments, so it was not saved. Training stopped; {last_good_text()}. "
+          "Try a lower learning rate or float32.")
+    saving.append(step)
+    try:
+      manager.save(step, args=checkpoints.ocp.args.StandardSave(state), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise _save_failed(e, step) from e
+    last_good = step
+
+  saving = []  # the steps whose save was started
+
+  def _save_failed(error, step: int) -> CheckpointSaveError:
+    manager.reload()  # the steps whose save finished
+    saved = manager.all_steps()
+    unsaved = [s for s in saving if s not in saved]
+    text = " ".join(str(error).split())
+    if len(text) > 400:  # tensorstore names the file, then the cause, at the end
+      text = f"{text[:150]} ... {text[-250:]}"
+    return CheckpointSaveError(
+        f"Saving checkpoint {unsaved[0] if unsaved else step} failed ({type(error).__name__}: "
+        f"{text}); training stopped at step {step}. The earlier checkpoints in "
+        f"{manager.directory} are intact (newest: {max(saved) if saved else 'none'}). Free "
+        "space or fix the permissions, then start again: it resumes from the newest.")
+
   pending = None
   step = start_step
   try:
     while step < config.num_train_steps:
-      batch = to_global_batch(next(batches), mesh)
+      try:
+        local_batch = next(batches)
+      except Exception as e:  # pylint: disable=broad-except
+        raise pipeline.damaged_record_error(e, data_dir) or e
+      batch = to_global_batch(local_batch, mesh)
       state, metrics = train_step(state, batch)
+      try:
+        manager.check_for_errors()  # an asynchronous save that failed stops the run here
+      except Exception as e:  # pylint: disable=broad-except
+        raise _save_failed(e, step) from e
       if pending is not None:
         absorb(*pending)
       pending = (step, metrics)
@@ -270,18 +343,25 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                                     step == config.num_train_steps):
         evaluate(step)
       if must_save:
-        manager.save(step, args=checkpoints.ocp.args.StandardSave(state), force=True)
+        save(step)
         jsonl.flush()
       if stopping:
-        logging.warning("Stop requested (SIGTERM or preemption): saved step %d, exiting.", step)
+        logging.warning("Stop requested (SIGTERM, Ctrl-C or preemption): saved step %d, "
+                        "exiting.", step)
         break
   finally:
-    jsonl.close(raise_errors=sys.exc_info()[0] is None)
-    manager.wait_until_finished()
-    manager.close()
+    failing = sys.exc_info()[0] is not None
+    jsonl.close(raise_errors=not failing)
+    try:
+      manager.wait_until_finished()
+      manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      if not failing:  # else the error on its way out says more
+        raise _save_failed(e, step) from e
     writer.flush()
     if own_handler:
       signal.signal(signal.SIGTERM, previous_handler)
+      signal.signal(signal.SIGINT, previous_int_handler)
   logging.info("%s at step %d of %d. Checkpoints: %s; metrics: %s (TensorBoard: "
                "tensorboard --logdir %s).",
                "Finished" if step >= config.num_train_steps else "Stopped", step,

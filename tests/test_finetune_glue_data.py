@@ -141,6 +141,15 @@ def test_too_few_fields_names_line(tmp_path):
     _read(tmp_path, "sst2", "dev")
 
 
+@pytest.mark.parametrize("score", ["5.5", "-0.1"])
+def test_score_outside_0_to_5_names_line(tmp_path, score):
+  row = "\tg\tf\ty\to\tnone\tnone\tA.\tB.\t"
+  _write(tmp_path, "STS-B", "train.tsv", f"{STSB_HEADER}0{row}5.0\n1{row}{score}\n")
+  with pytest.raises(glue_data.GlueDataError,
+                     match=rf"STS-B/train\.tsv:3: .*{score} is outside 0-5"):
+    _read(tmp_path, "stsb", "train")
+
+
 def test_non_numeric_score_names_line(tmp_path):
   _write(tmp_path, "STS-B", "train.tsv", STSB_HEADER
          + "0\tg\tf\ty\to\tnone\tnone\tA.\tB.\t3.0\n1\tg\tf\ty\to\tnone\tnone\tA.\tB.\tn/a\n")

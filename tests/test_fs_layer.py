@@ -33,6 +33,7 @@ ALLOWED = {
     "script_jax/bench/step_speed.py:_snapshot": "reads /proc/stat, the machine's CPU counters",
     "script_jax/bench/step_speed.py:environment": "reads /proc/cpuinfo",
     "script_jax/bench/scoring_speed.py:cpu_name": "reads /proc/cpuinfo",
+    "script_jax/run_lock.py:_process_start": "reads /proc/PID/stat, a process's start time",
 }
 
 

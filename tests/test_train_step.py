@@ -281,7 +281,7 @@ def test_optimizer_recipe_is_checked_and_kept_on_resume(tmp_path):
   with pytest.raises(config_lib.ConfigError, match="optim.recipe must be one of optax, electra"):
     config_lib.validate_config(load_config("tiny", **{"optim.recipe": "lamb"}), num_devices=8)
   from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  checkpoints.check_run_config(str(tmp_path), load_config("tiny"))
+  checkpoints.write_run_config(str(tmp_path), load_config("tiny"))
   with pytest.raises(checkpoints.CheckpointMismatchError,
                      match="optim.recipe: workdir has 'optax', config asks for 'electra'"):
     checkpoints.check_run_config(str(tmp_path), load_config("tiny", **{"optim.recipe": "electra"}))
@@ -307,7 +307,7 @@ def test_libtpu_flag_for_runs_that_may_draw_rbg_bits():
 
 def test_resume_with_another_random_stream_says_so(tmp_path):
   from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  checkpoints.check_run_config(str(tmp_path), load_config("tiny", rng_impl="rbg"))
+  checkpoints.write_run_config(str(tmp_path), load_config("tiny", rng_impl="rbg"))
   with pytest.raises(checkpoints.CheckpointMismatchError) as error:
     checkpoints.check_run_config(str(tmp_path), load_config("tiny", rng_impl="threefry2x32"))
   assert "rng_impl: workdir has 'rbg', config asks for 'threefry2x32'" in str(error.value)

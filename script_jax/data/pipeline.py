@@ -223,7 +223,32 @@ def _shard_files(data_dir: str, shards: list[dict]) -> list[str]:
   if missing:
     raise DataError(f"Shards listed in {data_dir}/metadata.json are missing: {missing[:3]}. "
                     "Prepare the data again.")
+  for shard, path in zip(shards, files):
+    size = fs.getsize(path)
+    if "bytes" in shard and size != shard["bytes"]:  # older preparations recorded no size
+      raise DataError(
+          f"The shard {path} has {size:,} bytes, but {shard['bytes']:,} were written "
+          f"({shard['num_examples']:,} records; {data_dir}/metadata.json): it is damaged or "
+          f"cut short. Prepare it again: delete it, its .json beside it and "
+          f"{data_dir}/metadata.json, then start again (the whole shards are kept).")
   return files
+
+
+def check_shards(data_dir: str, metadata: dict) -> None:
+  """DataError naming the first shard (training or evaluation) that is missing or whose size
+  differs from the one recorded when it was written; cheap (a stat per file), before training."""
+  _shard_files(data_dir, metadata["shards"] + (prepared.eval_split(metadata) or {}).get(
+      "shards", []))
+
+
+def damaged_record_error(error: Exception, data_dir: str) -> DataError | None:
+  """A DataError for TFRecord's failed checksum or cut-off record (a shard damaged after its
+  size was checked, e.g. bytes flipped in place); None for other errors."""
+  if not isinstance(error, tf.errors.DataLossError):
+    return None
+  return DataError(f"A shard in {data_dir} is damaged ({' '.join(error.message.split())[:300]})."
+                   f" Prepare the data again: delete {data_dir}/metadata.json and the damaged "
+                   "shard with its .json beside it, then start again.")
 
 
 def _deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:

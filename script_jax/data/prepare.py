@@ -186,7 +186,8 @@ def prepare(config: ml_collections.ConfigDict, output_dir: str, source: Optional
   else:
     logging.info("All %d shards in %s are finished; writing %s.", len(names), output_dir,
                  prepared.METADATA_FILE)
-    shards = [{k: s[k] for k in ("file", "num_examples", "num_tokens")} for s in sidecars]
+    shards = [{k: s[k] for k in ("file", "num_examples", "num_tokens", "bytes") if k in s}
+              for s in sidecars]
     corpus_summary = sidecars[0]["corpus"]
 
   # Shards of an earlier preparation with another number of shards.

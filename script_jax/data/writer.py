@@ -182,9 +182,11 @@ def write_shards(config, output_dir: str, todo: list[int], documents, stats, tok
     shards = []
     for k in range(len(names)):
       shard = {"file": names[k], "num_examples": int(counts[k]), "num_tokens": int(tokens[k])}
+      final_path = fs.join(output_dir, names[k])
       if k in todo:
-        final_path = fs.join(output_dir, names[k])
         fs.replace(tmp_paths[k], final_path)
+      shard["bytes"] = fs.getsize(final_path)  # the reader checks it (pipeline.check_shards)
+      if k in todo:
         # The sidecar is written after the shard, so it exists only for a complete shard.
         prepared.write_json_atomically(final_path + ".json",
                                {**shard, "recipe": recipe, "corpus": stats.summary()})

@@ -236,6 +236,15 @@ def _count_error(spec: GlueTask, split: str, source: str, found: int) -> GlueDat
       f"it is a subset or custom data on purpose, skip this check with check_counts=False.")
 
 
+def _score_in_range(spec: GlueTask, score: float, where: str) -> float:
+  """A regression score on the task's scale (STS-B: 0 to 5); GlueDataError outside it (it
+  would train towards targets the model's scale cannot reach)."""
+  if not 0.0 <= score <= REGRESSION_MAX:
+    raise GlueDataError(f"{where}: the {spec.display_name} score {score:g} is outside "
+                        f"0-{REGRESSION_MAX:g}.")
+  return score
+
+
 def _parse_label(spec: GlueTask, raw: str, where: str) -> Union[int, float]:
   if spec.labels is None:
     try:
@@ -245,7 +254,7 @@ def _parse_label(spec: GlueTask, raw: str, where: str) -> Union[int, float]:
     if not math.isfinite(score):
       raise GlueDataError(f"{where}: the {spec.display_name} score {raw!r} is not a finite "
                           "number.")
-    return score
+    return _score_in_range(spec, score, where)
   try:
     return spec.labels.index(raw)
   except ValueError:
@@ -365,6 +374,7 @@ def examples_from_tfds(task: Union[str, GlueTask], records: Iterable[Mapping[str
       label = float(raw_label)
       if not math.isfinite(label):
         raise GlueDataError(f"{where}: score {label} is not a finite number.")
+      _score_in_range(spec, label, where)
     else:
       label = int(raw_label)
       if not 0 <= label < len(spec.labels):
