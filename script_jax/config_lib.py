@@ -23,6 +23,8 @@ RNG_IMPLS = ("auto", "threefry2x32", "rbg", "unsafe_rbg")
 LIBTPU_RNG_FLAG = "--xla_tpu_spmd_rng_bit_generator_unsafe=true"
 # Where the critic's (SCRIPT's) loss is taken: all non-padding tokens, or the masked ones.
 DISC_POSITIONS = ("all", "masked")
+# How the critic's logsumexp is computed (objectives.critic_logsumexp).
+LOGSUMEXP_IMPLS = ("plain", "pallas")
 DTYPES = ("float32", "bfloat16")
 OPTIMIZER_RECIPES = ("optax", "electra")  # config.optim.recipe (state.make_optimizer)
 SQUAD_HEADS = ("electra", "bert")
@@ -115,6 +117,10 @@ def base_config() -> ml_collections.ConfigDict:
   # sequence's next logsumexp_chunk // B positions), so the B x T x V logits never exist at
   # once; 0: the whole vocabulary at once.
   c.script.logsumexp_chunk = 0
+  # "pallas": the critic's logsumexp and its gradient by fused matmul + logsumexp kernels, the
+  # logits a tile at a time in on-chip memory (fused_logsumexp.py; the TPU compiler's figures in
+  # docs/benchmarks.md); "plain": the formula (with logsumexp_chunk).
+  c.script.logsumexp_impl = "plain"
   c.script.temperature = 1.0  # tau of the Gumbel-max sample
   c.script.disc_positions = "all"  # "all" non-padding positions or "masked" positions only
 
@@ -349,6 +355,9 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
   if config.script.disc_positions not in DISC_POSITIONS:
     problems.append(f"script.disc_positions must be one of {', '.join(DISC_POSITIONS)}, got "
                     f"{config.script.disc_positions!r}")
+  if config.script.get("logsumexp_impl", "plain") not in LOGSUMEXP_IMPLS:
+    problems.append(f"script.logsumexp_impl must be one of {', '.join(LOGSUMEXP_IMPLS)}, got "
+                    f"{config.script.logsumexp_impl!r}")
   if config.rng_impl not in RNG_IMPLS:
     problems.append(f"rng_impl must be one of {', '.join(RNG_IMPLS)}, got {config.rng_impl!r}")
   if config.data.get("order", "buffer") not in DATA_ORDERS:

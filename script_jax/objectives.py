@@ -14,6 +14,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from script_jax import config_lib
+from script_jax import fused_logsumexp
 from script_jax import models
 from script_jax import random_bits
 
@@ -75,8 +77,17 @@ def chunked_logsumexp(features_BxTxE: Array, table_VxE: Array, bias_V: Array,
 
 
 def critic_logsumexp(features_BxTxE: Array, table_VxE: Array, bias_V: Array,
-                     chunk_size: int = 0) -> Array:
-  """logsumexp over the vocabulary of the tied logits at every position: [B, T] float32."""
+                     chunk_size: int = 0, impl: str = "plain") -> Array:
+  """logsumexp over the vocabulary of the tied logits at every position: [B, T] float32.
+
+  impl "pallas": fused matmul + logsumexp kernels that never hold the [B, T, V] logits in HBM,
+  forward or backward (fused_logsumexp.py; chunk_size is then not used); "plain": the formula,
+  in chunks of positions when chunk_size > 0.
+  """
+  if impl == "pallas":
+    return fused_logsumexp.pallas_logsumexp(features_BxTxE, table_VxE, bias_V)
+  if impl != "plain":
+    raise ValueError(f"logsumexp impl must be one of {', '.join(config_lib.LOGSUMEXP_IMPLS)}, got {impl!r}")
   if chunk_size and chunk_size > 0:
     return chunked_logsumexp(features_BxTxE, table_VxE, bias_V, chunk_size)
   return jax.nn.logsumexp(models.tied_logits(features_BxTxE, table_VxE, bias_V), axis=-1)
@@ -248,7 +259,8 @@ def script_objective(params, batch, rng, *, model: models.MaskedLM, config,
                      f"{config.script.disc_positions!r}")
   features = apply(sampled_ids, batch["segment_ids"], batch["input_mask"], critic_positions,
                    deterministic=deterministic, rngs={"dropout": dropout2})
-  lse = critic_logsumexp(features, table_VxE, bias_V, config.script.logsumexp_chunk)
+  lse = critic_logsumexp(features, table_VxE, bias_V, config.script.logsumexp_chunk,
+                         config.script.get("logsumexp_impl", "plain"))
   loss_disc, disc_metrics = binary_disc_loss(lse, is_original, weights)
 
   loss = loss_mlm + config.disc_weight * loss_disc
