@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from script_jax import meshes
 
 Array = jax.Array
 _PAD_BIAS = -1e9  # the bias of padding columns: exp() of it is 0 (models.mask_vocab_padding)
@@ -289,7 +289,8 @@ def _bwd_call(features, table, bias, lse_Nx1, g_Nx1, bn, bv, interpret):
 
 def _local_grads(features_BxTxE, table_VxE, bias_V, lse_BxT, g_BxT, block_rows, block_vocab,
                  interpret):
-  """The backward kernel over one device's rows: (d_features, this device's d_table, d_bias)."""
+  """The backward kernel over one device's rows: d_features in the features' dtype, and this
+  device's d_table and d_bias in float32 (summed over devices before they are cast)."""
   n, v = math.prod(features_BxTxE.shape[:-1]), table_VxE.shape[0]
   bn, bv = _rows_block(n, block_rows), _vocab_block(v, block_vocab)
   features, table, bias = _operands(features_BxTxE, table_VxE, bias_V, bn, bv)
@@ -306,104 +307,79 @@ def _local_grads(features_BxTxE, table_VxE, bias_V, lse_BxT, g_BxT, block_rows, 
     d_table, d_bias = d_table + d_t, d_bias + d_b
   d_features = jnp.concatenate(d_features) if len(d_features) > 1 else d_features[0]
   return (d_features[:n].reshape(features_BxTxE.shape).astype(features_BxTxE.dtype),
-          d_table[:v].astype(table_VxE.dtype), d_bias[0, :v].astype(bias_V.dtype))
+          d_table[:v], d_bias[0, :v])
 
 
-# ----------------------------------------------------------------------------- under GSPMD
+# ----------------------------------------------------------------------------- per device
 # A kernel is opaque to XLA's partitioner, which would gather the whole batch onto every device
-# to run it. custom_partitioning runs it on each device's rows instead (table and bias whole),
-# and sums d_table and d_bias over the batch axes, as the plain formula's partitioned matmul does.
+# to run it. Under the step's mesh, jax.shard_map runs it on each device's rows (the batch split
+# as meshes.batch_spec; table and bias whole on every device) and sums d_table and d_bias over
+# the batch axes in float32, as the plain formula's partitioned matmul does.
 
-def _on_tpu(mesh=None) -> bool:
+def _interpret(mesh) -> bool:
+  """Whether the kernels run in Pallas's interpret mode: on any backend but TPU (tests)."""
   devices = mesh.devices.flat if mesh is not None else jax.devices()
-  return next(iter(devices)).platform == "tpu"
+  return next(iter(devices)).platform != "tpu"
 
 
-def _batch_axes(sharding):
-  spec = getattr(sharding, "spec", ())
-  return spec[0] if len(spec) else None
+def _batch_axes(mesh) -> tuple[str, ...]:
+  axes = meshes.batch_spec(mesh)[0]
+  return axes if isinstance(axes, tuple) else (axes,)
 
 
-@functools.partial(custom_partitioning, static_argnums=(3, 4))
-def _lse_op(features_BxTxE, table_VxE, bias_V, block_rows, block_vocab):
-  return _local_lse(features_BxTxE, table_VxE, bias_V, block_rows, block_vocab, not _on_tpu())
+def _lse(features_BxTxE, table_VxE, bias_V, block_rows, block_vocab, mesh):
+  local = functools.partial(_local_lse, block_rows=block_rows, block_vocab=block_vocab,
+                            interpret=_interpret(mesh))
+  if mesh is None:
+    return local(features_BxTxE, table_VxE, bias_V)
+  rows = P(_batch_axes(mesh))
+  return jax.shard_map(local, mesh=mesh, in_specs=(rows, P(), P()), out_specs=rows,
+                       check_vma=False)(features_BxTxE, table_VxE, bias_V)
 
 
-def _lse_partition(block_rows, block_vocab, mesh, arg_shapes, result_shape):
-  del result_shape
-  rows = NamedSharding(mesh, P(_batch_axes(arg_shapes[0].sharding)))
-  whole = NamedSharding(mesh, P())
-  lower = functools.partial(_local_lse, block_rows=block_rows, block_vocab=block_vocab,
-                            interpret=not _on_tpu(mesh))
-  return mesh, lower, rows, (rows, whole, whole)
+def _grads(features_BxTxE, table_VxE, bias_V, lse_BxT, g_BxT, block_rows, block_vocab, mesh):
+  interpret = _interpret(mesh)
+  axes = () if mesh is None else _batch_axes(mesh)
 
-
-_lse_op.def_partition(
-    partition=_lse_partition,
-    infer_sharding_from_operands=lambda bn, bv, mesh, args, result: NamedSharding(
-        mesh, P(_batch_axes(args[0].sharding))),
-    sharding_rule="b t e, v e, v -> b t")
-
-
-@functools.partial(custom_partitioning, static_argnums=(5, 6))
-def _grads_op(features_BxTxE, table_VxE, bias_V, lse_BxT, g_BxT, block_rows, block_vocab):
-  return _local_grads(features_BxTxE, table_VxE, bias_V, lse_BxT, g_BxT, block_rows,
-                      block_vocab, not _on_tpu())
-
-
-def _grads_shardings(mesh, arg_shapes):
-  rows = NamedSharding(mesh, P(_batch_axes(arg_shapes[0].sharding)))
-  whole = NamedSharding(mesh, P())
-  return rows, whole
-
-
-def _grads_partition(block_rows, block_vocab, mesh, arg_shapes, result_shape):
-  del result_shape
-  rows, whole = _grads_shardings(mesh, arg_shapes)
-  axes = _batch_axes(arg_shapes[0].sharding)
-  names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
-
-  def lower(features, table, bias, lse, g):
+  def local(features, table, bias, lse, g):
     d_features, d_table, d_bias = _local_grads(features, table, bias, lse, g, block_rows,
-                                               block_vocab, not _on_tpu(mesh))
-    if names:
-      d_table, d_bias = jax.lax.psum((d_table, d_bias), names)
-    return d_features, d_table, d_bias
+                                               block_vocab, interpret)
+    if axes:  # float32 sums over the batch, cast after
+      d_table, d_bias = jax.lax.psum((d_table, d_bias), axes)
+    return d_features, d_table.astype(table.dtype), d_bias.astype(bias.dtype)
 
-  return mesh, lower, (rows, whole, whole), (rows, whole, whole, rows, rows)
-
-
-def _grads_infer(block_rows, block_vocab, mesh, arg_shapes, result_shape):
-  del block_rows, block_vocab, result_shape
-  rows, whole = _grads_shardings(mesh, arg_shapes)
-  return rows, whole, whole
-
-
-_grads_op.def_partition(partition=_grads_partition, infer_sharding_from_operands=_grads_infer,
-                        sharding_rule="b t e, v e, v, b t, b t -> b t e, v e, v")
+  if mesh is None:
+    return local(features_BxTxE, table_VxE, bias_V, lse_BxT, g_BxT)
+  rows = P(axes)
+  return jax.shard_map(local, mesh=mesh, in_specs=(rows, P(), P(), rows, rows),
+                       out_specs=(rows, P(), P()), check_vma=False)(
+                           features_BxTxE, table_VxE, bias_V, lse_BxT, g_BxT)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def pallas_logsumexp(features_BxTxE: Array, table_VxE: Array, bias_V: Array,
-                     block_rows: int = 2048, block_vocab: int = 256) -> Array:
+                     block_rows: int = 2048, block_vocab: int = 256,
+                     mesh: jax.sharding.Mesh | None = None) -> Array:
   """logsumexp_v (W e + b)_v at every position of [B, T, E] features: [B, T] float32, by Pallas
   TPU kernels (on other backends the same kernels in interpret mode, for tests).
 
-  Under a sharded jit each device runs the kernels on its own rows of the batch. The table goes
-  to the kernels in its own dtype and is rounded to the features' in VMEM; d_table and d_bias
-  are float32 sums. Blocks: rows (block_rows) x vocabulary (the widest multiple of 128 up to
-  block_vocab that divides V).
+  `mesh`: the step's mesh, whose data-parallel axes split the batch (meshes.batch_spec): each
+  device runs the kernels on its own rows (jax.shard_map) and d_table, d_bias are summed over
+  those axes in float32. Without a mesh the kernels see the whole batch (under a sharded jit
+  XLA would gather it to every device). The table goes to the kernels in its own dtype and is
+  rounded to the features' in VMEM. Blocks: rows (block_rows) x vocabulary (the widest
+  multiple of 128 up to block_vocab that divides V).
   """
-  return _lse_op(features_BxTxE, table_VxE, bias_V, block_rows, block_vocab)
+  return _lse(features_BxTxE, table_VxE, bias_V, block_rows, block_vocab, mesh)
 
 
-def _pallas_fwd(features_BxTxE, table_VxE, bias_V, block_rows, block_vocab):
-  lse = _lse_op(features_BxTxE, table_VxE, bias_V, block_rows, block_vocab)
+def _pallas_fwd(features_BxTxE, table_VxE, bias_V, block_rows, block_vocab, mesh):
+  lse = _lse(features_BxTxE, table_VxE, bias_V, block_rows, block_vocab, mesh)
   return lse, (features_BxTxE, table_VxE, bias_V, lse)
 
 
-def _pallas_bwd(block_rows, block_vocab, residuals, g_BxT):
-  return _grads_op(*residuals, g_BxT, block_rows, block_vocab)
+def _pallas_bwd(block_rows, block_vocab, mesh, residuals, g_BxT):
+  return _grads(*residuals, g_BxT, block_rows, block_vocab, mesh)
 
 
 pallas_logsumexp.defvjp(_pallas_fwd, _pallas_bwd)

@@ -68,8 +68,9 @@ def test_pallas_logsumexp_equals_the_plain_formula(dtype, rtol, sizes):
 
 
 def test_pallas_logsumexp_under_a_sharded_jit_equals_the_plain_formula():
-  """Each device's rows on 8 CPU devices (custom_partitioning): the same values and gradients,
-  the table's and bias's gradients summed over the batch."""
+  """Each device's rows on 8 CPU devices (shard_map over the batch axes of an FSDP-style
+  ('replica', 'data') mesh): the same values and gradients, the table's and bias's gradients
+  summed over the batch."""
   mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("replica", "data"))
   rows = NamedSharding(mesh, P(("replica", "data")))
   whole = NamedSharding(mesh, P())
@@ -81,7 +82,7 @@ def test_pallas_logsumexp_under_a_sharded_jit_equals_the_plain_formula():
                    in_shardings=(rows, whole, whole, rows),
                    out_shardings=(whole, (rows, whole, whole)))
 
-  fused = lambda f, w, b: fused_logsumexp.pallas_logsumexp(f, w, b, 8, 128)
+  fused = lambda f, w, b: fused_logsumexp.pallas_logsumexp(f, w, b, 8, 128, mesh=mesh)
   got, got_grads = step(fused)(features, table, raw_bias, cot)
   want, want_grads = step(_plain)(features, table, raw_bias, cot)
   np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -118,3 +119,63 @@ def test_script_objective_with_the_kernel_equals_the_plain_one():
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-6)
+
+
+def _v3_8_devices():
+  """The 8 devices of a v3-8 as libtpu describes them, without a TPU (compiling only)."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  if not glob.glob("/dev/accel*") and not os.path.exists("/dev/vfio"):
+    for name, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                        ("TPU_ACCELERATOR_TYPE", "v3-8")):
+      os.environ.setdefault(name, value)
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  return list(topologies.get_topology_desc(platform="tpu", topology_name="v3:2x2").devices)
+
+
+def _v3_8_train_step_hlo(devices, **overrides):
+  """The compiled TPU program of tiny's SCRIPT train step (bfloat16) for a v3-8."""
+  import functools  # pylint: disable=g-import-not-at-top
+  from script_jax import meshes  # pylint: disable=g-import-not-at-top
+  from script_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  from script_jax import train  # pylint: disable=g-import-not-at-top
+  config = load_config("tiny", rng_impl="threefry2x32", **{"model.dtype": "bfloat16"},
+                       **overrides)
+  mesh = train.create_mesh(config, devices)
+  model = models.build_model(config)
+  abstract_state = jax.eval_shape(functools.partial(state_lib.create_train_state, config, model),
+                                  jax.random.key(config.seed))
+  state_sharding = state_lib.state_shardings(config, abstract_state, mesh)
+  rows = NamedSharding(mesh, meshes.batch_spec(mesh))
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                       abstract_state, state_sharding)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows)
+           for k, v in state_lib.dummy_batch(config, config.batch_size).items()}
+  step = train.make_train_step(config, model, state_sharding, mesh)
+  return step.trace(state, batch).lower().compile().as_text()
+
+
+def _all_reduces(hlo):
+  """Each all-reduce's result arrays, layouts dropped: [["f32[512,64]", ...], ...]."""
+  import re  # pylint: disable=g-import-not-at-top
+  return [re.findall(r"\b[a-z]+\d*\[[\d,]*\]", result)
+          for result in re.findall(r"= (.*?) all-reduce(?:-start)?\(", hlo)]
+
+
+def test_the_script_train_step_with_the_kernels_compiles_for_a_v3_8():
+  """tiny's SCRIPT train step, logsumexp_impl=pallas, compiled ahead of time by libtpu (Mosaic
+  for the kernels): the kernels run on each device's rows (no all-gather), their d_table and
+  d_bias are summed in float32, and the program has the plain formula's all-reduces, no other
+  collective."""
+  devices = _v3_8_devices()
+  hlo = _v3_8_train_step_hlo(devices, **{"script.logsumexp_impl": "pallas"})
+  assert hlo.count('custom_call_target="tpu_custom_call"') >= 2  # forward and backward kernels
+  assert "CustomSPMDPartitioning" not in hlo
+  for kind in ("all-gather", "all-to-all", "reduce-scatter", "collective-permute"):
+    assert kind not in hlo, kind
+  all_reduces = _all_reduces(hlo)
+  table, bias = "[512,64]", "[512]"  # tiny's vocabulary x embedding
+  summed = [a for result in all_reduces for a in result if a.endswith((table, bias))]
+  assert summed and all(a.startswith("f32[") for a in summed), all_reduces
+  assert all_reduces == _all_reduces(_v3_8_train_step_hlo(devices))
