@@ -121,6 +121,27 @@ def test_script_objective_with_the_kernel_equals_the_plain_one():
     np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-6)
 
 
+def test_fsdp_train_step_with_the_kernel_equals_the_plain_one():
+  """mesh.fsdp over two groups of 4 (the batch split over ('replica', 'data'), the table whole
+  where the step uses it): the trainer's step with the kernels, the plain formula's loss and
+  gradient norm."""
+  from script_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  from script_jax import train  # pylint: disable=g-import-not-at-top
+  fsdp = {"mesh.fsdp": True, "mesh.fsdp_replicas": 2, "model.vocab_size": 500}
+  metrics = {}
+  for impl in ("plain", "pallas"):
+    config = load_config("tiny", rng_impl="threefry2x32", **fsdp,
+                         **{"script.logsumexp_impl": impl})
+    mesh = train.create_mesh(config)
+    assert mesh.axis_names == ("replica", "data", "model")
+    model = models.build_model(config)
+    state, state_sharding = state_lib.init_state(config, model, mesh)
+    batch = train.to_global_batch(random_batch(config, config.batch_size, seed=1), mesh)
+    _, metrics[impl] = train.make_train_step(config, model, state_sharding, mesh)(state, batch)
+  for key in ("loss", "grad_norm"):
+    np.testing.assert_allclose(metrics["pallas"][key], metrics["plain"][key], rtol=1e-5)
+
+
 def _v3_8_devices():
   """The 8 devices of a v3-8 as libtpu describes them, without a TPU (compiling only)."""
   import glob  # pylint: disable=g-import-not-at-top
