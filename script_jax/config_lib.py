@@ -23,6 +23,8 @@ RNG_IMPLS = ("auto", "threefry2x32", "rbg", "unsafe_rbg")
 LIBTPU_RNG_FLAG = "--xla_tpu_spmd_rng_bit_generator_unsafe=true"
 # Where the critic's (SCRIPT's) loss is taken: all non-padding tokens, or the masked ones.
 DISC_POSITIONS = ("all", "masked")
+# How the critic's logsumexp is computed (objectives.critic_logsumexp).
+LOGSUMEXP_IMPLS = ("plain", "pallas")
 DTYPES = ("float32", "bfloat16")
 OPTIMIZER_RECIPES = ("optax", "electra")  # config.optim.recipe (state.make_optimizer)
 SQUAD_HEADS = ("electra", "bert")
@@ -36,10 +38,12 @@ class ConfigError(cli_errors.UserError):
 
 
 def resolve_rng_impl(requested: str, platform: str, remat: bool) -> str:
-  """config.rng_impl as a jax.random implementation name ("auto" decided for the platform)."""
-  if requested != "auto":
-    return requested
-  return "rbg" if platform == "tpu" and not remat else "threefry2x32"
+  """config.rng_impl as a jax.random implementation name ("auto": threefry2x32 on every
+  platform, with or without remat)."""
+  del platform, remat
+  # On TPU too: threefry fused into its consumers moves fewer bytes than rbg's materialised
+  # bits (the TPU compiler's figures, docs/benchmarks.md, "rng_impl on the TPU compiler").
+  return "threefry2x32" if requested == "auto" else requested
 
 
 def rng_impl_of(config) -> str:
@@ -49,11 +53,10 @@ def rng_impl_of(config) -> str:
 
 
 def libtpu_init_args(config, current: str) -> str:
-  """LIBTPU_INIT_ARGS for a run: `current` plus LIBTPU_RNG_FLAG when the run may draw rbg bits
-  on a TPU (rng_impl rbg or unsafe_rbg, or auto without remat). Set before JAX starts; libtpu
-  alone reads it, so elsewhere it changes nothing."""
-  may_use_rbg = config.rng_impl in ("rbg", "unsafe_rbg") or (
-      config.rng_impl == "auto" and not config.model.remat)
+  """LIBTPU_INIT_ARGS for a run: `current` plus LIBTPU_RNG_FLAG when the run draws rbg bits
+  (rng_impl rbg or unsafe_rbg). Set before JAX starts; libtpu alone reads it, so elsewhere it
+  changes nothing."""
+  may_use_rbg = config.rng_impl in ("rbg", "unsafe_rbg")
   if not may_use_rbg or "xla_tpu_spmd_rng_bit_generator_unsafe" in current:
     return current
   return f"{current} {LIBTPU_RNG_FLAG}".strip()
@@ -74,9 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
   # position (cheaper on CPU, a different random stream).
   c.sampler = "gumbel"
   # PRNG behind each step's dropout masks and samples (init always uses threefry2x32, so the
-  # initial parameters do not depend on it). "auto": "rbg" on TPU (XLA's RngBitGenerator, drawn
-  # per shard with LIBTPU_RNG_FLAG, which main.py sets) unless model.remat is on (recomputed
-  # bits may then differ from the forward pass's, jax-ml/jax#21046), "threefry2x32" elsewhere.
+  # initial parameters do not depend on it). "auto": "threefry2x32" on every platform (on TPU
+  # it moves fewer bytes than "rbg", XLA's RngBitGenerator: docs/benchmarks.md); "rbg" and
+  # "unsafe_rbg" on request (drawn per shard with LIBTPU_RNG_FLAG, which main.py sets; with
+  # model.remat recomputed rbg bits may differ from the forward pass's, jax-ml/jax#21046).
   # The run records the resolved name and a resume must use the same (the stream changes).
   # threefry2x32 is the one stream that is the same on every platform and device count.
   c.rng_impl = "auto"
@@ -115,6 +119,10 @@ def base_config() -> ml_collections.ConfigDict:
   # sequence's next logsumexp_chunk // B positions), so the B x T x V logits never exist at
   # once; 0: the whole vocabulary at once.
   c.script.logsumexp_chunk = 0
+  # "pallas": the critic's logsumexp and its gradient by fused matmul + logsumexp kernels, the
+  # logits a tile at a time in on-chip memory (fused_logsumexp.py; the TPU compiler's figures in
+  # docs/benchmarks.md); "plain": the formula (with logsumexp_chunk).
+  c.script.logsumexp_impl = "plain"
   c.script.temperature = 1.0  # tau of the Gumbel-max sample
   c.script.disc_positions = "all"  # "all" non-padding positions or "masked" positions only
 
@@ -356,6 +364,9 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
   if config.script.disc_positions not in DISC_POSITIONS:
     problems.append(f"script.disc_positions must be one of {', '.join(DISC_POSITIONS)}, got "
                     f"{config.script.disc_positions!r}")
+  if config.script.get("logsumexp_impl", "plain") not in LOGSUMEXP_IMPLS:
+    problems.append(f"script.logsumexp_impl must be one of {', '.join(LOGSUMEXP_IMPLS)}, got "
+                    f"{config.script.logsumexp_impl!r}")
   if config.rng_impl not in RNG_IMPLS:
     problems.append(f"rng_impl must be one of {', '.join(RNG_IMPLS)}, got {config.rng_impl!r}")
   if config.data.get("order", "buffer") not in DATA_ORDERS:

@@ -100,7 +100,7 @@ def make_eval_step(config, model, params_sharding, mesh) -> Callable:
   on every device (the set is small; the host needs them all for the exact AUC)."""
   model, params_at_use = state_lib.for_the_step(config, model, params_sharding, mesh)
   loss_fn = functools.partial(objectives.get_objective(config.objective), model=model,
-                              config=config, deterministic=True, with_outputs=True)
+                              config=config, deterministic=True, with_outputs=True, mesh=mesh)
   seed, rng_impl = config.eval.seed, config_lib.rng_impl_of(config)
 
   def eval_step(params, batch, batch_number):

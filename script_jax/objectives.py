@@ -1,7 +1,8 @@
 """Pretraining objectives: SCRIPT, ELECTRA and BERT-MLM, each a pure function -> (loss, metrics).
 
-Every loss function has the signature `loss_fn(params, batch, rng, *, model, config)` where
-`batch` holds the masked input from the data pipeline:
+Every loss function has the signature `loss_fn(params, batch, rng, *, model, config, mesh=None)`
+(`mesh`: the step's mesh, for kernels that run per device) where `batch` holds the masked input
+from the data pipeline:
   input_ids [B, T] (masked), input_mask [B, T], segment_ids [B, T],
   masked_positions [B, P], masked_ids [B, P] (the originals), masked_weights [B, P].
 """
@@ -14,6 +15,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from script_jax import config_lib
+from script_jax import fused_logsumexp
 from script_jax import models
 from script_jax import random_bits
 
@@ -75,8 +78,18 @@ def chunked_logsumexp(features_BxTxE: Array, table_VxE: Array, bias_V: Array,
 
 
 def critic_logsumexp(features_BxTxE: Array, table_VxE: Array, bias_V: Array,
-                     chunk_size: int = 0) -> Array:
-  """logsumexp over the vocabulary of the tied logits at every position: [B, T] float32."""
+                     chunk_size: int = 0, impl: str = "plain", mesh=None) -> Array:
+  """logsumexp over the vocabulary of the tied logits at every position: [B, T] float32.
+
+  impl "pallas": fused matmul + logsumexp kernels that never hold the [B, T, V] logits in HBM,
+  forward or backward (fused_logsumexp.py; chunk_size is then not used), run on each device's
+  rows of the batch over `mesh` (the step's); "plain": the formula, in chunks of positions when
+  chunk_size > 0.
+  """
+  if impl == "pallas":
+    return fused_logsumexp.pallas_logsumexp(features_BxTxE, table_VxE, bias_V, mesh=mesh)
+  if impl != "plain":
+    raise ValueError(f"logsumexp impl must be one of {', '.join(config_lib.LOGSUMEXP_IMPLS)}, got {impl!r}")
   if chunk_size and chunk_size > 0:
     return chunked_logsumexp(features_BxTxE, table_VxE, bias_V, chunk_size)
   return jax.nn.logsumexp(models.tied_logits(features_BxTxE, table_VxE, bias_V), axis=-1)
@@ -209,7 +222,7 @@ def _outputs(batch, nll_BxP, correct_BxP, sampled_BxP=None, critic_logit=None,
 # ----------------------------------------------------------------------------- the objectives
 
 def script_objective(params, batch, rng, *, model: models.MaskedLM, config,
-                     deterministic: bool = False, with_outputs: bool = False):
+                     deterministic: bool = False, with_outputs: bool = False, mesh=None):
   """SCRIPT: L = L_MLM + alpha * L_Disc (alpha = config.disc_weight), one model, two forward
   passes (Section 2).
 
@@ -248,7 +261,8 @@ def script_objective(params, batch, rng, *, model: models.MaskedLM, config,
                      f"{config.script.disc_positions!r}")
   features = apply(sampled_ids, batch["segment_ids"], batch["input_mask"], critic_positions,
                    deterministic=deterministic, rngs={"dropout": dropout2})
-  lse = critic_logsumexp(features, table_VxE, bias_V, config.script.logsumexp_chunk)
+  lse = critic_logsumexp(features, table_VxE, bias_V, config.script.logsumexp_chunk,
+                         config.script.get("logsumexp_impl", "plain"), mesh)
   loss_disc, disc_metrics = binary_disc_loss(lse, is_original, weights)
 
   loss = loss_mlm + config.disc_weight * loss_disc
@@ -260,8 +274,9 @@ def script_objective(params, batch, rng, *, model: models.MaskedLM, config,
 
 
 def electra_objective(params, batch, rng, *, model: models.ElectraPretrainer, config,
-                      deterministic: bool = False, with_outputs: bool = False):
+                      deterministic: bool = False, with_outputs: bool = False, mesh=None):
   """ELECTRA: L = L_gen + 50 * L_disc with a separate small generator (Clark et al., 2020)."""
+  del mesh
   dropout1, dropout2, sample_rng = jax.random.split(rng, 3)
   apply = functools.partial(model.apply, {"params": params})
   logits_BxPxV = apply(batch["input_ids"], batch["segment_ids"], batch["input_mask"],
@@ -286,9 +301,9 @@ def electra_objective(params, batch, rng, *, model: models.ElectraPretrainer, co
 
 
 def mlm_objective(params, batch, rng, *, model: models.MaskedLM, config,
-                  deterministic: bool = False, with_outputs: bool = False):
+                  deterministic: bool = False, with_outputs: bool = False, mesh=None):
   """BERT's masked language modelling."""
-  del config
+  del config, mesh
   apply = functools.partial(model.apply, {"params": params})
   table_VxE, bias_V = apply(method=model.output_embedding)
   features_BxPxE = apply(batch["input_ids"], batch["segment_ids"], batch["input_mask"],

@@ -72,7 +72,7 @@ def make_train_step(config, model, state_sharding, mesh):
   """The jitted, sharded train step: (state, batch) -> (state, metrics). State is donated."""
   model, params_at_use = state_lib.for_the_step(config, model, state_sharding.params, mesh)
   objective_loss = functools.partial(objectives.get_objective(config.objective), model=model,
-                                     config=config)
+                                     config=config, mesh=mesh)
 
   def loss_fn(params, batch, rng):
     return objective_loss(params_at_use(params), batch, rng)

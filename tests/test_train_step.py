@@ -288,7 +288,7 @@ def test_optimizer_recipe_is_checked_and_kept_on_resume(tmp_path):
 
 
 @pytest.mark.parametrize("requested, platform, remat, resolved", [
-    ("auto", "tpu", False, "rbg"), ("auto", "tpu", True, "threefry2x32"),
+    ("auto", "tpu", False, "threefry2x32"), ("auto", "tpu", True, "threefry2x32"),
     ("auto", "gpu", False, "threefry2x32"), ("auto", "cpu", False, "threefry2x32"),
     ("rbg", "cpu", False, "rbg"), ("threefry2x32", "tpu", False, "threefry2x32")])
 def test_rng_impl_auto_is_decided_per_platform(requested, platform, remat, resolved):
@@ -298,11 +298,11 @@ def test_rng_impl_auto_is_decided_per_platform(requested, platform, remat, resol
 def test_libtpu_flag_for_runs_that_may_draw_rbg_bits():
   flag = config_lib.LIBTPU_RNG_FLAG
   args = lambda **o: config_lib.libtpu_init_args(load_config("tiny", **o), "--xla_foo=1")
-  assert args() == f"--xla_foo=1 {flag}"  # auto: rbg on a TPU
+  assert args() == "--xla_foo=1"  # auto: threefry on a TPU too
+  assert args(rng_impl="rbg") == f"--xla_foo=1 {flag}"
   assert args(rng_impl="unsafe_rbg") == f"--xla_foo=1 {flag}"
   assert args(rng_impl="threefry2x32") == "--xla_foo=1"
-  assert args(**{"model.remat": True}) == "--xla_foo=1"  # auto with remat: threefry
-  assert config_lib.libtpu_init_args(load_config("tiny"), flag) == flag  # not twice
+  assert config_lib.libtpu_init_args(load_config("tiny", rng_impl="rbg"), flag) == flag  # not twice
 
 
 def test_resume_with_another_random_stream_says_so(tmp_path):

@@ -54,7 +54,7 @@ class ScoringError(cli_errors.UserError):
 # ----------------------------------------------------------------------------- pure functions
 
 def critic_token_log_probs(params, ids_BxT: Array, input_mask_BxT: Array, *, model,
-                           logsumexp_chunk: int = 0) -> Array:
+                           logsumexp_chunk: int = 0, logsumexp_impl: str = "plain") -> Array:
   """log p(t+|x) at every position, [B, T] float32 (eq. 5 in log form).
 
   SCRIPT/MLM (MaskedLM): log sigmoid(logsumexp_v s_tv) with s_t = W e_t + b, the self-critic.
@@ -68,20 +68,22 @@ def critic_token_log_probs(params, ids_BxT: Array, input_mask_BxT: Array, *, mod
     return jax.nn.log_sigmoid(disc_logit_BxT.astype(jnp.float32))
   features_BxTxE = model.apply(variables, ids_BxT, segment_ids_BxT, input_mask_BxT)
   table_VxE, bias_V = model.apply(variables, method=model.output_embedding)
-  lse_BxT = objectives.critic_logsumexp(features_BxTxE, table_VxE, bias_V, logsumexp_chunk)
+  lse_BxT = objectives.critic_logsumexp(features_BxTxE, table_VxE, bias_V, logsumexp_chunk,
+                                        logsumexp_impl)
   log_p_pos_BxT, _ = objectives.critic_log_probs(lse_BxT)
   return log_p_pos_BxT
 
 
-@functools.partial(jax.jit, static_argnames=("model", "logsumexp_chunk"))
+@functools.partial(jax.jit, static_argnames=("model", "logsumexp_chunk", "logsumexp_impl"))
 def critic_pll(params, ids_BxT: Array, input_mask_BxT: Array, score_mask_BxT: Array, *, model,
-               logsumexp_chunk: int = 0) -> Array:
+               logsumexp_chunk: int = 0, logsumexp_impl: str = "plain") -> Array:
   """PLL(x) = sum_t log p(t+|x) over the positions in `score_mask` (eq. 7), one pass: [B].
 
   `score_mask_BxT` marks the real tokens of each sentence (not [CLS], [SEP] or padding).
   """
   log_p_BxT = critic_token_log_probs(params, ids_BxT, input_mask_BxT, model=model,
-                                     logsumexp_chunk=logsumexp_chunk)
+                                     logsumexp_chunk=logsumexp_chunk,
+                                     logsumexp_impl=logsumexp_impl)
   return jnp.where(score_mask_BxT > 0, log_p_BxT, 0.0).sum(axis=-1)
 
 
