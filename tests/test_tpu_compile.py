@@ -158,3 +158,20 @@ def test_squad_step_compiles_with_only_float32_all_reduces(v3_devices):
                                      V3_8, "squad", v3_devices)
   _assert_planned(report)
   assert report["flops"] >= report["model_flops_per_device"]
+
+
+def test_fsdp_gradients_are_reduce_scattered_on_the_tpu():
+  """Under mesh.fsdp on a v5e-8 the weights' gradients, the word embeddings' included (gathered
+  whole at use), are reduce-scattered into their shards: none of them is all-reduced whole. (The
+  TPU compiler writes a reduce-scatter as an all-reduce inside an all-reduce-scatter fusion.)"""
+  tpu = tpu_programs.parse_slice("v5litepod-8")
+  report = tpu_programs.compile_step(_tiny("mlm", **{"mesh.fsdp": True, "batch_size": 64}), tpu,
+                                     "train", tpu_programs.tpu_devices(tpu))
+  scattered = [a for c in report["collectives"] if c["kind"] == "reduce-scatter"
+               for a in c["arrays"]]
+  reduced = [a for c in report["collectives"] if c["kind"] == "all-reduce" for a in c["arrays"]]
+  assert "f32[64,64]" in scattered  # the [512, 64] word embeddings' shard
+  assert "f32[8,2,32]" in scattered  # a [64, 2, 32] attention kernel's shard
+  assert not [a for a in reduced if a in ("f32[512,64]", "f32[64,2,32]", "f32[64,256]",
+                                          "f32[256,64]")]
+  assert all(a.startswith("f32[") for a in scattered + reduced)

@@ -52,6 +52,10 @@ def define_flags() -> None:
                     f"objective; any of {','.join(config_lib.OBJECTIVES)}). Not with glue/squad.")
   flags.DEFINE_enum("step", "train", list(tpu_programs.STEPS), "Which step to compile.")
   flags.DEFINE_string("output", None, "Also write the report here as JSON (local or gs://).")
+  flags.DEFINE_bool("count_loops", True, "Compile a twin with every scan unrolled for the cost "
+                    "of a program with loops (slow at large sizes); off: memory and collectives "
+                    "only, no estimate.")
+  flags.DEFINE_string("hlo_dir", None, "Write each compiled TPU program's text here.")
   flags.mark_flags_as_required(["config"])
 
 
@@ -110,7 +114,8 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def run(config, topology: str, objectives: list[str] | None, step: str,
-        config_path: str = "") -> dict[str, Any]:
+        config_path: str = "", count_loops: bool = True,
+        hlo_dir: str | None = None) -> dict[str, Any]:
   """Compiles each objective's step for `topology`; returns {"config", "results": [...]}."""
   tpu = tpu_programs.parse_slice(topology)
   devices = tpu_programs.tpu_devices(tpu)
@@ -123,20 +128,28 @@ def run(config, topology: str, objectives: list[str] | None, step: str,
     if name not in config_lib.OBJECTIVES:
       raise config_lib.ConfigError(f"--objectives: unknown {name!r}; use any of "
                                    f"{','.join(config_lib.OBJECTIVES)}.")
+  if hlo_dir:
+    fs.makedirs(hlo_dir)
   results = []
   for objective in objectives or [config.objective]:
     print(f"{objective}: compiling the {step} step for {tpu.name} ...", file=sys.stderr)
     settings = step_speed.with_settings(config, objective)
     results.append(tpu_programs.compile_step(
         settings, tpu, step, devices,
-        log=lambda line, o=objective: print(f"{o}: {line}", file=sys.stderr)))
+        log=lambda line, o=objective: print(f"{o}: {line}", file=sys.stderr),
+        count_loops=count_loops,
+        hlo_path=fs.join(hlo_dir, f"{objective}_{step}.hlo.txt") if hlo_dir else None))
   return {"config": config_path, "results": results}
 
 
 def main(argv):
   def body():
+    # libtpu's options as the trainer sets them (main.py), before libtpu is loaded.
+    os.environ["LIBTPU_INIT_ARGS"] = config_lib.libtpu_init_args(
+        FLAGS.config, os.environ.get("LIBTPU_INIT_ARGS", ""))
     report = run(FLAGS.config, FLAGS.topology, FLAGS.objectives, FLAGS.step,
-                 config_path=config_flags.get_config_filename(FLAGS["config"]))
+                 config_path=config_flags.get_config_filename(FLAGS["config"]),
+                 count_loops=FLAGS.count_loops, hlo_dir=FLAGS.hlo_dir)
     print(format_report(report))
     if FLAGS.output:
       fs.write_atomically(FLAGS.output, json.dumps(report, indent=2))

@@ -45,6 +45,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from script_jax import cli_errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 from script_jax import config_lib  # pylint: disable=wrong-import-position
 from script_jax import evaluation  # pylint: disable=wrong-import-position
+from script_jax import fs  # pylint: disable=wrong-import-position
 from script_jax import meshes  # pylint: disable=wrong-import-position
 from script_jax import models  # pylint: disable=wrong-import-position
 from script_jax import state as state_lib  # pylint: disable=wrong-import-position
@@ -334,10 +335,15 @@ def _out_of_memory(error: Exception) -> str | None:
 
 
 def compile_step(config, tpu: Slice, step: str = "train", devices=None,
-                 log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+                 log: Callable[[str], None] = lambda _: None, count_loops: bool = True,
+                 hlo_path: str | None = None) -> dict[str, Any]:
   """Compiles `config`'s `step` ("train", "eval", "glue", "squad") for `tpu` and returns the
   report (module docstring): memory against the chip's HBM, FLOPs and bytes accessed, the
-  compiler's estimate with loops counted, the roofline, the collectives, the compile time."""
+  compiler's estimate with loops counted, the roofline, the collectives, the compile time.
+
+  count_loops=False skips the unrolled twin of a program with loops (its compile can take far
+  longer than the program's): its cost is then the raw one and no estimate is given. hlo_path:
+  where to write the compiled program's text."""
   if step not in STEPS:
     raise TopologyError(f"--step={step}: use one of {', '.join(STEPS)}.")
   config = for_tpu(config)
@@ -377,6 +383,14 @@ def compile_step(config, tpu: Slice, step: str = "train", devices=None,
   report["while_loops"] = while_loops(hlo)
   cost = _cost(compiled)
   report["cost_source"] = "program"
+  if hlo_path:
+    fs.write_atomically(hlo_path, hlo)
+  if report["while_loops"] and not count_loops:
+    report["cost_source"] = "the program, loops counted once (count_loops off): no estimate"
+    report.update(_estimates(cost, report["model_flops_per_device"], tpu))
+    report.update(estimated_seconds=None, estimated_steps_per_sec=None, roofline_seconds=None,
+                  roofline_steps_per_sec=None, estimate_note=report["cost_source"])
+    return report
   if report["while_loops"]:
     began = time.perf_counter()
     twin = unrolled_twin(jitted, args).compile()
