@@ -91,7 +91,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"| {_gib(m.get('temp_bytes'))} | {_gib(m.get('total_bytes'))} | {_gib(m['hbm_bytes'])} "
         f"| {_scaled(r['flops'], 1e9, 1)} | {_scaled(r['bytes_accessed'], 1e9, 2)} "
         f"| {_rate(r['estimated_steps_per_sec'])} | {_rate(r.get('roofline_steps_per_sec'))} "
-        f"| {r.get('roofline_bound', '-')} | {r['compile_seconds']:.0f} |")
+        f"| {r.get('roofline_bound') or '-'} | {r['compile_seconds']:.0f} |")
   rates = {r["objective"]: r["estimated_steps_per_sec"] for r in rows}
   if rates.get("script") and rates.get("electra"):
     lines += ["", f"SCRIPT/ELECTRA {rates['script'] / rates['electra']:.3f} by the compiler's "

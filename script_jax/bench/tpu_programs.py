@@ -386,10 +386,11 @@ def compile_step(config, tpu: Slice, step: str = "train", devices=None,
   if hlo_path:
     fs.write_atomically(hlo_path, hlo)
   if report["while_loops"] and not count_loops:
-    report["cost_source"] = "the program, loops counted once (count_loops off): no estimate"
+    report["cost_source"] = "the program, its loops counted once"
     report.update(_estimates(cost, report["model_flops_per_device"], tpu))
     report.update(estimated_seconds=None, estimated_steps_per_sec=None, roofline_seconds=None,
-                  roofline_steps_per_sec=None, estimate_note=report["cost_source"])
+                  roofline_steps_per_sec=None, roofline_bound=None,
+                  estimate_note="no estimate: --nocount_loops")
     return report
   if report["while_loops"]:
     began = time.perf_counter()
