@@ -7,6 +7,14 @@ The paper's base rows compare against ELECTRA-base, which its authors pretrained
 sequence, batch 256, lr 2e-4, 766k steps, generator 1/3 of the discriminator). Table 4 does not
 give the length; 512 is what "identical settings as ELECTRA" means. Override
 --config.seq_len=128 --config.mask.max_predictions_per_seq=20 for a cheaper run at small's length.
+
+The slice: as configured (float32, layers unrolled) SCRIPT-base needs 16.27 GB of temporaries per
+device, more than a v3-8 core's 15.48 (the TPU compiler's figure; ELECTRA-base fits in 11.55 GiB).
+On a v3-8 add --config.model.dtype=bfloat16 --config.model.scan_layers=True
+--config.model.remat=True --config.script.logsumexp_chunk=2048: 4.62 GiB per device. Check a
+slice before paying for it (docs/benchmarks.md section 7.2):
+
+  python -m script_jax.bench.tpu_compile --config=configs/base.py --topology=v3-8
 """
 
 from script_jax import config_lib
