@@ -159,6 +159,17 @@ def build_once(tmp_path_factory, name, build):
     return done.read_text()
 
 
+def tiny_prepared_data(tmp_path_factory) -> str:
+  """The embedded corpus prepared for configs/tiny.py once per test run (as the first run of
+  main does), shared by every test that trains on it: its folder."""
+  from script_jax.data import prepare  # pylint: disable=g-import-not-at-top
+
+  def build(folder):
+    prepare.prepare_pretraining_data(load_config("tiny"), str(folder))
+    return str(folder / "data")
+  return build_once(tmp_path_factory, "tiny_prepared", build)
+
+
 def shared_workdir(tmp_path_factory, objective="script"):
   """One tiny pretraining workdir per objective per test run, for the scoring, rescoring,
   fine-tuning and export tests (building it runs the trainer once)."""

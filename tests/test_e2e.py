@@ -11,11 +11,10 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, build_once, load_config, run_main
+from conftest import ROOT, build_once, run_main, tiny_prepared_data
 
 from script_jax import checkpoints
 from script_jax import metrics_log
-from script_jax.data import prepare
 
 FAST = ["--config=configs/tiny.py", "--config.num_train_steps=40",
         "--config.checkpoint_every_steps=20", "--config.log_every_steps=10",
@@ -29,11 +28,7 @@ CRITIC_EVAL_KEYS = ("eval_disc_loss", "eval_disc_accuracy", "eval_disc_original_
 
 @pytest.fixture(scope="module")
 def shared_data(tmp_path_factory):
-  """The embedded corpus prepared once per test run (as the first run of main does)."""
-  def build(folder):
-    prepare.prepare_pretraining_data(load_config("tiny"), str(folder))
-    return str(folder / "data")
-  return build_once(tmp_path_factory, "tiny_prepared", build)
+  return tiny_prepared_data(tmp_path_factory)
 
 
 def _all_records(workdir):

@@ -19,11 +19,10 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, build_once, load_config, run_main, run_module
+from conftest import ROOT, build_once, run_main, run_module, tiny_prepared_data
 
 from script_jax import checkpoints
 from script_jax import run_lock
-from script_jax.data import prepare
 
 RUN = ["--config=configs/tiny.py", "--config.num_train_steps=6",
        "--config.checkpoint_every_steps=2", "--config.log_every_steps=2",
@@ -34,11 +33,7 @@ RESUME = RUN + ["--config.num_train_steps=8"]
 
 @pytest.fixture(scope="module")
 def shared_data(tmp_path_factory):
-  """The embedded corpus prepared once per test run (test_e2e shares the same folder)."""
-  def build(folder):
-    prepare.prepare_pretraining_data(load_config("tiny"), str(folder))
-    return str(folder / "data")
-  return build_once(tmp_path_factory, "tiny_prepared", build)
+  return tiny_prepared_data(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
