@@ -34,6 +34,7 @@ ALLOWED = {
     "script_jax/bench/step_speed.py:environment": "reads /proc/cpuinfo",
     "script_jax/bench/scoring_speed.py:cpu_name": "reads /proc/cpuinfo",
     "script_jax/run_lock.py:_process_start": "reads /proc/PID/stat, a process's start time",
+    "script_jax/bench/tpu_programs.py:_tpu_attached": "looks for TPU device files in /dev",
 }
 
 

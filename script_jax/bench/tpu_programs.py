@@ -31,7 +31,14 @@ from typing import Any, Callable
 # Several processes (pytest-xdist workers, a run beside a benchmark) may each load libtpu to
 # compile; it refuses a second loader without this.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-if not glob.glob("/dev/accel*") and not os.path.exists("/dev/vfio"):
+
+
+def _tpu_attached() -> bool:
+  """Whether this machine has TPU chips (their device files)."""
+  return bool(glob.glob("/dev/accel*")) or os.path.exists("/dev/vfio")
+
+
+if not _tpu_attached():
   # No TPU here: libtpu would look for a TPU VM's metadata and print a page of warnings. These
   # only describe the missing host; the topology compiled for is the one asked for.
   for _name, _value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
