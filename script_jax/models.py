@@ -133,14 +133,17 @@ def _product_fwd(lhs, rhs, dimension_numbers, precision):
 
 
 def _product_bwd(dimension_numbers, precision, residuals, g):
+  # The transposes of the two linear maps, autodiff's own products (no forward recomputed).
   lhs, rhs = residuals
   low = lhs.dtype
-  _, lhs_vjp = jax.vjp(lambda l: jax.lax.dot_general(l, rhs.astype(low), dimension_numbers,
-                                                     precision=precision), lhs)
-  _, rhs_vjp = jax.vjp(lambda r: jax.lax.dot_general(lhs.astype(jnp.float32), r,
-                                                     dimension_numbers, precision=precision),
-                       rhs)
-  return lhs_vjp(g.astype(low))[0], rhs_vjp(g.astype(jnp.float32))[0]
+  (d_lhs,) = jax.linear_transpose(
+      lambda l: jax.lax.dot_general(l, rhs.astype(low), dimension_numbers, precision=precision),
+      jax.ShapeDtypeStruct(lhs.shape, low))(g.astype(low))
+  (d_rhs,) = jax.linear_transpose(
+      lambda r: jax.lax.dot_general(lhs.astype(jnp.float32), r, dimension_numbers,
+                                    precision=precision),
+      jax.ShapeDtypeStruct(rhs.shape, jnp.float32))(g.astype(jnp.float32))
+  return d_lhs, d_rhs.astype(rhs.dtype)
 
 
 _product.defvjp(_product_fwd, _product_bwd)
