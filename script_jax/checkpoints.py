@@ -129,7 +129,8 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
 
 
 @jax.jit
-def _non_finite_count(tree) -> jax.Array:
+def non_finite_count_traced(tree) -> jax.Array:
+  """`non_finite_count` as a device scalar, for use inside a jitted step."""
   leaves = [x for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
   return sum((jax.numpy.sum(~jax.numpy.isfinite(x)) for x in leaves), jax.numpy.int32(0))
 
@@ -137,7 +138,7 @@ def _non_finite_count(tree) -> jax.Array:
 def non_finite_count(tree) -> int:
   """How many NaN or Inf values the floating-point arrays of `tree` hold (a state's parameters
   and optimizer moments, or parameters alone)."""
-  return int(_non_finite_count(tree))
+  return int(non_finite_count_traced(tree))
 
 
 DAMAGED_FOLDER = "damaged_checkpoints"

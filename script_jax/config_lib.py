@@ -27,6 +27,7 @@ DISC_POSITIONS = ("all", "masked")
 LOGSUMEXP_IMPLS = ("plain", "pallas")
 DTYPES = ("float32", "bfloat16")
 OPTIMIZER_RECIPES = ("optax", "electra")  # config.optim.recipe (state.make_optimizer)
+NONFINITE_POLICIES = ("stop", "skip")  # config.optim.on_nonfinite (train.py)
 SQUAD_HEADS = ("electra", "bert")
 # ELECTRA's (and BERT's) uncased WordPiece vocab, shipped with the package (Apache-2.0).
 BERT_UNCASED_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
@@ -177,6 +178,12 @@ def base_config() -> ml_collections.ConfigDict:
   # BERT's and ELECTRA's AdamWeightDecayOptimizer (no bias correction) and schedule
   # lr * (1 - t/T) * min(1, t/W) (state.py). tiny and mini were measured with "optax".
   c.optim.recipe = "optax"
+  # After a step whose loss, gradient or updated state is NaN or Inf: "stop" (the paper's runs;
+  # the last good checkpoint stays) or "skip" the update (the state stays as it was, the batch is
+  # spent) and stop only after `max_consecutive_skips` such steps in a row, as long runs do to
+  # ride out a rare loss spike.
+  c.optim.on_nonfinite = "stop"
+  c.optim.max_consecutive_skips = 10
   c.num_train_steps = 1_000_000
 
   # Mesh: data-parallel over all devices by default.
@@ -378,6 +385,12 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
   if config.optim.get("recipe", "optax") not in OPTIMIZER_RECIPES:
     problems.append(f"optim.recipe must be one of {', '.join(OPTIMIZER_RECIPES)}, got "
                     f"{config.optim.recipe!r}")
+  if config.optim.get("on_nonfinite", "stop") not in NONFINITE_POLICIES:
+    problems.append(f"optim.on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got "
+                    f"{config.optim.on_nonfinite!r}")
+  if config.optim.get("max_consecutive_skips", 1) < 1:
+    problems.append(f"optim.max_consecutive_skips={config.optim.max_consecutive_skips} must be "
+                    "1 or more")
   if config.optim.warmup_steps < 0:
     problems.append(f"optim.warmup_steps={config.optim.warmup_steps} must be 0 or more")
   elif config.num_train_steps >= 1 and config.optim.warmup_steps > config.num_train_steps:

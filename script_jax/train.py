@@ -21,6 +21,7 @@ from typing import Any
 from absl import logging
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -78,6 +79,7 @@ def make_train_step(config, model, state_sharding, mesh):
     return objective_loss(params_at_use(params), batch, rng)
 
   schedule = state_lib.learning_rate_schedule(config)
+  skip_nonfinite = config.optim.get("on_nonfinite", "stop") == "skip"
   seed, rng_impl = config.seed, config_lib.rng_impl_of(config)
 
   def train_step(state, batch):
@@ -87,7 +89,17 @@ def make_train_step(config, model, state_sharding, mesh):
     metrics["loss"] = loss
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = schedule(state.step)
-    return state.apply_gradients(grads=grads), metrics
+    new_state = state.apply_gradients(grads=grads)
+    if not skip_nonfinite:
+      return new_state, metrics
+    # Keep the old parameters and moments (the step count moves on with the batches). Judged on
+    # the updated state too: a finite gradient times a huge learning rate can still overflow.
+    finite = (jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"]) &
+              (checkpoints.non_finite_count_traced((new_state.params, new_state.opt_state)) == 0))
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                        (new_state.params, new_state.opt_state), (state.params, state.opt_state))
+    metrics["skipped"] = (~finite).astype(jnp.float32)
+    return new_state.replace(params=kept[0], opt_state=kept[1]), metrics
 
   batch_sharding = jax.sharding.NamedSharding(mesh, meshes.batch_spec(mesh))
   replicated = jax.sharding.NamedSharding(mesh, P())
@@ -245,14 +257,33 @@ def _train_holding_the_lock(config, workdir: str) -> dict[str, float]:
   count, last_log_time, last_log_step = 0, time.time(), start_step
   last_record: dict[str, float] = {}
 
+  skips_in_a_row, max_skips = 0, config.optim.get("max_consecutive_skips", 1)
+  skip_nonfinite = config.optim.get("on_nonfinite", "stop") == "skip"
+  skipped_in_window: list[int] = []
+
   def absorb(step: int, device_metrics) -> None:
     """Fetches one step's metrics (a step late, so the device stays busy) and checks them."""
-    nonlocal count
+    nonlocal count, skips_in_a_row
     host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    if host.pop("skipped", 0.0):  # optim.on_nonfinite="skip": the step left the state as it was
+      skips_in_a_row += 1
+      logging.warning("Step %d: loss %s, gradient norm %s: the update was not finite and was "
+                      "skipped (%d in a row; the run stops after %d).", step, host["loss"],
+                      host["grad_norm"], skips_in_a_row, max_skips)
+      if skips_in_a_row >= max_skips:
+        raise NonFiniteLossError(
+            f"Step {step}: {skips_in_a_row} updates in a row were NaN or Inf and were skipped "
+            f"(optim.max_consecutive_skips={max_skips}). Training stopped; {last_good_text()}. "
+            "Try a lower learning rate or float32.")
+      skipped_in_window.append(step)
+      return
+    skips_in_a_row = 0
     if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
       raise NonFiniteLossError(
           f"Step {step}: loss {host['loss']}, gradient norm {host['grad_norm']}. Training "
-          f"stopped; {last_good_text()}. Try a lower learning rate or float32.")
+          f"stopped; {last_good_text()}. Try a lower learning rate or float32"
+          + ("" if skip_nonfinite else ", or --config.optim.on_nonfinite=skip to skip such "
+             "updates") + ".")
     for k, v in host.items():
       totals[k] = totals.get(k, 0.0) + v
     count += 1
@@ -261,7 +292,10 @@ def _train_holding_the_lock(config, workdir: str) -> dict[str, float]:
     nonlocal count, last_log_time, last_log_step, totals, last_record
     now = time.time()
     rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
-    record = {k: v / max(count, 1) for k, v in totals.items()}
+    record = {k: v / max(count, 1) for k, v in totals.items()}  # over the steps not skipped
+    if skip_nonfinite:
+      record["skipped_steps"] = float(len(skipped_in_window))
+      skipped_in_window.clear()
     record["steps_per_sec"] = rate
     writer.write_scalars(step, record)
     jsonl.write({"step": step, **record})
@@ -328,7 +362,7 @@ def _train_holding_the_lock(config, workdir: str) -> dict[str, float]:
         raise _save_failed(e, step) from e
       if pending is not None:
         absorb(*pending)
-      pending = (step, metrics)
+      pending = (step + 1, metrics)  # named by the count it produced, as logs and checkpoints
       step += 1
       stopping = bool(stop_requested) or manager.reached_preemption(step)
       must_log = step % config.log_every_steps == 0 or step == config.num_train_steps

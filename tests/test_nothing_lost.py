@@ -184,6 +184,27 @@ def test_a_non_finite_update_is_not_saved_and_the_named_checkpoint_is_verified(
   assert all(np.isfinite(x).all() for x in __import__("jax").tree.leaves(params))
 
 
+def test_skip_mode_skips_non_finite_updates_and_stops_after_n_in_a_row(base_run, tmp_path,
+                                                                       shared_data):
+  workdir = _copy(base_run, tmp_path)
+  result = run_main(RESUME + [f"--workdir={workdir}", f"--config.data.prepared_dir={shared_data}",
+                              "--config.optim.learning_rate=1e39",
+                              "--config.checkpoint_every_steps=1",
+                              "--config.optim.on_nonfinite=skip",
+                              "--config.optim.max_consecutive_skips=2"])
+  line = _one_error_line(result, "Step 8: 2 updates in a row were NaN or Inf and were skipped",
+                         "optim.max_consecutive_skips=2")
+  assert "Step 7: loss" in result.stderr and "was skipped (1 in a row" in result.stderr
+  assert "the last good checkpoint, step 7" in line
+  assert _steps(workdir) == [2, 4, 6, 7]
+  # Step 7's update was skipped: its checkpoint holds step 6's parameters, bit for bit.
+  _, _, params6 = checkpoints.load_pretrained(str(workdir), 6)
+  _, _, params7 = checkpoints.load_pretrained(str(workdir), 7)
+  import jax  # pylint: disable=g-import-not-at-top
+  for a, b in zip(jax.tree.leaves(params6), jax.tree.leaves(params7)):
+    np.testing.assert_array_equal(a, b)
+
+
 # ------------------------------------------------------------ item 6: the newest whole checkpoint
 
 def _save_a_nan_checkpoint(workdir, step):

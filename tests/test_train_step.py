@@ -86,6 +86,8 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     ({"sampler": "topk"}, "sampler must be one of gumbel, inverse_cdf"),
     ({"rng_impl": "philox"}, "rng_impl must be one of auto, threefry2x32, rbg, unsafe_rbg"),
     ({"mesh.fsdp_replicas": 2}, "applies only with mesh.fsdp=True"),
+    ({"optim.on_nonfinite": "rollback"}, "optim.on_nonfinite must be one of stop, skip"),
+    ({"optim.max_consecutive_skips": 0}, "optim.max_consecutive_skips=0 must be 1 or more"),
     ({"mesh.fsdp": True, "mesh.fsdp_replicas": 3}, "fsdp_replicas=3 x data=-1 x model=1 does "
                                                    "not cover the 8 devices"),
     ({"mesh.fsdp": True, "mesh.fsdp_replicas": 4, "batch_size": 4},
@@ -312,3 +314,37 @@ def test_resume_with_another_random_stream_says_so(tmp_path):
     checkpoints.check_run_config(str(tmp_path), load_config("tiny", rng_impl="threefry2x32"))
   assert "rng_impl: workdir has 'rbg', config asks for 'threefry2x32'" in str(error.value)
   assert "--config.rng_impl=rbg" in str(error.value)
+
+
+def test_skip_mode_keeps_the_state_through_a_non_finite_step_and_is_exact_otherwise():
+  """optim.on_nonfinite=skip: a NaN step leaves parameters and moments bit for bit; a finite
+  step gives exactly the update of the default (stop) mode."""
+  skip = load_config("tiny", batch_size=8, **{"optim.warmup_steps": 1,
+                                              "optim.on_nonfinite": "skip"})
+  stop = load_config("tiny", batch_size=8, **{"optim.warmup_steps": 1})
+  mesh = train.create_mesh(skip)
+  model = models.build_model(skip)
+  good = {k: np.asarray(v) for k, v in random_batch(skip, 8, seed=21).items()}
+  poisoned = dict(good, masked_weights=np.full_like(good["masked_weights"], np.nan))
+
+  state, sharding = state_lib.init_state(skip, model, mesh)
+  before = jax.device_get((state.params, state.opt_state))
+  step = train.make_train_step(skip, model, sharding, mesh)
+  state, metrics = step(state, train.to_global_batch(poisoned, mesh))
+  assert float(metrics["skipped"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+  assert int(state.step) == 1
+  after = jax.device_get((state.params, state.opt_state))
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(a, b)
+
+  state, metrics = step(state, train.to_global_batch(good, mesh))
+  assert float(metrics["skipped"]) == 0.0
+  state_stop, sharding = state_lib.init_state(stop, model, mesh)
+  step_stop = train.make_train_step(stop, model, sharding, mesh)
+  state_stop = state_stop.replace(step=state_stop.step + 1)  # the same step: the same dropout
+  state_stop, metrics_stop = step_stop(state_stop, train.to_global_batch(good, mesh))
+  assert "skipped" not in metrics_stop
+  assert float(metrics["loss"]) == float(metrics_stop["loss"])
+  for a, b in zip(jax.tree.leaves(jax.device_get(state.params)),
+                  jax.tree.leaves(jax.device_get(state_stop.params))):
+    np.testing.assert_array_equal(a, b)
