@@ -79,10 +79,11 @@ def _anchors(path):
 
 
 def test_relative_links_in_the_docs_resolve():
-  """Every relative link in README.md and docs/*.md names a file that exists, and its #anchor
-  a heading of that file."""
+  """Every relative link in README.md, docs/*.md and the folders' READMEs names a file that
+  exists, and its #anchor a heading of that file."""
   broken = []
-  for path in [os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "docs", "*.md"))]:
+  for path in [os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "docs", "*.md")),
+               *glob.glob(os.path.join(ROOT, "*", "README.md"))]:
     with open(path, encoding="utf-8") as f:
       text = f.read()
     for match in _LINK.finditer(text):
