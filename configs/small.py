@@ -39,8 +39,8 @@ def get_config(arg=None):
   c.data.tokenizer = "wordpiece"
   c.data.vocab_file = config_lib.BERT_UNCASED_VOCAB  # ELECTRA's BERT-uncased vocab, 30522 entries
   # On a TPU, --config.script.logsumexp_impl=pallas (the critic's logsumexp by fused kernels) is
-  # SCRIPT's fastest setting by the TPU compiler's estimate, v3-8 bfloat16: 4.97 against 6.09 GB
-  # per step, 78.7 against 69.5 steps/s (docs/benchmarks.md section 7). It is not the default:
+  # SCRIPT's fastest setting by the TPU compiler's estimate (docs/benchmarks.md section 7.4;
+  # fewer bytes per step). It is not the default:
   # the kernels have been compiled for TPUs but not yet run on one, and off a TPU they run in
   # Pallas's interpret mode, far slower than the plain formula.
   return c

@@ -107,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Softmax rows padded to a multiple of this (128 suits TPU/GPU tiles; pad columns are masked).
   c.model.vocab_pad_multiple = 128
   # Query/key/value projections as one matmul (same parameters and checkpoints; meant to cut
-  # GPU kernels; +0.75% for SCRIPT-small on an H200, docs/benchmarks_log.md section (i)).
+  # GPU kernels; opt-in, measured in docs/benchmarks.md section 5.4).
   c.model.fused_qkv = False
 
   # Weight of the critic's loss: SCRIPT's alpha (Section 2: L = L_MLM + alpha * L_Disc), and
@@ -154,7 +154,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_shards = 8
   c.data.shuffle_buffer = 10_000
   # "windows": files read whole in a per-epoch order, shuffled within windows of shuffle_buffer
-  # records (resume seeks: constant time); "buffer" (the default before 2026-12-06): files
+  # records (resume seeks: constant time); "buffer" (the earlier default): files
   # interleaved through a shuffle buffer of shuffle_buffer records (resume reads up to an epoch
   # to get back to its place).
   c.data.order = "windows"

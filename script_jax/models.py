@@ -359,9 +359,9 @@ def tied_logits(features_xE: Array, table_VxE: Array, bias_V: Array) -> Array:
 
   The backward is written out (`_tied_logits_bwd`) for two reasons. With low-precision features
   its matmuls run in that dtype too: autodiff alone would multiply the float32 cotangent of the
-  logits by W and by e in float32 (4 TF32 GEMMs, 5% of a SCRIPT-small step on an H200). And the
-  bias gradient, a column sum of the [N, V] cotangent, is a matrix-vector product: XLA:CPU's
-  column reduction over V = 30592 runs ~35x slower than the same sum as a dot.
+  logits by W and by e in float32 (TF32 GEMMs on a GPU). And the bias gradient, a column sum of
+  the [N, V] cotangent, is a matrix-vector product: XLA:CPU's column reduction over V is far
+  slower than the same sum as a dot (docs/benchmarks_log.md sections (e) and (f)).
   """
   return _tied_logits(features_xE, table_VxE, bias_V)
 

@@ -101,8 +101,8 @@ def first_argmax(x: Array, backend: str | None = None) -> Array:
   """jnp.argmax(x, axis=-1) for NaN-free x (the first maximum), int32.
 
   On CPU as two plain reductions (`two_reduction_argmax`): XLA:CPU compiles argmax's (value,
-  index) reduction into a scalar loop that also evaluates everything fused into it (over
-  Gumbel-perturbed logits [B, P, V] 78 ms against 25 ms, docs/benchmarks.md section (h)). On
+  index) reduction into a scalar loop that also evaluates everything fused into it (measured
+  over Gumbel-perturbed logits in docs/benchmarks_log.md section (h)). On
   TPU and GPU, where that loop is not slow, argmax itself (one reduction instead of two).
   """
   if (backend or jax.default_backend()) == "cpu":

@@ -1,15 +1,14 @@
 """jax.random's threefry bits, uniforms, Bernoullis and Gumbels, bit for bit, with faster CPU code.
 
 On CPU, jax lowers the threefry2x32 hash as a rolled five-iteration `while` loop (to keep compile
-times short), which XLA:CPU runs at about 4 ns per 32-bit word: a quarter of SCRIPT-small's
-dropout-plus-sampling time went to it. Written out here as the same 20 rounds in plain jnp ops,
-XLA fuses the hash into one vectorised loop, 6-11x faster (benchmarks in docs/benchmarks.md,
-section (g)). The counters and the output are jax's own (`jax_threefry_partitionable`, the
-default: counter = the element's flat index, output = the two words XORed), so every draw equals
-`jax.random`'s for the same key; tests/test_random_bits.py checks it. Keys of other
-implementations (`rbg`, `unsafe_rbg`), the non-partitionable layout and float dtypes other than
-float32 fall back to `jax.random` itself. On GPU and TPU jax already unrolls the hash, so this
-is the same program there.
+times short), which XLA:CPU runs slowly, and every dropout mask and Gumbel draw goes through it.
+Written out here as the same 20 rounds in plain jnp ops, XLA fuses the hash into one vectorised
+loop, several times faster (docs/benchmarks_log.md section (g)). The counters and the output
+are jax's own (`jax_threefry_partitionable`, the default: counter = the element's flat index,
+output = the two words XORed), so every draw equals `jax.random`'s for the same key;
+tests/test_random_bits.py checks it. Keys of other implementations (`rbg`, `unsafe_rbg`), the
+non-partitionable layout and float dtypes other than float32 fall back to `jax.random` itself.
+On GPU and TPU jax already unrolls the hash, so this is the same program there.
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ from script_jax import train
 from script_jax.bench import step_speed
 
 # (name, objective, config overrides, compiler options, steps per call), most telling first.
-# Measured and dropped (docs/benchmarks.md section (i)): SCRIPT's two passes stacked into one
-# [2, B, T] forward and backward (commit deaffcc, 7% slower on an H200) and XLA's block-level
-# fusion rewriter (24% slower).
+# Measured slower on an H200 and dropped (docs/benchmarks_log.md section (i)): SCRIPT's two
+# passes stacked into one [2, B, T] forward and backward (commit deaffcc) and XLA's block-level
+# fusion rewriter.
 VARIANTS = [
     ("script", "script", {}, {}, 1),
     ("electra", "electra", {}, {}, 1),
