@@ -9,6 +9,8 @@ fine-tuning errors ...); a missing file counts too. Each command's `main` runs i
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import re
 import sys
 from typing import Callable, Sequence
@@ -88,6 +90,32 @@ def remote_storage_problem(error: BaseException) -> str | None:
   return f"cannot use {paths[0]}: {cause}. {fix}. (TensorFlow: {detail})"
 
 
+# A write refused for lack of room: a full disk, a quota, a file-size limit (ulimit -f).
+_NO_ROOM = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+            errno.EFBIG: "the file is larger than this process may write (ulimit -f)"}
+
+
+def no_room_problem(error: BaseException) -> str | None:
+  """One line for a write that failed for lack of room (on the error or its causes); None for
+  anything else. Everything a command writes can be rerun over: what was finished is kept."""
+  seen = error
+  while seen is not None:
+    code, path = None, None
+    if isinstance(seen, OSError) and seen.errno in _NO_ROOM:
+      code, path = seen.errno, seen.filename
+    else:  # TensorFlow's writers give the path and the C library's text, no errno
+      text = str(seen)
+      code = next((c for c in _NO_ROOM if text.endswith(os.strerror(c))), None)
+      path = text.rsplit(";", 1)[0].strip() if code and ";" in text else None
+    if code is not None:
+      where = f" writing {path}" if path else ""
+      return (f"no room{where}: {_NO_ROOM[code]} ({os.strerror(code)}). Free space (or raise "
+              "the limit) and run the same command again: what was finished before is kept "
+              "and picked up.")
+    seen = seen.__cause__ or seen.__context__
+  return None
+
+
 @contextlib.contextmanager
 def friendly_errors():
   """Prints `error: <message>` and exits with status 2 for the errors a user can fix (and for
@@ -98,7 +126,8 @@ def friendly_errors():
     print("\nerror: interrupted (Ctrl-C).", file=sys.stderr)
     sys.exit(130)
   except Exception as e:  # pylint: disable=broad-except
-    message = remote_storage_problem(e) or (str(e) if is_user_error(e) else None)
+    message = (remote_storage_problem(e) or no_room_problem(e) or
+               (str(e) if is_user_error(e) else None))
     if message is None:
       raise
     from absl import logging  # pylint: disable=g-import-not-at-top

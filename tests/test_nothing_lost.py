@@ -290,6 +290,47 @@ def test_a_failed_save_stops_the_run_and_keeps_the_earlier_checkpoints(base_run,
   assert _steps(workdir) == [2, 4, 6]
 
 
+def test_a_full_disk_while_preparing_data_is_one_error_line_and_a_rerun_completes(
+    tmp_path, shared_data):
+  """Shards 3-7 written again under a file-size limit: the write fails (EFBIG, as ENOSPC
+  would), one line says where and what to do, and the same command without the limit finishes."""
+  data = tmp_path / "data"
+  shutil.copytree(shared_data, data)
+  for name in os.listdir(data):
+    if name.startswith(tuple(f"train-0000{k}" for k in "34567") + ("eval-", "metadata")):
+      os.remove(data / name)
+  command = [sys.executable, "-m", "script_jax.data.prepare", "--config=configs/tiny.py",
+             f"--output_dir={data}"]
+
+  def small_files():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+  env = dict(os.environ, XLA_FLAGS="")
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=env, preexec_fn=small_files)
+  _one_error_line(result, "no room writing", "train-00003-of-00008.tfrecord",
+                  "run the same command again")
+  assert not (data / "metadata.json").exists()  # not called complete
+  again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert sorted(os.listdir(data)) == sorted(os.listdir(shared_data))
+
+
+def test_no_room_is_recognised_from_the_os_and_from_tensorflow():
+  from script_jax import cli_errors  # pylint: disable=g-import-not-at-top
+  full = OSError(28, os.strerror(28), "/w/checkpoints/8/x")
+  assert "no room writing /w/checkpoints/8/x: the disk is full" in cli_errors.no_room_problem(
+      full)
+  wrapped = RuntimeError("save failed")
+  wrapped.__cause__ = full
+  assert "the disk is full" in cli_errors.no_room_problem(wrapped)
+  tf_style = RuntimeError(f"/w/data/train-00001.tfrecord.tmp-7; {os.strerror(122)}")
+  assert ("no room writing /w/data/train-00001.tfrecord.tmp-7: the disk quota is used up"
+          in cli_errors.no_room_problem(tf_style))
+  assert cli_errors.no_room_problem(OSError(13, "Permission denied")) is None
+  assert cli_errors.no_room_problem(ValueError("File too large, said the user")) is None
+
+
 # ------------------------------------------------------------ item 2 and 9: one run, Ctrl-C
 
 def _start(args, log):

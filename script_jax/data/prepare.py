@@ -40,6 +40,7 @@ from typing import Optional
 from absl import logging
 import ml_collections
 
+from script_jax import cli_errors
 from script_jax import config_lib
 from script_jax import fs
 from script_jax.data import corpus
@@ -345,11 +346,12 @@ def _reusable_metadata(config: ml_collections.ConfigDict, data_dir: str) -> Opti
 
 
 def main(argv):
-  del argv
-  metadata = prepare(FLAGS.config, FLAGS.output_dir, FLAGS.source,
-                     num_workers=FLAGS.num_workers, tfds_data_dir=FLAGS.tfds_data_dir,
-                     tfds_manual_dir=FLAGS.tfds_manual_dir)
-  print(prepared.summary(metadata))
+  def body():
+    metadata = prepare(FLAGS.config, FLAGS.output_dir, FLAGS.source,
+                       num_workers=FLAGS.num_workers, tfds_data_dir=FLAGS.tfds_data_dir,
+                       tfds_manual_dir=FLAGS.tfds_manual_dir)
+    print(prepared.summary(metadata))
+  cli_errors.run_cli(argv, body, quiet=False)  # its progress lines stay
 
 
 if __name__ == "__main__":
