@@ -38,8 +38,25 @@ class _QuietLibraries:
     return record.levelno >= 30
 
 
+def _without_closed_loop_noise(unraisablehook):
+  """sys.unraisablehook less the "Event loop is closed" tracebacks that tensorstore's write
+  callbacks print once orbax has given up on a failed save (the trainer reports the failure)."""
+  def hook(unraisable):
+    if (unraisable.exc_type is RuntimeError and
+        str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    unraisablehook(unraisable)
+  return hook
+
+
 def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  import sys  # pylint: disable=g-import-not-at-top
+  import warnings  # pylint: disable=g-import-not-at-top
+  sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
+  # The same failed save leaves orbax's write coroutines unawaited.
+  warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                          category=RuntimeWarning)
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   import os  # pylint: disable=g-import-not-at-top

@@ -284,9 +284,8 @@ def test_a_failed_save_stops_the_run_and_keeps_the_earlier_checkpoints(base_run,
   lines = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
   assert len(lines) == 1 and "Saving checkpoint 8 failed" in lines[0], result.stderr[-3000:]
   assert "File too large" in lines[0] and "(newest: 6)" in lines[0]
-  # tensorstore's write callbacks still print "Event loop is closed" tracebacks once orbax has
-  # given up on the save; none goes through script_jax.
-  assert "script_jax/" not in result.stderr.split("Traceback", 1)[-1].split("error: ")[0]
+  # Not even tensorstore's "Event loop is closed" tracebacks from the abandoned writes.
+  assert "Traceback" not in result.stderr and "never awaited" not in result.stderr
   assert _steps(workdir) == [2, 4, 6]
 
 
