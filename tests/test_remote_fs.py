@@ -13,6 +13,7 @@ Which client serves what (docs/cloud.md has the why):
 """
 
 import gzip
+import http
 import io
 import os
 import socket
@@ -65,10 +66,37 @@ def _send_generation_headers(monkeypatch):
       for regex, handlers in emulator_server.HANDLERS))
 
 
+def _honour_if_generation_match_0(monkeypatch):
+  """Uploads with `ifGenerationMatch=0` fail with 412 when the object exists, as on GCS (the
+  emulator ignores preconditions); run_lock's lease on gs:// relies on it."""
+  from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
+  insert = objects.insert
+
+  def insert_if_absent(request, response, storage, *args, **kwargs):
+    if request.query.get("ifGenerationMatch") == ["0"]:
+      name = request.query.get("name", [None])[0]
+      if name is None and isinstance(request.data, dict):  # multipart: in the metadata part
+        name = request.data.get("meta", {}).get("name")
+      try:
+        storage.get_file_obj(request.params["bucket_name"], name)
+        response.status = http.HTTPStatus.PRECONDITION_FAILED  # it exists
+        return None
+      except Exception:  # pylint: disable=broad-except
+        pass  # absent: upload it
+    return insert(request, response, storage, *args, **kwargs)
+
+  monkeypatch.setattr(objects, "insert", insert_if_absent)
+  monkeypatch.setattr(emulator_server, "HANDLERS", tuple(
+      (regex, {method: insert_if_absent if handler is insert else handler
+               for method, handler in handlers.items()})
+      for regex, handlers in emulator_server.HANDLERS))
+
+
 @pytest.fixture
 def gcs_emulator(monkeypatch):
   """A GCS emulator on localhost with bucket `bucket`; orbax's clients pointed at it."""
   _send_generation_headers(monkeypatch)
+  _honour_if_generation_match_0(monkeypatch)
   port = _free_port()
   server = emulator_server.create_server("127.0.0.1", port, in_memory=True,
                                          default_bucket=BUCKET)
@@ -163,3 +191,15 @@ def test_prepare_train_stop_resume_score_off_the_local_disk(gcs_emulator, monkey
     assert len(f.read().splitlines()) == 2
 
   assert os.listdir(tmp_path) == []  # nothing landed on the local disk as "ram:" or "gs:"
+
+
+def test_the_gs_lease_is_created_only_if_absent_through_the_storage_client(gcs_emulator):
+  """run.lock on gs://: google-cloud-storage's if-generation-match=0 precondition, honoured by
+  the service, so of two runs that start in the same instant one gets the lease."""
+  pytest.importorskip("google.cloud.storage")
+  path = f"gs://{BUCKET}/lease-test/run.lock"
+  assert fs.create_if_absent(path, '{"pid": 1}')
+  assert not fs.create_if_absent(path, '{"pid": 2}')
+  from google.cloud import storage  # pylint: disable=g-import-not-at-top
+  blob = storage.Client().bucket(BUCKET).blob("lease-test/run.lock")
+  assert blob.download_as_text() == '{"pid": 1}'  # the first writer's, not replaced
