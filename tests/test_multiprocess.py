@@ -146,3 +146,21 @@ def test_sigterm_to_one_host_saves_the_same_step_on_both_and_resumes_exactly(tmp
   for a, b in zip(jax.tree.leaves(checkpoints.load_pretrained(str(interrupted))[2]),
                   jax.tree.leaves(checkpoints.load_pretrained(str(straight))[2])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_busy_workdir_stops_every_process_before_anything_is_written(two_process_run,
+                                                                       tmp_path):
+  """Process 0 takes the run lock for all hosts: while another run holds it, process 0 names
+  the holder and process 1 says that process 0 could not take it; both exit 2."""
+  from script_jax import run_lock  # pylint: disable=g-import-not-at-top
+  args, _, _ = two_process_run
+  workdir = tmp_path / "busy"
+  with run_lock.hold(str(workdir)):  # the other run: this test's process
+    procs = _launch(args + [f"--workdir={workdir}"], _free_port())
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+  for p, err in zip(procs, errors):
+    assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
+  assert f"another run is using --workdir {workdir} (host {socket.gethostname()}, process " \
+         f"{os.getpid()}" in errors[0], errors[0][-3000:]
+  assert "process 0 could not take the lock" in errors[1], errors[1][-3000:]
+  assert sorted(os.listdir(workdir)) == [run_lock.LOCK_FILE]  # nothing else written
