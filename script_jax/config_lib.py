@@ -340,10 +340,10 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
                     num_slices: int | None = None):
   """Raises ConfigError with a clear message for every inconsistency we can see up front."""
   import jax  # pylint: disable=g-import-not-at-top
-  from script_jax import meshes  # pylint: disable=g-import-not-at-top
+  from script_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   num_devices = jax.device_count() if num_devices is None else num_devices
   process_count = jax.process_count() if process_count is None else process_count
-  num_slices = meshes.num_slices(jax.devices()) if num_slices is None else num_slices
+  num_slices = sharding_lib.num_slices(jax.devices()) if num_slices is None else num_slices
   m = config.model
   problems = []
   # Counts and intervals a run divides or loops by: 0 or less is never meant.

@@ -32,8 +32,8 @@ import jax
 import numpy as np
 
 from script_jax import config_lib
-from script_jax import meshes
 from script_jax import objectives
+from script_jax import sharding as sharding_lib
 from script_jax import state as state_lib
 
 P = jax.sharding.PartitionSpec
@@ -108,7 +108,7 @@ def make_eval_step(config, model, params_sharding, mesh) -> Callable:
     _, metrics = loss_fn(params_at_use(params), batch, rng)
     return metrics["outputs"]
 
-  batch_sharding = jax.sharding.NamedSharding(mesh, meshes.batch_spec(mesh))
+  batch_sharding = jax.sharding.NamedSharding(mesh, sharding_lib.batch_spec(mesh))
   replicated = jax.sharding.NamedSharding(mesh, P())
   return jax.jit(eval_step, in_shardings=(params_sharding, batch_sharding, replicated),
                  out_shardings=replicated)
@@ -141,7 +141,7 @@ class Evaluator:
   def evaluate(self, params) -> dict[str, float]:
     """The metrics of `params` on the whole set, and the seconds it took (eval_seconds)."""
     start = time.time()
-    sharding = jax.sharding.NamedSharding(self.mesh, meshes.batch_spec(self.mesh))
+    sharding = jax.sharding.NamedSharding(self.mesh, sharding_lib.batch_spec(self.mesh))
     outputs = []
     for number, host_batch in enumerate(self.batches):
       batch = {k: jax.make_array_from_process_local_data(sharding, v)

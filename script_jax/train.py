@@ -30,11 +30,11 @@ from script_jax import cli_errors
 from script_jax import config_lib
 from script_jax import evaluation
 from script_jax import fs
-from script_jax import meshes
 from script_jax import metrics_log
 from script_jax import models
 from script_jax import objectives
 from script_jax import run_lock
+from script_jax import sharding as sharding_lib
 from script_jax import state as state_lib
 
 Array = jax.Array
@@ -55,16 +55,16 @@ class CheckpointSaveError(cli_errors.UserError):
 
 def create_mesh(config, devices=None) -> jax.sharding.Mesh:
   """The ('data', 'model') mesh; data-parallel over every device by default, across slices on
-  a multi-slice TPU job (meshes.py). With FSDP over several groups (`config_lib.fsdp_replicas`:
+  a multi-slice TPU job (sharding.py). With FSDP over several groups (`config_lib.fsdp_replicas`:
   one per slice unless set), ('replica', 'data', 'model'): the state is split within a group
   and each group holds a whole copy, so FSDP's gathers stay on a slice's interconnect."""
   devices = jax.devices() if devices is None else devices
   replicas, data_axis, model_axis = config_lib.mesh_shape(config, len(devices),
-                                                          meshes.num_slices(devices))
+                                                          sharding_lib.num_slices(devices))
   if replicas == 1:
-    return meshes.make_mesh((data_axis, model_axis), ("data", "model"), devices)
-  return meshes.make_mesh((replicas, data_axis, model_axis), ("replica", "data", "model"),
-                          devices)
+    return sharding_lib.make_mesh((data_axis, model_axis), ("data", "model"), devices)
+  return sharding_lib.make_mesh((replicas, data_axis, model_axis),
+                                ("replica", "data", "model"), devices)
 
 
 # ----------------------------------------------------------------------------- state and step
@@ -101,7 +101,7 @@ def make_train_step(config, model, state_sharding, mesh):
     metrics["skipped"] = (~finite).astype(jnp.float32)
     return new_state.replace(params=kept[0], opt_state=kept[1]), metrics
 
-  batch_sharding = jax.sharding.NamedSharding(mesh, meshes.batch_spec(mesh))
+  batch_sharding = jax.sharding.NamedSharding(mesh, sharding_lib.batch_spec(mesh))
   replicated = jax.sharding.NamedSharding(mesh, P())
   return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, replicated), donate_argnums=0)
@@ -109,7 +109,7 @@ def make_train_step(config, model, state_sharding, mesh):
 
 def to_global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, Array]:
   """This host's slice of the batch -> global arrays split over the data-parallel axes."""
-  sharding = jax.sharding.NamedSharding(mesh, meshes.batch_spec(mesh))
+  sharding = jax.sharding.NamedSharding(mesh, sharding_lib.batch_spec(mesh))
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[k]))
           for k in BATCH_KEYS}
 

@@ -158,7 +158,7 @@ def _v3_8_devices():
 def _v3_8_train_step_hlo(devices, **overrides):
   """The compiled TPU program of tiny's SCRIPT train step (bfloat16) for a v3-8."""
   import functools  # pylint: disable=g-import-not-at-top
-  from script_jax import meshes  # pylint: disable=g-import-not-at-top
+  from script_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from script_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   from script_jax import train  # pylint: disable=g-import-not-at-top
   config = load_config("tiny", rng_impl="threefry2x32", **{"model.dtype": "bfloat16"},
@@ -168,7 +168,7 @@ def _v3_8_train_step_hlo(devices, **overrides):
   abstract_state = jax.eval_shape(functools.partial(state_lib.create_train_state, config, model),
                                   jax.random.key(config.seed))
   state_sharding = state_lib.state_shardings(config, abstract_state, mesh)
-  rows = NamedSharding(mesh, meshes.batch_spec(mesh))
+  rows = NamedSharding(mesh, sharding_lib.batch_spec(mesh))
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                        abstract_state, state_sharding)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows)
