@@ -319,23 +319,6 @@ def vocab_size_problem(tokenizer_vocab_size: int, config: ml_collections.ConfigD
           f"--config.model.vocab_size={tokenizer_vocab_size}.")
 
 
-def fsdp_replicas(config, num_slices: int = 1) -> int:
-  """How many groups each hold a whole copy of the state: 1 without FSDP (every device holds
-  it; the mesh has no 'replica' axis), with it mesh.fsdp_replicas, or one per slice when 0."""
-  if not config.mesh.get("fsdp", False):
-    return 1
-  return config.mesh.get("fsdp_replicas", 0) or num_slices
-
-
-def mesh_shape(config, num_devices: int, num_slices: int = 1) -> tuple[int, int, int]:
-  """(replicas, data, model): the mesh's axis sizes for `num_devices` devices (replicas is 1
-  unless FSDP keeps several copies, `fsdp_replicas`; data -1 takes the devices left)."""
-  replicas = max(1, fsdp_replicas(config, num_slices))
-  model = config.mesh.model
-  data = config.mesh.data if config.mesh.data > 0 else num_devices // max(model * replicas, 1)
-  return replicas, data, model
-
-
 def validate_config(config, num_devices: int | None = None, process_count: int | None = None,
                     num_slices: int | None = None):
   """Raises ConfigError with a clear message for every inconsistency we can see up front."""
@@ -397,7 +380,7 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
     problems.append(f"optim.warmup_steps {config.optim.warmup_steps} exceeds num_train_steps "
                     f"{config.num_train_steps}")
   requested_replicas = config.mesh.get("fsdp_replicas", 0)
-  replicas, data_axis, model_axis = mesh_shape(config, num_devices, num_slices)
+  replicas, data_axis, model_axis = sharding_lib.mesh_shape(config, num_devices, num_slices)
   if requested_replicas < 0 or (requested_replicas and not config.mesh.get("fsdp", False)):
     problems.append(f"mesh.fsdp_replicas={requested_replicas}: it is 0 (one per slice) or the "
                     "number of groups that each hold a copy of the state, and applies only "

@@ -54,3 +54,32 @@ def make_mesh(shape: Sequence[int], names: Sequence[str],
   if num_slices(devices) == 1:
     return jax.make_mesh(tuple(shape), tuple(names), devices=devices, axis_types=axis_types)
   return jax.sharding.Mesh(device_grid(shape, devices), tuple(names), axis_types=axis_types)
+
+
+def fsdp_replicas(config, num_slices: int = 1) -> int:
+  """How many groups each hold a whole copy of the state: 1 without FSDP (every device holds
+  it; the mesh has no 'replica' axis), with it mesh.fsdp_replicas, or one per slice when 0."""
+  if not config.mesh.get("fsdp", False):
+    return 1
+  return config.mesh.get("fsdp_replicas", 0) or num_slices
+
+
+def mesh_shape(config, num_devices: int, num_slices: int = 1) -> tuple[int, int, int]:
+  """(replicas, data, model): the mesh's axis sizes for `num_devices` devices (replicas is 1
+  unless FSDP keeps several copies, `fsdp_replicas`; data -1 takes the devices left)."""
+  replicas = max(1, fsdp_replicas(config, num_slices))
+  model = config.mesh.model
+  data = config.mesh.data if config.mesh.data > 0 else num_devices // max(model * replicas, 1)
+  return replicas, data, model
+
+
+def create_mesh(config, devices=None) -> jax.sharding.Mesh:
+  """The ('data', 'model') mesh; data-parallel over every device by default, across slices on
+  a multi-slice TPU job (`device_grid`). With FSDP over several groups (`fsdp_replicas`:
+  one per slice unless set), ('replica', 'data', 'model'): the state is split within a group
+  and each group holds a whole copy, so FSDP's gathers stay on a slice's interconnect."""
+  devices = jax.devices() if devices is None else devices
+  replicas, data_axis, model_axis = mesh_shape(config, len(devices), num_slices(devices))
+  if replicas == 1:
+    return make_mesh((data_axis, model_axis), ("data", "model"), devices)
+  return make_mesh((replicas, data_axis, model_axis), ("replica", "data", "model"), devices)

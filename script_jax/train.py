@@ -51,22 +51,6 @@ class CheckpointSaveError(cli_errors.UserError):
   """A checkpoint could not be written (a full disk, lost permissions): the run stops."""
 
 
-# ----------------------------------------------------------------------------- config and mesh
-
-def create_mesh(config, devices=None) -> jax.sharding.Mesh:
-  """The ('data', 'model') mesh; data-parallel over every device by default, across slices on
-  a multi-slice TPU job (sharding.py). With FSDP over several groups (`config_lib.fsdp_replicas`:
-  one per slice unless set), ('replica', 'data', 'model'): the state is split within a group
-  and each group holds a whole copy, so FSDP's gathers stay on a slice's interconnect."""
-  devices = jax.devices() if devices is None else devices
-  replicas, data_axis, model_axis = config_lib.mesh_shape(config, len(devices),
-                                                          sharding_lib.num_slices(devices))
-  if replicas == 1:
-    return sharding_lib.make_mesh((data_axis, model_axis), ("data", "model"), devices)
-  return sharding_lib.make_mesh((replicas, data_axis, model_axis),
-                                ("replica", "data", "model"), devices)
-
-
 # ----------------------------------------------------------------------------- state and step
 
 def make_train_step(config, model, state_sharding, mesh):
@@ -167,7 +151,7 @@ def _train_holding_the_lock(config, workdir: str) -> dict[str, float]:
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from clu import parameter_overview  # pylint: disable=g-import-not-at-top
 
-  mesh = create_mesh(config)
+  mesh = sharding_lib.create_mesh(config)
   model = models.build_model(config)
   state, state_sharding = state_lib.init_state(config, model, mesh)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))

@@ -12,6 +12,7 @@ from script_jax.bench import hlo_collectives
 
 from script_jax import checkpoints
 from script_jax import models
+from script_jax import sharding as sharding_lib
 from script_jax import state as state_lib
 from script_jax import train
 from script_jax.data import synthetic
@@ -60,7 +61,7 @@ def test_fsdp_steps_equal_the_replicated_steps(objective, scan_layers, replicas)
 
 
 def _fsdp_state(config):
-  mesh = train.create_mesh(config)
+  mesh = sharding_lib.create_mesh(config)
   model = models.build_model(config)
   state, sharding = state_lib.init_state(config, model, mesh)
   return mesh, model, state, sharding

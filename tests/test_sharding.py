@@ -10,7 +10,6 @@ import pytest
 from conftest import load_config
 
 from script_jax import sharding as sharding_lib
-from script_jax import train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +63,12 @@ def test_fsdp_on_several_slices_keeps_each_copy_of_the_state_in_one_slice(slices
   """mesh.fsdp on a multi-slice job: a 'replica' axis of one group per slice, the state split
   over 'data' within it (so FSDP's gathers never cross DCN), the batch over both."""
   devices = _devices(slices, per_slice, shuffle=True)
-  mesh = train.create_mesh(load_config("tiny", **{"mesh.fsdp": True}), devices=devices)
+  mesh = sharding_lib.create_mesh(load_config("tiny", **{"mesh.fsdp": True}), devices=devices)
   assert mesh.axis_names == ("replica", "data", "model")
   assert mesh.devices.shape == (slices, per_slice, 1)
   assert [{d.slice_index for d in group.flat} for group in mesh.devices] == [
       {s} for s in range(slices)]
   assert sharding_lib.batch_spec(mesh) == jax.sharding.PartitionSpec(("replica", "data"))
   # Without FSDP the data axis spans the slices, as before.
-  plain = train.create_mesh(load_config("tiny"), devices=devices)
+  plain = sharding_lib.create_mesh(load_config("tiny"), devices=devices)
   assert plain.axis_names == ("data", "model") and plain.devices.shape == (slices * per_slice, 1)

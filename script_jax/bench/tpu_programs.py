@@ -357,7 +357,7 @@ def compile_step(config, tpu: Slice, step: str = "train", devices=None,
   devices = tpu_devices(tpu) if devices is None else devices
   config_lib.validate_config(config, num_devices=len(devices), process_count=1, num_slices=1)
   if step in ("train", "eval"):
-    mesh = train.create_mesh(config, devices)
+    mesh = sharding_lib.create_mesh(config, devices)
     jitted, args, model_flops = pretraining_program(config, mesh, step)
   else:
     mesh = sharding_lib.make_mesh((len(devices),), ("data",), devices)
