@@ -190,7 +190,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the model axis
   c.mesh.model = 1  # only 1: no parameter is sharded over a model axis (validate_config)
-  # True: parameters and optimizer state split over 'data' (FSDP, state.state_shardings);
+  # True: parameters and optimizer state split over 'data' (FSDP, sharding.state_shardings);
   # False: replicated on every device.
   c.mesh.fsdp = False
   # With fsdp: how many groups of devices each hold a whole copy of the split state (a

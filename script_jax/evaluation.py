@@ -34,7 +34,6 @@ import numpy as np
 from script_jax import config_lib
 from script_jax import objectives
 from script_jax import sharding as sharding_lib
-from script_jax import state as state_lib
 
 P = jax.sharding.PartitionSpec
 PREFIX = "eval_"
@@ -98,7 +97,7 @@ def summarize(outputs: list[dict[str, np.ndarray]]) -> dict[str, float]:
 def make_eval_step(config, model, params_sharding, mesh) -> Callable:
   """The jitted evaluation step: (params, batch, batch number) -> per-token outputs, gathered
   on every device (the set is small; the host needs them all for the exact AUC)."""
-  model, params_at_use = state_lib.for_the_step(config, model, params_sharding, mesh)
+  model, params_at_use = sharding_lib.for_the_step(config, model, params_sharding, mesh)
   loss_fn = functools.partial(objectives.get_objective(config.objective), model=model,
                               config=config, deterministic=True, with_outputs=True, mesh=mesh)
   seed, rng_impl = config.eval.seed, config_lib.rng_impl_of(config)

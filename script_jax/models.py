@@ -68,7 +68,7 @@ class EncoderConfig:
   fused_qkv: bool = False
   initializer_range: float = 0.02  # BERT's; tiny models need more to learn attention quickly
   # With scan_layers: a function of one layer's parameters applied where the scan uses them
-  # (FSDP's per-layer gather, state.LayerGather); set by the train step, never by a config.
+  # (FSDP's per-layer gather, sharding.LayerGather); set by the train step, never by a config.
   layer_params_at_use: Any = None
 
   @property

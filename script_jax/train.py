@@ -55,7 +55,7 @@ class CheckpointSaveError(cli_errors.UserError):
 
 def make_train_step(config, model, state_sharding, mesh):
   """The jitted, sharded train step: (state, batch) -> (state, metrics). State is donated."""
-  model, params_at_use = state_lib.for_the_step(config, model, state_sharding.params, mesh)
+  model, params_at_use = sharding_lib.for_the_step(config, model, state_sharding.params, mesh)
   objective_loss = functools.partial(objectives.get_objective(config.objective), model=model,
                                      config=config, mesh=mesh)
 

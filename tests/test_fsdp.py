@@ -1,4 +1,4 @@
-"""mesh.fsdp: parameters and optimizer state split over 'data' (state.state_shardings).
+"""mesh.fsdp: parameters and optimizer state split over 'data' (sharding.state_shardings).
 
 On the 8 fake CPU devices: the layout of each array, the train step equal to the replicated one (2 steps),
 the compiled step's collectives, and a checkpoint restored into the FSDP layout.
@@ -37,8 +37,8 @@ def _config(objective="script", **overrides):
     ((2, 64, 129), P(None, "data", None)),  # scanned layers: 2 is not divided, 129 not by 8
 ])
 def test_fsdp_spec_splits_the_largest_divisible_dimension(shape, spec):
-  assert state_lib.fsdp_spec(shape, 8) == spec
-  assert state_lib.fsdp_spec(shape, 1) == P()
+  assert sharding_lib.fsdp_spec(shape, 8) == spec
+  assert sharding_lib.fsdp_spec(shape, 1) == P()
 
 
 # SCRIPT's step has both passes, ELECTRA's a second model (scanned: two scans, the generator's

@@ -168,7 +168,7 @@ def _v3_8_train_step_hlo(devices, **overrides):
   model = models.build_model(config)
   abstract_state = jax.eval_shape(functools.partial(state_lib.create_train_state, config, model),
                                   jax.random.key(config.seed))
-  state_sharding = state_lib.state_shardings(config, abstract_state, mesh)
+  state_sharding = sharding_lib.state_shardings(config, abstract_state, mesh)
   rows = NamedSharding(mesh, sharding_lib.batch_spec(mesh))
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                        abstract_state, state_sharding)

@@ -203,7 +203,7 @@ def pretraining_program(config, mesh, step: str):
   model = models.build_model(config)
   abstract_state = jax.eval_shape(functools.partial(state_lib.create_train_state, config, model),
                                   jax.random.key(config.seed))
-  state_sharding = state_lib.state_shardings(config, abstract_state, mesh)
+  state_sharding = sharding_lib.state_shardings(config, abstract_state, mesh)
   batch_sharding = jax.sharding.NamedSharding(mesh, sharding_lib.batch_spec(mesh))
   if step == "train":
     batch = _abstract_batch(state_lib.dummy_batch(config, config.batch_size), batch_sharding)
