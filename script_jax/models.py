@@ -500,17 +500,6 @@ def generator_config(config) -> EncoderConfig:
                              num_layers=e.generator_num_layers)
 
 
-def with_layer_params_at_use(model: nn.Module, transform_for) -> nn.Module:
-  """`model` (MaskedLM or ElectraPretrainer) with `transform_for(cfg)` applied to each scanned
-  layer's parameters where the scan uses them, in each of its encoders
-  (EncoderConfig.layer_params_at_use)."""
-  updates = {f.name: dataclasses.replace(getattr(model, f.name),
-                                         layer_params_at_use=transform_for(getattr(model, f.name)))
-             for f in dataclasses.fields(model)
-             if isinstance(getattr(model, f.name, None), EncoderConfig)}
-  return model.clone(**updates)
-
-
 def build_model(config) -> nn.Module:
   """The Flax module that `config.objective` trains."""
   disc_cfg = encoder_config_from(config.model)

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 from jax.experimental import mesh_utils
 import numpy as np
@@ -155,10 +156,10 @@ _gathered.defvjp(_gathered_fwd, _gathered_bwd)
 @dataclasses.dataclass(frozen=True)
 class LayerGather:
   """FSDP for scanned layers: applied to one layer's parameters inside the scan
-  (`models.with_layer_params_at_use`), it gathers that layer whole where it is used and sends
-  its gradient back split. One layer's weights are whole at a time, not all L; remat gathers
-  again in the backward pass. Left to XLA, the scan's weights stay split and it partitions
-  the saved activations across the batch instead, all-gathering attention probabilities."""
+  (`with_layer_params_at_use`), it gathers that layer whole where it is used and sends its
+  gradient back split. One layer's weights are whole at a time, not all L; remat gathers again
+  in the backward pass. Left to XLA, the scan's weights stay split and it partitions the saved
+  activations across the batch instead, all-gathering attention probabilities."""
   mesh: jax.sharding.Mesh
   num_layers: int
 
@@ -175,6 +176,17 @@ class LayerGather:
     return jax.tree.map(gather, layer_params)
 
 
+def with_layer_params_at_use(model: nn.Module, transform_for) -> nn.Module:
+  """`model` (MaskedLM or ElectraPretrainer) with `transform_for(cfg)` applied to each scanned
+  layer's parameters where the scan uses them, in each of its encoders
+  (models.EncoderConfig.layer_params_at_use)."""
+  updates = {f.name: dataclasses.replace(getattr(model, f.name),
+                                         layer_params_at_use=transform_for(getattr(model, f.name)))
+             for f in dataclasses.fields(model)
+             if isinstance(getattr(model, f.name, None), models.EncoderConfig)}
+  return model.clone(**updates)
+
+
 def for_the_step(config, model, params_sharding, mesh):
   """(model, params_at_use) for a step over `mesh`: under mesh.fsdp the model gathers its
   scanned layers one at a time (`LayerGather`) and `params_at_use` puts the rest in the layout
@@ -182,7 +194,7 @@ def for_the_step(config, model, params_sharding, mesh):
   if not config.mesh.get("fsdp", False):
     return model, lambda params: params
   if config.model.scan_layers:
-    model = models.with_layer_params_at_use(model, lambda cfg: LayerGather(mesh, cfg.num_layers))
+    model = with_layer_params_at_use(model, lambda cfg: LayerGather(mesh, cfg.num_layers))
   use = fsdp_use_shardings(params_sharding, mesh)
   # Each gradient is constrained back to its stored split (`_gathered`): a lookup table used
   # whole would otherwise get its gradient summed whole on every device (an all-reduce of
