@@ -1,12 +1,33 @@
-"""Device meshes for pretraining and fine-tuning, on one slice or across several.
+"""Sharding, in one place: the mesh, where the state and the batch live on it, FSDP's gathers.
+
+The trainer, the train state, evaluation, fine-tuning and the benchmarks ask this module for
+their layout; the model only carries a slot for the per-layer gather
+(`models.EncoderConfig.layer_params_at_use`), which `for_the_step` fills.
+
+Mesh axes (`create_mesh`; their sizes from config.mesh by `mesh_shape`):
+  'data'     data parallelism: the batch is split over it, and with mesh.fsdp the state too.
+  'model'    size 1: no parameter is split over it (config_lib.validate_config refuses more).
+  'replica'  only under FSDP over several groups (`fsdp_replicas`, one per slice by default):
+             each group holds a whole split copy of the state.
 
 Within one slice (every device on CPU and GPU, one TPU pod slice) `jax.make_mesh` lays the
 axes out over the chip interconnect (ICI). A multi-slice TPU job (several slices joined by the
 data-centre network, DCN; each device reports its `slice_index`) is not one torus, and
-`jax.make_mesh` refuses it. There the 'data' axis spans the slices: each slice holds a
-contiguous block of the data axis and its whole model axis, so the only traffic over DCN is the
+`jax.make_mesh` refuses it. There the first axis spans the slices (`device_grid`): each slice
+holds a contiguous block of it and its whole model axis, so the only traffic over DCN is the
 data-parallel gradient all-reduce, as MaxText lays out its DCN data parallelism
 (`mesh_utils.create_hybrid_device_mesh`).
+
+The batch (`batch_spec`) is split over every data-parallel axis: ('replica', 'data') or 'data'.
+
+The state (`state_shardings`) is replicated on every device by default; with mesh.fsdp each
+array of the parameters and optimizer moments is split over 'data' along its largest divisible
+dimension (`fsdp_spec`).
+
+The gathers (`for_the_step`): under FSDP the step uses the lookup tables whole
+(`fsdp_use_shardings`) and each scanned layer whole, one at a time inside the scan
+(`LayerGather`), by an all-gather whose gradient is reduce-scattered back into the stored split
+(`_gathered`). Measured in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -24,6 +45,8 @@ from script_jax import models
 
 P = jax.sharding.PartitionSpec
 
+
+# ----------------------------------------------------------------------------- the mesh
 
 def num_slices(devices: Sequence[Any]) -> int:
   """How many slices the devices come from (1 where devices report no slice_index)."""
@@ -43,13 +66,6 @@ def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
                      f"slices ({slices}): each slice holds whole rows of the mesh.")
   return mesh_utils.create_hybrid_device_mesh((data // slices, *rest), (slices,) + (1,) * len(rest),
                                                devices)
-
-
-def batch_spec(mesh: jax.sharding.Mesh) -> jax.sharding.PartitionSpec:
-  """How a batch is split over `mesh`: over every data-parallel axis ('replica' and 'data')."""
-  if "replica" in mesh.axis_names:
-    return jax.sharding.PartitionSpec(("replica", "data"))
-  return jax.sharding.PartitionSpec("data")
 
 
 def make_mesh(shape: Sequence[int], names: Sequence[str],
@@ -92,6 +108,17 @@ def create_mesh(config, devices=None) -> jax.sharding.Mesh:
   return make_mesh((replicas, data_axis, model_axis), ("replica", "data", "model"), devices)
 
 
+# ----------------------------------------------------------------------------- the batch
+
+def batch_spec(mesh: jax.sharding.Mesh) -> jax.sharding.PartitionSpec:
+  """How a batch is split over `mesh`: over every data-parallel axis ('replica' and 'data')."""
+  if "replica" in mesh.axis_names:
+    return jax.sharding.PartitionSpec(("replica", "data"))
+  return jax.sharding.PartitionSpec("data")
+
+
+# ----------------------------------------------------------------------------- FSDP's state
+
 def fsdp_spec(shape: tuple[int, ...], data_size: int) -> P:
   """FSDP's layout of one array: its largest dimension that the data axis divides is split over
   'data'; an array with no such dimension (a scalar, an odd size) stays replicated."""
@@ -129,6 +156,8 @@ def fsdp_use_shardings(params_sharding, mesh):
 
   return jax.tree_util.tree_map_with_path(use, params_sharding)
 
+
+# ----------------------------------------------------------------------------- FSDP's gathers
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _gathered(x, stored, whole):

@@ -2,9 +2,11 @@
 
   state, metrics = train_step(state, batch)   # two forward passes, one value_and_grad, optax
 
-The state is replicated over a `Mesh(('data', 'model'))`, the batch is split over 'data'. The
-random numbers of step s are `fold_in(key(seed), s)` and the data pipeline can start at any step,
-so a resumed run is the same run.
+The mesh, the state's layout and the batch's come from sharding.py: the state is replicated on
+every device, or with mesh.fsdp its parameters and optimizer moments are split over 'data'
+(FSDP); the batch is split over the data-parallel axes. The random numbers of step s are
+`fold_in(key(seed), s)` and the data pipeline can start at any step, so a resumed run is the
+same run.
 """
 
 from __future__ import annotations
