@@ -10,8 +10,8 @@ its method to the next size under ELECTRA's settings.
 
 At this size a replica of the state on every device (parameters plus Adam's two moments, 4 GB
 in float32) is what FSDP removes: mesh.fsdp splits parameters and optimizer state over the data
-axis (state.state_shardings), and the step gathers one layer's weights at a time inside the
-scan (state.LayerGather). Layers are scanned and rematerialised, which keeps compilation short
+axis (sharding.state_shardings), and the step gathers one layer's weights at a time inside the
+scan (sharding.LayerGather). Layers are scanned and rematerialised, which keeps compilation short
 and activations to one layer's. Per-device memory, replicated against FSDP, from a
 compile-only benchmark: docs/benchmarks.md.
 """

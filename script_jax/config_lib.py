@@ -190,7 +190,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the model axis
   c.mesh.model = 1  # only 1: no parameter is sharded over a model axis (validate_config)
-  # True: parameters and optimizer state split over 'data' (FSDP, state.state_shardings);
+  # True: parameters and optimizer state split over 'data' (FSDP, sharding.state_shardings);
   # False: replicated on every device.
   c.mesh.fsdp = False
   # With fsdp: how many groups of devices each hold a whole copy of the split state (a
@@ -319,31 +319,14 @@ def vocab_size_problem(tokenizer_vocab_size: int, config: ml_collections.ConfigD
           f"--config.model.vocab_size={tokenizer_vocab_size}.")
 
 
-def fsdp_replicas(config, num_slices: int = 1) -> int:
-  """How many groups each hold a whole copy of the state: 1 without FSDP (every device holds
-  it; the mesh has no 'replica' axis), with it mesh.fsdp_replicas, or one per slice when 0."""
-  if not config.mesh.get("fsdp", False):
-    return 1
-  return config.mesh.get("fsdp_replicas", 0) or num_slices
-
-
-def mesh_shape(config, num_devices: int, num_slices: int = 1) -> tuple[int, int, int]:
-  """(replicas, data, model): the mesh's axis sizes for `num_devices` devices (replicas is 1
-  unless FSDP keeps several copies, `fsdp_replicas`; data -1 takes the devices left)."""
-  replicas = max(1, fsdp_replicas(config, num_slices))
-  model = config.mesh.model
-  data = config.mesh.data if config.mesh.data > 0 else num_devices // max(model * replicas, 1)
-  return replicas, data, model
-
-
 def validate_config(config, num_devices: int | None = None, process_count: int | None = None,
                     num_slices: int | None = None):
   """Raises ConfigError with a clear message for every inconsistency we can see up front."""
   import jax  # pylint: disable=g-import-not-at-top
-  from script_jax import meshes  # pylint: disable=g-import-not-at-top
+  from script_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   num_devices = jax.device_count() if num_devices is None else num_devices
   process_count = jax.process_count() if process_count is None else process_count
-  num_slices = meshes.num_slices(jax.devices()) if num_slices is None else num_slices
+  num_slices = sharding_lib.num_slices(jax.devices()) if num_slices is None else num_slices
   m = config.model
   problems = []
   # Counts and intervals a run divides or loops by: 0 or less is never meant.
@@ -397,7 +380,7 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
     problems.append(f"optim.warmup_steps {config.optim.warmup_steps} exceeds num_train_steps "
                     f"{config.num_train_steps}")
   requested_replicas = config.mesh.get("fsdp_replicas", 0)
-  replicas, data_axis, model_axis = mesh_shape(config, num_devices, num_slices)
+  replicas, data_axis, model_axis = sharding_lib.mesh_shape(config, num_devices, num_slices)
   if requested_replicas < 0 or (requested_replicas and not config.mesh.get("fsdp", False)):
     problems.append(f"mesh.fsdp_replicas={requested_replicas}: it is 0 (one per slice) or the "
                     "number of groups that each hold a copy of the state, and applies only "

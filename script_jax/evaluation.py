@@ -32,9 +32,8 @@ import jax
 import numpy as np
 
 from script_jax import config_lib
-from script_jax import meshes
 from script_jax import objectives
-from script_jax import state as state_lib
+from script_jax import sharding as sharding_lib
 
 P = jax.sharding.PartitionSpec
 PREFIX = "eval_"
@@ -98,7 +97,7 @@ def summarize(outputs: list[dict[str, np.ndarray]]) -> dict[str, float]:
 def make_eval_step(config, model, params_sharding, mesh) -> Callable:
   """The jitted evaluation step: (params, batch, batch number) -> per-token outputs, gathered
   on every device (the set is small; the host needs them all for the exact AUC)."""
-  model, params_at_use = state_lib.for_the_step(config, model, params_sharding, mesh)
+  model, params_at_use = sharding_lib.for_the_step(config, model, params_sharding, mesh)
   loss_fn = functools.partial(objectives.get_objective(config.objective), model=model,
                               config=config, deterministic=True, with_outputs=True, mesh=mesh)
   seed, rng_impl = config.eval.seed, config_lib.rng_impl_of(config)
@@ -108,7 +107,7 @@ def make_eval_step(config, model, params_sharding, mesh) -> Callable:
     _, metrics = loss_fn(params_at_use(params), batch, rng)
     return metrics["outputs"]
 
-  batch_sharding = jax.sharding.NamedSharding(mesh, meshes.batch_spec(mesh))
+  batch_sharding = jax.sharding.NamedSharding(mesh, sharding_lib.batch_spec(mesh))
   replicated = jax.sharding.NamedSharding(mesh, P())
   return jax.jit(eval_step, in_shardings=(params_sharding, batch_sharding, replicated),
                  out_shardings=replicated)
@@ -141,7 +140,7 @@ class Evaluator:
   def evaluate(self, params) -> dict[str, float]:
     """The metrics of `params` on the whole set, and the seconds it took (eval_seconds)."""
     start = time.time()
-    sharding = jax.sharding.NamedSharding(self.mesh, meshes.batch_spec(self.mesh))
+    sharding = jax.sharding.NamedSharding(self.mesh, sharding_lib.batch_spec(self.mesh))
     outputs = []
     for number, host_batch in enumerate(self.batches):
       batch = {k: jax.make_array_from_process_local_data(sharding, v)

@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
-from script_jax import meshes
+from script_jax import sharding as sharding_lib
 
 Array = jax.Array
 _PAD_BIAS = -1e9  # the bias of padding columns: exp() of it is 0 (models.mask_vocab_padding)
@@ -313,7 +313,7 @@ def _local_grads(features_BxTxE, table_VxE, bias_V, lse_BxT, g_BxT, block_rows, 
 # ----------------------------------------------------------------------------- per device
 # A kernel is opaque to XLA's partitioner, which would gather the whole batch onto every device
 # to run it. Under the step's mesh, jax.shard_map runs it on each device's rows (the batch split
-# as meshes.batch_spec; table and bias whole on every device) and sums d_table and d_bias over
+# as sharding.batch_spec; table and bias whole on every device) and sums d_table and d_bias over
 # the batch axes in float32, as the plain formula's partitioned matmul does.
 
 def _interpret(mesh) -> bool:
@@ -323,7 +323,7 @@ def _interpret(mesh) -> bool:
 
 
 def _batch_axes(mesh) -> tuple[str, ...]:
-  axes = meshes.batch_spec(mesh)[0]
+  axes = sharding_lib.batch_spec(mesh)[0]
   return axes if isinstance(axes, tuple) else (axes,)
 
 
@@ -363,7 +363,7 @@ def pallas_logsumexp(features_BxTxE: Array, table_VxE: Array, bias_V: Array,
   """logsumexp_v (W e + b)_v at every position of [B, T, E] features: [B, T] float32, by Pallas
   TPU kernels (on other backends the same kernels in interpret mode, for tests).
 
-  `mesh`: the step's mesh, whose data-parallel axes split the batch (meshes.batch_spec): each
+  `mesh`: the step's mesh, whose data-parallel axes split the batch (sharding.batch_spec): each
   device runs the kernels on its own rows (jax.shard_map) and d_table, d_bias are summed over
   those axes in float32. Without a mesh the kernels see the whole batch (under a sharded jit
   XLA would gather it to every device). The table goes to the kernels in its own dtype and is

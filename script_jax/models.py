@@ -68,7 +68,7 @@ class EncoderConfig:
   fused_qkv: bool = False
   initializer_range: float = 0.02  # BERT's; tiny models need more to learn attention quickly
   # With scan_layers: a function of one layer's parameters applied where the scan uses them
-  # (FSDP's per-layer gather, state.LayerGather); set by the train step, never by a config.
+  # (FSDP's per-layer gather, sharding.LayerGather); set by the train step, never by a config.
   layer_params_at_use: Any = None
 
   @property
@@ -498,17 +498,6 @@ def generator_config(config) -> EncoderConfig:
                              num_heads=e.generator_num_heads,
                              intermediate_size=e.generator_intermediate_size,
                              num_layers=e.generator_num_layers)
-
-
-def with_layer_params_at_use(model: nn.Module, transform_for) -> nn.Module:
-  """`model` (MaskedLM or ElectraPretrainer) with `transform_for(cfg)` applied to each scanned
-  layer's parameters where the scan uses them, in each of its encoders
-  (EncoderConfig.layer_params_at_use)."""
-  updates = {f.name: dataclasses.replace(getattr(model, f.name),
-                                         layer_params_at_use=transform_for(getattr(model, f.name)))
-             for f in dataclasses.fields(model)
-             if isinstance(getattr(model, f.name, None), EncoderConfig)}
-  return model.clone(**updates)
 
 
 def build_model(config) -> nn.Module:

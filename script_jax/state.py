@@ -6,7 +6,6 @@ and fine-tuning need only `init_params` / `abstract_params`, no optimizer.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -16,9 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from script_jax import models
-
-P = jax.sharding.PartitionSpec
+from script_jax import sharding as sharding_lib
 
 
 def electra_schedule(peak: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
@@ -132,110 +129,11 @@ def create_train_state(config, model, rng) -> train_state.TrainState:
                                        tx=make_optimizer(config))
 
 
-def fsdp_spec(shape: tuple[int, ...], data_size: int) -> P:
-  """FSDP's layout of one array: its largest dimension that the data axis divides is split over
-  'data'; an array with no such dimension (a scalar, an odd size) stays replicated."""
-  dims = [i for i, d in enumerate(shape) if d % data_size == 0 and d >= data_size]
-  if data_size == 1 or not dims:
-    return P()
-  axis = max(dims, key=lambda i: (shape[i], -i))  # the largest; the first of equals
-  return P(*[("data" if i == axis else None) for i in range(len(shape))])
-
-
-def state_shardings(config, abstract_state, mesh):
-  """Where each array of the state lives: replicated on every device (data parallelism, the
-  default), or with mesh.fsdp its parameters and optimizer moments split over 'data'
-  (`fsdp_spec`; XLA gathers each weight where the step uses it and reduce-scatters its
-  gradient)."""
-  if not config.mesh.get("fsdp", False):
-    replicated = jax.sharding.NamedSharding(mesh, P())
-    return jax.tree.map(lambda _: replicated, abstract_state)
-  data_size = mesh.shape["data"]
-  return jax.tree.map(
-      lambda x: jax.sharding.NamedSharding(mesh, fsdp_spec(x.shape, data_size)), abstract_state)
-
-
-def fsdp_use_shardings(params_sharding, mesh):
-  """The layout each parameter takes where the step uses it, under mesh.fsdp: the lookup tables
-  (`embedding` leaves: words, positions, segments) whole on every device, the rest as stored.
-  A lookup into a table split over 'data' makes XLA all-gather every device's token ids
-  instead, the batch crossing the pod; gathering the table once also serves the tied output
-  layer. Unscanned weights XLA gathers where each is used; scanned layers are gathered one at a
-  time inside the scan (`LayerGather`)."""
-  replicated = jax.sharding.NamedSharding(mesh, P())
-
-  def use(path, sharding):
-    return replicated if str(getattr(path[-1], "key", "")) == "embedding" else sharding
-
-  return jax.tree_util.tree_map_with_path(use, params_sharding)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _gathered(x, stored, whole):
-  """x (in its `stored` layout) made `whole`: an all-gather, whose gradient is split back into
-  `stored`. (Constraining x to `stored` first as well made XLA split the layer's activations
-  along the weights' split dimensions.)"""
-  del stored
-  return jax.lax.with_sharding_constraint(x, whole)
-
-
-def _gathered_fwd(x, stored, whole):
-  return _gathered(x, stored, whole), None
-
-
-def _gathered_bwd(stored, whole, _, g):
-  # The gradient goes straight back to the stored layout: each device's partial sum over its
-  # batch is reduced into its own slice (a reduce-scatter), not summed whole on every device.
-  del whole
-  return (jax.lax.with_sharding_constraint(g, stored),)
-
-
-_gathered.defvjp(_gathered_fwd, _gathered_bwd)
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerGather:
-  """FSDP for scanned layers: applied to one layer's parameters inside the scan
-  (`models.with_layer_params_at_use`), it gathers that layer whole where it is used and sends
-  its gradient back split. One layer's weights are whole at a time, not all L; remat gathers
-  again in the backward pass. Left to XLA, the scan's weights stay split and it partitions
-  the saved activations across the batch instead, all-gathering attention probabilities."""
-  mesh: jax.sharding.Mesh
-  num_layers: int
-
-  def __call__(self, layer_params):
-    data_size = self.mesh.shape["data"]
-    whole = jax.sharding.NamedSharding(self.mesh, P())
-
-    def gather(x):
-      stacked_spec = tuple(fsdp_spec((self.num_layers,) + tuple(x.shape), data_size))
-      stacked_spec += (None,) * (x.ndim + 1 - len(stacked_spec))
-      stored = jax.sharding.NamedSharding(self.mesh, P(*stacked_spec[1:]))
-      return _gathered(x, stored, whole)
-
-    return jax.tree.map(gather, layer_params)
-
-
-def for_the_step(config, model, params_sharding, mesh):
-  """(model, params_at_use) for a step over `mesh`: under mesh.fsdp the model gathers its
-  scanned layers one at a time (`LayerGather`) and `params_at_use` puts the rest in the layout
-  the step uses them in (`fsdp_use_shardings`); otherwise `model` and the identity."""
-  if not config.mesh.get("fsdp", False):
-    return model, lambda params: params
-  if config.model.scan_layers:
-    model = models.with_layer_params_at_use(model, lambda cfg: LayerGather(mesh, cfg.num_layers))
-  use = fsdp_use_shardings(params_sharding, mesh)
-  # Each gradient is constrained back to its stored split (`_gathered`): a lookup table used
-  # whole would otherwise get its gradient summed whole on every device (an all-reduce of
-  # [V, E]), not reduce-scattered into the shards.
-  return model, lambda params: jax.tree.map(_gathered, params, params_sharding, use)
-
-
 def init_state(config, model, mesh):
   """Initialises abstractly, then runs a sharded jit(init): (state, state_sharding)."""
   init_fn = functools.partial(create_train_state, config, model)
   abstract = jax.eval_shape(init_fn, jax.random.key(config.seed))
-  state_sharding = state_shardings(config, abstract, mesh)
+  state_sharding = sharding_lib.state_shardings(config, abstract, mesh)
   state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.key(config.seed))
   return state, state_sharding
 

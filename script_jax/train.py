@@ -2,9 +2,11 @@
 
   state, metrics = train_step(state, batch)   # two forward passes, one value_and_grad, optax
 
-The state is replicated over a `Mesh(('data', 'model'))`, the batch is split over 'data'. The
-random numbers of step s are `fold_in(key(seed), s)` and the data pipeline can start at any step,
-so a resumed run is the same run.
+The mesh, the state's layout and the batch's come from sharding.py: the state is replicated on
+every device, or with mesh.fsdp its parameters and optimizer moments are split over 'data'
+(FSDP); the batch is split over the data-parallel axes. The random numbers of step s are
+`fold_in(key(seed), s)` and the data pipeline can start at any step, so a resumed run is the
+same run.
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ from script_jax import cli_errors
 from script_jax import config_lib
 from script_jax import evaluation
 from script_jax import fs
-from script_jax import meshes
 from script_jax import metrics_log
 from script_jax import models
 from script_jax import objectives
 from script_jax import run_lock
+from script_jax import sharding as sharding_lib
 from script_jax import state as state_lib
 
 Array = jax.Array
@@ -51,27 +53,11 @@ class CheckpointSaveError(cli_errors.UserError):
   """A checkpoint could not be written (a full disk, lost permissions): the run stops."""
 
 
-# ----------------------------------------------------------------------------- config and mesh
-
-def create_mesh(config, devices=None) -> jax.sharding.Mesh:
-  """The ('data', 'model') mesh; data-parallel over every device by default, across slices on
-  a multi-slice TPU job (meshes.py). With FSDP over several groups (`config_lib.fsdp_replicas`:
-  one per slice unless set), ('replica', 'data', 'model'): the state is split within a group
-  and each group holds a whole copy, so FSDP's gathers stay on a slice's interconnect."""
-  devices = jax.devices() if devices is None else devices
-  replicas, data_axis, model_axis = config_lib.mesh_shape(config, len(devices),
-                                                          meshes.num_slices(devices))
-  if replicas == 1:
-    return meshes.make_mesh((data_axis, model_axis), ("data", "model"), devices)
-  return meshes.make_mesh((replicas, data_axis, model_axis), ("replica", "data", "model"),
-                          devices)
-
-
 # ----------------------------------------------------------------------------- state and step
 
 def make_train_step(config, model, state_sharding, mesh):
   """The jitted, sharded train step: (state, batch) -> (state, metrics). State is donated."""
-  model, params_at_use = state_lib.for_the_step(config, model, state_sharding.params, mesh)
+  model, params_at_use = sharding_lib.for_the_step(config, model, state_sharding.params, mesh)
   objective_loss = functools.partial(objectives.get_objective(config.objective), model=model,
                                      config=config, mesh=mesh)
 
@@ -101,7 +87,7 @@ def make_train_step(config, model, state_sharding, mesh):
     metrics["skipped"] = (~finite).astype(jnp.float32)
     return new_state.replace(params=kept[0], opt_state=kept[1]), metrics
 
-  batch_sharding = jax.sharding.NamedSharding(mesh, meshes.batch_spec(mesh))
+  batch_sharding = jax.sharding.NamedSharding(mesh, sharding_lib.batch_spec(mesh))
   replicated = jax.sharding.NamedSharding(mesh, P())
   return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, replicated), donate_argnums=0)
@@ -109,7 +95,7 @@ def make_train_step(config, model, state_sharding, mesh):
 
 def to_global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, Array]:
   """This host's slice of the batch -> global arrays split over the data-parallel axes."""
-  sharding = jax.sharding.NamedSharding(mesh, meshes.batch_spec(mesh))
+  sharding = jax.sharding.NamedSharding(mesh, sharding_lib.batch_spec(mesh))
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[k]))
           for k in BATCH_KEYS}
 
@@ -167,7 +153,7 @@ def _train_holding_the_lock(config, workdir: str) -> dict[str, float]:
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from clu import parameter_overview  # pylint: disable=g-import-not-at-top
 
-  mesh = create_mesh(config)
+  mesh = sharding_lib.create_mesh(config)
   model = models.build_model(config)
   state, state_sharding = state_lib.init_state(config, model, mesh)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))

@@ -84,8 +84,9 @@ def run_steps(config, devices, batch_list):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from script_jax import models, train  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from script_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from script_jax import state as state_lib  # pylint: disable=g-import-not-at-top
-  mesh = train.create_mesh(config, devices=devices)
+  mesh = sharding_lib.create_mesh(config, devices=devices)
   model = models.build_model(config)
   state, sharding = state_lib.init_state(config, model, mesh)
   step = train.make_train_step(config, model, sharding, mesh)

@@ -20,6 +20,7 @@ from script_jax.data import synthetic
 from script_jax.bench import flops
 from script_jax import models
 from script_jax import objectives
+from script_jax import sharding as sharding_lib
 from script_jax import train
 
 # configs/tiny.py pinned to the sizes this hand count is written for (E != H, so both encoders
@@ -223,8 +224,9 @@ def test_steps_per_call_runs_that_many_real_steps_and_states_are_reused():
   """A call of steps_per_call=3 advances the optimizer 3 steps; a second run reuses the state."""
   config = load_config("tiny", **dict(PINNED, **{"model.num_layers": 1}))
   states, lines = {}, []
+  mesh = sharding_lib.create_mesh(config, jax.devices()[:1])
   run = functools.partial(step_speed.benchmark_objective, config, "mlm", batch_size=8,
-                          mesh=train.create_mesh(config, jax.devices()[:1]), states=states,
+                          mesh=mesh, states=states,
                           compiler_options={"xla_backend_optimization_level": 0},
                           log=lines.append)
   result = run(steps=6, warmup=3, repeats=2, steps_per_call=3)

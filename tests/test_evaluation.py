@@ -11,6 +11,7 @@ from script_jax import config_lib
 from script_jax import evaluation
 from script_jax import models
 from script_jax import objectives
+from script_jax import sharding as sharding_lib
 from script_jax import state as state_lib
 from script_jax import train
 
@@ -92,7 +93,7 @@ def test_tiny_model_evaluation_equals_the_objectives_metrics_and_scikit_learn(ob
   evaluation gives the same numbers."""
   config = load_config("tiny", objective=objective, batch_size=8,
                        **{"model.num_layers": 1, "electra.generator_num_layers": 1})
-  mesh = train.create_mesh(config)
+  mesh = sharding_lib.create_mesh(config)
   model = models.build_model(config)
   state, sharding = state_lib.init_state(config, model, mesh)
   batch = {k: np.asarray(v) for k, v in random_batch(config, 8, seed=11).items()}

@@ -1,4 +1,4 @@
-"""mesh.fsdp: parameters and optimizer state split over 'data' (state.state_shardings).
+"""mesh.fsdp: parameters and optimizer state split over 'data' (sharding.state_shardings).
 
 On the 8 fake CPU devices: the layout of each array, the train step equal to the replicated one (2 steps),
 the compiled step's collectives, and a checkpoint restored into the FSDP layout.
@@ -12,6 +12,7 @@ from script_jax.bench import hlo_collectives
 
 from script_jax import checkpoints
 from script_jax import models
+from script_jax import sharding as sharding_lib
 from script_jax import state as state_lib
 from script_jax import train
 from script_jax.data import synthetic
@@ -36,8 +37,8 @@ def _config(objective="script", **overrides):
     ((2, 64, 129), P(None, "data", None)),  # scanned layers: 2 is not divided, 129 not by 8
 ])
 def test_fsdp_spec_splits_the_largest_divisible_dimension(shape, spec):
-  assert state_lib.fsdp_spec(shape, 8) == spec
-  assert state_lib.fsdp_spec(shape, 1) == P()
+  assert sharding_lib.fsdp_spec(shape, 8) == spec
+  assert sharding_lib.fsdp_spec(shape, 1) == P()
 
 
 # SCRIPT's step has both passes, ELECTRA's a second model (scanned: two scans, the generator's
@@ -60,7 +61,7 @@ def test_fsdp_steps_equal_the_replicated_steps(objective, scan_layers, replicas)
 
 
 def _fsdp_state(config):
-  mesh = train.create_mesh(config)
+  mesh = sharding_lib.create_mesh(config)
   model = models.build_model(config)
   state, sharding = state_lib.init_state(config, model, mesh)
   return mesh, model, state, sharding

@@ -125,6 +125,7 @@ def test_fsdp_train_step_with_the_kernel_equals_the_plain_one():
   """mesh.fsdp over two groups of 4 (the batch split over ('replica', 'data'), the table whole
   where the step uses it): the trainer's step with the kernels, the plain formula's loss and
   gradient norm."""
+  from script_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from script_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   from script_jax import train  # pylint: disable=g-import-not-at-top
   fsdp = {"mesh.fsdp": True, "mesh.fsdp_replicas": 2, "model.vocab_size": 500}
@@ -132,7 +133,7 @@ def test_fsdp_train_step_with_the_kernel_equals_the_plain_one():
   for impl in ("plain", "pallas"):
     config = load_config("tiny", rng_impl="threefry2x32", **fsdp,
                          **{"script.logsumexp_impl": impl})
-    mesh = train.create_mesh(config)
+    mesh = sharding_lib.create_mesh(config)
     assert mesh.axis_names == ("replica", "data", "model")
     model = models.build_model(config)
     state, state_sharding = state_lib.init_state(config, model, mesh)
@@ -158,17 +159,17 @@ def _v3_8_devices():
 def _v3_8_train_step_hlo(devices, **overrides):
   """The compiled TPU program of tiny's SCRIPT train step (bfloat16) for a v3-8."""
   import functools  # pylint: disable=g-import-not-at-top
-  from script_jax import meshes  # pylint: disable=g-import-not-at-top
+  from script_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from script_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   from script_jax import train  # pylint: disable=g-import-not-at-top
   config = load_config("tiny", rng_impl="threefry2x32", **{"model.dtype": "bfloat16"},
                        **overrides)
-  mesh = train.create_mesh(config, devices)
+  mesh = sharding_lib.create_mesh(config, devices)
   model = models.build_model(config)
   abstract_state = jax.eval_shape(functools.partial(state_lib.create_train_state, config, model),
                                   jax.random.key(config.seed))
-  state_sharding = state_lib.state_shardings(config, abstract_state, mesh)
-  rows = NamedSharding(mesh, meshes.batch_spec(mesh))
+  state_sharding = sharding_lib.state_shardings(config, abstract_state, mesh)
+  rows = NamedSharding(mesh, sharding_lib.batch_spec(mesh))
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                        abstract_state, state_sharding)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows)

@@ -210,11 +210,13 @@ def test_skip_mode_skips_non_finite_updates_and_stops_after_n_in_a_row(base_run,
 def _save_a_nan_checkpoint(workdir, step):
   """Checkpoint `step`: checkpoint 6 with every floating-point value NaN (as older code saved)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from script_jax import models, train  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from script_jax import models  # pylint: disable=g-import-not-at-top
+  from script_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from script_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   config = checkpoints.read_run_config(str(workdir))
   model = models.build_model(config)
-  state, _ = state_lib.init_state(config, model, train.create_mesh(config, jax.devices()[:1]))
+  mesh = sharding_lib.create_mesh(config, jax.devices()[:1])
+  state, _ = state_lib.init_state(config, model, mesh)
   manager = checkpoints.make_manager(str(workdir), config)
   state = checkpoints.restore_state(manager, 6, state_lib.abstract_like(state))
   nan = jax.tree.map(lambda x: x * np.nan if np.issubdtype(x.dtype, np.floating) else x, state)

@@ -9,6 +9,7 @@ from conftest import load_config, random_batch, run_steps
 from script_jax.bench import hlo_collectives
 
 from script_jax import models
+from script_jax import sharding as sharding_lib
 from script_jax import state as state_lib
 from script_jax import config_lib
 from script_jax import train
@@ -56,7 +57,7 @@ def test_dropout_keeps_its_rate_under_each_rng_impl(rng_impl):
 def test_weight_decay_skips_layernorm_and_biases():
   config = load_config("tiny")
   model = models.build_model(config)
-  state, _ = state_lib.init_state(config, model, train.create_mesh(config))
+  state, _ = state_lib.init_state(config, model, sharding_lib.create_mesh(config))
   mask = state_lib.weight_decay_mask(state.params)
   flat = {"/".join(k): v for k, v in
           __import__("flax").traverse_util.flatten_dict(mask).items()}
@@ -102,8 +103,8 @@ def test_inconsistent_configs_are_clear_errors(override, message):
 def test_fsdp_replicas_follow_the_slices():
   """One FSDP group per slice by default; a group never spans two slices."""
   fsdp = load_config("tiny", **{"mesh.fsdp": True})
-  assert config_lib.fsdp_replicas(fsdp, num_slices=4) == 4
-  assert config_lib.fsdp_replicas(load_config("tiny"), num_slices=4) == 1
+  assert sharding_lib.fsdp_replicas(fsdp, num_slices=4) == 4
+  assert sharding_lib.fsdp_replicas(load_config("tiny"), num_slices=4) == 1
   config_lib.validate_config(fsdp, num_devices=8, process_count=1, num_slices=2)
   split = load_config("tiny", **{"mesh.fsdp": True, "mesh.fsdp_replicas": 2})
   with pytest.raises(config_lib.ConfigError, match="must be a multiple of the 4 slices"):
@@ -232,7 +233,7 @@ def test_compiled_step_has_only_the_gradient_and_metric_all_reduces(objective, m
     overrides.update({"model.scan_layers": True, "model.remat": True,
                       "script.logsumexp_chunk": 64})
   config = load_config("tiny", **overrides)
-  mesh = train.create_mesh(config)
+  mesh = sharding_lib.create_mesh(config)
   model = models.build_model(config)
   state, sharding = state_lib.init_state(config, model, mesh)
   step = train.make_train_step(config, model, sharding, mesh)
@@ -322,7 +323,7 @@ def test_skip_mode_keeps_the_state_through_a_non_finite_step_and_is_exact_otherw
   skip = load_config("tiny", batch_size=8, **{"optim.warmup_steps": 1,
                                               "optim.on_nonfinite": "skip"})
   stop = load_config("tiny", batch_size=8, **{"optim.warmup_steps": 1})
-  mesh = train.create_mesh(skip)
+  mesh = sharding_lib.create_mesh(skip)
   model = models.build_model(skip)
   good = {k: np.asarray(v) for k, v in random_batch(skip, 8, seed=21).items()}
   poisoned = dict(good, masked_weights=np.full_like(good["masked_weights"], np.nan))

@@ -195,8 +195,8 @@ def run_parity(config, workdir: str, steps: int, *, init: str = "same", dropout:
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from script_jax import models  # pylint: disable=g-import-not-at-top
+  from script_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from script_jax import state as state_lib  # pylint: disable=g-import-not-at-top
-  from script_jax import train  # pylint: disable=g-import-not-at-top
   from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
   config = parity_config(config, dropout)
   fs.makedirs(workdir)  # parity.json goes there, even when the data is prepared elsewhere
@@ -205,7 +205,7 @@ def run_parity(config, workdir: str, steps: int, *, init: str = "same", dropout:
   torch.set_num_threads(threads or os.cpu_count())
   torch.manual_seed(config.seed)
   batches = draw_batches(config, workdir, steps)
-  mesh = train.create_mesh(config)
+  mesh = sharding_lib.create_mesh(config)
   model = models.build_model(config)
   state, state_sharding = state_lib.init_state(config, model, mesh)
   cfg = models.encoder_config_from(config.model)

@@ -37,6 +37,7 @@ from ml_collections import config_flags
 from script_jax import config_lib
 from script_jax import fs
 from script_jax import models
+from script_jax import sharding as sharding_lib
 from script_jax import state as state_lib
 from script_jax import train
 from script_jax.bench import flops
@@ -211,7 +212,7 @@ def benchmark_objective(config, objective: str, *, batch_size: int | None = None
   faster on CPU (slower code, the same buffers: memory figures are unchanged).
   """
   config = with_settings(config, objective, batch_size)
-  mesh = train.create_mesh(config) if mesh is None else mesh
+  mesh = sharding_lib.create_mesh(config) if mesh is None else mesh
   config_lib.validate_config(config, num_devices=mesh.devices.size)
   b, t = config.batch_size, config.seq_len
   model = models.build_model(config)
@@ -436,7 +437,7 @@ def run_benchmark(config, objectives=config_lib.OBJECTIVES, *, batch_size: int |
   for name in objectives:
     if name not in config_lib.OBJECTIVES:
       raise ValueError(f"Unknown objective {name!r}; choose from {config_lib.OBJECTIVES}")
-  mesh = train.create_mesh(config, devices)
+  mesh = sharding_lib.create_mesh(config, devices)
   report = environment()
   report["num_devices"] = int(mesh.devices.size)
   b = config.batch_size if batch_size is None else batch_size

@@ -53,8 +53,8 @@ from script_jax import cli_errors  # pylint: disable=g-import-not-at-top,wrong-i
 from script_jax import config_lib  # pylint: disable=wrong-import-position
 from script_jax import evaluation  # pylint: disable=wrong-import-position
 from script_jax import fs  # pylint: disable=wrong-import-position
-from script_jax import meshes  # pylint: disable=wrong-import-position
 from script_jax import models  # pylint: disable=wrong-import-position
+from script_jax import sharding as sharding_lib  # pylint: disable=wrong-import-position
 from script_jax import state as state_lib  # pylint: disable=wrong-import-position
 from script_jax import train  # pylint: disable=wrong-import-position
 from script_jax.bench import flops as flops_lib  # pylint: disable=wrong-import-position
@@ -203,8 +203,8 @@ def pretraining_program(config, mesh, step: str):
   model = models.build_model(config)
   abstract_state = jax.eval_shape(functools.partial(state_lib.create_train_state, config, model),
                                   jax.random.key(config.seed))
-  state_sharding = state_lib.state_shardings(config, abstract_state, mesh)
-  batch_sharding = jax.sharding.NamedSharding(mesh, meshes.batch_spec(mesh))
+  state_sharding = sharding_lib.state_shardings(config, abstract_state, mesh)
+  batch_sharding = jax.sharding.NamedSharding(mesh, sharding_lib.batch_spec(mesh))
   if step == "train":
     batch = _abstract_batch(state_lib.dummy_batch(config, config.batch_size), batch_sharding)
     fn = train.make_train_step(config, model, state_sharding, mesh)
@@ -357,10 +357,10 @@ def compile_step(config, tpu: Slice, step: str = "train", devices=None,
   devices = tpu_devices(tpu) if devices is None else devices
   config_lib.validate_config(config, num_devices=len(devices), process_count=1, num_slices=1)
   if step in ("train", "eval"):
-    mesh = train.create_mesh(config, devices)
+    mesh = sharding_lib.create_mesh(config, devices)
     jitted, args, model_flops = pretraining_program(config, mesh, step)
   else:
-    mesh = meshes.make_mesh((len(devices),), ("data",), devices)
+    mesh = sharding_lib.make_mesh((len(devices),), ("data",), devices)
     jitted, args, model_flops = finetuning_program(config, mesh, step)
   report: dict[str, Any] = {
       "topology": tpu.name, "libtpu_topology": tpu.topology, "chip": tpu.chip.version,

@@ -22,7 +22,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from script_jax import fs
-from script_jax import train
+from script_jax import sharding as sharding_lib
 from script_jax.bench import step_speed
 
 # (name, objective, config overrides, compiler options, steps per call), most telling first.
@@ -105,7 +105,7 @@ def main(argv):
     raise app.UsageError(f"Unknown variants {unknown}; choose from {names}")
   config = FLAGS.config
   report = step_speed.environment()
-  mesh = train.create_mesh(config)
+  mesh = sharding_lib.create_mesh(config)
   report["settings"] = {"batch_size": FLAGS.batch_size or config.batch_size,
                         "seq_len": config.seq_len, "dtype": config.model.dtype,
                         "steps": FLAGS.steps, "warmup": FLAGS.warmup, "repeats": FLAGS.repeats}

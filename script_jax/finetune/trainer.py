@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 from script_jax import fs
-from script_jax import meshes
+from script_jax import sharding as sharding_lib
 from script_jax.finetune import optim
 from script_jax.finetune.runs import FinetuneError
 
@@ -41,8 +41,8 @@ LossFn = Callable[..., tuple[jax.Array, dict]]
 
 
 def data_mesh() -> jax.sharding.Mesh:
-  """All devices on one 'data' axis (across slices on a multi-slice job: meshes.py)."""
-  return meshes.make_mesh((jax.device_count(),), ("data",))
+  """All devices on one 'data' axis (across slices on a multi-slice job: sharding.py)."""
+  return sharding_lib.make_mesh((jax.device_count(),), ("data",))
 
 
 def _global_batch(mesh, rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:

@@ -1,0 +1,231 @@
+"""Sharding, in one place: the mesh, where the state and the batch live on it, FSDP's gathers.
+
+The trainer, the train state, evaluation, fine-tuning and the benchmarks ask this module for
+their layout; the model only carries a slot for the per-layer gather
+(`models.EncoderConfig.layer_params_at_use`), which `for_the_step` fills.
+
+Mesh axes (`create_mesh`; their sizes from config.mesh by `mesh_shape`):
+  'data'     data parallelism: the batch is split over it, and with mesh.fsdp the state too.
+  'model'    size 1: no parameter is split over it (config_lib.validate_config refuses more).
+  'replica'  only under FSDP over several groups (`fsdp_replicas`, one per slice by default):
+             each group holds a whole split copy of the state.
+
+Within one slice (every device on CPU and GPU, one TPU pod slice) `jax.make_mesh` lays the
+axes out over the chip interconnect (ICI). A multi-slice TPU job (several slices joined by the
+data-centre network, DCN; each device reports its `slice_index`) is not one torus, and
+`jax.make_mesh` refuses it. There the first axis spans the slices (`device_grid`): each slice
+holds a contiguous block of it and its whole model axis, so the only traffic over DCN is the
+data-parallel gradient all-reduce, as MaxText lays out its DCN data parallelism
+(`mesh_utils.create_hybrid_device_mesh`).
+
+The batch (`batch_spec`) is split over every data-parallel axis: ('replica', 'data') or 'data'.
+
+The state (`state_shardings`) is replicated on every device by default; with mesh.fsdp each
+array of the parameters and optimizer moments is split over 'data' along its largest divisible
+dimension (`fsdp_spec`).
+
+The gathers (`for_the_step`): under FSDP the step uses the lookup tables whole
+(`fsdp_use_shardings`) and each scanned layer whole, one at a time inside the scan
+(`LayerGather`), by an all-gather whose gradient is reduce-scattered back into the stored split
+(`_gathered`). Measured in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+from jax.experimental import mesh_utils
+import numpy as np
+
+from script_jax import models
+
+P = jax.sharding.PartitionSpec
+
+
+# ----------------------------------------------------------------------------- the mesh
+
+def num_slices(devices: Sequence[Any]) -> int:
+  """How many slices the devices come from (1 where devices report no slice_index)."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+  """The devices arranged as `shape` (the first axis is 'data', or FSDP's 'replica'): within
+  a slice by mesh_utils.create_device_mesh, across slices with the first axis split over the
+  slices."""
+  slices = num_slices(devices)
+  if slices == 1:
+    return mesh_utils.create_device_mesh(tuple(shape), devices)
+  data, *rest = shape
+  if data % slices:
+    raise ValueError(f"The mesh's first axis ({data}) must be a multiple of the number of "
+                     f"slices ({slices}): each slice holds whole rows of the mesh.")
+  return mesh_utils.create_hybrid_device_mesh((data // slices, *rest), (slices,) + (1,) * len(rest),
+                                               devices)
+
+
+def make_mesh(shape: Sequence[int], names: Sequence[str],
+              devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
+  """A mesh of Auto axes (XLA propagates the shardings; make_mesh defaults to Explicit in new
+  JAX) over `devices` (default: all), across slices where there are several."""
+  devices = jax.devices() if devices is None else list(devices)
+  axis_types = (jax.sharding.AxisType.Auto,) * len(shape)
+  if num_slices(devices) == 1:
+    return jax.make_mesh(tuple(shape), tuple(names), devices=devices, axis_types=axis_types)
+  return jax.sharding.Mesh(device_grid(shape, devices), tuple(names), axis_types=axis_types)
+
+
+def fsdp_replicas(config, num_slices: int = 1) -> int:
+  """How many groups each hold a whole copy of the state: 1 without FSDP (every device holds
+  it; the mesh has no 'replica' axis), with it mesh.fsdp_replicas, or one per slice when 0."""
+  if not config.mesh.get("fsdp", False):
+    return 1
+  return config.mesh.get("fsdp_replicas", 0) or num_slices
+
+
+def mesh_shape(config, num_devices: int, num_slices: int = 1) -> tuple[int, int, int]:
+  """(replicas, data, model): the mesh's axis sizes for `num_devices` devices (replicas is 1
+  unless FSDP keeps several copies, `fsdp_replicas`; data -1 takes the devices left)."""
+  replicas = max(1, fsdp_replicas(config, num_slices))
+  model = config.mesh.model
+  data = config.mesh.data if config.mesh.data > 0 else num_devices // max(model * replicas, 1)
+  return replicas, data, model
+
+
+def create_mesh(config, devices=None) -> jax.sharding.Mesh:
+  """The ('data', 'model') mesh; data-parallel over every device by default, across slices on
+  a multi-slice TPU job (`device_grid`). With FSDP over several groups (`fsdp_replicas`:
+  one per slice unless set), ('replica', 'data', 'model'): the state is split within a group
+  and each group holds a whole copy, so FSDP's gathers stay on a slice's interconnect."""
+  devices = jax.devices() if devices is None else devices
+  replicas, data_axis, model_axis = mesh_shape(config, len(devices), num_slices(devices))
+  if replicas == 1:
+    return make_mesh((data_axis, model_axis), ("data", "model"), devices)
+  return make_mesh((replicas, data_axis, model_axis), ("replica", "data", "model"), devices)
+
+
+# ----------------------------------------------------------------------------- the batch
+
+def batch_spec(mesh: jax.sharding.Mesh) -> jax.sharding.PartitionSpec:
+  """How a batch is split over `mesh`: over every data-parallel axis ('replica' and 'data')."""
+  if "replica" in mesh.axis_names:
+    return jax.sharding.PartitionSpec(("replica", "data"))
+  return jax.sharding.PartitionSpec("data")
+
+
+# ----------------------------------------------------------------------------- FSDP's state
+
+def fsdp_spec(shape: tuple[int, ...], data_size: int) -> P:
+  """FSDP's layout of one array: its largest dimension that the data axis divides is split over
+  'data'; an array with no such dimension (a scalar, an odd size) stays replicated."""
+  dims = [i for i, d in enumerate(shape) if d % data_size == 0 and d >= data_size]
+  if data_size == 1 or not dims:
+    return P()
+  axis = max(dims, key=lambda i: (shape[i], -i))  # the largest; the first of equals
+  return P(*[("data" if i == axis else None) for i in range(len(shape))])
+
+
+def state_shardings(config, abstract_state, mesh):
+  """Where each array of the state lives: replicated on every device (data parallelism, the
+  default), or with mesh.fsdp its parameters and optimizer moments split over 'data'
+  (`fsdp_spec`; XLA gathers each weight where the step uses it and reduce-scatters its
+  gradient)."""
+  if not config.mesh.get("fsdp", False):
+    replicated = jax.sharding.NamedSharding(mesh, P())
+    return jax.tree.map(lambda _: replicated, abstract_state)
+  data_size = mesh.shape["data"]
+  return jax.tree.map(
+      lambda x: jax.sharding.NamedSharding(mesh, fsdp_spec(x.shape, data_size)), abstract_state)
+
+
+def fsdp_use_shardings(params_sharding, mesh):
+  """The layout each parameter takes where the step uses it, under mesh.fsdp: the lookup tables
+  (`embedding` leaves: words, positions, segments) whole on every device, the rest as stored.
+  A lookup into a table split over 'data' makes XLA all-gather every device's token ids
+  instead, the batch crossing the pod; gathering the table once also serves the tied output
+  layer. Unscanned weights XLA gathers where each is used; scanned layers are gathered one at a
+  time inside the scan (`LayerGather`)."""
+  replicated = jax.sharding.NamedSharding(mesh, P())
+
+  def use(path, sharding):
+    return replicated if str(getattr(path[-1], "key", "")) == "embedding" else sharding
+
+  return jax.tree_util.tree_map_with_path(use, params_sharding)
+
+
+# ----------------------------------------------------------------------------- FSDP's gathers
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gathered(x, stored, whole):
+  """x (in its `stored` layout) made `whole`: an all-gather, whose gradient is split back into
+  `stored`. (Constraining x to `stored` first as well made XLA split the layer's activations
+  along the weights' split dimensions.)"""
+  del stored
+  return jax.lax.with_sharding_constraint(x, whole)
+
+
+def _gathered_fwd(x, stored, whole):
+  return _gathered(x, stored, whole), None
+
+
+def _gathered_bwd(stored, whole, _, g):
+  # The gradient goes straight back to the stored layout: each device's partial sum over its
+  # batch is reduced into its own slice (a reduce-scatter), not summed whole on every device.
+  del whole
+  return (jax.lax.with_sharding_constraint(g, stored),)
+
+
+_gathered.defvjp(_gathered_fwd, _gathered_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerGather:
+  """FSDP for scanned layers: applied to one layer's parameters inside the scan
+  (`with_layer_params_at_use`), it gathers that layer whole where it is used and sends its
+  gradient back split. One layer's weights are whole at a time, not all L; remat gathers again
+  in the backward pass. Left to XLA, the scan's weights stay split and it partitions the saved
+  activations across the batch instead, all-gathering attention probabilities."""
+  mesh: jax.sharding.Mesh
+  num_layers: int
+
+  def __call__(self, layer_params):
+    data_size = self.mesh.shape["data"]
+    whole = jax.sharding.NamedSharding(self.mesh, P())
+
+    def gather(x):
+      stacked_spec = tuple(fsdp_spec((self.num_layers,) + tuple(x.shape), data_size))
+      stacked_spec += (None,) * (x.ndim + 1 - len(stacked_spec))
+      stored = jax.sharding.NamedSharding(self.mesh, P(*stacked_spec[1:]))
+      return _gathered(x, stored, whole)
+
+    return jax.tree.map(gather, layer_params)
+
+
+def with_layer_params_at_use(model: nn.Module, transform_for) -> nn.Module:
+  """`model` (MaskedLM or ElectraPretrainer) with `transform_for(cfg)` applied to each scanned
+  layer's parameters where the scan uses them, in each of its encoders
+  (models.EncoderConfig.layer_params_at_use)."""
+  updates = {f.name: dataclasses.replace(getattr(model, f.name),
+                                         layer_params_at_use=transform_for(getattr(model, f.name)))
+             for f in dataclasses.fields(model)
+             if isinstance(getattr(model, f.name, None), models.EncoderConfig)}
+  return model.clone(**updates)
+
+
+def for_the_step(config, model, params_sharding, mesh):
+  """(model, params_at_use) for a step over `mesh`: under mesh.fsdp the model gathers its
+  scanned layers one at a time (`LayerGather`) and `params_at_use` puts the rest in the layout
+  the step uses them in (`fsdp_use_shardings`); otherwise `model` and the identity."""
+  if not config.mesh.get("fsdp", False):
+    return model, lambda params: params
+  if config.model.scan_layers:
+    model = with_layer_params_at_use(model, lambda cfg: LayerGather(mesh, cfg.num_layers))
+  use = fsdp_use_shardings(params_sharding, mesh)
+  # Each gradient is constrained back to its stored split (`_gathered`): a lookup table used
+  # whole would otherwise get its gradient summed whole on every device (an all-reduce of
+  # [V, E]), not reduce-scattered into the shards.
+  return model, lambda params: jax.tree.map(_gathered, params, params_sharding, use)
