@@ -44,13 +44,11 @@ def _lookup(config: dict, dotted: str) -> Any:
 
 def _read_json_config(path: str) -> dict:
   """run_config.json's contents; one clear error when it is not whole JSON (truncated)."""
-  with fs.open(path) as f:
-    text = f.read()
   try:
-    return json.loads(text)
+    return fs.read_json(path)
   except ValueError as e:
     raise cli_errors.UserError(
-        f"{path} is damaged ({e}; {len(text)} characters): it records the config this "
+        f"{path} is damaged ({e}; {fs.getsize(path)} bytes): it records the config this "
         "workdir's run was started with. Restore it from a copy, or delete it: the next start "
         "writes it again from its --config, and a checkpoint of another model is still refused "
         "when it is restored.") from e
@@ -81,11 +79,7 @@ def write_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Records the config in WORKDIR/run_config.json (process 0), once every check has passed."""
   if jax.process_index() == 0:
     fs.makedirs(workdir)
-    path = fs.join(workdir, RUN_CONFIG)
-    tmp = path + ".tmp"
-    with fs.open(tmp, "w") as f:
-      f.write(config.to_json(indent=2))
-    fs.replace(tmp, path)
+    fs.write_atomically(fs.join(workdir, RUN_CONFIG), config.to_json(indent=2))
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:

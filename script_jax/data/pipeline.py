@@ -219,7 +219,7 @@ def _windowed_records(files: list[str], sizes: list[int], seed: int, window: int
 def _shard_files(data_dir: str, shards: list[dict]) -> list[str]:
   """The paths of metadata.json's `shards` entries; DataError if any is missing."""
   files = [fs.join(data_dir, s["file"]) for s in shards]
-  missing = [f for f in files if not tf.io.gfile.exists(f)]
+  missing = [f for f in files if not fs.exists(f)]
   if missing:
     raise DataError(f"Shards listed in {data_dir}/metadata.json are missing: {missing[:3]}. "
                     "Prepare the data again.")

@@ -201,13 +201,12 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
         if jax.process_index() == 0:
           path = glue_submission.predictions_path(run_dir, test_set)
           fs.makedirs(fs.dirname(path))
-          runs.write_text_atomically(path, text)
+          fs.write_atomically(path, text)
       if ft.save_model:
         trainer.save_params(trainer.resolved(fs.join(run_dir, "params")), final)
       if jax.process_index() == 0:
-        runs.write_text_atomically(results_path, json.dumps(results, indent=2, sort_keys=True))
-        runs.write_text_atomically(fs.join(output_dir, "results.md"),
-                              tables({label: results}))
+        fs.write_json_atomically(results_path, results)
+        fs.write_atomically(fs.join(output_dir, "results.md"), tables({label: results}))
   return results
 
 

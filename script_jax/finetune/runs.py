@@ -2,7 +2,6 @@
 
   start = load_start(init_from, step, ft)   config, encoder sizes, parameters, tokenizer
   results = read_results(output_dir)        {"runs": {task: {seed: metrics}}, ...}
-  write_text_atomically(path, text)
 
 Results are written after every (task, seed) run, so an interrupted multi-run command keeps what
 it finished and a rerun skips it.
@@ -11,7 +10,6 @@ it finished and a rerun skips it.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Optional
 
 
@@ -101,11 +99,10 @@ def read_results(output_dir: str) -> dict[str, Any]:
   path = fs.join(output_dir, RESULTS_FILE)
   if not fs.exists(path):
     return {"runs": {}}
-  with fs.open(path, "r") as f:
-    try:
-      return json.load(f)
-    except ValueError as e:
-      raise FinetuneError(f"{path} is not valid JSON ({e}); move it away to start over.") from e
+  try:
+    return fs.read_json(path)
+  except ValueError as e:
+    raise FinetuneError(f"{path} is not valid JSON ({e}); move it away to start over.") from e
 
 
 def check_same_start(results: dict[str, Any], output_dir: str, init_from: str,
@@ -116,8 +113,3 @@ def check_same_start(results: dict[str, Any], output_dir: str, init_from: str,
     raise FinetuneError(f"{output_dir} holds results of {results.get('init_from')} "
                         f"(random_init={results.get('random_init')}); use another "
                         "--output_dir.")
-
-
-def write_text_atomically(path: str, text: str) -> None:
-  """Writes `path` through a temporary name, so a reader never sees half a file."""
-  fs.write_atomically(path, text)

@@ -198,9 +198,8 @@ def run_squad(ft, init_from: str, dev_file: Optional[str], output_dir: str, *,
     by_seed[str(seed)] = scores
     print(f"SQuAD {version} seed {seed}: " + json.dumps(scores), file=sys.stderr)
     if jax.process_index() == 0:
-      runs.write_text_atomically(fs.join(output_dir, runs.RESULTS_FILE),
-                                 json.dumps(results, indent=2, sort_keys=True))
-      runs.write_text_atomically(fs.join(output_dir, "results.md"), table(results))
+      fs.write_json_atomically(fs.join(output_dir, runs.RESULTS_FILE), results)
+      fs.write_atomically(fs.join(output_dir, "results.md"), table(results))
   return results
 
 
