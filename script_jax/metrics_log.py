@@ -1,4 +1,5 @@
-"""The pretraining run's metrics records: written off the training loop, never rewritten.
+"""The pretraining run's metrics records: written off the training loop, never rewritten; and
+the console's progress line (pretraining's and fine-tuning's).
 
   python -m script_jax.metrics_log --workdir=DIR        # every record, merged, as JSON lines
 
@@ -19,6 +20,7 @@ Workdirs written before this layout have one `metrics.jsonl`; it is read first.
 from __future__ import annotations
 
 import json
+import math
 import queue
 import sys
 import threading
@@ -73,6 +75,23 @@ def read_records(workdir: str) -> list[dict[str, Any]]:
               "damaged (cut short?). Move it away to read the others; the trainer never reads "
               "these files back, so training is not affected.") from e
   return [latest[key] for key in sorted(latest, key=lambda k: (k[0], k[1] == "eval"))]
+
+
+def format_eta(seconds: float) -> str:
+  """`1h02m`, `4m05s`, or `?` when the rate is not known yet."""
+  if not math.isfinite(seconds):
+    return "?"
+  h, rem = divmod(int(seconds), 3600)
+  return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+def progress_line(step: int, total_steps: int, metrics: dict[str, float],
+                  steps_per_sec: float) -> str:
+  """The console line of a log step: `step 120/1000 | loss 2.31 | 3.10 steps/s | ETA 4m44s`."""
+  eta = (total_steps - step) / steps_per_sec if steps_per_sec > 0 else float("inf")
+  shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+  return (f"step {step}/{total_steps} | {shown} | {steps_per_sec:.2f} steps/s | "
+          f"ETA {format_eta(eta)}")
 
 
 class MetricsLog:

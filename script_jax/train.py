@@ -104,13 +104,6 @@ def to_global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, Array
 
 # ----------------------------------------------------------------------------- logging
 
-def _format_eta(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  h, rem = divmod(int(seconds), 3600)
-  return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
-
-
 # ----------------------------------------------------------------------------- the loop
 
 def _prepare_data(config, workdir):
@@ -265,12 +258,9 @@ def _train_holding_the_lock(config, workdir: str) -> dict[str, float]:
     record["steps_per_sec"] = rate
     writer.write_scalars(step, record)
     jsonl.write({"step": step, **record})
-    eta = (config.num_train_steps - step) / rate if rate > 0 else float("inf")
-    shown = " ".join(f"{k} {record[k]:.4g}" for k in
-                     ("loss", "mlm_loss", "mlm_accuracy", "disc_loss", "disc_accuracy")
-                     if k in record)
-    logging.info("step %d/%d | %s | %.2f steps/s | ETA %s", step, config.num_train_steps, shown,
-                 rate, _format_eta(eta))
+    shown = {k: record[k] for k in ("loss", "mlm_loss", "mlm_accuracy", "disc_loss",
+                                    "disc_accuracy") if k in record}
+    logging.info("%s", metrics_log.progress_line(step, config.num_train_steps, shown, rate))
     last_record, totals, count = dict(record), {}, 0
     last_log_time, last_log_step = now, step
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -33,6 +32,7 @@ import optax
 
 from script_jax import fs
 from script_jax import meshes
+from script_jax import metrics_log
 from script_jax.finetune import optim
 from script_jax.finetune.runs import FinetuneError
 
@@ -94,13 +94,10 @@ class Progress:
     now = time.time()
     rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
     self.last_step, self.last_time = step, now
-    eta = (self.total - step) / rate if rate > 0 else float("inf")
     record = {"step": step, **metrics, "steps_per_sec": rate}
     if self.enabled:
-      text = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-      eta_text = f"{int(eta) // 60}m{int(eta) % 60:02d}s" if math.isfinite(eta) else "?"
-      print(f"[{self.label}] step {step}/{self.total} | {text} | {rate:.2f} steps/s | "
-            f"ETA {eta_text}", file=sys.stderr, flush=True)
+      print(f"[{self.label}] " + metrics_log.progress_line(step, self.total, metrics, rate),
+            file=sys.stderr, flush=True)
     return record
 
 
