@@ -1,7 +1,9 @@
-"""The pretraining run's metrics records: written off the training loop, never rewritten; and
-the console's progress line (pretraining's and fine-tuning's).
+"""A run's metrics records, pretraining's and fine-tuning's: written off the training loop,
+never rewritten; and the console's progress line.
 
   python -m script_jax.metrics_log --workdir=DIR        # every record, merged, as JSON lines
+
+DIR is a pretraining workdir or a fine-tuning run folder (OUT/<task>/seed_<s>, OUT/seed_<s>).
 
 The trainer hands each record (one per log step, one per evaluation) to `MetricsLog.write`,
 which only queues it. A background thread writes the queued records every `flush_seconds` as a
@@ -14,7 +16,8 @@ million as at step ten.
 `read_records(workdir)` merges the files in the order they were written. A resumed run repeats
 the steps after its checkpoint, so a record written later for the same step and kind (training
 or evaluation) replaces the earlier one: each logged step and each evaluation appears once.
-Workdirs written before this layout have one `metrics.jsonl`; it is read first.
+Workdirs (and fine-tuning run folders) written before this layout have one `metrics.jsonl`;
+it is read first.
 """
 
 from __future__ import annotations
@@ -183,6 +186,7 @@ def main(argv) -> None:
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
-  absl_flags.DEFINE_string("workdir", None, "A pretraining workdir (local or gs://).")
+  absl_flags.DEFINE_string("workdir", None, "A pretraining workdir or a fine-tuning run "
+                           "folder, OUT/<task>/seed_<s> (local or gs://).")
   absl_flags.mark_flag_as_required("workdir")
   app.run(main)

@@ -12,8 +12,9 @@ discriminator; its tokenizer comes along). GLUE_DIR holds the standard layout
 Every (task, seed) run is evaluated once, on the final weights, on the whole dev set, and its
 metrics are written to OUT/results.json as soon as it ends: a rerun skips the runs already
 there, so an interrupted multi-task run keeps what it finished. OUT also gets results.md (the
-Table-2-shaped table and the per-task detail), and per run OUT/<task>/seed_<s>/ with
-metrics.jsonl and TensorBoard events (and the final parameters with --config.save_model).
+Table-2-shaped table and the per-task detail), and per run OUT/<task>/seed_<s>/ with its
+metrics records (metrics/, read by metrics_log.py) and TensorBoard events (and the final
+parameters with --config.save_model).
 Where the data folder holds a task's unlabelled test file (`CoLA/test.tsv`, MNLI's
 `test_matched.tsv` and `test_mismatched.tsv`, `diagnostic/diagnostic.tsv` for the MNLI model),
 each run also predicts it into OUT/<task>/seed_<s>/test_predictions/<NAME>.tsv in the GLUE
@@ -243,18 +244,18 @@ def predictions_from(spec, outputs_NxC: np.ndarray) -> np.ndarray:
 
 
 def classification_loss(logits_BxC, batch):
-  """Cross-entropy per example, and accuracy."""
+  """Cross-entropy and accuracy per example."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   losses = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"])
-  accuracy = jnp.mean((logits_BxC.argmax(-1) == batch["labels"]).astype(jnp.float32))
-  return losses, {"accuracy": accuracy}
+  accuracy_B = (logits_BxC.argmax(-1) == batch["labels"]).astype(jnp.float32)
+  return losses, {"accuracy": accuracy_B}
 
 
 def regression_loss(scores_Bx1, batch):
-  """Squared error per example (STS-B, against the label scaled to [0, 1])."""
+  """Squared error per example (STS-B, against the label scaled to [0, 1]), also as "mse"."""
   losses = (scores_Bx1[:, 0] - batch["labels"]) ** 2
-  return losses, {"mse": losses.mean()}
+  return losses, {"mse": losses}
 
 
 def main(argv):

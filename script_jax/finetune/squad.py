@@ -66,8 +66,8 @@ def span_loss(outputs, batch, no_answer_weight: float, version: str,
   losses = 0.5 * (
       optax.softmax_cross_entropy_with_integer_labels(start_BxT, batch["start_positions"]) +
       optax.softmax_cross_entropy_with_integer_labels(end_BxT, batch["end_positions"]))
-  metrics = {"start_accuracy": jnp.mean(
-      (start_BxT.argmax(-1) == batch["start_positions"]).astype(jnp.float32))}
+  metrics = {"start_accuracy":
+             (start_BxT.argmax(-1) == batch["start_positions"]).astype(jnp.float32)}
   if version == "2.0" or answerable_on_v1:
     impossible = batch["is_impossible"].astype(jnp.float32)
     losses = losses + no_answer_weight * optax.sigmoid_binary_cross_entropy(no_answer_B,
