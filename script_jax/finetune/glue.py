@@ -148,7 +148,6 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
   results.update(label=label, init_from=init_from, random_init=random_init,
                  pretraining_step=int(step) if step is not None else None,
                  finetune_config=json.loads(ft.to_json()))
-  results_path = fs.join(output_dir, runs.RESULTS_FILE)
 
   def featurize(examples):
     return glue_data.featurize(examples, None, special["cls"], special["sep"], special["pad"],
@@ -173,41 +172,37 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
     train_arrays["labels"] = training_targets(spec, train_arrays["labels"])
     eval_arrays = {e: featurize(_read(data_dir, e, "dev", check_counts)) for e in eval_names}
     unlabelled = _unlabelled_sets(data_dir, name, check_counts, featurize)
-    epochs = ft.epochs or spec.default_epochs
-    model = task_models.Classifier(cfg, spec.num_outputs)
-    loss_fn = regression_loss if spec.is_regression else classification_loss
-    for seed in todo:
-      began = time.time()
-      run_label = f"{spec.display_name} seed {seed}"
-      init = runs.initial_params(model, start, train_arrays, seed, random_init, init_from)
-      run_dir = fs.join(output_dir, name, f"seed_{seed}")
-      final, last = trainer.fit(model, init, loss_fn, train_arrays, ft, seed=seed,
-                                num_layers=cfg.num_layers, epochs=epochs, label=run_label,
-                                log_dir=run_dir)
+    task = runs.Task(model=task_models.Classifier(cfg, spec.num_outputs),
+                     loss_fn=regression_loss if spec.is_regression else classification_loss,
+                     train_arrays=train_arrays, epochs=ft.epochs or spec.default_epochs)
+
+    def evaluate(run: runs.SeedRun) -> None:
       for eval_name in eval_names:
-        outputs = trainer.predict(model, final, eval_arrays[eval_name], ft.eval_batch_size)
+        outputs = trainer.predict(task.model, run.params, eval_arrays[eval_name],
+                                  ft.eval_batch_size)
         predictions = predictions_from(spec, outputs)
         scores = metrics.task_metrics(eval_name, predictions, eval_arrays[eval_name]["labels"])
-        scores.update(train_loss=float(last.get("loss", float("nan"))),
-                      epochs=epochs, train_examples=len(train_examples),
-                      seconds=round(time.time() - began, 1))
-        results["runs"].setdefault(eval_name, {})[str(seed)] = scores
-        print(f"{glue_data.get_task(eval_name).display_name} seed {seed}: " +
+        scores.update(train_loss=run.train_loss, epochs=task.epochs,
+                      train_examples=len(train_examples),
+                      seconds=round(time.time() - run.began, 1))
+        results["runs"].setdefault(eval_name, {})[str(run.seed)] = scores
+        print(f"{glue_data.get_task(eval_name).display_name} seed {run.seed}: " +
               ", ".join(f"{k} {v:.2f}" for k, v in scores.items()
                         if k in glue_data.get_task(eval_name).metrics), file=sys.stderr)
       for test_set, (indices, arrays) in unlabelled.items():
-        outputs = trainer.predict(model, final, arrays, ft.eval_batch_size)
+        outputs = trainer.predict(task.model, run.params, arrays, ft.eval_batch_size)
         text = glue_submission.submission_text(test_set, indices,
                                                predictions_from(spec, outputs))
         if jax.process_index() == 0:
-          path = glue_submission.predictions_path(run_dir, test_set)
+          path = glue_submission.predictions_path(run.run_dir, test_set)
           fs.makedirs(fs.dirname(path))
           fs.write_atomically(path, text)
-      if ft.save_model:
-        trainer.save_params(trainer.resolved(fs.join(run_dir, "params")), final)
-      if jax.process_index() == 0:
-        fs.write_json_atomically(results_path, results)
-        fs.write_atomically(fs.join(output_dir, "results.md"), tables({label: results}))
+
+    runs.run_seeds(todo, start, task, ft, random_init=random_init, init_from=init_from,
+                   run_dir=lambda seed: fs.join(output_dir, name, f"seed_{seed}"),
+                   label=lambda seed: f"{spec.display_name} seed {seed}",
+                   evaluate=evaluate, results=results, output_dir=output_dir,
+                   table=lambda r: tables({label: r}))
   return results
 
 
