@@ -15,6 +15,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from script_jax import cli_errors
+from script_jax import config_lib
 from script_jax import fs
 from script_jax import models
 from script_jax import state as state_lib
@@ -43,15 +44,17 @@ def _lookup(config: dict, dotted: str) -> Any:
 
 
 def _read_json_config(path: str) -> dict:
-  """run_config.json's contents; one clear error when it is not whole JSON (truncated)."""
+  """run_config.json's contents, upgraded (config_lib.upgrade_run_config: the keys it predates
+  at the values its run used); one clear error when it is not whole JSON (truncated)."""
   try:
-    return fs.read_json(path)
+    recorded = fs.read_json(path)
   except ValueError as e:
     raise cli_errors.UserError(
         f"{path} is damaged ({e}; {fs.getsize(path)} bytes): it records the config this "
         "workdir's run was started with. Restore it from a copy, or delete it: the next start "
         "writes it again from its --config, and a checkpoint of another model is still refused "
         "when it is restored.") from e
+  return config_lib.upgrade_run_config(recorded)
 
 
 def check_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -97,7 +100,7 @@ def make_manager(workdir: str, config, read_only: bool = False) -> ocp.Checkpoin
   multiple of `keep_checkpoint_every_steps` (when > 0), the checkpoints a curve needs."""
   policies = ocp.checkpoint_managers
   keep = policies.LatestN(n=config.keep_checkpoints)
-  keep_every = config.get("keep_checkpoint_every_steps", 0)  # absent from older run configs
+  keep_every = config.keep_checkpoint_every_steps
   if keep_every:
     keep = policies.AnyPreservationPolicy([keep, policies.EveryNSteps(interval_steps=keep_every)])
   options = ocp.CheckpointManagerOptions(

@@ -4,6 +4,7 @@ Config files in configs/ start from `base_config()` and write out the paper's nu
 Every key here can be overridden from the command line, e.g. `--config.objective=electra`.
 """
 
+import copy
 import os
 from typing import Optional
 
@@ -222,6 +223,33 @@ FINETUNE_PRESETS = {"small": (3e-4, 0.8, 0.0), "base": (1e-4, 0.8, 0.0),
                     "electra_code": (1e-4, 0.8, 0.01), "large": (5e-5, 0.9, 0.01)}
 
 
+# Keys added to base_config after runs were recorded, and the value a run_config.json written
+# before each ran with: not always today's default (data.order was "buffer" until 2026-12-06).
+KEYS_ADDED_SINCE = {
+    "data.order": "buffer",
+    "data.prepared_dir": "",
+    "script.logsumexp_impl": "plain",
+    "optim.recipe": "optax",
+    "mesh.fsdp": False,
+    "mesh.fsdp_replicas": 0,
+    "keep_checkpoint_every_steps": 0,
+    "init_from": "",
+}
+
+
+def upgrade_run_config(recorded: dict) -> dict:
+  """A recorded run config (WORKDIR/run_config.json) with each key of KEYS_ADDED_SINCE it
+  predates set to the value that run used, so readers take `config.data.order` as it is."""
+  upgraded = copy.deepcopy(recorded)
+  for dotted, value in KEYS_ADDED_SINCE.items():
+    *sections, name = dotted.split(".")
+    node = upgraded
+    for section in sections:
+      node = node.setdefault(section, {})
+    node.setdefault(name, value)
+  return upgraded
+
+
 def finetune_config(size: str = "small") -> ml_collections.ConfigDict:
   """Defaults of fine-tuning: ELECTRA's recipe, the SCRIPT paper's Table 5 (configs/finetune.py).
 
@@ -315,9 +343,9 @@ def vocab_size_problem(tokenizer_vocab_size: int, config: ml_collections.ConfigD
 def fsdp_replicas(config, num_slices: int = 1) -> int:
   """How many groups each hold a whole copy of the state: 1 without FSDP (every device holds
   it; the mesh has no 'replica' axis), with it mesh.fsdp_replicas, or one per slice when 0."""
-  if not config.mesh.get("fsdp", False):
+  if not config.mesh.fsdp:
     return 1
-  return config.mesh.get("fsdp_replicas", 0) or num_slices
+  return config.mesh.fsdp_replicas or num_slices
 
 
 def mesh_shape(config, num_devices: int, num_slices: int = 1) -> tuple[int, int, int]:
@@ -364,18 +392,18 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
   if config.script.disc_positions not in DISC_POSITIONS:
     problems.append(f"script.disc_positions must be one of {', '.join(DISC_POSITIONS)}, got "
                     f"{config.script.disc_positions!r}")
-  if config.script.get("logsumexp_impl", "plain") not in LOGSUMEXP_IMPLS:
+  if config.script.logsumexp_impl not in LOGSUMEXP_IMPLS:
     problems.append(f"script.logsumexp_impl must be one of {', '.join(LOGSUMEXP_IMPLS)}, got "
                     f"{config.script.logsumexp_impl!r}")
   if config.rng_impl not in RNG_IMPLS:
     problems.append(f"rng_impl must be one of {', '.join(RNG_IMPLS)}, got {config.rng_impl!r}")
-  if config.data.get("order", "buffer") not in DATA_ORDERS:
+  if config.data.order not in DATA_ORDERS:
     problems.append(f"data.order must be one of {', '.join(DATA_ORDERS)}, got "
                     f"{config.data.order!r}")
   if config.sampler not in SAMPLERS:
     problems.append(f"sampler must be one of {', '.join(SAMPLERS)}, got "
                     f"{config.sampler!r}")
-  if config.optim.get("recipe", "optax") not in OPTIMIZER_RECIPES:
+  if config.optim.recipe not in OPTIMIZER_RECIPES:
     problems.append(f"optim.recipe must be one of {', '.join(OPTIMIZER_RECIPES)}, got "
                     f"{config.optim.recipe!r}")
   if config.optim.warmup_steps < 0:
@@ -383,9 +411,9 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
   elif config.num_train_steps >= 1 and config.optim.warmup_steps > config.num_train_steps:
     problems.append(f"optim.warmup_steps {config.optim.warmup_steps} exceeds num_train_steps "
                     f"{config.num_train_steps}")
-  requested_replicas = config.mesh.get("fsdp_replicas", 0)
+  requested_replicas = config.mesh.fsdp_replicas
   replicas, data_axis, model_axis = mesh_shape(config, num_devices, num_slices)
-  if requested_replicas < 0 or (requested_replicas and not config.mesh.get("fsdp", False)):
+  if requested_replicas < 0 or (requested_replicas and not config.mesh.fsdp):
     problems.append(f"mesh.fsdp_replicas={requested_replicas}: it is 0 (one per slice) or the "
                     "number of groups that each hold a copy of the state, and applies only "
                     "with mesh.fsdp=True")

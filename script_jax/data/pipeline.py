@@ -308,7 +308,7 @@ def create_pretraining_dataset(config: ml_collections.ConfigDict, metadata: dict
   # ("buffer": through the shuffle buffer, a cost that grows with the offset) or by seeking
   # ("windows": constant).
   start_epoch, offset = divmod(start_step * per_host_batch, examples_per_epoch)
-  if config.data.get("order", "buffer") == "windows":
+  if config.data.order == "windows":
     ds = _windowed_records(files, [s["num_examples"] for s in host_shards], config.seed,
                            config.data.shuffle_buffer, start_epoch, offset)
   else:

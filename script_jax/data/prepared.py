@@ -24,7 +24,7 @@ METADATA_FILE = "metadata.json"
 
 def data_dir_of(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The prepared-data folder of a run: config.data.prepared_dir, or WORKDIR/data."""
-  return config.data.get("prepared_dir", "") or fs.join(workdir, "data")
+  return config.data.prepared_dir or fs.join(workdir, "data")
 
 
 def tokenizer_kind(name: str) -> tuple[str, Optional[str]]:
