@@ -15,6 +15,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from script_jax import cli_errors
+from script_jax import config_lib
 from script_jax import fs
 from script_jax import models
 from script_jax import state as state_lib
@@ -43,17 +44,17 @@ def _lookup(config: dict, dotted: str) -> Any:
 
 
 def _read_json_config(path: str) -> dict:
-  """run_config.json's contents; one clear error when it is not whole JSON (truncated)."""
-  with fs.open(path) as f:
-    text = f.read()
+  """run_config.json's contents, upgraded (config_lib.upgrade_run_config: the keys it predates
+  at the values its run used); one clear error when it is not whole JSON (truncated)."""
   try:
-    return json.loads(text)
+    recorded = fs.read_json(path)
   except ValueError as e:
     raise cli_errors.UserError(
-        f"{path} is damaged ({e}; {len(text)} characters): it records the config this "
+        f"{path} is damaged ({e}; {fs.getsize(path)} bytes): it records the config this "
         "workdir's run was started with. Restore it from a copy, or delete it: the next start "
         "writes it again from its --config, and a checkpoint of another model is still refused "
         "when it is restored.") from e
+  return config_lib.upgrade_run_config(recorded)
 
 
 def check_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -81,11 +82,7 @@ def write_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Records the config in WORKDIR/run_config.json (process 0), once every check has passed."""
   if jax.process_index() == 0:
     fs.makedirs(workdir)
-    path = fs.join(workdir, RUN_CONFIG)
-    tmp = path + ".tmp"
-    with fs.open(tmp, "w") as f:
-      f.write(config.to_json(indent=2))
-    fs.replace(tmp, path)
+    fs.write_atomically(fs.join(workdir, RUN_CONFIG), config.to_json(indent=2))
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -103,7 +100,7 @@ def make_manager(workdir: str, config, read_only: bool = False) -> ocp.Checkpoin
   multiple of `keep_checkpoint_every_steps` (when > 0), the checkpoints a curve needs."""
   policies = ocp.checkpoint_managers
   keep = policies.LatestN(n=config.keep_checkpoints)
-  keep_every = config.get("keep_checkpoint_every_steps", 0)  # absent from older run configs
+  keep_every = config.keep_checkpoint_every_steps
   if keep_every:
     keep = policies.AnyPreservationPolicy([keep, policies.EveryNSteps(interval_steps=keep_every)])
   options = ocp.CheckpointManagerOptions(

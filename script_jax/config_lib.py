@@ -4,6 +4,7 @@ Config files in configs/ start from `base_config()` and write out the paper's nu
 Every key here can be overridden from the command line, e.g. `--config.objective=electra`.
 """
 
+import copy
 import os
 from typing import Optional
 
@@ -229,6 +230,35 @@ FINETUNE_PRESETS = {"small": (3e-4, 0.8, 0.0), "base": (1e-4, 0.8, 0.0),
                     "electra_code": (1e-4, 0.8, 0.01), "large": (5e-5, 0.9, 0.01)}
 
 
+# Keys added to base_config after runs were recorded, and the value a run_config.json written
+# before each ran with: not always today's default (data.order was "buffer" until 2026-12-06).
+KEYS_ADDED_SINCE = {
+    "data.order": "buffer",
+    "data.prepared_dir": "",
+    "script.logsumexp_impl": "plain",
+    "optim.recipe": "optax",
+    "mesh.fsdp": False,
+    "mesh.fsdp_replicas": 0,
+    "keep_checkpoint_every_steps": 0,
+    "init_from": "",
+    "optim.on_nonfinite": "stop",
+    "optim.max_consecutive_skips": 10,
+}
+
+
+def upgrade_run_config(recorded: dict) -> dict:
+  """A recorded run config (WORKDIR/run_config.json) with each key of KEYS_ADDED_SINCE it
+  predates set to the value that run used, so readers take `config.data.order` as it is."""
+  upgraded = copy.deepcopy(recorded)
+  for dotted, value in KEYS_ADDED_SINCE.items():
+    *sections, name = dotted.split(".")
+    node = upgraded
+    for section in sections:
+      node = node.setdefault(section, {})
+    node.setdefault(name, value)
+  return upgraded
+
+
 def finetune_config(size: str = "small") -> ml_collections.ConfigDict:
   """Defaults of fine-tuning: ELECTRA's recipe, the SCRIPT paper's Table 5 (configs/finetune.py).
 
@@ -354,24 +384,24 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
   if config.script.disc_positions not in DISC_POSITIONS:
     problems.append(f"script.disc_positions must be one of {', '.join(DISC_POSITIONS)}, got "
                     f"{config.script.disc_positions!r}")
-  if config.script.get("logsumexp_impl", "plain") not in LOGSUMEXP_IMPLS:
+  if config.script.logsumexp_impl not in LOGSUMEXP_IMPLS:
     problems.append(f"script.logsumexp_impl must be one of {', '.join(LOGSUMEXP_IMPLS)}, got "
                     f"{config.script.logsumexp_impl!r}")
   if config.rng_impl not in RNG_IMPLS:
     problems.append(f"rng_impl must be one of {', '.join(RNG_IMPLS)}, got {config.rng_impl!r}")
-  if config.data.get("order", "buffer") not in DATA_ORDERS:
+  if config.data.order not in DATA_ORDERS:
     problems.append(f"data.order must be one of {', '.join(DATA_ORDERS)}, got "
                     f"{config.data.order!r}")
   if config.sampler not in SAMPLERS:
     problems.append(f"sampler must be one of {', '.join(SAMPLERS)}, got "
                     f"{config.sampler!r}")
-  if config.optim.get("recipe", "optax") not in OPTIMIZER_RECIPES:
+  if config.optim.recipe not in OPTIMIZER_RECIPES:
     problems.append(f"optim.recipe must be one of {', '.join(OPTIMIZER_RECIPES)}, got "
                     f"{config.optim.recipe!r}")
-  if config.optim.get("on_nonfinite", "stop") not in NONFINITE_POLICIES:
+  if config.optim.on_nonfinite not in NONFINITE_POLICIES:
     problems.append(f"optim.on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got "
                     f"{config.optim.on_nonfinite!r}")
-  if config.optim.get("max_consecutive_skips", 1) < 1:
+  if config.optim.max_consecutive_skips < 1:
     problems.append(f"optim.max_consecutive_skips={config.optim.max_consecutive_skips} must be "
                     "1 or more")
   if config.optim.warmup_steps < 0:
@@ -379,9 +409,9 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
   elif config.num_train_steps >= 1 and config.optim.warmup_steps > config.num_train_steps:
     problems.append(f"optim.warmup_steps {config.optim.warmup_steps} exceeds num_train_steps "
                     f"{config.num_train_steps}")
-  requested_replicas = config.mesh.get("fsdp_replicas", 0)
+  requested_replicas = config.mesh.fsdp_replicas
   replicas, data_axis, model_axis = sharding_lib.mesh_shape(config, num_devices, num_slices)
-  if requested_replicas < 0 or (requested_replicas and not config.mesh.get("fsdp", False)):
+  if requested_replicas < 0 or (requested_replicas and not config.mesh.fsdp):
     problems.append(f"mesh.fsdp_replicas={requested_replicas}: it is 0 (one per slice) or the "
                     "number of groups that each hold a copy of the state, and applies only "
                     "with mesh.fsdp=True")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import builtins
 import functools
 import glob as _glob
+import json
 import os
 import shutil
 import types
@@ -239,6 +240,19 @@ def write_atomically(path: str, data: str | bytes) -> None:
   with open(tmp_path, "wb" if isinstance(data, bytes) else "w") as f:
     f.write(data)
   replace(tmp_path, path)
+
+
+def read_json(path: str):
+  """The JSON value in a file (UTF-8, a leading byte-order mark allowed): FileNotFoundError when
+  it is absent, ValueError when it is not UTF-8 JSON. Callers word these for their users."""
+  return json.loads(read_bytes(path).decode("utf-8-sig"))
+
+
+def write_json_atomically(path: str, value, indent: int | None = 2,
+                          sort_keys: bool = True) -> None:
+  """Writes `value` as JSON (indented, keys sorted and a final newline unless told otherwise)
+  under a temporary name, then renames it into place: a reader never sees half a file."""
+  write_atomically(path, json.dumps(value, indent=indent, sort_keys=sort_keys) + "\n")
 
 
 def lock_exclusive(path: str) -> IO | None:

@@ -1,6 +1,9 @@
-"""The pretraining run's metrics records: written off the training loop, never rewritten.
+"""A run's metrics records, pretraining's and fine-tuning's: written off the training loop,
+never rewritten; and the console's progress line.
 
   python -m script_jax.metrics_log --workdir=DIR        # every record, merged, as JSON lines
+
+DIR is a pretraining workdir or a fine-tuning run folder (OUT/<task>/seed_<s>, OUT/seed_<s>).
 
 The trainer hands each record (one per log step, one per evaluation) to `MetricsLog.write`,
 which only queues it. A background thread writes the queued records every `flush_seconds` as a
@@ -13,12 +16,14 @@ million as at step ten.
 `read_records(workdir)` merges the files in the order they were written. A resumed run repeats
 the steps after its checkpoint, so a record written later for the same step and kind (training
 or evaluation) replaces the earlier one: each logged step and each evaluation appears once.
-Workdirs written before this layout have one `metrics.jsonl`; it is read first.
+Workdirs (and fine-tuning run folders) written before this layout have one `metrics.jsonl`;
+it is read first.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import queue
 import sys
 import threading
@@ -73,6 +78,23 @@ def read_records(workdir: str) -> list[dict[str, Any]]:
               "damaged (cut short?). Move it away to read the others; the trainer never reads "
               "these files back, so training is not affected.") from e
   return [latest[key] for key in sorted(latest, key=lambda k: (k[0], k[1] == "eval"))]
+
+
+def format_eta(seconds: float) -> str:
+  """`1h02m`, `4m05s`, or `?` when the rate is not known yet."""
+  if not math.isfinite(seconds):
+    return "?"
+  h, rem = divmod(int(seconds), 3600)
+  return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+def progress_line(step: int, total_steps: int, metrics: dict[str, float],
+                  steps_per_sec: float) -> str:
+  """The console line of a log step: `step 120/1000 | loss 2.31 | 3.10 steps/s | ETA 4m44s`."""
+  eta = (total_steps - step) / steps_per_sec if steps_per_sec > 0 else float("inf")
+  shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+  return (f"step {step}/{total_steps} | {shown} | {steps_per_sec:.2f} steps/s | "
+          f"ETA {format_eta(eta)}")
 
 
 class MetricsLog:
@@ -164,6 +186,7 @@ def main(argv) -> None:
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
-  absl_flags.DEFINE_string("workdir", None, "A pretraining workdir (local or gs://).")
+  absl_flags.DEFINE_string("workdir", None, "A pretraining workdir or a fine-tuning run "
+                           "folder, OUT/<task>/seed_<s> (local or gs://).")
   absl_flags.mark_flag_as_required("workdir")
   app.run(main)

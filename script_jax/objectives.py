@@ -262,7 +262,7 @@ def script_objective(params, batch, rng, *, model: models.MaskedLM, config,
   features = apply(sampled_ids, batch["segment_ids"], batch["input_mask"], critic_positions,
                    deterministic=deterministic, rngs={"dropout": dropout2})
   lse = critic_logsumexp(features, table_VxE, bias_V, config.script.logsumexp_chunk,
-                         config.script.get("logsumexp_impl", "plain"), mesh)
+                         config.script.logsumexp_impl, mesh)
   loss_disc, disc_metrics = binary_disc_loss(lse, is_original, weights)
 
   loss = loss_mlm + config.disc_weight * loss_disc

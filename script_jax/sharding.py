@@ -82,9 +82,9 @@ def make_mesh(shape: Sequence[int], names: Sequence[str],
 def fsdp_replicas(config, num_slices: int = 1) -> int:
   """How many groups each hold a whole copy of the state: 1 without FSDP (every device holds
   it; the mesh has no 'replica' axis), with it mesh.fsdp_replicas, or one per slice when 0."""
-  if not config.mesh.get("fsdp", False):
+  if not config.mesh.fsdp:
     return 1
-  return config.mesh.get("fsdp_replicas", 0) or num_slices
+  return config.mesh.fsdp_replicas or num_slices
 
 
 def mesh_shape(config, num_devices: int, num_slices: int = 1) -> tuple[int, int, int]:
@@ -134,7 +134,7 @@ def state_shardings(config, abstract_state, mesh):
   default), or with mesh.fsdp its parameters and optimizer moments split over 'data'
   (`fsdp_spec`; XLA gathers each weight where the step uses it and reduce-scatters its
   gradient)."""
-  if not config.mesh.get("fsdp", False):
+  if not config.mesh.fsdp:
     replicated = jax.sharding.NamedSharding(mesh, P())
     return jax.tree.map(lambda _: replicated, abstract_state)
   data_size = mesh.shape["data"]
@@ -220,7 +220,7 @@ def for_the_step(config, model, params_sharding, mesh):
   """(model, params_at_use) for a step over `mesh`: under mesh.fsdp the model gathers its
   scanned layers one at a time (`LayerGather`) and `params_at_use` puts the rest in the layout
   the step uses them in (`fsdp_use_shardings`); otherwise `model` and the identity."""
-  if not config.mesh.get("fsdp", False):
+  if not config.mesh.fsdp:
     return model, lambda params: params
   if config.model.scan_layers:
     model = with_layer_params_at_use(model, lambda cfg: LayerGather(mesh, cfg.num_layers))

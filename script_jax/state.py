@@ -66,7 +66,7 @@ def learning_rate_schedule(config) -> optax.Schedule:
   """The learning rate of each pretraining step. optim.recipe "optax": linear warmup to the
   peak, then linear decay to zero at num_train_steps (Table 4); "electra": `electra_schedule`."""
   o = config.optim
-  if o.get("recipe", "optax") == "electra":
+  if o.recipe == "electra":
     return electra_schedule(o.learning_rate, config.num_train_steps, o.warmup_steps)
   decay = optax.linear_schedule(o.learning_rate, 0.0, config.num_train_steps - o.warmup_steps)
   if o.warmup_steps == 0:
@@ -89,7 +89,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
   "electra"."""
   o = config.optim
   schedule = learning_rate_schedule(config)
-  if o.get("recipe", "optax") == "electra":
+  if o.recipe == "electra":
     adamw = electra_adamw(schedule, o.b1, o.b2, o.eps, o.weight_decay)
   else:
     adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,

@@ -65,7 +65,7 @@ def make_train_step(config, model, state_sharding, mesh):
     return objective_loss(params_at_use(params), batch, rng)
 
   schedule = state_lib.learning_rate_schedule(config)
-  skip_nonfinite = config.optim.get("on_nonfinite", "stop") == "skip"
+  skip_nonfinite = config.optim.on_nonfinite == "skip"
   seed, rng_impl = config.seed, config_lib.rng_impl_of(config)
 
   def train_step(state, batch):
@@ -102,13 +102,6 @@ def to_global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, Array
 
 # ----------------------------------------------------------------------------- logging
 
-def _format_eta(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  h, rem = divmod(int(seconds), 3600)
-  return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
-
-
 # ----------------------------------------------------------------------------- the loop
 
 def _prepare_data(config, workdir):
@@ -135,7 +128,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if config.rng_impl == "auto":  # decided here, recorded in run_config.json, kept on resume
     config.rng_impl = config_lib.rng_impl_of(config)
     logging.info("rng_impl auto: %s on %s", config.rng_impl, jax.default_backend())
-  if config.get("init_from"):
+  if config.init_from:
     from script_jax.export import hf_import  # pylint: disable=g-import-not-at-top
     if hf_import.is_hf_init(config.init_from):  # its sizes and tokenizer, before any data work
       hf_import.check_pretraining_config(config.init_from, config)
@@ -168,7 +161,7 @@ def _train_holding_the_lock(config, workdir: str) -> dict[str, float]:
   if restored is not None:
     state = restored
     logging.info("Resumed from %s at step %d", manager.directory, latest)
-  elif config.get("init_from"):
+  elif config.init_from:
     from script_jax.export import hf_import  # pylint: disable=g-import-not-at-top
     if hf_import.is_hf_init(config.init_from):
       pretrained, report = hf_import.pretraining_params(config.init_from, config, state.params)
@@ -243,8 +236,8 @@ def _train_holding_the_lock(config, workdir: str) -> dict[str, float]:
   count, last_log_time, last_log_step = 0, time.time(), start_step
   last_record: dict[str, float] = {}
 
-  skips_in_a_row, max_skips = 0, config.optim.get("max_consecutive_skips", 1)
-  skip_nonfinite = config.optim.get("on_nonfinite", "stop") == "skip"
+  skips_in_a_row, max_skips = 0, config.optim.max_consecutive_skips
+  skip_nonfinite = config.optim.on_nonfinite == "skip"
   skipped_in_window: list[int] = []
 
   def absorb(step: int, device_metrics) -> None:
@@ -285,12 +278,9 @@ def _train_holding_the_lock(config, workdir: str) -> dict[str, float]:
     record["steps_per_sec"] = rate
     writer.write_scalars(step, record)
     jsonl.write({"step": step, **record})
-    eta = (config.num_train_steps - step) / rate if rate > 0 else float("inf")
-    shown = " ".join(f"{k} {record[k]:.4g}" for k in
-                     ("loss", "mlm_loss", "mlm_accuracy", "disc_loss", "disc_accuracy")
-                     if k in record)
-    logging.info("step %d/%d | %s | %.2f steps/s | ETA %s", step, config.num_train_steps, shown,
-                 rate, _format_eta(eta))
+    shown = {k: record[k] for k in ("loss", "mlm_loss", "mlm_accuracy", "disc_loss",
+                                    "disc_accuracy") if k in record}
+    logging.info("%s", metrics_log.progress_line(step, config.num_train_steps, shown, rate))
     last_record, totals, count = dict(record), {}, 0
     last_log_time, last_log_step = now, step
 

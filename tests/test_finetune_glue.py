@@ -2,6 +2,7 @@
 every example once, and `python -m script_jax.finetune.glue` end to end from a pretraining
 workdir made by the real trainer through to the results table."""
 
+import dataclasses
 import json
 import math
 
@@ -13,6 +14,7 @@ import sklearn.metrics
 from conftest import run_module, shared_workdir
 
 from script_jax import config_lib
+from script_jax import metrics_log
 from script_jax import models
 from script_jax import state as state_lib
 from script_jax.finetune import glue
@@ -190,9 +192,8 @@ def test_glue_command_end_to_end(tmp_path, tmp_path_factory):
   table = result.stdout.decode()
   assert "| model | CoLA | SST-2 | MRPC | STS-B |" in table
   assert (out / "results.md").read_text().startswith("| model | CoLA")
-  for task in ("cola", "stsb"):
-    lines = (out / task / "seed_0" / "metrics.jsonl").read_text().splitlines()
-    assert json.loads(lines[-1])["step"] > 0
+  for task in ("cola", "stsb"):  # logged through the pretraining's writer
+    assert metrics_log.read_records(str(out / task / "seed_0"))[-1]["step"] > 0
   # Every run predicted its task's test file, in the GLUE server's format.
   for task, name, n in [("cola", "CoLA", len(_COLA)), ("stsb", "STS-B", len(_STSB))]:
     for seed in (0, 1):
@@ -307,6 +308,37 @@ def test_padding_rows_change_nothing_in_the_step(reduction):
   assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
   for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_logged_task_metric_averages_the_real_rows_only(tmp_path, regression):
+  """13 examples in batches of 8: the last batch has 3 padding rows (copies of example 0). With
+  a learning rate of 0 the model is fixed, so the logged accuracy (mse) must equal the metric of
+  its predictions over the 13 examples, computed here with NumPy."""
+  cfg = dataclasses.replace(_tiny_cfg(num_layers=1), dropout_rate=0.0,
+                            attention_dropout_rate=0.0)
+  model, params = _classifier_params(cfg, num_outputs=1 if regression else 3)
+  ft = config_lib.finetune_config()
+  ft.learning_rate, ft.batch_size, ft.log_every_steps = 0.0, 8, 100
+  rng = np.random.default_rng(4)
+  n = 13
+  arrays = {"input_ids": rng.integers(0, 50, size=(n, 7)).astype(np.int32),
+            "segment_ids": np.zeros((n, 7), np.int32), "input_mask": np.ones((n, 7), np.int32)}
+  outputs = np.asarray(trainer.predict(model, params, arrays, 8), np.float64)
+  if regression:  # example 0 (the padding rows' copy) is off by 1, the others by 0.1
+    arrays["labels"] = (outputs[:, 0] + np.where(np.arange(n) == 0, 1.0, 0.1)).astype(np.float32)
+    name, want = "mse", np.mean((outputs[:, 0] - arrays["labels"]) ** 2)
+    loss_fn = glue.regression_loss
+  else:  # right on example 0 only: 1/13 (the padding rows would make it 0.25)
+    predicted = outputs.argmax(-1)
+    arrays["labels"] = np.where(np.arange(n) == 0, predicted, (predicted + 1) % 3).astype(np.int32)
+    name, want = "accuracy", 1 / n
+    loss_fn = glue.classification_loss
+  _, last = trainer.fit(model, params, loss_fn, arrays, ft, seed=0, num_layers=1, epochs=1,
+                        log_dir=str(tmp_path))
+  [logged] = metrics_log.read_records(str(tmp_path))
+  assert logged["step"] == 2 and logged == last
+  assert logged[name] == pytest.approx(want, rel=1e-4, abs=1e-7)
 
 
 def test_stsb_trains_on_the_score_over_5_and_predicts_on_0_to_5():

@@ -24,7 +24,7 @@ FORBIDDEN_ATTRIBUTES = {
     ("os.path", "exists"), ("os.path", "isdir"), ("os.path", "isfile"), ("os.path", "getsize"),
     ("os.path", "abspath"), ("os.path", "getmtime"),
 }
-FORBIDDEN_MODULES = {"shutil"}  # any call
+FORBIDDEN_MODULES = {"shutil", "tf.io.gfile"}  # any call
 
 # module:function -> why a path there is never a user's path (or never remote).
 ALLOWED = {
@@ -81,6 +81,7 @@ def f(p):
     return os.path.exists(p) or os.path.isdir(p), os.makedirs(p, exist_ok=True)
 def g(p):
   shutil.copyfile(p, p + ".bak"); glob.glob(p); gzip.open(p); os.replace(p, p); os.listdir(p)
+  tf.io.gfile.exists(p)
 def fine(p):
   from script_jax import fs
   return fs.open(p), fs.exists(p), os.path.join(p, "x"), os.path.basename(p), os.getpid()
@@ -89,7 +90,7 @@ def fine(p):
   assert [(f, n) for f, _, n in calls] == [
       ("<module>", "open"), ("f", "open"), ("f", "os.path.exists"), ("f", "os.path.isdir"),
       ("f", "os.makedirs"), ("g", "shutil.copyfile"), ("g", "glob.glob"), ("g", "gzip.open"),
-      ("g", "os.replace"), ("g", "os.listdir")]
+      ("g", "os.replace"), ("g", "os.listdir"), ("g", "tf.io.gfile.exists")]
 
 
 def test_package_opens_paths_only_through_the_layer():
@@ -144,8 +145,21 @@ def test_layer_operations(tmp_path, scheme):
                                                fs.join(folder, "z.json")]
   assert [(r, sorted(n)) for r, _, n in fs.walk(fs.join(base, "a")) if n] == [
       (folder, ["x.json", "z.json"])]
+  fs.write_json_atomically(path, {"b": [1, "é"], "a": None})
+  assert fs.read_bytes(path) == b'{\n  "a": null,\n  "b": [\n    1,\n    "\\u00e9"\n  ]\n}\n'
+  assert fs.read_json(path) == {"a": None, "b": [1, "é"]}
+  fs.write_json_atomically(path, {"b": 1, "a": 2}, indent=None, sort_keys=False)
+  assert fs.read_bytes(path) == b'{"b": 1, "a": 2}\n'
+  fs.write_atomically(path, b"\xef\xbb\xbf[1]")  # a byte-order mark, as Windows editors write
+  assert fs.read_json(path) == [1]
+  fs.write_atomically(path, "{not json")
+  with pytest.raises(ValueError):
+    fs.read_json(path)
+  assert [n for n in fs.listdir(folder) if ".tmp" in n] == []
   fs.remove(path)
   assert not fs.exists(path)
+  with pytest.raises(FileNotFoundError):
+    fs.read_json(path)
   assert fs.abspath("gs://bucket/run") == "gs://bucket/run"
   assert fs.abspath("rel") == os.path.join(os.getcwd(), "rel")
   assert fs.dirname("gs://bucket/run/") == "gs://bucket"

@@ -85,3 +85,13 @@ def test_a_failed_write_is_raised_in_the_training_thread(tmp_path):
   with pytest.raises(Exception):
     log.flush()
   log.close()
+
+
+def test_progress_line_and_eta():
+  """The one console line of pretraining and fine-tuning log steps."""
+  assert metrics_log.format_eta(245.9) == "4m05s"
+  assert metrics_log.format_eta(3725) == "1h02m"
+  assert metrics_log.format_eta(float("inf")) == "?"
+  line = metrics_log.progress_line(120, 1000, {"loss": 2.31234, "accuracy": 0.5}, 4.0)
+  assert line == "step 120/1000 | loss 2.312 accuracy 0.5 | 4.00 steps/s | ETA 3m40s"
+  assert metrics_log.progress_line(0, 10, {}, 0.0).endswith("| 0.00 steps/s | ETA ?")

@@ -1,5 +1,6 @@
 """The sharded train step: equal on 8 fake devices and on 1, optimizer details, config checks."""
 
+import json
 import re
 
 import jax
@@ -288,6 +289,36 @@ def test_optimizer_recipe_is_checked_and_kept_on_resume(tmp_path):
   with pytest.raises(checkpoints.CheckpointMismatchError,
                      match="optim.recipe: workdir has 'optax', config asks for 'electra'"):
     checkpoints.check_run_config(str(tmp_path), load_config("tiny", **{"optim.recipe": "electra"}))
+
+
+def test_a_run_config_older_than_a_key_reads_as_its_run_ran(tmp_path):
+  """A run_config.json written before data.order (and the other config_lib.KEYS_ADDED_SINCE)
+  existed reads back with the values that run used, not today's defaults ("windows"); a current
+  one reads back as written. Readers take the values as they are (no fallbacks of their own)."""
+  from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  config = load_config("tiny")
+  checkpoints.write_run_config(str(tmp_path), config)
+  assert json.loads(checkpoints.read_run_config(str(tmp_path)).to_json()) == json.loads(
+      config.to_json())
+  assert config.data.order == "windows"
+  path = tmp_path / "run_config.json"
+  old = json.loads(path.read_text())
+  for dotted in config_lib.KEYS_ADDED_SINCE:
+    *sections, name = dotted.split(".")
+    node = old
+    for section in sections:
+      node = node[section]
+    del node[name]
+  path.write_text(json.dumps(old))
+  read = checkpoints.read_run_config(str(tmp_path))
+  assert read.data.order == "buffer" and read.optim.recipe == "optax"
+  for dotted, value in config_lib.KEYS_ADDED_SINCE.items():
+    node = read
+    for part in dotted.split("."):
+      node = node[part]
+    assert node == value, dotted
+  config_lib.validate_config(read, num_devices=8)
+  assert config_lib.fsdp_replicas(read) == 1  # no FSDP: one whole copy
 
 
 @pytest.mark.parametrize("requested, platform, remat, resolved", [

@@ -219,7 +219,7 @@ def _windowed_records(files: list[str], sizes: list[int], seed: int, window: int
 def _shard_files(data_dir: str, shards: list[dict]) -> list[str]:
   """The paths of metadata.json's `shards` entries; DataError if any is missing."""
   files = [fs.join(data_dir, s["file"]) for s in shards]
-  missing = [f for f in files if not tf.io.gfile.exists(f)]
+  missing = [f for f in files if not fs.exists(f)]
   if missing:
     raise DataError(f"Shards listed in {data_dir}/metadata.json are missing: {missing[:3]}. "
                     "Prepare the data again.")
@@ -308,7 +308,7 @@ def create_pretraining_dataset(config: ml_collections.ConfigDict, metadata: dict
   # ("buffer": through the shuffle buffer, a cost that grows with the offset) or by seeking
   # ("windows": constant).
   start_epoch, offset = divmod(start_step * per_host_batch, examples_per_epoch)
-  if config.data.get("order", "buffer") == "windows":
+  if config.data.order == "windows":
     ds = _windowed_records(files, [s["num_examples"] for s in host_shards], config.seed,
                            config.data.shuffle_buffer, start_epoch, offset)
   else:

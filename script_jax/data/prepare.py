@@ -57,6 +57,14 @@ MIN_SEQ_LEN = 8
 # The tokenizer of a preparation.
 
 
+def _read_sidecar(path: str) -> Optional[dict]:
+  """A `.json` sidecar's contents; None when it is absent or damaged (the work is redone)."""
+  try:
+    return fs.read_json(path)
+  except (OSError, ValueError):
+    return None
+
+
 def _copy_atomically(src: str, dst: str) -> None:
   """Copies src to dst unless dst already holds the same bytes (readers may have it open)."""
   if fs.exists(dst) and tokenizers.file_sha256(src) == tokenizers.file_sha256(dst):
@@ -91,7 +99,7 @@ def _make_tokenizer(config, output_dir: str, source_description: str,
     path = fs.join(output_dir, "spm.model")
     recipe = {"source": source_description, "vocab_size": config.model.vocab_size,
               "model_type": model_type, "invalid_utf8": config.data.invalid_utf8}
-    trained = prepared.read_json(path + ".json")
+    trained = _read_sidecar(path + ".json")
     if (trained and trained.get("recipe") == recipe and fs.exists(path) and
         trained.get("sha256") == tokenizers.file_sha256(path)):
       logging.info("Reusing the SentencePiece model %s.", path)
@@ -103,7 +111,7 @@ def _make_tokenizer(config, output_dir: str, source_description: str,
       tokenizer = tokenizers.train_sentencepiece(
           read_lines(), config.model.vocab_size, path, model_type=model_type)
       logging.info("Trained %s in %.0f s.", path, time.time() - start)
-      prepared.write_json_atomically(path + ".json", {"recipe": recipe, "sha256": tokenizer.info["sha256"]})
+      fs.write_json_atomically(path + ".json", {"recipe": recipe, "sha256": tokenizer.info["sha256"]})
     tokenizer.info["model_type"] = model_type
   tokenizer.info["filename"] = os.path.basename(path)
   problem = config_lib.vocab_size_problem(tokenizer.vocab_size, config, vocab_file or path)
@@ -174,7 +182,7 @@ def prepare(config: ml_collections.ConfigDict, output_dir: str, source: Optional
   # Temporary files of an interrupted run (one preparation per folder at a time).
   for path in fs.glob(fs.join(output_dir, "*.tmp-*")):
     fs.remove(path)
-  sidecars = [prepared.read_json(fs.join(output_dir, n + ".json")) for n in names]
+  sidecars = [_read_sidecar(fs.join(output_dir, n + ".json")) for n in names]
   todo = [k for k, s in enumerate(sidecars) if not (
       s and s.get("recipe") == recipe and fs.exists(fs.join(output_dir, names[k])))]
   if todo:
@@ -229,7 +237,7 @@ def prepare(config: ml_collections.ConfigDict, output_dir: str, source: Optional
       "wall_time_s": round(time.time() - start, 1),
       "output_bytes": output_bytes,
   }
-  prepared.write_json_atomically(metadata_path, metadata)  # last: its presence means "complete"
+  fs.write_json_atomically(metadata_path, metadata)  # last: its presence means "complete"
   logging.info("Wrote %s", metadata_path)
   return metadata
 

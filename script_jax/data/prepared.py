@@ -8,9 +8,7 @@ module; `prepare.py` writes it.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from typing import Optional
 
 import ml_collections
@@ -26,7 +24,7 @@ METADATA_FILE = "metadata.json"
 
 def data_dir_of(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The prepared-data folder of a run: config.data.prepared_dir, or WORKDIR/data."""
-  return config.data.get("prepared_dir", "") or fs.join(workdir, "data")
+  return config.data.prepared_dir or fs.join(workdir, "data")
 
 
 def tokenizer_kind(name: str) -> tuple[str, Optional[str]]:
@@ -50,8 +48,7 @@ def load_metadata(data_dir: str) -> Optional[dict]:
   if not fs.exists(path):
     return None
   try:
-    with fs.open(path) as f:
-      metadata = json.load(f)
+    metadata = fs.read_json(path)
   except (OSError, ValueError) as e:
     raise DataError(f"{path} is unreadable ({e}); delete it and prepare the data again.") from e
   tokenizer_info = metadata.get("tokenizer", {})
@@ -96,22 +93,6 @@ def check_metadata_matches(config: ml_collections.ConfigDict, metadata: dict,
     raise DataError(f"{data_dir} was prepared with " + "; ".join(differences) + ". Use another "
                     "output/prepared folder (--output_dir, --config.data.prepared_dir), delete "
                     "this one, or change the config to match.")
-
-
-def write_json_atomically(path: str, value: dict) -> None:
-  tmp_path = f"{path}.tmp-{os.getpid()}"
-  with fs.open(tmp_path, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-    f.write("\n")
-  fs.replace(tmp_path, path)
-
-
-def read_json(path: str) -> Optional[dict]:
-  try:
-    with fs.open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
 
 
 def shard_filename(index: int, num_shards: int) -> str:

@@ -246,8 +246,5 @@ def train_sentencepiece(lines: Iterable[str], vocab_size: int, model_path: str, 
           "or add text.") from e
     raise DataError(f"SentencePiece training failed ({message.strip()}); vocab_size="
                     f"{vocab_size}, {num_lines} lines of text.") from e
-  tmp_path = f"{model_path}.tmp-{os.getpid()}"
-  with fs.open(tmp_path, "wb") as f:
-    f.write(model.getvalue())
-  fs.replace(tmp_path, model_path)
+  fs.write_atomically(model_path, model.getvalue())
   return SentencePieceTokenizer(model_path)

@@ -188,8 +188,8 @@ def write_shards(config, output_dir: str, todo: list[int], documents, stats, tok
       shard["bytes"] = fs.getsize(final_path)  # the reader checks it (pipeline.check_shards)
       if k in todo:
         # The sidecar is written after the shard, so it exists only for a complete shard.
-        prepared.write_json_atomically(final_path + ".json",
-                               {**shard, "recipe": recipe, "corpus": stats.summary()})
+        fs.write_json_atomically(final_path + ".json",
+                                  {**shard, "recipe": recipe, "corpus": stats.summary()})
       shards.append(shard)
     return shards
   finally:

@@ -251,7 +251,7 @@ def plot_png(curve: dict[str, Any]) -> bytes:
 
 def write_outputs(curve: dict[str, Any], output_dir: str) -> None:
   fs.makedirs(output_dir)
-  fs.write_atomically(fs.join(output_dir, "curve.json"), json.dumps(curve, indent=2))
+  fs.write_json_atomically(fs.join(output_dir, "curve.json"), curve, sort_keys=False)
   fs.write_atomically(fs.join(output_dir, "curve.csv"), csv_text(curve))
   fs.write_atomically(fs.join(output_dir, "curve.md"), markdown(curve))
   fs.write_atomically(fs.join(output_dir, "curve.png"), plot_png(curve))

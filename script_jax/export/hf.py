@@ -90,7 +90,7 @@ def write_folder(output_dir: str, config_json: dict, tensors: dict, tokenizer_fi
   hf_folder.write_safetensors(hf_folder.join(output_dir, hf_folder.SAFETENSORS), tensors)
   for name, data in tokenizer_files.items():
     hf_folder.write_bytes(hf_folder.join(output_dir, name), data)
-  hf_folder.write_json(hf_folder.join(output_dir, hf_folder.CONFIG_JSON), config_json)
+  fs.write_json_atomically(hf_folder.join(output_dir, hf_folder.CONFIG_JSON), config_json)
   return output_dir
 
 

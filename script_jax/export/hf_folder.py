@@ -8,7 +8,6 @@ needs torch), and written as model.safetensors with NumPy: neither direction nee
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any, Optional
 
@@ -48,16 +47,13 @@ def write_bytes(path: str, data: bytes) -> None:
 
 
 def read_json(path: str) -> dict:
-  if not exists(path):
-    raise HFFolderError(f"{path} does not exist.")
+  """A JSON file of the folder; HFFolderError when it is absent or not JSON."""
   try:
-    return json.loads(read_bytes(path))
+    return fs.read_json(path)
+  except FileNotFoundError:
+    raise HFFolderError(f"{path} does not exist.") from None
   except ValueError as e:
     raise HFFolderError(f"{path} is not valid JSON ({e}).") from None
-
-
-def write_json(path: str, value: dict) -> None:
-  write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def is_hf_folder(path: str) -> bool:

@@ -217,7 +217,7 @@ def load_folder_tokenizer(folder: str):
   config_path = fs.join(folder, TOKENIZER_CONFIG)
   if fs.exists(config_path):
     try:
-      settings = json.loads(_read(config_path))
+      settings = fs.read_json(config_path)
     except ValueError as e:
       raise TokenizerExportError(f"{config_path} is not valid JSON ({e}).") from None
   lowercase = settings.get("do_lower_case")

@@ -12,8 +12,9 @@ discriminator; its tokenizer comes along). GLUE_DIR holds the standard layout
 Every (task, seed) run is evaluated once, on the final weights, on the whole dev set, and its
 metrics are written to OUT/results.json as soon as it ends: a rerun skips the runs already
 there, so an interrupted multi-task run keeps what it finished. OUT also gets results.md (the
-Table-2-shaped table and the per-task detail), and per run OUT/<task>/seed_<s>/ with
-metrics.jsonl and TensorBoard events (and the final parameters with --config.save_model).
+Table-2-shaped table and the per-task detail), and per run OUT/<task>/seed_<s>/ with its
+metrics records (metrics/, read by metrics_log.py) and TensorBoard events (and the final
+parameters with --config.save_model).
 Where the data folder holds a task's unlabelled test file (`CoLA/test.tsv`, MNLI's
 `test_matched.tsv` and `test_mismatched.tsv`, `diagnostic/diagnostic.tsv` for the MNLI model),
 each run also predicts it into OUT/<task>/seed_<s>/test_predictions/<NAME>.tsv in the GLUE
@@ -147,7 +148,6 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
   results.update(label=label, init_from=init_from, random_init=random_init,
                  pretraining_step=int(step) if step is not None else None,
                  finetune_config=json.loads(ft.to_json()))
-  results_path = fs.join(output_dir, runs.RESULTS_FILE)
 
   def featurize(examples):
     return glue_data.featurize(examples, None, special["cls"], special["sep"], special["pad"],
@@ -172,42 +172,37 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
     train_arrays["labels"] = training_targets(spec, train_arrays["labels"])
     eval_arrays = {e: featurize(_read(data_dir, e, "dev", check_counts)) for e in eval_names}
     unlabelled = _unlabelled_sets(data_dir, name, check_counts, featurize)
-    epochs = ft.epochs or spec.default_epochs
-    model = task_models.Classifier(cfg, spec.num_outputs)
-    loss_fn = regression_loss if spec.is_regression else classification_loss
-    for seed in todo:
-      began = time.time()
-      run_label = f"{spec.display_name} seed {seed}"
-      init = runs.initial_params(model, start, train_arrays, seed, random_init, init_from)
-      run_dir = fs.join(output_dir, name, f"seed_{seed}")
-      final, last = trainer.fit(model, init, loss_fn, train_arrays, ft, seed=seed,
-                                num_layers=cfg.num_layers, epochs=epochs, label=run_label,
-                                log_dir=run_dir)
+    task = runs.Task(model=task_models.Classifier(cfg, spec.num_outputs),
+                     loss_fn=regression_loss if spec.is_regression else classification_loss,
+                     train_arrays=train_arrays, epochs=ft.epochs or spec.default_epochs)
+
+    def evaluate(run: runs.SeedRun) -> None:
       for eval_name in eval_names:
-        outputs = trainer.predict(model, final, eval_arrays[eval_name], ft.eval_batch_size)
+        outputs = trainer.predict(task.model, run.params, eval_arrays[eval_name],
+                                  ft.eval_batch_size)
         predictions = predictions_from(spec, outputs)
         scores = metrics.task_metrics(eval_name, predictions, eval_arrays[eval_name]["labels"])
-        scores.update(train_loss=float(last.get("loss", float("nan"))),
-                      epochs=epochs, train_examples=len(train_examples),
-                      seconds=round(time.time() - began, 1))
-        results["runs"].setdefault(eval_name, {})[str(seed)] = scores
-        print(f"{glue_data.get_task(eval_name).display_name} seed {seed}: " +
+        scores.update(train_loss=run.train_loss, epochs=task.epochs,
+                      train_examples=len(train_examples),
+                      seconds=round(time.time() - run.began, 1))
+        results["runs"].setdefault(eval_name, {})[str(run.seed)] = scores
+        print(f"{glue_data.get_task(eval_name).display_name} seed {run.seed}: " +
               ", ".join(f"{k} {v:.2f}" for k, v in scores.items()
                         if k in glue_data.get_task(eval_name).metrics), file=sys.stderr)
       for test_set, (indices, arrays) in unlabelled.items():
-        outputs = trainer.predict(model, final, arrays, ft.eval_batch_size)
+        outputs = trainer.predict(task.model, run.params, arrays, ft.eval_batch_size)
         text = glue_submission.submission_text(test_set, indices,
                                                predictions_from(spec, outputs))
         if jax.process_index() == 0:
-          path = glue_submission.predictions_path(run_dir, test_set)
+          path = glue_submission.predictions_path(run.run_dir, test_set)
           fs.makedirs(fs.dirname(path))
-          runs.write_text_atomically(path, text)
-      if ft.save_model:
-        trainer.save_params(trainer.resolved(fs.join(run_dir, "params")), final)
-      if jax.process_index() == 0:
-        runs.write_text_atomically(results_path, json.dumps(results, indent=2, sort_keys=True))
-        runs.write_text_atomically(fs.join(output_dir, "results.md"),
-                              tables({label: results}))
+          fs.write_atomically(path, text)
+
+    runs.run_seeds(todo, start, task, ft, random_init=random_init, init_from=init_from,
+                   run_dir=lambda seed: fs.join(output_dir, name, f"seed_{seed}"),
+                   label=lambda seed: f"{spec.display_name} seed {seed}",
+                   evaluate=evaluate, results=results, output_dir=output_dir,
+                   table=lambda r: tables({label: r}))
   return results
 
 
@@ -244,18 +239,18 @@ def predictions_from(spec, outputs_NxC: np.ndarray) -> np.ndarray:
 
 
 def classification_loss(logits_BxC, batch):
-  """Cross-entropy per example, and accuracy."""
+  """Cross-entropy and accuracy per example."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   losses = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"])
-  accuracy = jnp.mean((logits_BxC.argmax(-1) == batch["labels"]).astype(jnp.float32))
-  return losses, {"accuracy": accuracy}
+  accuracy_B = (logits_BxC.argmax(-1) == batch["labels"]).astype(jnp.float32)
+  return losses, {"accuracy": accuracy_B}
 
 
 def regression_loss(scores_Bx1, batch):
-  """Squared error per example (STS-B, against the label scaled to [0, 1])."""
+  """Squared error per example (STS-B, against the label scaled to [0, 1]), also as "mse"."""
   losses = (scores_Bx1[:, 0] - batch["labels"]) ** 2
-  return losses, {"mse": losses.mean()}
+  return losses, {"mse": losses}
 
 
 def main(argv):

@@ -2,7 +2,7 @@
 
   start = load_start(init_from, step, ft)   config, encoder sizes, parameters, tokenizer
   results = read_results(output_dir)        {"runs": {task: {seed: metrics}}, ...}
-  write_text_atomically(path, text)
+  run_seeds(seeds, start, task, ...)        per seed: fit, evaluate, save, write the results
 
 Results are written after every (task, seed) run, so an interrupted multi-run command keeps what
 it finished and a rerun skips it.
@@ -11,8 +11,8 @@ it finished and a rerun skips it.
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Optional
 
 
 from script_jax import cli_errors
@@ -101,11 +101,58 @@ def read_results(output_dir: str) -> dict[str, Any]:
   path = fs.join(output_dir, RESULTS_FILE)
   if not fs.exists(path):
     return {"runs": {}}
-  with fs.open(path, "r") as f:
-    try:
-      return json.load(f)
-    except ValueError as e:
-      raise FinetuneError(f"{path} is not valid JSON ({e}); move it away to start over.") from e
+  try:
+    return fs.read_json(path)
+  except ValueError as e:
+    raise FinetuneError(f"{path} is not valid JSON ({e}); move it away to start over.") from e
+
+
+@dataclasses.dataclass
+class Task:
+  """What a fine-tuning command trains, the same for each seed."""
+  model: Any               # a Flax module (finetune/model.py)
+  loss_fn: Callable        # (outputs, batch) -> (per-example losses, per-example metrics)
+  train_arrays: dict       # the training features, [N, ...] each
+  epochs: int
+
+
+@dataclasses.dataclass
+class SeedRun:
+  """One seed's fine-tuned model, handed to the command's evaluation."""
+  seed: int
+  run_dir: str             # its logs, predictions and (with save_model) parameters
+  params: Any              # the final parameters
+  last: dict[str, float]   # the last logged training record
+  began: float             # time.time() when the seed started
+
+  @property
+  def train_loss(self) -> float:
+    return float(self.last.get("loss", float("nan")))
+
+
+def run_seeds(seeds: list[int], start: Start, task: Task, ft, *, random_init: bool,
+              init_from: str, run_dir: Callable[[int], str], label: Callable[[int], str],
+              evaluate: Callable[[SeedRun], None], results: dict[str, Any], output_dir: str,
+              table: Callable[[dict[str, Any]], str]) -> None:
+  """Each seed in turn: its initial parameters, training (trainer.fit) logging into its run
+  folder, `evaluate` (which scores it into `results`), the final parameters with
+  ft.save_model, then OUT/results.json and OUT/results.md (process 0): an interrupted command
+  keeps every seed it finished."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from script_jax.finetune import trainer  # pylint: disable=g-import-not-at-top
+  for seed in seeds:
+    began = time.time()
+    folder = run_dir(seed)
+    init = initial_params(task.model, start, task.train_arrays, seed, random_init, init_from)
+    final, last = trainer.fit(task.model, init, task.loss_fn, task.train_arrays, ft, seed=seed,
+                              num_layers=start.encoder_cfg.num_layers, epochs=task.epochs,
+                              label=label(seed), log_dir=folder)
+    evaluate(SeedRun(seed, folder, final, last, began))
+    if ft.save_model:
+      trainer.save_params(trainer.resolved(fs.join(folder, "params")), final)
+    if jax.process_index() == 0:
+      fs.write_json_atomically(fs.join(output_dir, RESULTS_FILE), results)
+      fs.write_atomically(fs.join(output_dir, "results.md"), table(results))
 
 
 def check_same_start(results: dict[str, Any], output_dir: str, init_from: str,
@@ -116,8 +163,3 @@ def check_same_start(results: dict[str, Any], output_dir: str, init_from: str,
     raise FinetuneError(f"{output_dir} holds results of {results.get('init_from')} "
                         f"(random_init={results.get('random_init')}); use another "
                         "--output_dir.")
-
-
-def write_text_atomically(path: str, text: str) -> None:
-  """Writes `path` through a temporary name, so a reader never sees half a file."""
-  fs.write_atomically(path, text)

@@ -66,8 +66,8 @@ def span_loss(outputs, batch, no_answer_weight: float, version: str,
   losses = 0.5 * (
       optax.softmax_cross_entropy_with_integer_labels(start_BxT, batch["start_positions"]) +
       optax.softmax_cross_entropy_with_integer_labels(end_BxT, batch["end_positions"]))
-  metrics = {"start_accuracy": jnp.mean(
-      (start_BxT.argmax(-1) == batch["start_positions"]).astype(jnp.float32))}
+  metrics = {"start_accuracy":
+             (start_BxT.argmax(-1) == batch["start_positions"]).astype(jnp.float32)}
   if version == "2.0" or answerable_on_v1:
     impossible = batch["is_impossible"].astype(jnp.float32)
     losses = losses + no_answer_weight * optax.sigmoid_binary_cross_entropy(no_answer_B,
@@ -150,25 +150,19 @@ def run_squad(ft, init_from: str, dev_file: Optional[str], output_dir: str, *,
   na_prob_thresh = squad_answers.na_prob_thresh_for(sq.head, sq.na_prob_thresh)
   if version == "2.0":
     results["na_prob_thresh"] = na_prob_thresh
-  model = (task_models.JointSpanExtractor(cfg, beam_size=sq.n_best) if joint
-           else task_models.SpanExtractor(cfg))
-  train_arrays = train_features.model_inputs()
-  epochs = ft.epochs or sq.epochs
 
   def loss_fn(outputs, batch):
     return span_loss(outputs, batch, sq.no_answer_weight, version, answerable_on_v1=joint)
 
+  task = runs.Task(model=(task_models.JointSpanExtractor(cfg, beam_size=sq.n_best) if joint
+                          else task_models.SpanExtractor(cfg)),
+                   loss_fn=loss_fn, train_arrays=train_features.model_inputs(),
+                   epochs=ft.epochs or sq.epochs)
   by_seed = results.setdefault("runs", {}).setdefault("squad", {})
-  for seed in range(ft.first_seed, ft.first_seed + ft.num_seeds):
-    if str(seed) in by_seed:
-      continue
-    began = time.time()
-    run_dir = fs.join(output_dir, f"seed_{seed}")
-    init = runs.initial_params(model, start, train_arrays, seed, random_init, init_from)
-    final, last = trainer.fit(model, init, loss_fn, train_arrays, ft, seed=seed,
-                              num_layers=cfg.num_layers, epochs=epochs,
-                              label=f"SQuAD {version} seed {seed}", log_dir=run_dir)
-    outputs = trainer.predict(model, final, eval_features.model_inputs(), sq.eval_batch_size)
+
+  def evaluate(run: runs.SeedRun) -> None:
+    outputs = trainer.predict(task.model, run.params, eval_features.model_inputs(),
+                              sq.eval_batch_size)
     answer_rules = dict(n_best=sq.n_best, max_answer_length=sq.max_answer_length,
                         version=version)
     if joint:
@@ -184,23 +178,23 @@ def run_squad(ft, init_from: str, dev_file: Optional[str], output_dir: str, *,
       scores, predictions = score_v2(eval_json, span_predictions, na_probs, na_prob_thresh)
     else:
       scores = squad_eval.evaluate_v1(eval_json, predictions)
-    scores = {**scores, "train_loss": float(last.get("loss", float("nan"))),
-              "seconds": round(time.time() - began, 1)}
+    scores = {**scores, "train_loss": run.train_loss,
+              "seconds": round(time.time() - run.began, 1)}
     if jax.process_index() == 0:
-      squad_eval.write_json(fs.join(run_dir, "predictions.json"), predictions)
+      squad_eval.write_json(fs.join(run.run_dir, "predictions.json"), predictions)
       if na_probs is not None:
-        squad_eval.write_json(fs.join(run_dir, "na_probs.json"), na_probs)
-        squad_eval.write_json(fs.join(run_dir, "span_predictions.json"), span_predictions)
+        squad_eval.write_json(fs.join(run.run_dir, "na_probs.json"), na_probs)
+        squad_eval.write_json(fs.join(run.run_dir, "span_predictions.json"), span_predictions)
       if dev_split is not None or tfds_name:
         squad_eval.write_json(fs.join(output_dir, "eval_dataset.json"), eval_json)
-    if ft.save_model:
-      trainer.save_params(trainer.resolved(fs.join(run_dir, "params")), final)
-    by_seed[str(seed)] = scores
-    print(f"SQuAD {version} seed {seed}: " + json.dumps(scores), file=sys.stderr)
-    if jax.process_index() == 0:
-      runs.write_text_atomically(fs.join(output_dir, runs.RESULTS_FILE),
-                                 json.dumps(results, indent=2, sort_keys=True))
-      runs.write_text_atomically(fs.join(output_dir, "results.md"), table(results))
+    by_seed[str(run.seed)] = scores
+    print(f"SQuAD {version} seed {run.seed}: " + json.dumps(scores), file=sys.stderr)
+
+  todo = [s for s in range(ft.first_seed, ft.first_seed + ft.num_seeds) if str(s) not in by_seed]
+  runs.run_seeds(todo, start, task, ft, random_init=random_init, init_from=init_from,
+                 run_dir=lambda seed: fs.join(output_dir, f"seed_{seed}"),
+                 label=lambda seed: f"SQuAD {version} seed {seed}", evaluate=evaluate,
+                 results=results, output_dir=output_dir, table=table)
   return results
 
 

@@ -32,7 +32,7 @@ Command line, as the official scripts (plus --version, read from the data file w
       [--na-prob-thresh T] [--out-file F] [--version {1.1,2.0}]
 
 prints {"exact_match": ..., "f1": ...} for 1.1, or the 2.0 dict indented by 2; with --out-file
-the JSON goes to that file instead. Files may be local or gs:// (tf.io.gfile). Input that is
+the JSON goes to that file instead. Files may be local or gs:// (script_jax.fs). Input that is
 missing, not JSON, or not shaped like SQuAD ends in `error: ...` on stderr and exit status 2.
 """
 
@@ -48,6 +48,7 @@ import sys
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from script_jax import cli_errors
+from script_jax import fs
 
 VERSIONS = ("1.1", "2.0")
 _PUNCTUATION = frozenset(string.punctuation)
@@ -276,28 +277,22 @@ def dataset_version(dataset_json: Mapping[str, Any]) -> str:
 
 def load_json(path: str, what: str = "file") -> Any:
   """Reads a JSON file (local or gs://); SquadDataError when it is missing or not JSON."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (slow; the math needs none)
   try:
-    if not tf.io.gfile.exists(path):
-      raise SquadDataError(f"{what} {path} does not exist")
-    with tf.io.gfile.GFile(path, "rb") as f:
-      data = f.read()
-  except tf.errors.OpError as e:
-    raise SquadDataError(f"cannot read {what} {path}: {e.message}") from None
-  try:
-    return json.loads(data.decode("utf-8-sig"))
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    return fs.read_json(path)
+  except FileNotFoundError:
+    raise SquadDataError(f"{what} {path} does not exist") from None
+  except ValueError as e:
     raise SquadDataError(f"{what} {path} is not JSON ({e})") from None
+  except OSError as e:
+    raise SquadDataError(f"cannot read {what} {path}: {e}") from None
 
 
 def write_json(path: str, obj: Any) -> None:
-  """Writes `obj` as JSON to a local or gs:// path."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  """Writes `obj` as JSON to a local or gs:// path, on one line as the official scripts do."""
   try:
-    with tf.io.gfile.GFile(path, "w") as f:
-      f.write(json.dumps(obj))
-  except tf.errors.OpError as e:
-    raise SquadDataError(f"cannot write {path}: {e.message}") from None
+    fs.write_json_atomically(path, obj, indent=None, sort_keys=False)
+  except OSError as e:
+    raise SquadDataError(f"cannot write {path}: {e}") from None
 
 
 def run(data_file: str, pred_file: str, na_prob_file: Optional[str] = None,
@@ -347,6 +342,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       write_json(args.out_file, result)
   except (SquadDataError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
+    return 2
+  except Exception as e:  # pylint: disable=broad-except
+    problem = cli_errors.remote_storage_problem(e)  # TensorFlow's errors on a gs:// path
+    if problem is None:
+      raise
+    print(f"error: {problem}", file=sys.stderr)
     return 2
   if not args.out_file:
     # The official 1.1 script prints one line, the 2.0 script indents by 2.

@@ -16,7 +16,6 @@ missing ones.
 from __future__ import annotations
 
 import io
-import json
 import statistics
 from typing import Any, Optional
 import zipfile
@@ -104,8 +103,7 @@ def assemble(output_dir: str, submission_dir: str, seed: Optional[int] = None) -
           f"dev_{headline}": task_runs[chosen][headline]}
   if record["files"]:
     fs.write_atomically(fs.join(submission_dir, ZIP_NAME), archive.getvalue())
-  fs.write_atomically(fs.join(submission_dir, runs.RESULTS_FILE),
-                      json.dumps(record, indent=2, sort_keys=True))
+  fs.write_json_atomically(fs.join(submission_dir, runs.RESULTS_FILE), record)
   return record
 
 

@@ -13,15 +13,15 @@ permutation of the examples per epoch drawn from the seed (`epoch_batches`). ELE
 the examples once when writing its TFRecords, then reads them repeated through a 100-example
 shuffle buffer, so its epochs are not permutations and its batches cross epoch borders.
 Prediction pads the examples to whole batches and trims the outputs, so every example counts
-exactly once, on any number of devices and hosts. Dropout randomness is fold_in(key(seed),
+exactly once, on any number of devices and hosts. The logged accuracy (mse, ...) is a mean over
+the real rows only; padding rows count in neither. Records go through the pretraining's writer
+(metrics_log.py: RUN_DIR/metrics/, `python -m script_jax.metrics_log --workdir=RUN_DIR`). Dropout randomness is fold_in(key(seed),
 step): the seed fixes the head's initialisation, the dropout masks and the data order.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import math
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from script_jax import fs
+from script_jax import metrics_log
 from script_jax import sharding as sharding_lib
 from script_jax.finetune import optim
 from script_jax.finetune.runs import FinetuneError
@@ -79,58 +80,9 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int,
           for b in range(num_batches)]
 
 
-class Progress:
-  """One line per `every` steps on stderr: loss, steps/s and the ETA (process 0 only)."""
-
-  def __init__(self, label: str, total_steps: int, every: int):
-    self.label, self.total, self.every = label, total_steps, max(1, every)
-    self.start = self.last_time = time.time()
-    self.last_step = 0
-    self.enabled = jax.process_index() == 0
-
-  def update(self, step: int, metrics: dict[str, float]) -> Optional[dict[str, float]]:
-    if step % self.every and step != self.total:
-      return None
-    now = time.time()
-    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
-    self.last_step, self.last_time = step, now
-    eta = (self.total - step) / rate if rate > 0 else float("inf")
-    record = {"step": step, **metrics, "steps_per_sec": rate}
-    if self.enabled:
-      text = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-      eta_text = f"{int(eta) // 60}m{int(eta) % 60:02d}s" if math.isfinite(eta) else "?"
-      print(f"[{self.label}] step {step}/{self.total} | {text} | {rate:.2f} steps/s | "
-            f"ETA {eta_text}", file=sys.stderr, flush=True)
-    return record
-
-
-class MetricsLog:
-  """TensorBoard scalars and a metrics.jsonl in `log_dir` (process 0; local or gs://)."""
-
-  def __init__(self, log_dir: Optional[str]):
-    self.enabled = bool(log_dir) and jax.process_index() == 0
-    self.writer = None
-    if self.enabled:
-      from clu import metric_writers  # pylint: disable=g-import-not-at-top
-      fs.makedirs(log_dir)
-      self.writer = metric_writers.SummaryWriter(log_dir)
-      self.jsonl_path = log_dir.rstrip("/") + "/metrics.jsonl"
-      self.lines = []
-
-  def write(self, record: dict[str, float]) -> None:
-    if not self.enabled:
-      return
-    step = int(record["step"])
-    self.writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
-    self.lines.append(json.dumps(record))
-
-  def close(self) -> None:
-    if not self.enabled:
-      return
-    self.writer.flush()
-    self.writer.close()
-    # One write at the end: appending is not atomic on gs://.
-    fs.write_atomically(self.jsonl_path, "\n".join(self.lines) + "\n")
+# The train step's metrics of the step itself; the others (the task's: accuracy, mse ...) are
+# means over the batch's real rows, weighted by "real_rows" when several steps are averaged.
+STEP_METRICS = ("loss", "grad_norm", "learning_rate")
 
 
 def make_train_step(model, loss_fn: LossFn, tx, schedule, loss_reduction: str, seed: int,
@@ -138,12 +90,17 @@ def make_train_step(model, loss_fn: LossFn, tx, schedule, loss_reduction: str, s
   """The jitted step (params, opt_state, batch, step) -> (params, opt_state, metrics): one
   value_and_grad of the task loss (summed, or averaged, over the batch's rows of weight 1: its
   `example_weight`, 0 for padding rows), then the optimizer. Parameters and optimizer state are
-  donated; dropout draws from fold_in(key(seed), step)."""
+  donated; dropout draws from fold_in(key(seed), step). The metrics: STEP_METRICS, "real_rows"
+  (the batch's weight) and the task's per-row metrics averaged over those rows."""
   dropout_key = jax.random.key(seed)
 
+  def real_mean(values_B, weights_B):
+    return jnp.sum(values_B * weights_B) / jnp.maximum(jnp.sum(weights_B), 1.0)
+
   def reduce(losses_B, weights_B):
-    total = jnp.sum(losses_B * weights_B)
-    return total if loss_reduction == "sum" else total / jnp.maximum(jnp.sum(weights_B), 1.0)
+    if loss_reduction == "sum":
+      return jnp.sum(losses_B * weights_B)
+    return real_mean(losses_B, weights_B)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=(replicated,) * 3)
   def train_step(params, opt_state, batch, step):
@@ -152,12 +109,14 @@ def make_train_step(model, loss_fn: LossFn, tx, schedule, loss_reduction: str, s
                             batch["input_mask"], deterministic=False,
                             rngs={"dropout": jax.random.fold_in(dropout_key, step)},
                             **{k: batch[k] for k in getattr(model, "train_inputs", ())})
-      losses, metrics = loss_fn(outputs, batch)
-      return reduce(losses, batch["example_weight"]), metrics
-    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+      losses_B, metrics_B = loss_fn(outputs, batch)
+      return reduce(losses_B, batch["example_weight"]), metrics_B
+    (loss, metrics_B), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
-               "learning_rate": schedule(step)}
+    weights_B = batch["example_weight"]
+    metrics = {**{k: real_mean(v, weights_B) for k, v in metrics_B.items()},
+               "loss": loss, "grad_norm": optax.global_norm(grads),
+               "learning_rate": schedule(step), "real_rows": jnp.sum(weights_B)}
     return optax.apply_updates(params, updates), opt_state, metrics
 
   return train_step
@@ -173,14 +132,14 @@ def fit(model, params, loss_fn: LossFn, train_arrays: dict[str, np.ndarray], ft,
       deterministic=..., rngs=..., **extra), extra being the batch fields the module names in
       `train_inputs` (and, in predict, `predict_inputs`).
     params: the initial parameters (pretrained backbone and fresh head).
-    loss_fn: (outputs, batch) -> (per-example losses [B], metrics) for the task.
+    loss_fn: (outputs, batch) -> (per-example losses [B], per-example metrics {name: [B]}).
     train_arrays: "input_ids", "segment_ids", "input_mask" and the task's targets, [N, ...].
     ft: the `finetune` config section (batch_size, learning_rate, ...).
     seed: fixes dropout and the data order (the head's initialisation is the caller's).
     num_layers: of the encoder (for the layer-wise learning-rate decay).
     epochs: passes over the training examples.
     label: shown in the progress lines.
-    log_dir: TensorBoard and metrics.jsonl (None: none written).
+    log_dir: TensorBoard and the metrics records (metrics_log.py; None: none written).
   """
   mesh = data_mesh()
   num_examples = len(train_arrays["input_ids"])
@@ -200,28 +159,47 @@ def fit(model, params, loss_fn: LossFn, train_arrays: dict[str, np.ndarray], ft,
   train_step = make_train_step(model, loss_fn, tx, schedule, ft.loss_reduction, seed,
                                replicated)
 
-  progress = Progress(label, total_steps, ft.log_every_steps)
-  log = MetricsLog(log_dir)
-  totals, count, last = {}, 0, {}
-  step = 0
-  for epoch in range(epochs):
-    for rows, weights in epoch_batches(num_examples, batch_size, seed, epoch):
-      batch = _global_batch(mesh, {**{k: v[rows] for k, v in train_arrays.items()},
-                                   "example_weight": weights})
-      params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step))
-      step += 1
-      metrics = jax.device_get(metrics)
-      if not np.isfinite(metrics["loss"]):
-        raise FinetuneError(f"[{label}] the loss is {metrics['loss']} at step {step}; "
-                                 "lower finetune.learning_rate.")
-      for k, v in metrics.items():
-        totals[k] = totals.get(k, 0.0) + float(v)
-      count += 1
-      record = progress.update(step, {k: v / count for k, v in totals.items()})
-      if record is not None:
-        log.write(record)
-        last, totals, count = record, {}, 0
-  log.close()
+  chief = jax.process_index() == 0
+  records = metrics_log.MetricsLog(log_dir, enabled=bool(log_dir) and chief)
+  board = None
+  if log_dir and chief:
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    board = metric_writers.SummaryWriter(log_dir)
+  every = max(1, ft.log_every_steps)
+  totals, count, real_rows, last = {}, 0, 0.0, {}
+  step, last_step, last_time = 0, 0, time.time()
+  try:
+    for epoch in range(epochs):
+      for rows, weights in epoch_batches(num_examples, batch_size, seed, epoch):
+        batch = _global_batch(mesh, {**{k: v[rows] for k, v in train_arrays.items()},
+                                     "example_weight": weights})
+        params, opt_state, metrics = train_step(params, opt_state, batch, jnp.int32(step))
+        step += 1
+        metrics = jax.device_get(metrics)
+        if not np.isfinite(metrics["loss"]):
+          raise FinetuneError(f"[{label}] the loss is {metrics['loss']} at step {step}; "
+                              "lower finetune.learning_rate.")
+        rows_here = float(metrics.pop("real_rows"))
+        for k, v in metrics.items():
+          totals[k] = totals.get(k, 0.0) + float(v) * (1.0 if k in STEP_METRICS else rows_here)
+        count, real_rows = count + 1, real_rows + rows_here
+        if step % every and step != total_steps:
+          continue
+        now = time.time()
+        rate = (step - last_step) / max(now - last_time, 1e-9)
+        averages = {k: v / (count if k in STEP_METRICS else real_rows) for k, v in totals.items()}
+        if chief:
+          print(f"[{label}] " + metrics_log.progress_line(step, total_steps, averages, rate),
+                file=sys.stderr, flush=True)
+        last = {"step": step, **averages, "steps_per_sec": rate}
+        records.write(last)
+        if board is not None:
+          board.write_scalars(step, {k: v for k, v in last.items() if k != "step"})
+        totals, count, real_rows, last_step, last_time = {}, 0, 0.0, step, now
+  finally:
+    records.close(raise_errors=sys.exc_info()[0] is None)
+    if board is not None:
+      board.close()
   return params, last
 
 

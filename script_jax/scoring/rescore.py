@@ -325,8 +325,7 @@ def run(workdir: str, dev_path: str, test_paths: Sequence[str], method: str = "c
       "table": table,
   }
   if output_json:
-    with fs.open(output_json, "w") as f:
-      json.dump(report, f, indent=2)
+    fs.write_json_atomically(output_json, report, sort_keys=False)
   return report
 
 
