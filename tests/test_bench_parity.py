@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from conftest import run_module, write_tiny_corpus  # pylint: disable=wrong-import-position
+from helpers import run_module, write_tiny_corpus  # pylint: disable=wrong-import-position
 
 _TINY = ["--config=configs/tiny.py", "--config.model.vocab_size=512",
          "--config.data.num_shards=1", "--config.model.num_layers=1", "--config.seq_len=32",

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, load_config, run_module, shared_workdir, tiny_pretraining_flags
+from helpers import ROOT, load_config, run_module, shared_workdir, tiny_pretraining_flags
 
 from script_jax.bench import step_speed
 from script_jax.data import synthetic

@@ -7,7 +7,7 @@ import math
 
 import jax
 import pytest
-from conftest import load_config
+from helpers import load_config
 
 from script_jax.data import synthetic
 from script_jax import models

@@ -14,7 +14,7 @@ import nbclient
 import nbformat
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 from script_jax import metrics_log
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 _DOC_FILES = ["README.md", "docs/*.md", "benchmarks/README.md", "launch/README.md",
               "colab/README.md", "configs/*.py", "benchmarks/gpu_check.sh"]

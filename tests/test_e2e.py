@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, build_once, run_main, tiny_prepared_data
+from helpers import ROOT, build_once, run_main, tiny_prepared_data
 
 from script_jax import checkpoints
 from script_jax import metrics_log

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 import sklearn.metrics
-from conftest import load_config, random_batch
+from helpers import load_config, random_batch
 
 from script_jax import config_lib
 from script_jax import evaluation

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_module, shared_workdir, tiny_pretraining_flags, write_tiny_corpus
+from helpers import run_module, shared_workdir, tiny_pretraining_flags, write_tiny_corpus
 from script_jax.experiments import curve
 from test_finetune_glue import _glue_fixture
 

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-from conftest import load_config, run_module, shared_workdir  # pylint: disable=wrong-import-position
+from helpers import load_config, run_module, shared_workdir  # pylint: disable=wrong-import-position
 
 from script_jax import models  # pylint: disable=wrong-import-position
 from script_jax.data import tokenizers as our_tokenizers  # pylint: disable=wrong-import-position

@@ -2,7 +2,7 @@
 no traceback, before any work (config_lib.validate_finetune_config)."""
 
 import pytest
-from conftest import load_config, run_module
+from helpers import load_config, run_module
 
 from script_jax import config_lib
 

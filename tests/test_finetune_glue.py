@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import sklearn.metrics
-from conftest import run_module, shared_workdir
+from helpers import run_module, shared_workdir
 
 from script_jax import config_lib
 from script_jax import metrics_log

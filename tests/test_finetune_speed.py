@@ -2,7 +2,7 @@
 
 import jax
 import pytest
-from conftest import load_config
+from helpers import load_config
 
 from script_jax.bench import finetune_speed
 

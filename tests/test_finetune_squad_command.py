@@ -5,7 +5,7 @@ command give the same numbers."""
 import json
 
 import pytest
-from conftest import run_module, shared_workdir
+from helpers import run_module, shared_workdir
 
 _CONTEXTS = [
     ("Python", "Python was created by Guido van Rossum and first released in 1991. It is a "

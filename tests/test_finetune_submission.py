@@ -10,7 +10,7 @@ import pytest
 from script_jax.finetune import glue_data
 from script_jax.finetune import glue_submission
 from script_jax.finetune import submit
-from conftest import run_module
+from helpers import run_module
 
 _BY_NAME = {s.name: s for s in glue_submission.TEST_SETS}
 

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_module, shared_workdir
+from helpers import ROOT, run_module, shared_workdir
 from tfds_fixture import serve
 
 from script_jax.data import tfds_fetch

@@ -10,7 +10,7 @@ import ast
 import os
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 from script_jax import fs
 

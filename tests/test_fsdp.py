@@ -7,7 +7,7 @@ the compiled step's collectives, and a checkpoint restored into the FSDP layout.
 import jax
 import numpy as np
 import pytest
-from conftest import load_config, random_batch, run_steps
+from helpers import load_config, random_batch, run_steps
 from script_jax.bench import hlo_collectives
 
 from script_jax import checkpoints

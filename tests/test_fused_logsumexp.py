@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from conftest import load_config, random_batch
+from helpers import load_config, random_batch
 from script_jax import fused_logsumexp
 from script_jax import models
 from script_jax import objectives

@@ -9,7 +9,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import load_config, random_batch, run_steps
+from helpers import load_config, random_batch, run_steps
 
 GOLDEN = {
     "script": [51.63604, 45.50145, 51.24094],

@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 TPU_SH = os.path.join(ROOT, "launch", "tpu.sh")
 FAKE_GCLOUD_DIR = os.path.join(ROOT, "tests", "fake_gcloud")

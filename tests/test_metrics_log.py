@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from conftest import run_module
+from helpers import run_module
 from script_jax import fs
 from script_jax import metrics_log
 

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, build_once
+from helpers import ROOT, build_once
 
 from script_jax import checkpoints
 from script_jax import metrics_log

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, build_once, run_main, run_module, tiny_prepared_data
+from helpers import ROOT, build_once, run_main, run_module, tiny_prepared_data
 
 from script_jax import checkpoints
 from script_jax import run_lock

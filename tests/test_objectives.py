@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config, random_batch
+from helpers import load_config, random_batch
 
 from script_jax import models
 from script_jax import objectives

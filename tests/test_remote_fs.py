@@ -19,7 +19,7 @@ import os
 import socket
 
 import pytest
-from conftest import load_config
+from helpers import load_config
 
 import tensorflow as tf
 

@@ -4,7 +4,7 @@ files, and its errors as a user sees them."""
 import gzip
 import json
 
-from conftest import run_module, shared_workdir
+from helpers import run_module, shared_workdir
 
 REFS = ["the function returns a new list", "a class definition is an executable statement",
         "the loop ends when the list is empty"]

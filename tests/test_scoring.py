@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from helpers import load_config
 
 from script_jax import models
 from script_jax.scoring import pll_scorer

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import run_module, shared_workdir
+from helpers import run_module, shared_workdir
 
 from script_jax.scoring import score
 from script_jax.scoring import pll_scorer

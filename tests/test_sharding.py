@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import load_config
+from helpers import load_config
 
 from script_jax import sharding as sharding_lib
 

@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from conftest import ROOT, load_config
+from helpers import ROOT, load_config
 import pytest
 
 from script_jax.bench import tpu_programs
