@@ -10,6 +10,8 @@ pytest.importorskip("transformers")
 
 from helpers import run_module, write_tiny_corpus  # pylint: disable=wrong-import-position
 
+pytestmark = pytest.mark.slow
+
 _TINY = ["--config=configs/tiny.py", "--config.model.vocab_size=512",
          "--config.data.num_shards=1", "--config.model.num_layers=1", "--config.seq_len=32",
          "--config.batch_size=8", "--config.optim.warmup_steps=2", "--steps=6", "--log_every=1"]

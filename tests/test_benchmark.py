@@ -161,6 +161,7 @@ def _run_benchmark_cli(args, timeout=300):
                         cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 def test_benchmark_runs_end_to_end_and_writes_json(tmp_path):
   out = tmp_path / "bench.json"
   proc = _run_benchmark_cli(["--steps=2", "--warmup=1", "--repeats=2", "--peak_size=128",
@@ -197,6 +198,7 @@ def test_benchmark_runs_end_to_end_and_writes_json(tmp_path):
   assert "[script] compiled in" in proc.stdout  # progress lines
 
 
+@pytest.mark.slow
 def test_memory_only_compiles_and_reports_memory():
   one_layer = dict(PINNED, **{"model.num_layers": 1})
   config = load_config("tiny", **one_layer)
@@ -220,6 +222,7 @@ def test_memory_only_compiles_and_reports_memory():
           < result["memory"]["temp_size_in_bytes"])
 
 
+@pytest.mark.slow
 def test_steps_per_call_runs_that_many_real_steps_and_states_are_reused():
   """A call of steps_per_call=3 advances the optimizer 3 steps; a second run reuses the state."""
   config = load_config("tiny", **dict(PINNED, **{"model.num_layers": 1}))
@@ -282,6 +285,7 @@ def test_trace_summary_counts_device_streams_and_xla_ops(tmp_path):
   assert "kernels:" in step_speed.format_profile(summary)
 
 
+@pytest.mark.slow
 def test_benchmark_profiles_through_the_cli(tmp_path):
   out = tmp_path / "bench.json"
   proc = _run_benchmark_cli(["--objectives=mlm", "--steps=2", "--warmup=1", "--peak_size=64",
@@ -294,6 +298,7 @@ def test_benchmark_profiles_through_the_cli(tmp_path):
   assert "[mlm] profile of 2 steps" in proc.stdout
 
 
+@pytest.mark.slow
 def test_gpu_check_script_runs_every_variant_on_cpu(tmp_path):
   """benchmarks/gpu_check.sh end to end on the CPU with tiny settings: every variant of
   script_jax/bench/variants.py is timed in one process, each objective's state initialised once, and
@@ -320,6 +325,7 @@ def test_gpu_check_script_runs_every_variant_on_cpu(tmp_path):
     assert f"[{objective}] state reused" in log
 
 
+@pytest.mark.slow
 def test_resume_benchmark_times_both_orders_and_writes_json(tmp_path_factory, tmp_path):
   workdir = shared_workdir(tmp_path_factory, "script")
   with open(os.path.join(workdir, "run_config.json")) as f:

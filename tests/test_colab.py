@@ -74,6 +74,7 @@ def test_notebook_is_valid_and_clean():
   assert nb.metadata.kernelspec.name == "python3"
 
 
+@pytest.mark.slow
 def test_notebook_stops_readably(tmp_path):
   """The repository cell stops "Run all" with a message saying what to fix: REPO_URL empty, or a
   URL git cannot clone; a clonable URL is cloned and becomes the working folder."""
@@ -114,6 +115,7 @@ def test_notebook_stops_readably(tmp_path):
     assert _text(probe).split() == [str(base / "script_jax")] * 2
 
 
+@pytest.mark.slow
 def test_notebook_runs_in_short_mode(tmp_path):
   nb = _read()
   client = _client(nb, tmp_path)

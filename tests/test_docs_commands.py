@@ -39,6 +39,7 @@ def test_documented_command_exists(module, doc):
   assert importlib.util.find_spec(module) is not None, f"{doc} shows {module}, which is gone"
 
 
+@pytest.mark.slow
 def test_command_modules_import_and_define_main():
   """One process imports every documented command module and checks it defines a main."""
   modules = sorted(m for m in _documented_modules() if m != "script_jax.main")

@@ -16,6 +16,8 @@ from helpers import ROOT, build_once, run_main, tiny_prepared_data
 from script_jax import checkpoints
 from script_jax import metrics_log
 
+pytestmark = pytest.mark.slow
+
 FAST = ["--config=configs/tiny.py", "--config.num_train_steps=40",
         "--config.checkpoint_every_steps=20", "--config.log_every_steps=10",
         "--config.batch_size=8", "--config.keep_checkpoints=5", "--config.optim.warmup_steps=10",

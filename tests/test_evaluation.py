@@ -86,6 +86,7 @@ def test_mlm_has_only_the_masked_lm_metrics():
                                               "eval_num_predictions"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["script", "electra", "mlm"])
 def test_tiny_model_evaluation_equals_the_objectives_metrics_and_scikit_learn(objective):
   """On 8 devices: the evaluator's numbers are the objective's own (deterministic, the same

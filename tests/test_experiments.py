@@ -27,6 +27,7 @@ def test_curve_point_against_a_hand_computation():
   assert curve.curve_point(results, ["cola", "sst2"]) is None  # no SST-2 run yet
 
 
+@pytest.mark.slow
 def test_curve_command_end_to_end(tmp_path, tmp_path_factory):
   workdirs = [shared_workdir(tmp_path_factory, objective) for objective in ("script", "electra")]
   data_dir = _glue_fixture(tmp_path / "glue")
@@ -71,6 +72,7 @@ def test_curve_command_end_to_end(tmp_path, tmp_path_factory):
   assert missing.returncode == 2 and b"keeps checkpoints at steps [1, 2]" in missing.stderr
 
 
+@pytest.mark.slow
 def test_compare_command_pretrains_each_objective_on_one_prepared_folder(tmp_path):
   data_dir = _glue_fixture(tmp_path / "glue")
   out = tmp_path / "compare"

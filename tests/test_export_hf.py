@@ -26,6 +26,9 @@ from script_jax.export import hf_tokenizer  # pylint: disable=wrong-import-posit
 from script_jax.finetune import model as task_models  # pylint: disable=wrong-import-position
 from script_jax.scoring import pll_scorer  # pylint: disable=wrong-import-position
 
+# torch and transformers models beside ours, each built and compared: tens of seconds a test.
+pytestmark = pytest.mark.slow
+
 VOCAB = 500  # not a multiple of vocab_pad_multiple (128): the padding is stripped and restored
 ATOL = 1e-4
 TEXTS = ["The function returns a new list of the items.", "A class definition is executable.",

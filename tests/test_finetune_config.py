@@ -11,6 +11,7 @@ from script_jax import config_lib
 _NOWHERE = ["--init_from=/nonexistent/workdir", "--output_dir=/nonexistent/out"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, flag, message", [
     ("finetune.glue", "--config.batch_size=0", "batch_size=0 must be at least 1"),
     ("finetune.glue", "--config.epochs=-1", "epochs=-1 must be at least 0"),
@@ -36,6 +37,7 @@ def test_config_mistake_is_one_clear_error(module, flag, message):
   assert "not a script_jax workdir" not in stderr and "does not exist" not in stderr
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_the_devices_through_the_command():
   result = run_module("finetune.glue", [*_NOWHERE, "--data_dir=/nonexistent/glue",
                                         "--config.batch_size=12"],

@@ -77,6 +77,7 @@ def test_adam_without_bias_correction_matches_numpy():
     np.testing.assert_allclose(updates["w"], m / (np.sqrt(v) + 1e-6), rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_optimizer_step_matches_a_hand_computed_update():
   """clip -> adam (no bias correction) -> + weight decay off biases -> * -lr(t) * layer scale."""
   cfg = _tiny_cfg(num_layers=1)
@@ -105,6 +106,7 @@ def test_optimizer_step_matches_a_hand_computed_update():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_predict_counts_every_example_once_on_8_devices():
   assert jax.device_count() == 8
   cfg = _tiny_cfg(num_layers=1)
@@ -171,6 +173,7 @@ _FAST = ["--nocheck_counts", "--config.num_seeds=2", "--config.epochs=1",
          "--config.batch_size=8", "--config.max_length=32", "--config.log_every_steps=2"]
 
 
+@pytest.mark.slow
 def test_glue_command_end_to_end(tmp_path, tmp_path_factory):
   workdir = shared_workdir(tmp_path_factory)
   data_dir = _glue_fixture(tmp_path / "glue")
@@ -222,6 +225,7 @@ def test_glue_command_end_to_end(tmp_path, tmp_path_factory):
   assert set(runs["cola"]) == {"0", "1", "2"} and runs["cola"]["0"] == results["runs"]["cola"]["0"]
 
 
+@pytest.mark.slow
 def test_glue_command_random_init_and_bad_input(tmp_path, tmp_path_factory):
   workdir = shared_workdir(tmp_path_factory)
   data_dir = _glue_fixture(tmp_path / "glue")
@@ -283,6 +287,7 @@ def test_epochs_train_every_example_once_padded_to_whole_batches(n, batch):
     assert weights.sum() == n and (weights[n:] == 0).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_padding_rows_change_nothing_in_the_step(reduction):
   """A batch with weight-0 rows gives the loss and the update of its real rows alone."""
@@ -354,6 +359,7 @@ def test_stsb_trains_on_the_score_over_5_and_predicts_on_0_to_5():
   assert glue.predictions_from(cola, np.array([[0.2, 0.1], [0.0, 3.0]])).tolist() == [0, 1]
 
 
+@pytest.mark.slow
 def test_task_heads_start_from_glorot_uniform_as_electras_dense_layers():
   """tf.layers.dense's default kernel initializer: U(-a, a), a = sqrt(6 / (fan_in + fan_out));
   the encoder keeps the pretraining's truncated normal."""

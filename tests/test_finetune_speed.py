@@ -21,6 +21,7 @@ def _check(report, side):
   assert "examples/s" in finetune_speed.format_table(report)
 
 
+@pytest.mark.slow
 def test_ours_on_a_tiny_config():
   report = finetune_speed.run_benchmark(_config(), lengths=(32, 32), batch_size=8, steps=2,
                                         warmup=1, repeats=2, hf=False,
@@ -39,6 +40,7 @@ def test_random_batches_have_the_task_shapes():
   assert (squad["end_positions"] < 16).all() and (squad["start_positions"] >= 4).all()
 
 
+@pytest.mark.slow
 def test_hf_peer_beside_ours():
   pytest.importorskip("torch")
   pytest.importorskip("transformers")

@@ -40,6 +40,7 @@ def _dataset(version):
   return {"version": version, "data": data * 3}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version, head", [("1.1", "electra"), ("v2.0", "electra"),
                                            ("v2.0", "bert")])
 def test_squad_command_end_to_end(version, head, tmp_path, tmp_path_factory):
@@ -125,6 +126,7 @@ def test_squad_v2_scores_abstain_at_the_heads_threshold():
     assert written == spans and scores["exact"] == pytest.approx(50.0)
 
 
+@pytest.mark.slow
 def test_squad_command_needs_a_train_file_or_a_split(tmp_path, tmp_path_factory):
   workdir = shared_workdir(tmp_path_factory)
   dev = tmp_path / "dev.json"

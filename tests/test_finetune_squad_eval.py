@@ -220,6 +220,7 @@ def _write(path, obj):
   return str(path)
 
 
+@pytest.mark.slow
 def test_cli_v1_and_v2(tmp_path):
   data1 = _write(tmp_path / "dev1.json", V1_DATA)
   pred1 = _write(tmp_path / "pred1.json", V1_PREDICTIONS)
@@ -246,6 +247,7 @@ def test_cli_v1_and_v2(tmp_path):
   assert json.loads(out.read_text())["exact"] == 40.0
 
 
+@pytest.mark.slow
 def test_cli_bad_input_exits_2_without_traceback(tmp_path):
   pred = _write(tmp_path / "pred.json", V1_PREDICTIONS)
   for data_file, message in [(str(tmp_path / "missing.json"), "does not exist"),

@@ -80,6 +80,7 @@ def test_joint_head_matches_reference(seed):
     assert answer_mask[b, np.asarray(got[3])[b, :, :k]].all()
 
 
+@pytest.mark.slow
 def test_joint_extractor_trains_with_the_gold_start_and_predicts_beams():
   cfg = models.EncoderConfig(vocab_size=50, embedding_size=8, hidden_size=16, num_layers=2,
                              num_heads=2, intermediate_size=32, max_position_embeddings=16)

@@ -131,6 +131,7 @@ def _fake_glue_output(out: pathlib.Path, rows: dict[str, int]) -> dict:
   return results
 
 
+@pytest.mark.slow
 def test_submit_command_assembles_the_median_runs_files(tmp_path):
   rows = {"CoLA": 6, "STS-B": 4, "MNLI-m": 5, "MNLI-mm": 3, "AX": 2}
   out = tmp_path / "glue"

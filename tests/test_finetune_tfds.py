@@ -155,6 +155,7 @@ def _run_with_tfds(tmp_path, records, module, args, timeout=600):
                         capture_output=True, timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 def test_squad_command_with_tfds(tmp_path, tmp_path_factory):
   workdir = shared_workdir(tmp_path_factory)
   out = tmp_path / "out"
@@ -197,6 +198,7 @@ def test_squad_command_with_tfds(tmp_path, tmp_path_factory):
   assert b"Traceback" not in unknown.stderr + neither.stderr
 
 
+@pytest.mark.slow
 def test_glue_command_with_tfds(tmp_path, tmp_path_factory):
   workdir = shared_workdir(tmp_path_factory)
   out = tmp_path / "out"

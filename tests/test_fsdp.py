@@ -44,6 +44,7 @@ def test_fsdp_spec_splits_the_largest_divisible_dimension(shape, spec):
 # SCRIPT's step has both passes, ELECTRA's a second model (scanned: two scans, the generator's
 # narrower, each gathering its own layers); MLM's parameters are SCRIPT's. SCRIPT's runs with
 # two FSDP groups of 4 (mesh.fsdp_replicas, what one group per slice gives on two slices).
+@pytest.mark.slow
 @pytest.mark.parametrize("objective,scan_layers,replicas", [("script", False, 2),
                                                             ("electra", True, 0)])
 def test_fsdp_steps_equal_the_replicated_steps(objective, scan_layers, replicas):
@@ -67,6 +68,7 @@ def _fsdp_state(config):
   return mesh, model, state, sharding
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers,replicas", [(False, 0), (True, 2)])
 def test_fsdp_compiled_step_gathers_only_parameters(scan_layers, replicas):
   """All-gathers bring whole weights to the step, never the batch's activations, and scanned
@@ -115,6 +117,7 @@ def test_fsdp_compiled_step_gathers_only_parameters(scan_layers, replicas):
                for c in collectives if c.kind == "all-reduce")
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_restores_into_its_layout(tmp_path):
   config = _config(**{"mesh.fsdp": True})
   _, _, state, _ = _fsdp_state(config)

@@ -101,6 +101,7 @@ def test_critic_logsumexp_dispatches_on_impl():
     objectives.critic_logsumexp(features, table, raw_bias, impl="fused")
 
 
+@pytest.mark.slow
 def test_script_objective_with_the_kernel_equals_the_plain_one():
   small_vocab = {"model.vocab_size": 500}  # 4 vocabulary blocks: seconds in interpret mode
   config = load_config("tiny", **small_vocab)
@@ -121,6 +122,7 @@ def test_script_objective_with_the_kernel_equals_the_plain_one():
     np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fsdp_train_step_with_the_kernel_equals_the_plain_one():
   """mesh.fsdp over two groups of 4 (the batch split over ('replica', 'data'), the table whole
   where the step uses it): the trainer's step with the kernels, the plain formula's loss and
@@ -185,6 +187,7 @@ def _all_reduces(hlo):
           for result in re.findall(r"= (.*?) all-reduce(?:-start)?\(", hlo)]
 
 
+@pytest.mark.slow
 def test_the_script_train_step_with_the_kernels_compiles_for_a_v3_8():
   """tiny's SCRIPT train step, logsumexp_impl=pallas, compiled ahead of time by libtpu (Mosaic
   for the kernels): the kernels run on each device's rows (no all-gather), their d_table and

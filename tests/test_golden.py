@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 from helpers import load_config, random_batch, run_steps
 
+# Each objective compiles and runs the tiny model's train step: over 10 s each (pytest.ini).
+pytestmark = pytest.mark.slow
+
 GOLDEN = {
     "script": [51.63604, 45.50145, 51.24094],
     "electra": [44.04001, 44.43534, 34.32875],

@@ -546,6 +546,7 @@ def _fake_python(tmp_path, body):
   return env, log
 
 
+@pytest.mark.slow
 def test_gpu_sh_installs_the_package_then_trains(tmp_path):
   env, log = _fake_python(tmp_path, "")
   result = subprocess.run([os.path.join(ROOT, "launch", "gpu.sh"), "configs/tiny.py", "runs/x",
@@ -566,6 +567,7 @@ def _alive(pid):
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc to see which pids live")
 def test_localhost_multiprocess_stops_the_others_when_one_fails(tmp_path):
   env, log = _fake_python(tmp_path, (
@@ -595,6 +597,7 @@ def test_localhost_multiprocess_stops_the_others_when_one_fails(tmp_path):
   assert all("--num_processes=3" in c and "--distributed" in c for c in calls[1:])
 
 
+@pytest.mark.slow
 def test_localhost_multiprocess_succeeds_when_all_do(tmp_path):
   env, _ = _fake_python(tmp_path, "print('finished', [a for a in args if 'process_id' in a])\n")
   result = subprocess.run([os.path.join(ROOT, "launch", "localhost_multiprocess.sh"), "2",

@@ -54,6 +54,7 @@ def test_records_are_written_by_the_timer_without_a_flush(tmp_path):
   assert not (tmp_path / "other").exists()  # not process 0: writes nothing
 
 
+@pytest.mark.slow
 def test_a_resumed_run_replaces_the_repeated_steps_and_the_old_file_is_read_first(tmp_path):
   (tmp_path / "metrics.jsonl").write_text("".join(  # a workdir of the one-file layout
       json.dumps(r) + "\n" for r in [_record(10), _record(20), _record(30, old=True)]))

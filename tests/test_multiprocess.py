@@ -15,6 +15,8 @@ from helpers import ROOT, build_once
 from script_jax import checkpoints
 from script_jax import metrics_log
 
+pytestmark = pytest.mark.slow
+
 
 def _free_port() -> int:
   with socket.socket() as s:

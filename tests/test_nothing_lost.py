@@ -24,6 +24,8 @@ from helpers import ROOT, build_once, run_main, run_module, tiny_prepared_data
 from script_jax import checkpoints
 from script_jax import run_lock
 
+pytestmark = pytest.mark.slow
+
 RUN = ["--config=configs/tiny.py", "--config.num_train_steps=6",
        "--config.checkpoint_every_steps=2", "--config.log_every_steps=2",
        "--config.batch_size=8", "--config.optim.warmup_steps=0", "--config.eval_every_steps=0",

@@ -152,6 +152,7 @@ def _init(config, batch):
   return model, params
 
 
+@pytest.mark.slow
 def test_script_gradients_flow_through_both_passes_and_not_through_the_sample():
   config = load_config("tiny")
   batch = random_batch(config, 4, seed=5)
@@ -191,6 +192,7 @@ def test_script_gradients_flow_through_both_passes_and_not_through_the_sample():
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_critic_on_masked_positions_only_equals_the_full_pass_weighted_there():
   """disc_positions="masked" runs the head at P positions; the loss is the full pass's there."""
   config = load_config("tiny", **{"script.disc_positions": "masked"})
@@ -266,6 +268,7 @@ def test_electra_generator_sizes():
   assert params["disc_output"]["kernel"].shape == (256, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["script", "electra", "mlm"])
 def test_bfloat16_compute_keeps_float32_params_and_close_loss(objective):
   batch = random_batch(load_config("tiny"), 2, seed=6)
@@ -301,6 +304,7 @@ def test_unknown_objective_is_a_clear_error():
     objectives.get_objective("gan")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["script", "electra", "mlm"])
 def test_vocabulary_padding_changes_nothing_but_the_shapes(objective):
   """Pad rows of W (whatever their values) never reach a loss, a sample or a gradient."""

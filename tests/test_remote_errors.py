@@ -17,6 +17,8 @@ import pytest
 import gcs_tls_proxy
 from script_jax import fs
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("gcp_storage_emulator.server")
 pytest.importorskip("cryptography")
 

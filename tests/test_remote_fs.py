@@ -27,6 +27,8 @@ from script_jax import checkpoints
 from script_jax import fs
 from script_jax import metrics_log
 
+pytestmark = pytest.mark.slow
+
 # gcsfs's newer file system asks a gRPC control plane for the bucket type (60 s of retries against
 # an emulator); the plain JSON-API file system is what an emulator serves.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")

@@ -4,7 +4,10 @@ files, and its errors as a user sees them."""
 import gzip
 import json
 
+import pytest
 from helpers import run_module, shared_workdir
+
+pytestmark = pytest.mark.slow
 
 REFS = ["the function returns a new list", "a class definition is an executable statement",
         "the loop ends when the list is empty"]

@@ -102,6 +102,7 @@ def test_critic_pll_matches_float64_numpy(chunk):
   np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_electra_critic_pll_is_the_discriminators_log_sigmoid():
   _, model, params = _tiny("electra")
   ids, input_mask, score_mask = _packed(_random_sentences([3, 9, 14, 0]), 16)
@@ -133,6 +134,7 @@ def _naive_mlm_pll(model, params, sentence):
   return total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["script", "electra"])
 def test_mlm_pll_equals_the_naive_loop(objective):
   _, model, params = _tiny(objective)
@@ -257,6 +259,7 @@ def test_windows_score_every_token_once(n, window):
     assert np.all((s >= start) & (s < end))
 
 
+@pytest.mark.slow
 def test_window_pll_is_the_sum_over_windows():
   _, model, params = _tiny("script")
   sentence = _random_sentences([33], seed=7)[0]

@@ -10,6 +10,8 @@ from helpers import run_module, shared_workdir
 from script_jax.scoring import score
 from script_jax.scoring import pll_scorer
 
+pytestmark = pytest.mark.slow
+
 SENTENCES = ["The function returns a new list of the items.", "",
              "A class definition is an executable statement.", "   ",
              "Caf\u00e9 names are fine too.", "the"]

@@ -58,6 +58,7 @@ def test_unknown_slices_are_user_errors(name):
     tpu_programs.parse_slice(name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["electra", "mlm"])
 def test_bfloat16_train_steps_reduce_gradients_in_float32(objective, v3_devices):
   report = tpu_programs.compile_step(_tiny(objective), V3_8, "train", v3_devices)
@@ -67,6 +68,7 @@ def test_bfloat16_train_steps_reduce_gradients_in_float32(objective, v3_devices)
   assert report["roofline_seconds"] <= report["estimated_seconds"] * 1.5
 
 
+@pytest.mark.slow
 def test_eval_and_glue_steps_compile_with_only_float32_all_reduces(v3_devices):
   for step in ("eval", "glue"):
     report = tpu_programs.compile_step(_tiny("script"), V3_8, step, v3_devices)
@@ -74,6 +76,7 @@ def test_eval_and_glue_steps_compile_with_only_float32_all_reduces(v3_devices):
     assert report["flops"] >= report["model_flops_per_device"], step
 
 
+@pytest.mark.slow
 def test_a_loops_cost_is_counted_by_its_trip_count(v3_devices):
   """The cost analysis counts a while loop's body once; the twin with the scan unrolled counts
   all 16 matmuls (16 x 2 x 512^3 FLOPs per device)."""
@@ -99,6 +102,7 @@ def test_a_loops_cost_is_counted_by_its_trip_count(v3_devices):
   assert tpu_programs._cost(twin)["flops"] == pytest.approx(matmuls, rel=0.01)
 
 
+@pytest.mark.slow
 def test_scanned_and_unscanned_layers_cost_the_same(v3_devices):
   reports = {scan: tpu_programs.compile_step(_tiny("mlm", "float32", **{
       "model.scan_layers": scan}), V3_8, "train", v3_devices) for scan in (False, True)}
@@ -118,6 +122,7 @@ def test_estimate_refused_below_the_model_flops():
   assert out["estimated_steps_per_sec"] == pytest.approx(1000)
 
 
+@pytest.mark.slow
 def test_command_writes_the_report_and_a_config_that_does_not_fit_is_a_result(tmp_path):
   """Through the command: SCRIPT in bfloat16 on a v3-8 (JSON keys a script reads), then a
   batch no v5e chip holds: fits false with the compiler's message, exit 0."""
@@ -153,6 +158,7 @@ def test_command_writes_the_report_and_a_config_that_does_not_fit_is_a_result(tm
   assert last.startswith("error: ") and "v3-7" in last, done.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_squad_step_compiles_with_only_float32_all_reduces(v3_devices):
   report = tpu_programs.compile_step(_tiny("script", **{"model.max_position_embeddings": 128}),
                                      V3_8, "squad", v3_devices)
@@ -160,6 +166,7 @@ def test_squad_step_compiles_with_only_float32_all_reduces(v3_devices):
   assert report["flops"] >= report["model_flops_per_device"]
 
 
+@pytest.mark.slow
 def test_fsdp_gradients_are_reduce_scattered_on_the_tpu():
   """Under mesh.fsdp on a v5e-8 the weights' gradients, the word embeddings' included (gathered
   whole at use), are reduce-scattered into their shards: none of them is all-reduced whole. (The

@@ -17,6 +17,7 @@ from script_jax import train
 from script_jax.data import synthetic
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["script", "electra", "mlm"])
 def test_sharded_step_on_8_devices_equals_1_device(objective):
   assert jax.device_count() == 8
@@ -31,6 +32,7 @@ def test_sharded_step_on_8_devices_equals_1_device(objective):
   assert losses8[1] != losses8[0]
 
 
+@pytest.mark.slow
 def test_rbg_step_randomness_is_sharded_step_indexed_and_its_own_stream():
   """rng_impl=rbg: a real sharded step, the same numbers for the same step, not threefry's."""
   config = load_config("tiny", batch_size=8, **{"optim.warmup_steps": 1})
@@ -125,6 +127,7 @@ def test_encoder_params_have_one_layout_whatever_the_objective():
   assert trees["script"] == trees["electra"] == trees["mlm"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["script", "electra"])
 def test_scanned_layers_give_the_unrolled_loss_and_gradients(objective):
   """model.scan_layers (with remat) is a layout and a schedule, not a different model."""
@@ -175,6 +178,7 @@ def test_layer_layouts_convert_both_ways():
   assert "layer_1" in enc["encoder"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["script", "electra"])
 def test_fused_qkv_has_the_same_parameters_loss_and_gradients(objective):
   """model.fused_qkv is one matmul over the same three projections, not a different model."""
@@ -221,6 +225,7 @@ def test_checkpoints_kept_for_curves_beside_the_last_ones(tmp_path, keep_every, 
   manager.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["script", "electra", "mlm"])
 @pytest.mark.parametrize("memory_flags", [False, True])
 def test_compiled_step_has_only_the_gradient_and_metric_all_reduces(objective, memory_flags):
