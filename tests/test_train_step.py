@@ -353,6 +353,7 @@ def test_resume_with_another_random_stream_says_so(tmp_path):
   assert "--config.rng_impl=rbg" in str(error.value)
 
 
+@pytest.mark.slow
 def test_skip_mode_keeps_the_state_through_a_non_finite_step_and_is_exact_otherwise():
   """optim.on_nonfinite=skip: a NaN step leaves parameters and moments bit for bit; a finite
   step gives exactly the update of the default (stop) mode."""
