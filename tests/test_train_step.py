@@ -323,7 +323,7 @@ def test_a_run_config_older_than_a_key_reads_as_its_run_ran(tmp_path):
       node = node[part]
     assert node == value, dotted
   config_lib.validate_config(read, num_devices=8)
-  assert config_lib.fsdp_replicas(read) == 1  # no FSDP: one whole copy
+  assert sharding_lib.fsdp_replicas(read) == 1  # no FSDP: one whole copy
 
 
 @pytest.mark.parametrize("requested, platform, remat, resolved", [
