@@ -300,14 +300,14 @@ def test_benchmark_profiles_through_the_cli(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_script_runs_every_variant_on_cpu(tmp_path):
-  """benchmarks/gpu_check.sh end to end on the CPU with tiny settings: every variant of
+  """script_jax/bench/gpu_check.sh end to end on the CPU with tiny settings: every variant of
   script_jax/bench/variants.py is timed in one process, each objective's state initialised once, and
   the JSON and table name them all (no GPU needed; nvidia-smi may be missing)."""
   from script_jax.bench import variants  # pylint: disable=import-outside-toplevel
   env = dict(os.environ, OUT=str(tmp_path), CONFIG="configs/tiny.py", BATCH="8", STEPS="2",
              PYTHON=sys.executable, JAX_PLATFORMS="cpu", BUDGET="1000",
              XLA_FLAGS="--xla_backend_optimization_level=0")
-  proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, capture_output=True,
+  proc = subprocess.run(["bash", "script_jax/bench/gpu_check.sh"], cwd=ROOT, capture_output=True,
                         text=True, timeout=600, env=env)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   report = json.loads((tmp_path / "variants.json").read_text())

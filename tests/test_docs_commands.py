@@ -13,8 +13,8 @@ import sys
 import pytest
 from helpers import ROOT
 
-_DOC_FILES = ["README.md", "docs/*.md", "benchmarks/README.md", "launch/README.md",
-              "colab/README.md", "configs/*.py", "benchmarks/gpu_check.sh"]
+_DOC_FILES = ["README.md", "docs/*.md", "script_jax/bench/README.md", "launch/README.md",
+              "colab/README.md", "configs/*.py", "script_jax/bench/gpu_check.sh"]
 _COMMAND = re.compile(r"python3? -m (script_jax(?:\.[a-z_]+)*)")
 
 

@@ -9,7 +9,7 @@ of them changes the parameters' shapes), so a variant costs its compile and its 
 Variants run in the listed order while --budget_s allows (one that would start with less than
 --reserve_s left is skipped and listed as such); one that fails is recorded with its error and
 the rest go on. The JSON is rewritten after every variant, so a run cut short keeps what it
-measured. Made for a GPU lent for minutes (benchmarks/gpu_check.sh); it runs anywhere.
+measured. Made for a GPU lent for minutes (script_jax/bench/gpu_check.sh); it runs anywhere.
 """
 
 import json

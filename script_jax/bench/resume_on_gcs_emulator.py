@@ -1,7 +1,7 @@
 """What a resume downloads from gs://, for each data.order: bench.resume_data run through
 TensorFlow's own GCS client against a local emulator, counting the bytes it is served.
 
-  python benchmarks/resume_on_gcs_emulator.py --config=configs/mini.py --data_dir=PREPARED \
+  python script_jax/bench/resume_on_gcs_emulator.py --config=configs/mini.py --data_dir=PREPARED \
       [--fractions=0.1,0.5,0.9] [--output=resume_gcs.json]
 
 The prepared folder is uploaded to gs://bench/data on gcp-storage-emulator, reached through the
@@ -14,16 +14,17 @@ figure; the seconds are a localhost emulator's, not Google's service.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import gcs_tls_proxy  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from script_jax import fs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _run(args: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -58,8 +59,7 @@ def main() -> None:
           _run(["-m", "script_jax.bench.resume_data", f"--config={args.config}",
                 f"--data_dir={remote}", f"--fractions={fraction}", f"--orders={order}",
                 f"--output={out.name}"], env)
-          with open(out.name) as f:
-            row = json.load(f)["rows"][0]
+          row = fs.read_json(out.name)["rows"][0]
         rows.append({"fraction": float(fraction), "start_step": row["start_step"],
                      "order": order, "seconds": row[f"{order}_seconds"],
                      "bytes": proxy.bytes_served - before,
@@ -68,8 +68,7 @@ def main() -> None:
               f"{rows[-1]['bytes'] / 2**20:.1f} MiB in {rows[-1]['requests']} requests, "
               f"{rows[-1]['seconds']:.2f} s", flush=True)
   if args.output:
-    with open(args.output, "w") as f:
-      json.dump({"rows": rows, "config": args.config}, f, indent=2)
+    fs.write_json_atomically(args.output, {"rows": rows, "config": args.config})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU's iteration-rate check (issue 5's H100 targets), every variant in one call:
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
+#   OUT=/tmp/gpu bash script_jax/bench/gpu_check.sh
 #
 # SCRIPT and ELECTRA small models at the paper's batch (128 x 128), bfloat16 compute: as
 # configured, then the variants of script_jax/bench/variants.py (fused_qkv, cuDNN LayerNorm,
