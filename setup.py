@@ -46,7 +46,7 @@ setup(
         "gpu": ["jax[cuda12]"],
         # Only for script_jax/bench/hf_peer.py: never imported by the library.
         "bench": ["torch", "transformers"],
-        # HuggingFace export/import (script_jax/export/): safetensors reads and writes the
+        # HuggingFace export/import (script_jax/interop/): safetensors reads and writes the
         # weights, transformers loads the folders; torch is left to the user (a CPU build on
         # CPU-only machines).
         "hf": ["safetensors>=0.4", "transformers>=5"],

@@ -38,6 +38,7 @@ from script_jax import objectives
 from script_jax import run_lock
 from script_jax import sharding as sharding_lib
 from script_jax import state as state_lib
+from script_jax.interop import hf_import
 
 Array = jax.Array
 P = jax.sharding.PartitionSpec
@@ -129,7 +130,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     config.rng_impl = config_lib.rng_impl_of(config)
     logging.info("rng_impl auto: %s on %s", config.rng_impl, jax.default_backend())
   if config.init_from:
-    from script_jax.export import hf_import  # pylint: disable=g-import-not-at-top
     if hf_import.is_hf_init(config.init_from):  # its sizes and tokenizer, before any data work
       hf_import.check_pretraining_config(config.init_from, config)
   checkpoints.check_run_config(workdir, config)
@@ -162,7 +162,6 @@ def _train_holding_the_lock(config, workdir: str) -> dict[str, float]:
     state = restored
     logging.info("Resumed from %s at step %d", manager.directory, latest)
   elif config.init_from:
-    from script_jax.export import hf_import  # pylint: disable=g-import-not-at-top
     if hf_import.is_hf_init(config.init_from):
       pretrained, report = hf_import.pretraining_params(config.init_from, config, state.params)
       logging.info("HuggingFace parameters:\n  %s", "\n  ".join(report))

@@ -20,9 +20,9 @@ from helpers import load_config, run_module, shared_workdir  # pylint: disable=w
 
 from script_jax import models  # pylint: disable=wrong-import-position
 from script_jax.data import tokenizers as our_tokenizers  # pylint: disable=wrong-import-position
-from script_jax.export import hf  # pylint: disable=wrong-import-position
-from script_jax.export import hf_folder  # pylint: disable=wrong-import-position
-from script_jax.export import hf_tokenizer  # pylint: disable=wrong-import-position
+from script_jax.interop import hf  # pylint: disable=wrong-import-position
+from script_jax.interop import hf_folder  # pylint: disable=wrong-import-position
+from script_jax.interop import hf_tokenizer  # pylint: disable=wrong-import-position
 from script_jax.finetune import model as task_models  # pylint: disable=wrong-import-position
 from script_jax.scoring import pll_scorer  # pylint: disable=wrong-import-position
 
@@ -320,7 +320,7 @@ def test_export_command_on_a_pretraining_workdir(workdir, tmp_path):
   """The real workdir (checkpoint, SentencePiece tokenizer) through the command: the folder's
   tokenizer gives our ids and its critic PLL is the scorer's."""
   out = tmp_path / "hf"
-  result = run_module("export.hf", [f"--workdir={workdir}", f"--output_dir={out}"])
+  result = run_module("interop.hf", [f"--workdir={workdir}", f"--output_dir={out}"])
   assert result.returncode == 0, result.stderr.decode()[-3000:]
   assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "special_tokens_map.json",
                                      "spm.model", "tokenizer.json", "tokenizer_config.json"]
@@ -336,7 +336,7 @@ def test_export_command_on_a_pretraining_workdir(workdir, tmp_path):
   np.testing.assert_allclose(torch_critic_pll(hf_model, ids, mask, score_mask), ours,
                              atol=ATOL, rtol=0)
   # A second export into the same folder is refused, naming the way out.
-  again = run_module("export.hf", [f"--workdir={workdir}", f"--output_dir={out}"])
+  again = run_module("interop.hf", [f"--workdir={workdir}", f"--output_dir={out}"])
   assert again.returncode == 2 and b"error:" in again.stderr and b"--overwrite" in again.stderr
   assert b"Traceback" not in again.stderr
   # --part is for ELECTRA workdirs only.

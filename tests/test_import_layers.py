@@ -17,9 +17,9 @@ LAYERS = (
     ("sharding", "fused_logsumexp", "config_lib"),         # meshes, kernels, configs
     ("objectives", "state", "data"),                       # losses, train state, input data
     ("checkpoints", "evaluation"),
-    ("export",),                                           # HuggingFace folders <-> params
+    ("interop",),                                          # HuggingFace folders <-> params
     ("train",),                                            # the pretraining loop
-    ("scoring", "finetune", "export.hf"),                  # stages built on a pretrained model
+    ("scoring", "finetune", "interop.hf"),                 # stages built on a pretrained model
     ("experiments", "bench"),                              # runs and measurements of the above
     ("main",),
 )

@@ -14,7 +14,7 @@ corpus unless --config.data.source), drawn once and fed to both: the same tokens
 masked positions at every step; the loss on each side is the weighted mean NLL at the masked
 positions (objectives.mlm_loss).
 
---init=same (the default) exports our initial parameters through export/ (the HuggingFace
+--init=same (the default) exports our initial parameters through interop/ (the HuggingFace
 export's own name table) into the HuggingFace model; --init=own starts each side from its own
 random initialisation (Flax's truncated normal against HuggingFace's plain normal with a zero
 [PAD] row). With --nodropout and --init=same the two losses are equal at the first step to float
@@ -109,11 +109,11 @@ def hf_family(cfg) -> str:
 
 def build_hf_mlm(cfg, pad_id: int, params=None):
   """BertForMaskedLM (ElectraForMaskedLM if E != H) of cfg's sizes; with `params` (ours,
-  per-layer layout) its weights are ours, through export.hf.mlm_tensors."""
+  per-layer layout) its weights are ours, through interop.hf.mlm_tensors."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from script_jax.export import hf as export_hf  # pylint: disable=g-import-not-at-top
-  from script_jax.export import hf_folder  # pylint: disable=g-import-not-at-top
+  from script_jax.interop import hf as export_hf  # pylint: disable=g-import-not-at-top
+  from script_jax.interop import hf_folder  # pylint: disable=g-import-not-at-top
   family = hf_family(cfg)
   config_dict = hf_folder.hf_config_dict(cfg, "", family, pad_id)
   config_class = transformers.BertConfig if family == "bert" else transformers.ElectraConfig

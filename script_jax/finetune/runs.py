@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 from script_jax import cli_errors
 from script_jax import fs
+from script_jax.interop import hf_import
 
 RESULTS_FILE = "results.json"
 
@@ -51,13 +52,12 @@ def define_start_flags() -> None:
 
 def load_start(init_from: str, step: Optional[int], ft, random_init: bool = False) -> Start:
   """The encoder of a pretraining workdir (any objective) or of a HuggingFace ELECTRA/BERT
-  folder (export/hf_import.py), and its tokenizer. With random_init only the config and the
+  folder (interop/hf_import.py), and its tokenizer. With random_init only the config and the
   tokenizer are read (a workdir needs no checkpoint yet)."""
   import jax  # pylint: disable=g-import-not-at-top
   from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from script_jax import models  # pylint: disable=g-import-not-at-top
   from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
-  from script_jax.export import hf_import  # pylint: disable=g-import-not-at-top
   if hf_import.is_hf_init(init_from):  # a HuggingFace ELECTRA or BERT folder
     if step is not None:
       raise FinetuneError(f"--step is for pretraining workdirs; {init_from} is a HuggingFace "

@@ -33,10 +33,10 @@ import numpy as np
 
 from script_jax import config_lib
 from script_jax import models
-from script_jax.export import hf_folder
-from script_jax.export import hf_params
-from script_jax.export import hf_tokenizer
-from script_jax.export.hf_folder import HFFolderError
+from script_jax.interop import hf_folder
+from script_jax.interop import hf_params
+from script_jax.interop import hf_tokenizer
+from script_jax.interop.hf_folder import HFFolderError
 
 # Our config keys of each EncoderConfig size, for the discriminator (or MaskedLM) and generator.
 _MODEL_KEYS = {"vocab_size": "model.vocab_size", "embedding_size": "model.embedding_size",

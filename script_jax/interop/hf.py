@@ -1,8 +1,8 @@
 """Export a pretraining or GLUE fine-tuning run as a HuggingFace transformers model folder.
 
-  python -m script_jax.export.hf --workdir=WORKDIR --output_dir=HF_DIR
-  python -m script_jax.export.hf --workdir=WORKDIR --output_dir=HF_DIR --part=generator
-  python -m script_jax.export.hf --finetuned=OUT/rte/seed_0 --output_dir=HF_DIR
+  python -m script_jax.interop.hf --workdir=WORKDIR --output_dir=HF_DIR
+  python -m script_jax.interop.hf --workdir=WORKDIR --output_dir=HF_DIR --part=generator
+  python -m script_jax.interop.hf --finetuned=OUT/rte/seed_0 --output_dir=HF_DIR
 
 The folder has config.json, model.safetensors and the tokenizer files, and loads in one line:
 
@@ -35,11 +35,11 @@ from absl import flags
 from script_jax import cli_errors
 from script_jax import fs
 from script_jax import models
-from script_jax.export import hf_folder
-from script_jax.export import hf_params
-from script_jax.export import hf_tokenizer
-from script_jax.export.hf_folder import HFFolderError, is_hf_folder  # pylint: disable=unused-import
-from script_jax.export.hf_import import (  # pylint: disable=unused-import
+from script_jax.interop import hf_folder
+from script_jax.interop import hf_params
+from script_jax.interop import hf_tokenizer
+from script_jax.interop.hf_folder import HFFolderError, is_hf_folder  # pylint: disable=unused-import
+from script_jax.interop.hf_import import (  # pylint: disable=unused-import
     check_pretraining_config, finetune_start, is_hf_init, load_hf_folder, pretraining_params)
 
 __all__ = ["ExportError", "HFFolderError", "check_pretraining_config", "classifier_tensors",
