@@ -116,6 +116,16 @@ def no_room_problem(error: BaseException) -> str | None:
   return None
 
 
+# Why a write failed, as the C library words it; found anywhere in a long message (tensorstore
+# puts the path and its source locations around it).
+_WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS, errno.EIO)
+
+
+def write_failure_reason(text: str) -> str | None:
+  """The C library's words for why a write failed ("File too large", ...) if `text` has them."""
+  return next((os.strerror(c) for c in _WRITE_FAILURES if os.strerror(c) in text), None)
+
+
 @contextlib.contextmanager
 def friendly_errors():
   """Prints `error: <message>` and exits with status 2 for the errors a user can fix (and for

@@ -313,10 +313,12 @@ def _train_holding_the_lock(config, workdir: str) -> dict[str, float]:
     saved = manager.all_steps()
     unsaved = [s for s in saving if s not in saved]
     text = " ".join(str(error).split())
-    if len(text) > 400:  # tensorstore names the file, then the cause, at the end
+    reason = cli_errors.write_failure_reason(text)  # before shortening: it may sit in the middle
+    if len(text) > 400:
       text = f"{text[:150]} ... {text[-250:]}"
     return CheckpointSaveError(
-        f"Saving checkpoint {unsaved[0] if unsaved else step} failed ({type(error).__name__}: "
+        f"Saving checkpoint {unsaved[0] if unsaved else step} failed"
+        f"{': ' + reason if reason else ''} ({type(error).__name__}: "
         f"{text}); training stopped at step {step}. The earlier checkpoints in "
         f"{manager.directory} are intact (newest: {max(saved) if saved else 'none'}). Free "
         "space or fix the permissions, then start again: it resumes from the newest.")

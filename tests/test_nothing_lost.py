@@ -287,7 +287,8 @@ def test_a_failed_save_stops_the_run_and_keeps_the_earlier_checkpoints(base_run,
   assert result.returncode == 2, result.stderr[-3000:]
   lines = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
   assert len(lines) == 1 and "Saving checkpoint 8 failed" in lines[0], result.stderr[-3000:]
-  assert "File too large" in lines[0] and "(newest: 6)" in lines[0]
+  assert "Saving checkpoint 8 failed: File too large (" in lines[0], lines[0]
+  assert "(newest: 6)" in lines[0], lines[0]
   # Not even tensorstore's "Event loop is closed" tracebacks from the abandoned writes.
   assert "Traceback" not in result.stderr and "never awaited" not in result.stderr
   assert _steps(workdir) == [2, 4, 6]
@@ -332,6 +333,18 @@ def test_no_room_is_recognised_from_the_os_and_from_tensorflow():
           in cli_errors.no_room_problem(tf_style))
   assert cli_errors.no_room_problem(OSError(13, "Permission denied")) is None
   assert cli_errors.no_room_problem(ValueError("File too large, said the user")) is None
+
+
+def test_the_reason_a_write_failed_is_found_anywhere_in_a_long_message():
+  """tensorstore's message puts the reason between a long path and its source locations: the
+  save's error line leads with it, however long the path (the CI's temp paths cut it out once)."""
+  from script_jax import cli_errors  # pylint: disable=g-import-not-at-top
+  long_path = "/tmp/" + "x" * 300 + "/checkpoints/8.orbax-checkpoint-tmp/opt_state/d/1"
+  text = (f'OUT_OF_RANGE: Error writing "{long_path}": [OS error 27: {os.strerror(27)}] '
+          "[source locations='tensorstore/internal/os/file_util_posix.cc:251']")
+  assert cli_errors.write_failure_reason(text) == os.strerror(27) == "File too large"
+  assert cli_errors.write_failure_reason(f"... {os.strerror(28)} ...") == "No space left on device"
+  assert cli_errors.write_failure_reason("INVALID_ARGUMENT: shape mismatch") is None
 
 
 # ------------------------------------------------------------ item 2 and 9: one run, Ctrl-C
