@@ -38,6 +38,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax.experimental import mesh_utils
 import numpy as np
 
@@ -205,12 +206,66 @@ class LayerGather:
     return jax.tree.map(gather, layer_params)
 
 
-def with_layer_params_at_use(model: nn.Module, transform_for) -> nn.Module:
-  """`model` (MaskedLM or ElectraPretrainer) with `transform_for(cfg)` applied to each scanned
-  layer's parameters where the scan uses them, in each of its encoders
-  (models.EncoderConfig.layer_params_at_use)."""
+# ----------------------------------------------------------------------------- FSDP's lookup
+
+@dataclasses.dataclass(frozen=True)
+class ShardedLookup:
+  """FSDP's word lookup: rows of the whole table, whose gradient each device scatter-adds from
+  its own tokens and sends straight into the table's shards: a reduce-scatter over 'data' (and,
+  with FSDP groups, a sum of the shard over 'replica'). Left to XLA, the lookup's scatter-add is
+  all-reduced whole over every device and then sliced (seen on a v5e-256: f32[30592,1024]
+  all-reduced over 256 devices, docs/benchmarks.md 7.3.1)."""
+  mesh: jax.sharding.Mesh
+  table_spec: P  # the table's stored layout (fsdp_spec)
+
+  def __call__(self, table_VxE: jax.Array, ids_BxT: jax.Array) -> jax.Array:
+    return _sharded_lookup(self, table_VxE, ids_BxT)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sharded_lookup(lookup: ShardedLookup, table_VxE, ids_BxT):
+  del lookup
+  return jnp.take(table_VxE, ids_BxT, axis=0)
+
+
+def _sharded_lookup_fwd(lookup, table_VxE, ids_BxT):
+  # The table's shape and dtype ride along as a zero-size array: residuals must be arrays.
+  shape_of_table = jnp.zeros((0,) + table_VxE.shape, table_VxE.dtype)
+  return _sharded_lookup(lookup, table_VxE, ids_BxT), (ids_BxT, shape_of_table)
+
+
+def _sharded_lookup_bwd(lookup, residuals, g_BxTxE):
+  ids_BxT, shape_of_table = residuals
+  num_rows, width = shape_of_table.shape[1:]
+  mesh, spec = lookup.mesh, tuple(lookup.table_spec)
+  split_dim = spec.index("data") if "data" in spec else None
+  rows = batch_spec(mesh)
+
+  def local(ids_bxT, g_bxTxE):
+    d_table_VxE = jnp.zeros((num_rows, width), jnp.float32).at[ids_bxT.reshape(-1)].add(
+        g_bxTxE.reshape(-1, width).astype(jnp.float32))
+    if split_dim is None:
+      d_table_VxE = jax.lax.psum(d_table_VxE, "data")
+    else:
+      d_table_VxE = jax.lax.psum_scatter(d_table_VxE, "data", scatter_dimension=split_dim,
+                                         tiled=True)
+    if "replica" in mesh.axis_names:
+      d_table_VxE = jax.lax.psum(d_table_VxE, "replica")
+    return d_table_VxE.astype(shape_of_table.dtype)
+
+  d_table = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows), out_specs=lookup.table_spec,
+                          check_vma=False)(ids_BxT, g_BxTxE)
+  return d_table, None
+
+
+_sharded_lookup.defvjp(_sharded_lookup_fwd, _sharded_lookup_bwd)
+
+
+def _with_encoder_fields(model: nn.Module, fields_for) -> nn.Module:
+  """`model` (MaskedLM or ElectraPretrainer) with each of its encoders' configs
+  (models.EncoderConfig) given the fields `fields_for(cfg)` returns."""
   updates = {f.name: dataclasses.replace(getattr(model, f.name),
-                                         layer_params_at_use=transform_for(getattr(model, f.name)))
+                                         **fields_for(getattr(model, f.name)))
              for f in dataclasses.fields(model)
              if isinstance(getattr(model, f.name, None), models.EncoderConfig)}
   return model.clone(**updates)
@@ -218,12 +273,21 @@ def with_layer_params_at_use(model: nn.Module, transform_for) -> nn.Module:
 
 def for_the_step(config, model, params_sharding, mesh):
   """(model, params_at_use) for a step over `mesh`: under mesh.fsdp the model gathers its
-  scanned layers one at a time (`LayerGather`) and `params_at_use` puts the rest in the layout
-  the step uses them in (`fsdp_use_shardings`); otherwise `model` and the identity."""
+  scanned layers one at a time (`LayerGather`), looks words up with `ShardedLookup`, and
+  `params_at_use` puts the rest in the layout the step uses them in (`fsdp_use_shardings`);
+  otherwise `model` and the identity."""
   if not config.mesh.fsdp:
     return model, lambda params: params
-  if config.model.scan_layers:
-    model = with_layer_params_at_use(model, lambda cfg: LayerGather(mesh, cfg.num_layers))
+  data_size = mesh.shape["data"]
+
+  def fields_for(cfg):
+    table_spec = fsdp_spec((cfg.padded_vocab_size, cfg.embedding_size), data_size)
+    fields = {"word_lookup": ShardedLookup(mesh, table_spec)}
+    if config.model.scan_layers:
+      fields["layer_params_at_use"] = LayerGather(mesh, cfg.num_layers)
+    return fields
+
+  model = _with_encoder_fields(model, fields_for)
   use = fsdp_use_shardings(params_sharding, mesh)
   # Each gradient is constrained back to its stored split (`_gathered`): a lookup table used
   # whole would otherwise get its gradient summed whole on every device (an all-reduce of
