@@ -11,6 +11,7 @@ from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -193,7 +194,6 @@ def restore_newest_good(manager: ocp.CheckpointManager, workdir: str, abstract_s
       logging.warning("Checkpoint %d %s: skipped, moved to %s.", bad_step, why, target)
   if skipped:
     if jax.process_count() > 1:  # every host reloads once process 0 has moved them
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("script_jax damaged checkpoints moved")
     manager.reload()
   if state is None and skipped:

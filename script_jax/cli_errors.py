@@ -15,6 +15,11 @@ import re
 import sys
 from typing import Callable, Sequence
 
+from absl import app
+from absl import flags
+from absl import logging
+from script_jax import fs
+
 
 class UserError(ValueError):
   """A mistake the user can fix; the message says what and how."""
@@ -37,8 +42,7 @@ _UNREACHABLE = ("resolve host", "could not connect", "timeout was reached", "ret
 def _cause_and_fix(error: BaseException, path: str) -> tuple[str, str]:
   """What went wrong on `path` and what the user does about it, from TensorFlow's error class
   and the HTTP status or curl failure in its message."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from script_jax import fs  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (heavy: tensorflow)
   text = str(error).lower()
   bucket = fs.bucket_root(path) or path
   # TF's GCS client reports HTTP 401 (no valid credentials) as PermissionDeniedError too.
@@ -140,7 +144,6 @@ def friendly_errors():
                (str(e) if is_user_error(e) else None))
     if message is None:
       raise
-    from absl import logging  # pylint: disable=g-import-not-at-top
     logging.flush()
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -170,12 +173,10 @@ def flags_problem(error: BaseException, argv: Sequence[str]) -> str:
     return (f"unknown config key {key!r} ({', '.join(given) or 'in the config file'}); every "
             "key and its default are in script_jax/config_lib.py (base_config)")
   if config_path is not None and isinstance(error, OSError):
-    from script_jax import fs  # pylint: disable=g-import-not-at-top
     config_file = config_path.split(":", 1)[0]
     if not fs.exists(config_file):
       return f"the config file {config_file} (--config) does not exist"
   text = " ".join(str(error).split())
-  from absl import flags  # pylint: disable=g-import-not-at-top
   if isinstance(error, flags.Error):
     return text
   return f"cannot load the config {config_path}: {type(error).__name__}: {text}"
@@ -184,7 +185,6 @@ def flags_problem(error: BaseException, argv: Sequence[str]) -> str:
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl's flag parsing (for `app.run(main, flags_parser=parse_flags)`), with a mistake on the
   command line reported as one `error:` line and exit status 2 instead of a traceback."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   try:
     remaining = flags.FLAGS(argv)
     if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
@@ -199,7 +199,6 @@ def run_cli(argv: Sequence[str], body: Callable[[], object], quiet: bool = True)
   """The shared `main` of the commands: no stray arguments, quiet libraries (unless
   --verbosity is given), and user errors as one message with exit status 2. Returns what
   `body` returns."""
-  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-multiple-import
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if quiet and not flags.FLAGS["verbosity"].present:

@@ -50,7 +50,7 @@ def resolve_rng_impl(requested: str, platform: str, remat: bool) -> str:
 
 def rng_impl_of(config) -> str:
   """The run's jax.random implementation (config.rng_impl; "auto" for the default backend)."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top  (jax config: main.py sets LIBTPU_INIT_ARGS after importing this)
   return resolve_rng_impl(config.rng_impl, jax.default_backend(), config.model.remat)
 
 
@@ -352,8 +352,8 @@ def vocab_size_problem(tokenizer_vocab_size: int, config: ml_collections.ConfigD
 def validate_config(config, num_devices: int | None = None, process_count: int | None = None,
                     num_slices: int | None = None):
   """Raises ConfigError with a clear message for every inconsistency we can see up front."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from script_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top  (jax config: main.py sets LIBTPU_INIT_ARGS after importing this)
+  from script_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top  (jax config: main.py sets LIBTPU_INIT_ARGS after importing this)
   num_devices = jax.device_count() if num_devices is None else num_devices
   process_count = jax.process_count() if process_count is None else process_count
   num_slices = sharding_lib.num_slices(jax.devices()) if num_slices is None else num_slices
@@ -458,7 +458,7 @@ def validate_finetune_config(ft: ml_collections.ConfigDict, squad: bool = False,
   `squad`: also the squad.* keys. The lengths against the model's positions are checked once
   the pretrained model is read (finetune.glue / finetune.squad).
   """
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top  (jax config: main.py sets LIBTPU_INIT_ARGS after importing this)
   num_devices = jax.device_count() if num_devices is None else num_devices
   problems = []
 

@@ -30,10 +30,12 @@ from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
+import scipy.stats
 
 from script_jax import config_lib
 from script_jax import objectives
 from script_jax import sharding as sharding_lib
+from script_jax.data import prepared
 
 P = jax.sharding.PartitionSpec
 PREFIX = "eval_"
@@ -44,7 +46,6 @@ PREFIX = "eval_"
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
   """Exact area under the ROC curve of `scores` for positives `labels` (bool), ties counted
   half (Mann-Whitney U over average ranks); NaN when either class is absent."""
-  import scipy.stats  # pylint: disable=g-import-not-at-top
   scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
   num_pos, num_neg = int(labels.sum()), int((~labels).sum())
   if num_pos == 0 or num_neg == 0:
@@ -125,8 +126,7 @@ class Evaluator:
   def create(cls, config, model, params_sharding, mesh, metadata: dict,
              data_dir: str) -> Optional["Evaluator"]:
     """None when the prepared data has no evaluation split (older folders) or evaluation is off."""
-    from script_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
+    from script_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (heavy: tensorflow)
     split = prepared.eval_split(metadata)
     if not config.eval_every_steps or split is None:
       return None

@@ -54,7 +54,7 @@ def _naming(error, path: str):
 def _gfile():
   """tf.io.gfile's functions, whose errors name the path they were given: TF's GCS client
   leaves it out of some (a refused request says only the HTTP status and body)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (heavy: tensorflow)
 
   def naming_the_path(function):
     @functools.wraps(function)
@@ -118,7 +118,7 @@ def makedirs(path: str) -> None:
     # Under a missing bucket, TF's makedirs asks for the bucket again and again, forever (its
     # walk up the path stops at a folder that exists, and "/" is its own parent).
     if bucket:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top  (heavy: tensorflow)
       try:
         bucket_exists = _gfile().exists(bucket)
       except tf.errors.OpError as e:
@@ -144,7 +144,7 @@ def open(path: str, mode: str = "r", encoding: str = "utf-8") -> IO:  # pylint: 
 @functools.cache
 def _remote_file_class():
   """tf.io.gfile.GFile whose errors are OSErrors, as callers of open() expect."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (heavy: tensorflow)
 
   def translated(method):
     @functools.wraps(method)
@@ -259,7 +259,7 @@ def lock_exclusive(path: str) -> IO | None:
   """Opens (creating) a local file and takes an exclusive, non-blocking flock on it: the open
   file (keep it open: closing it releases the lock), or None when another process holds it.
   The kernel releases the lock when its holder exits, killed or not. Local paths only."""
-  import fcntl  # pylint: disable=g-import-not-at-top
+  import fcntl  # pylint: disable=g-import-not-at-top  (optional: fcntl is POSIX-only)
   handle = builtins.open(path, "a+", encoding="utf-8")
   try:
     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -287,8 +287,8 @@ def create_if_absent(path: str, data: str) -> bool:
     return True
   if path.startswith("gs://"):
     try:
-      from google.cloud import storage  # pylint: disable=g-import-not-at-top
-      from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+      from google.cloud import storage  # pylint: disable=g-import-not-at-top  (optional: google-cloud-storage)
+      from google.api_core import exceptions  # pylint: disable=g-import-not-at-top  (optional: google-cloud-storage)
     except ImportError:
       storage = None
     if storage is not None:
@@ -325,7 +325,7 @@ def move_tree(src: str, dst: str) -> None:
 def remove_tree(path: str) -> None:
   """Deletes a folder and everything in it."""
   if is_remote(path):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (heavy: tensorflow)
     tf.io.gfile.rmtree(path)
   else:
     shutil.rmtree(path)

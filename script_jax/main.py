@@ -8,10 +8,17 @@ Resumes from WORKDIR's latest checkpoint when there is one. On a multi-host TPU 
 launch/). SIGTERM (a preempted VM) saves a checkpoint and exits cleanly.
 """
 
+import os
+import sys
+import warnings
+
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from script_jax import cli_errors
+from script_jax import config_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -51,31 +58,26 @@ def _without_closed_loop_noise(unraisablehook):
 
 def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  import sys  # pylint: disable=g-import-not-at-top
-  import warnings  # pylint: disable=g-import-not-at-top
   sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
   # The same failed save leaves orbax's write coroutines unawaited.
   warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
                           category=RuntimeWarning)
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  import os  # pylint: disable=g-import-not-at-top
-  from script_jax import config_lib  # pylint: disable=g-import-not-at-top
   # Before JAX starts libtpu: rbg's bits drawn per shard on TPU (a no-op elsewhere).
   libtpu_args = config_lib.libtpu_init_args(FLAGS.config, os.environ.get("LIBTPU_INIT_ARGS", ""))
   if libtpu_args != os.environ.get("LIBTPU_INIT_ARGS", ""):
     os.environ["LIBTPU_INIT_ARGS"] = libtpu_args
     logging.info("LIBTPU_INIT_ARGS=%s", libtpu_args)
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top  (jax config: after LIBTPU_INIT_ARGS)
   if FLAGS.distributed:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  from script_jax import cli_errors  # pylint: disable=g-import-not-at-top
   with cli_errors.friendly_errors():  # before the heavier imports: a mistake is said at once
     config_lib.validate_config(FLAGS.config)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (heavy: after the config check)
   tf.config.set_visible_devices([], "GPU")  # tf.data only: leave the accelerators to JAX
-  from script_jax import train  # pylint: disable=g-import-not-at-top
+  from script_jax import train  # pylint: disable=g-import-not-at-top  (heavy: after the config check)
   logging.info("JAX process %d/%d, %d devices: %s", jax.process_index(), jax.process_count(),
                jax.device_count(), jax.devices()[0].device_kind)
   with cli_errors.friendly_errors():
@@ -83,5 +85,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from script_jax import cli_errors as _cli_errors  # pylint: disable=g-import-not-at-top
-  app.run(main, flags_parser=_cli_errors.parse_flags)
+  app.run(main, flags_parser=cli_errors.parse_flags)

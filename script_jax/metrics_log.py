@@ -30,6 +30,9 @@ import threading
 import time
 from typing import Any, Optional
 
+from absl import flags
+
+from script_jax import cli_errors
 from script_jax import fs
 
 FOLDER = "metrics"
@@ -72,7 +75,6 @@ def read_records(workdir: str) -> list[dict[str, Any]]:
           record = json.loads(line)
           latest[(int(record["step"]), _kind(record))] = record
         except (ValueError, KeyError, TypeError) as e:
-          from script_jax import cli_errors  # pylint: disable=g-import-not-at-top
           raise cli_errors.UserError(
               f"{path}, line {number + 1}, is not a whole metrics record ({e}): the file is "
               "damaged (cut short?). Move it away to read the others; the trainer never reads "
@@ -171,8 +173,6 @@ class MetricsLog:
 
 
 def main(argv) -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from script_jax import cli_errors  # pylint: disable=g-import-not-at-top
 
   def body():
     workdir = flags.FLAGS.workdir

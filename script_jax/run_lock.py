@@ -26,6 +26,7 @@ import socket
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from script_jax import cli_errors
@@ -153,7 +154,6 @@ def hold(workdir: str):
     except WorkdirBusyError as e:
       problem = e
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     held = multihost_utils.broadcast_one_to_all(np.int32(problem is None and
                                                          jax.process_index() == 0))
     if not held and jax.process_index() != 0:

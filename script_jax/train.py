@@ -38,6 +38,8 @@ from script_jax import objectives
 from script_jax import run_lock
 from script_jax import sharding as sharding_lib
 from script_jax import state as state_lib
+from script_jax.data import prepare
+from script_jax.data import prepared
 from script_jax.interop import hf_import
 
 Array = jax.Array
@@ -107,15 +109,13 @@ def to_global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, Array
 
 def _prepare_data(config, workdir):
   """(metadata, data_dir) of the prepared pretraining data; checks the vocab against the model."""
-  from script_jax.data import prepare  # pylint: disable=g-import-not-at-top
-  from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
   metadata = prepare.prepare_pretraining_data(config, workdir)
   problem = config_lib.vocab_size_problem(metadata["vocab_size"], config,
                                          metadata.get("tokenizer", {}).get("path", "?"))
   if problem:
     raise config_lib.ConfigError(problem)
   data_dir = prepared.data_dir_of(config, workdir)
-  from script_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from script_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (heavy: tensorflow)
   pipeline.check_shards(data_dir, metadata)
   return metadata, data_dir
 
@@ -143,8 +143,8 @@ def _train_holding_the_lock(config, workdir: str) -> dict[str, float]:
 
   # clu's writers import TensorFlow: only the training loop needs them, not the step functions
   # that benchmarks import on accelerator images without TensorFlow.
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  from clu import parameter_overview  # pylint: disable=g-import-not-at-top
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top  (heavy: tensorflow, through clu)
+  from clu import parameter_overview  # pylint: disable=g-import-not-at-top  (heavy: tensorflow, through clu)
 
   mesh = sharding_lib.create_mesh(config)
   model = models.build_model(config)
@@ -177,7 +177,7 @@ def _train_holding_the_lock(config, workdir: str) -> dict[str, float]:
     logging.info("Initialised parameters from %s", config.init_from)
   start_step = int(state.step)
 
-  from script_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from script_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (heavy: tensorflow)
   dataset = pipeline.create_pretraining_dataset(
       config, metadata, data_dir, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count())
@@ -190,7 +190,6 @@ def _train_holding_the_lock(config, workdir: str) -> dict[str, float]:
     logging.info("Held-out evaluation every %d steps and at the end on %d sequences of %s.",
                  config.eval_every_steps, evaluator.num_sequences, data_dir)
   elif config.eval_every_steps:
-    from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
     logging.warning("%s", prepared.no_eval_split_message(data_dir))
 
   is_chief = jax.process_index() == 0

@@ -47,8 +47,20 @@ from typing import Any, Callable, Sequence
 
 from absl import app
 from absl import flags
+import jax
+import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
+
+from script_jax import config_lib
+from script_jax import fs
+from script_jax import models
+from script_jax.bench import step_speed
+from script_jax.finetune import glue
+from script_jax.finetune import model as task_models
+from script_jax.finetune import optim
+from script_jax.finetune import squad
+from script_jax.finetune import trainer
 
 FLAGS = flags.FLAGS
 TASKS = ("glue", "squad")
@@ -111,8 +123,6 @@ def _median_window(windows: Sequence[float], others: Sequence[Any]) -> tuple[flo
 
 def encoder_config(config):
   """The task model's encoder config, as finetune.runs.load_start builds it."""
-  from script_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from script_jax import models  # pylint: disable=g-import-not-at-top
   ft = config_lib.finetune_config()
   return models.encoder_config_from(config.model, dropout_rate=ft.dropout_rate,
                                     attention_dropout_rate=ft.attention_dropout_rate,
@@ -122,15 +132,6 @@ def encoder_config(config):
 def time_ours(config, task: str, length: int, *, batch_size: int, steps: int, warmup: int,
               repeats: int, devices=None, log: Callable[[str], None] = _print) -> dict[str, Any]:
   """Times our fine-tuning train step (finetune.trainer.fit's) on one fixed random batch."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from script_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from script_jax.bench import step_speed  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import glue  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import model as task_models  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import optim  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import trainer  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import squad  # pylint: disable=g-import-not-at-top
 
   ft = config_lib.finetune_config()
   cfg = encoder_config(config)
@@ -204,8 +205,7 @@ def time_ours(config, task: str, length: int, *, batch_size: int, steps: int, wa
 
 def hf_config(config, task: str):
   """An ElectraConfig with the config's sizes (and fine-tuning's dropout)."""
-  from transformers import ElectraConfig  # pylint: disable=g-import-not-at-top
-  from script_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from transformers import ElectraConfig  # pylint: disable=g-import-not-at-top  (optional: transformers)
   m, ft = config.model, config_lib.finetune_config()
   return ElectraConfig(
       vocab_size=m.vocab_size, embedding_size=m.embedding_size, hidden_size=m.hidden_size,
@@ -218,7 +218,7 @@ def hf_config(config, task: str):
 
 
 def build_hf_model(config, task: str):
-  import transformers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top  (optional: transformers)
   cls = (transformers.ElectraForSequenceClassification if task == "glue"
          else transformers.ElectraForQuestionAnswering)
   return cls(hf_config(config, task))
@@ -227,9 +227,7 @@ def build_hf_model(config, task: str):
 def time_hf(config, task: str, length: int, *, batch_size: int, steps: int, warmup: int,
             repeats: int, log: Callable[[str], None] = _print) -> dict[str, Any]:
   """Times HF's fine-tuning step on the same random batch as ours."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from script_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from script_jax.bench import step_speed  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  (optional: torch)
   ft = config_lib.finetune_config()
   torch.manual_seed(0)
   model = build_hf_model(config, task).train()
@@ -287,7 +285,6 @@ def run_benchmark(config, *, tasks: Sequence[str] = TASKS, lengths: Sequence[int
 
   `lengths` pairs with TASKS ("glue", "squad") by position; `tasks` picks which of them run.
   """
-  from script_jax.bench import step_speed  # pylint: disable=g-import-not-at-top
   if len(lengths) != len(TASKS):
     raise ValueError(f"lengths {list(lengths)}: give one per task {TASKS}")
   for task in tasks:
@@ -300,8 +297,8 @@ def run_benchmark(config, *, tasks: Sequence[str] = TASKS, lengths: Sequence[int
   hf_note = None
   if hf:
     try:
-      import torch  # pylint: disable=g-import-not-at-top
-      import transformers  # pylint: disable=g-import-not-at-top
+      import torch  # pylint: disable=g-import-not-at-top  (optional: torch)
+      import transformers  # pylint: disable=g-import-not-at-top  (optional: transformers)
     except ImportError as e:
       hf, hf_note = False, f"HuggingFace peer skipped: {e} (pip install torch transformers)"
       log(hf_note)
@@ -336,7 +333,6 @@ def run_benchmark(config, *, tasks: Sequence[str] = TASKS, lengths: Sequence[int
 
 def format_table(report: dict[str, Any]) -> str:
   """The human-readable summary of `run_benchmark`'s report."""
-  from script_jax.bench import step_speed  # pylint: disable=g-import-not-at-top
   lines = [f"{'task':<6} {'shape':>9} {'side':<5} {'params':>11} {'examples/s':>10} "
            f"{'ms/step':>8} {'ours/hf':>7} {'others %':>8}"]
   for task, entry in report["results"].items():
@@ -376,7 +372,6 @@ def main(argv):
   report["config_file"] = config_flags.get_config_filename(FLAGS["config"])
   _print(format_table(report))
   if FLAGS.output:
-    from script_jax import fs  # pylint: disable=g-import-not-at-top
     with fs.open(FLAGS.output, "w") as f:
       json.dump(report, f, indent=2, default=str)
     _print(f"Wrote {FLAGS.output}")

@@ -46,6 +46,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
+
 from script_jax import config_lib
 from script_jax import models
 
@@ -185,5 +187,4 @@ def jaxpr_matmul_flops(jaxpr) -> int:
 
 def traced_matmul_flops(fn, *args, **kwargs) -> int:
   """Matmul FLOPs of `fn(*args, **kwargs)` as traced by JAX (see `jaxpr_matmul_flops`)."""
-  import jax  # pylint: disable=g-import-not-at-top
   return jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)

@@ -71,7 +71,7 @@ def define_flags() -> None:
 
 def hf_configs(config):
   """(generator, discriminator) ElectraConfigs with the sizes of `config`."""
-  from transformers import ElectraConfig  # pylint: disable=g-import-not-at-top
+  from transformers import ElectraConfig  # pylint: disable=g-import-not-at-top  (optional: transformers)
   m, g = config.model, config.electra
   common = dict(vocab_size=m.vocab_size, embedding_size=m.embedding_size,
                 max_position_embeddings=m.max_position_embeddings,
@@ -90,8 +90,8 @@ def hf_configs(config):
 
 def build_hf_model(config, objective: str):
   """The torch.nn.Module trained by `objective` ("electra": generator + discriminator)."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  (optional: torch)
+  import transformers  # pylint: disable=g-import-not-at-top  (optional: transformers)
   gen_cfg, disc_cfg = hf_configs(config)
   if objective == "mlm":
     return transformers.ElectraForMaskedLM(disc_cfg)
@@ -107,7 +107,7 @@ def build_hf_model(config, objective: str):
 
 def _masked_logits(mlm_model, batch, full_logits: bool):
   """MLM logits [B, P, V] at the masked positions via HF's submodules, or via the stock path."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  (optional: torch)
   if full_logits:
     logits = mlm_model(batch["input_ids"], attention_mask=batch["input_mask"],
                        token_type_ids=batch["segment_ids"]).logits
@@ -122,7 +122,7 @@ def _masked_logits(mlm_model, batch, full_logits: bool):
 
 def _mlm_loss(logits, batch):
   """Weighted mean NLL of the original tokens at the masked positions (objectives.mlm_loss)."""
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top  (optional: torch)
   weights = batch["masked_weights"].reshape(-1)
   nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["masked_ids"].reshape(-1),
                         reduction="none")
@@ -131,8 +131,8 @@ def _mlm_loss(logits, batch):
 
 def hf_loss(model, batch, objective: str, config, full_logits: bool = False):
   """The scalar training loss of one step (the same math as script_jax.objectives)."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  (optional: torch)
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top  (optional: torch)
   if objective == "mlm":
     return _mlm_loss(_masked_logits(model, batch, full_logits), batch)
   logits = _masked_logits(model.generator, batch, full_logits)
@@ -155,7 +155,7 @@ def hf_loss(model, batch, objective: str, config, full_logits: bool = False):
 
 def make_hf_optimizer(model, config, impl: str):
   """AdamW with decay off biases and LayerNorm, linear warmup/decay: as state_lib.make_optimizer."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  (optional: torch)
   o = config.optim
   decay, no_decay = [], []
   for name, p in model.named_parameters():  # shared parameters are listed once
@@ -177,7 +177,7 @@ def make_hf_optimizer(model, config, impl: str):
 def time_hf(config, objective: str, np_batch, *, steps: int, warmup: int, repeats: int,
             adamw: str = "fused", full_logits: bool = False, log=print) -> dict[str, Any]:
   """Times the HF train step on `np_batch`; returns steps/s and the parameter count."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  (optional: torch)
   torch.manual_seed(0)
   model = build_hf_model(config, objective).train()
   num_params = sum(p.numel() for p in model.parameters())
@@ -224,8 +224,8 @@ def run_peer(config, objectives, *, batch_size: int, steps: int, warmup: int, re
              threads: int | None = None, adamw: str = "fused", hf_stock: bool = False,
              skip_ours: bool = False, log=print) -> dict[str, Any]:
   """Ours (script_jax.bench.step_speed) and HF's step for each objective, in this one process."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  (optional: torch)
+  import transformers  # pylint: disable=g-import-not-at-top  (optional: transformers)
   threads = threads or os.cpu_count()
   torch.set_num_threads(threads)
   # Equal shapes: HF's softmax layer has exactly vocab_size rows, so ours is not padded here.

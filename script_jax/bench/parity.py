@@ -37,11 +37,20 @@ from typing import Any
 
 from absl import app
 from absl import flags
+import jax
 from ml_collections import config_flags
 import numpy as np
 
 from script_jax import cli_errors
 from script_jax import fs
+from script_jax import models
+from script_jax import sharding as sharding_lib
+from script_jax import state as state_lib
+from script_jax import train
+from script_jax.bench import hf_peer
+from script_jax.data import prepared
+from script_jax.interop import hf as export_hf
+from script_jax.interop import hf_folder
 
 FLAGS = flags.FLAGS
 
@@ -89,8 +98,7 @@ def parity_config(config, dropout: bool):
 
 def draw_batches(config, workdir: str, steps: int) -> list[dict[str, np.ndarray]]:
   """The first `steps` batches of our pipeline (what the trainer would train on)."""
-  from script_jax import train  # pylint: disable=g-import-not-at-top
-  from script_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from script_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (heavy: tensorflow)
   metadata, data_dir = train._prepare_data(config, workdir)  # pylint: disable=protected-access
   dataset = pipeline.create_pretraining_dataset(config, metadata, data_dir)
   batches = []
@@ -110,10 +118,8 @@ def hf_family(cfg) -> str:
 def build_hf_mlm(cfg, pad_id: int, params=None):
   """BertForMaskedLM (ElectraForMaskedLM if E != H) of cfg's sizes; with `params` (ours,
   per-layer layout) its weights are ours, through interop.hf.mlm_tensors."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  from script_jax.interop import hf as export_hf  # pylint: disable=g-import-not-at-top
-  from script_jax.interop import hf_folder  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  (optional: torch)
+  import transformers  # pylint: disable=g-import-not-at-top  (optional: transformers)
   family = hf_family(cfg)
   config_dict = hf_folder.hf_config_dict(cfg, "", family, pad_id)
   config_class = transformers.BertConfig if family == "bert" else transformers.ElectraConfig
@@ -136,7 +142,7 @@ def build_hf_mlm(cfg, pad_id: int, params=None):
 
 def hf_masked_logits(model, batch):
   """MLM logits [B, P, V] at the masked positions (the head only where it is needed)."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  (optional: torch)
   encoder = model.bert if hasattr(model, "bert") else model.electra
   hidden = encoder(batch["input_ids"], attention_mask=batch["input_mask"],
                    token_type_ids=batch["segment_ids"]).last_hidden_state
@@ -149,8 +155,7 @@ def hf_masked_logits(model, batch):
 
 def hf_losses(model, config, batches, log_every: int, log) -> list[float]:
   """HuggingFace's training: one loss per step."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from script_jax.bench import hf_peer  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  (optional: torch)
   model.train()
   optimizer, scheduler = hf_peer.make_hf_optimizer(model, config, "for-loop")
   losses, began = [], time.time()
@@ -175,8 +180,6 @@ def hf_losses(model, config, batches, log_every: int, log) -> list[float]:
 def our_losses(config, state, model, state_sharding, mesh, batches, log_every: int,
                log) -> list[float]:
   """Our trainer's step on the same batches: one loss per step."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from script_jax import train  # pylint: disable=g-import-not-at-top
   step_fn = train.make_train_step(config, model, state_sharding, mesh)
   losses, began = [], time.time()
   for step, batch in enumerate(batches, start=1):
@@ -192,12 +195,7 @@ def run_parity(config, workdir: str, steps: int, *, init: str = "same", dropout:
                log_every: int = 100, threads: int | None = None, log=print) -> dict[str, Any]:
   """Both trainings; returns the report (losses per step, gaps, settings)."""
   os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/hf_peer.py
-  import jax  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  from script_jax import models  # pylint: disable=g-import-not-at-top
-  from script_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from script_jax import state as state_lib  # pylint: disable=g-import-not-at-top
-  from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  (optional: torch)
   config = parity_config(config, dropout)
   fs.makedirs(workdir)  # parity.json goes there, even when the data is prepared elsewhere
   with config.unlocked():

@@ -27,6 +27,7 @@ from ml_collections import config_flags
 from script_jax import cli_errors
 from script_jax import config_lib
 from script_jax import fs
+from script_jax.data import prepared
 
 FLAGS = flags.FLAGS
 
@@ -43,7 +44,7 @@ def define_flags() -> None:
 
 def time_to_first_batch(config, metadata: dict, data_dir: str, start_step: int) -> float:
   """Seconds from building the pipeline at `start_step` to its first batch as NumPy arrays."""
-  from script_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from script_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (heavy: tensorflow)
   start = time.perf_counter()
   ds = pipeline.create_pretraining_dataset(config, metadata, data_dir, start_step=start_step)
   next(ds.as_numpy_iterator())
@@ -53,8 +54,7 @@ def time_to_first_batch(config, metadata: dict, data_dir: str, start_step: int) 
 def benchmark(config, data_dir: str, fractions: list[float],
               orders: tuple[str, ...] = config_lib.DATA_ORDERS) -> dict:
   """The figures: for each fraction, the resume step and each order's seconds."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (heavy: tensorflow)
   metadata = prepared.load_metadata(data_dir)
   examples = sum(s["num_examples"] for s in metadata["shards"])
   rows = []
@@ -104,7 +104,7 @@ def main(argv):
     if unknown or not FLAGS.orders:
       raise config_lib.ConfigError(f"--orders takes {', '.join(config_lib.DATA_ORDERS)}: "
                                    f"{','.join(FLAGS.orders)}")
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (heavy: tensorflow)
     tf.config.set_visible_devices([], "GPU")
     figures = benchmark(FLAGS.config, FLAGS.data_dir, fractions, tuple(FLAGS.orders))
     print(f"{figures['examples_per_epoch']:,} sequences per epoch in {figures['num_shards']} "

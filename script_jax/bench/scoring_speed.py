@@ -19,11 +19,16 @@ from typing import Optional
 
 from absl import app
 from absl import flags
+import jax
 from ml_collections import config_flags
 import numpy as np
 
+from script_jax import checkpoints
 from script_jax import cli_errors
 from script_jax import fs
+from script_jax import models
+from script_jax.data import prepared
+from script_jax.scoring import pll_scorer
 
 FLAGS = flags.FLAGS
 
@@ -44,8 +49,6 @@ def define_flags():
 
 def random_model(config, seed: int = 0):
   """(model, params) random-initialised from a config."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from script_jax import models  # pylint: disable=g-import-not-at-top
   model = models.build_model(config)
   ids = np.zeros((1, 8), np.int32)
   variables = jax.jit(model.init)(jax.random.key(seed), ids, ids, np.ones_like(ids),
@@ -88,8 +91,6 @@ def benchmark(model, params, special_ids: dict, max_len: int, vocab_size: int,
               num_sentences: int, num_tokens: int, batch_size: int, repeats: int = 1,
               seed: int = 0, logsumexp_chunk: Optional[int] = None) -> dict:
   """Both methods on the same sentences: {'critic': {...}, 'mlm': {...}, 'speedup': x}."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from script_jax.scoring import pll_scorer  # pylint: disable=g-import-not-at-top
   first_id = max(special_ids.values()) + 1
   sentences = random_sentences(vocab_size, num_sentences, num_tokens, seed, first_id)
   result = {}
@@ -124,10 +125,7 @@ def format_table(result: dict) -> str:
 
 def _load_and_benchmark():
   """(config, source, result) for the model that --workdir or --config names."""
-  from script_jax.scoring import pll_scorer  # pylint: disable=g-import-not-at-top
   if FLAGS.workdir:
-    from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
-    from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
     if not fs.isdir(FLAGS.workdir):
       raise pll_scorer.ScoringError(f"The workdir {FLAGS.workdir} does not exist.")
     config, model, params = checkpoints.load_pretrained(FLAGS.workdir)

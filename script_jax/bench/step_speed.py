@@ -19,20 +19,25 @@ from __future__ import annotations
 
 import copy
 import datetime
+import gzip
 import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from typing import Any, Callable
 
 from absl import app
 from absl import flags
+import flax
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 from ml_collections import config_flags
+import optax
 
 from script_jax import config_lib
 from script_jax import fs
@@ -339,8 +344,6 @@ def summarise_trace(path: str, steps: int, top: int = 20) -> dict[str, Any]:
   row (HLO op names), where there is one. Trailing ".N" clone suffixes are dropped from names
   (fusion.12 and fusion.13 are both "fusion").
   """
-  import gzip  # pylint: disable=g-import-not-at-top
-  import re  # pylint: disable=g-import-not-at-top
   with fs.open(path, "rb") as raw, gzip.GzipFile(fileobj=raw) as f:
     events = json.load(f)
   events = events["traceEvents"] if isinstance(events, dict) else events
@@ -400,9 +403,6 @@ def format_profile(summary: dict[str, Any]) -> str:
 
 def environment() -> dict[str, Any]:
   """Where and with what the figures were measured."""
-  import flax  # pylint: disable=g-import-not-at-top
-  import jaxlib  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
   cpu_model = platform.processor()
   try:
     with open("/proc/cpuinfo") as f:

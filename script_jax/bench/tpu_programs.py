@@ -47,6 +47,7 @@ if not _tpu_attached():
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.extend.core as jex  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jax.experimental import topologies  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from script_jax import cli_errors  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -59,6 +60,11 @@ from script_jax import state as state_lib  # pylint: disable=wrong-import-positi
 from script_jax import train  # pylint: disable=wrong-import-position
 from script_jax.bench import flops as flops_lib  # pylint: disable=wrong-import-position
 from script_jax.bench import hlo_collectives  # pylint: disable=wrong-import-position
+from script_jax.finetune import glue  # pylint: disable=wrong-import-position
+from script_jax.finetune import model as task_models  # pylint: disable=wrong-import-position
+from script_jax.finetune import optim  # pylint: disable=wrong-import-position
+from script_jax.finetune import squad  # pylint: disable=wrong-import-position
+from script_jax.finetune import trainer  # pylint: disable=wrong-import-position
 
 P = jax.sharding.PartitionSpec
 GIB = 2 ** 30
@@ -161,7 +167,6 @@ def parse_slice(name: str) -> Slice:
 def tpu_devices(tpu: Slice) -> list[Any]:
   """The slice's devices as libtpu describes them (no TPU needed): a v4 chip is one megacore
   device, as on a real v4 VM."""
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   options: dict[str, Any] = {}
   if tpu.chip.version == "v4":
     options["chip_config_name"] = "megacore"
@@ -223,11 +228,6 @@ def finetuning_program(config, mesh, step: str):
   """(jitted step, abstract arguments, model FLOPs) of the fine-tuning trainer's step
   (`finetune.trainer.make_train_step`) for GLUE (a classifier) or SQuAD (ELECTRA's span head),
   with the defaults of configs/finetune.py and this config's encoder."""
-  from script_jax.finetune import glue  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import model as task_models  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import optim  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import squad  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import trainer  # pylint: disable=g-import-not-at-top
   ft = config_lib.finetune_config()
   cfg = models.encoder_config_from(config.model, dropout_rate=ft.dropout_rate,
                                    attention_dropout_rate=ft.attention_dropout_rate)

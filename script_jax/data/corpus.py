@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import gzip
 import os
+from pydoc_data import topics
 import re
 import tarfile
 from typing import Iterator, Optional
@@ -236,7 +237,6 @@ def _topic_paragraphs(text: str) -> Document:
 
 def default_documents() -> list[Document]:
   """The embedded default corpus: each pydoc topic (sorted by name) as one document."""
-  from pydoc_data import topics  # pylint: disable=g-import-not-at-top
   documents = [_topic_paragraphs(topics.topics[name]) for name in sorted(topics.topics)]
   return [d for d in documents if d]
 
@@ -265,7 +265,7 @@ def _parse_tfds_source(source: str) -> tuple[str, str]:
 def _tfds_documents(name: str, split: str, invalid_utf8: str, stats: ReadStats,
                     data_dir: Optional[str], manual_dir: Optional[str]) -> Iterator[Document]:
   """Documents of a TFDS text dataset: each example's text feature, split into lines."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy: tensorflow_datasets)
   if name.split("/")[0].split(":")[0] == OPENWEBTEXT_NAME:
     openwebtext_builder_class()  # registers the builder with TFDS
   builder = tfds_fetch.builder(name, data_dir)
@@ -299,7 +299,7 @@ def _tfds_documents(name: str, split: str, invalid_utf8: str, stats: ReadStats,
 
 
 def _text_feature(features, name: str) -> str:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy: tensorflow_datasets)
   if "text" in features:
     return "text"
   for key, feature in features.items():
@@ -346,7 +346,7 @@ def openwebtext_builder_class():
   Defined lazily, not at the top of the module, so that importing this module does not import
   TensorFlow (see the module docstring). `corpus.OpenWebText` returns the same class.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy: tensorflow_datasets)
 
   class OpenWebText(tfds.core.GeneratorBasedBuilder):
     """OpenWebText (Gokaslan & Cohen, 2019) built from the official openwebtext.tar.xz."""

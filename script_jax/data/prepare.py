@@ -34,11 +34,13 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import time
 from typing import Optional
 
 from absl import logging
 import ml_collections
+import numpy as np
 
 from script_jax import cli_errors
 from script_jax import config_lib
@@ -248,7 +250,7 @@ def prepare(config: ml_collections.ConfigDict, output_dir: str, source: Optional
 
 def _jax_processes() -> tuple[int, int]:
   try:
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top  (heavy: jax; spawned writer workers re-import this module)
   except ImportError:
     return 0, 1
   return jax.process_index(), jax.process_count()
@@ -300,8 +302,7 @@ def prepare_pretraining_data(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _all_processes(value: bool) -> list[bool]:
   """`value` of every JAX process, in process order (a collective: every process calls it)."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top  (heavy: jax; spawned writer workers re-import this module)
   return [bool(v) for v in multihost_utils.process_allgather(np.array(value, np.int32))]
 
 
@@ -312,9 +313,7 @@ def _check_shared_with_process_0(data_dir: str, process_index: int) -> None:
   counts), all processes meet at a barrier, look for it, and share what they found: all of them
   fail at once, with the same message, instead of waiting for data that is not on their disk.
   """
-  import secrets  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top  (heavy: jax; spawned writer workers re-import this module)
   nonce = int(multihost_utils.broadcast_one_to_all(np.array(secrets.randbits(31), np.int32)))
   marker = fs.join(data_dir, f".visible-{nonce}")
   if process_index == 0:

@@ -20,7 +20,7 @@ class TfdsFetchError(cli_errors.UserError):
 
 def builder(name: str, data_dir: Optional[str] = None):
   """TFDS's builder for `name` (e.g. "glue/rte"); an unknown name is a TfdsFetchError."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy: tensorflow_datasets)
   try:
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -36,7 +36,7 @@ def prepare(dataset_builder, name: str, instead: str, download_config=None) -> N
     instead: what the user can do without network (e.g. "Use --data_dir with the GLUE files.").
     download_config: passed to TFDS (a manual_dir, for instance).
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy: tensorflow_datasets)
   try:
     dataset_builder.download_and_prepare(download_config=download_config)
   except (OSError, tfds.download.DownloadError) as e:  # requests' ConnectionError is an OSError

@@ -110,7 +110,7 @@ class _Progress:
 def _serialize_fn():
   # TF is imported here, not at the top, so that worker processes (which import this module)
   # start without loading TensorFlow.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (heavy: tensorflow)
 
   def serialize(input_ids_T, segment_ids_T) -> bytes:
     feature = {

@@ -31,9 +31,15 @@ from typing import Any, Sequence
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 
 from script_jax import cli_errors
+from script_jax import config_lib
 from script_jax import fs
+from script_jax import train
+from script_jax.experiments import curve
+from script_jax.finetune import glue
+from script_jax.finetune import runs
 from script_jax.finetune.runs import FinetuneError
 
 FLAGS = flags.FLAGS
@@ -41,7 +47,6 @@ OBJECTIVES = {"script": "SCRIPT", "electra": "ELECTRA", "mlm": "MLM"}
 
 
 def define_flags() -> None:
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "Pretraining config, e.g. configs/mini.py.",
                                   lock_config=True)
   config_flags.DEFINE_config_file("finetune", "configs/finetune.py",
@@ -69,7 +74,6 @@ def objective_config(config, objective: str, prepared_dir: str):
 
 def finished(workdir: str, num_train_steps: int) -> bool:
   """Whether the workdir's pretraining reached its last step (its checkpoint is there)."""
-  from script_jax.experiments import curve  # pylint: disable=g-import-not-at-top
   if not fs.exists(fs.join(workdir, "run_config.json")):
     return False
   steps = curve.kept_steps(workdir)
@@ -78,8 +82,6 @@ def finished(workdir: str, num_train_steps: int) -> bool:
 
 def comparison_table(curve_data: dict[str, Any], output_dir: str) -> str:
   """Table 2's shape at each workdir's last fine-tuned step, then the held-out metrics."""
-  from script_jax.finetune import glue  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import runs  # pylint: disable=g-import-not-at-top
   labelled, held_out = {}, []
   for label, entry in curve_data["workdirs"].items():
     if not entry["points"]:
@@ -100,8 +102,6 @@ def run_compare(config, ft, objectives: Sequence[str], output_dir: str, data_dir
                 tasks: Sequence[str], check_counts: bool = True,
                 steps: Sequence[int] = ()) -> str:
   """Pretrains what is missing, runs the curve, writes and returns comparison.md."""
-  from script_jax import train  # pylint: disable=g-import-not-at-top
-  from script_jax.experiments import curve  # pylint: disable=g-import-not-at-top
   unknown = [o for o in objectives if o not in OBJECTIVES]
   if unknown or not objectives:
     raise FinetuneError(f"--objectives takes {', '.join(OBJECTIVES)}; got "
@@ -127,13 +127,11 @@ def run_compare(config, ft, objectives: Sequence[str], output_dir: str, data_dir
 
 def main(argv):
   def body():
-    from script_jax import config_lib  # pylint: disable=g-import-not-at-top
     # Before JAX starts libtpu, as main.py does.
     libtpu_args = config_lib.libtpu_init_args(FLAGS.config,
                                               os.environ.get("LIBTPU_INIT_ARGS", ""))
     os.environ["LIBTPU_INIT_ARGS"] = libtpu_args
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    from script_jax.experiments import curve  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (heavy: tensorflow)
     tf.config.set_visible_devices([], "GPU")  # tf.data only
     table = run_compare(FLAGS.config, FLAGS.finetune, FLAGS.objectives, FLAGS.output_dir,
                         FLAGS.data_dir, FLAGS.tasks, FLAGS.check_counts,

@@ -31,9 +31,16 @@ from typing import Any, Optional, Sequence
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 
+from script_jax import checkpoints
 from script_jax import cli_errors
+from script_jax import config_lib
 from script_jax import fs
+from script_jax import metrics_log
+from script_jax.finetune import glue
+from script_jax.finetune import glue_data
+from script_jax.finetune import runs
 from script_jax.finetune.runs import FinetuneError
 
 FLAGS = flags.FLAGS
@@ -41,7 +48,6 @@ PRETRAINING_METRICS = ("eval_mlm_loss", "eval_disc_auc")  # the second panel's c
 
 
 def define_flags() -> None:
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", "configs/finetune.py",
                                   "The fine-tuning recipe (configs/finetune.py).",
                                   lock_config=True)
@@ -60,7 +66,6 @@ def define_flags() -> None:
 
 def kept_steps(workdir: str) -> list[int]:
   """The checkpoint steps a pretraining workdir holds, ascending."""
-  from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
   if not fs.exists(fs.join(workdir, "run_config.json")):
     raise FinetuneError(f"{workdir} is not a pretraining workdir (no run_config.json).")
   config = checkpoints.read_run_config(workdir)
@@ -73,7 +78,6 @@ def kept_steps(workdir: str) -> list[int]:
 
 def pretraining_metrics(workdir: str) -> list[dict[str, float]]:
   """The held-out evaluation records of a workdir (metrics_log.read_records), by step."""
-  from script_jax import metrics_log  # pylint: disable=g-import-not-at-top
   return [{k: v for k, v in r.items() if k == "step" or k.startswith("eval_")}
           for r in metrics_log.read_records(workdir) if metrics_log.is_eval(r)]
 
@@ -94,7 +98,6 @@ def curve_point(results: dict[str, Any], tasks: Sequence[str]) -> Optional[dict[
   """One checkpoint's point from its finetune.glue results: per task and the GLUE mean (over
   the tasks; its band from the per-seed means over the seeds every task has). None until every
   task has a run."""
-  from script_jax.finetune import glue_data  # pylint: disable=g-import-not-at-top
   by_task = {}
   for task in tasks:
     headline = glue_data.get_task(task).headline_metric
@@ -112,7 +115,6 @@ def curve_point(results: dict[str, Any], tasks: Sequence[str]) -> Optional[dict[
 
 
 def missing_runs(results: dict[str, Any], tasks: Sequence[str], seeds: Sequence[int]) -> int:
-  from script_jax.finetune import glue_data  # pylint: disable=g-import-not-at-top
   return sum(str(seed) not in results["runs"].get(e, {})
              for task in tasks for e in glue_data.eval_tasks(task) for seed in seeds)
 
@@ -121,9 +123,6 @@ def run_curve(ft, workdirs: Sequence[str], labels: Sequence[str], data_dir: str,
               output_dir: str, tasks: Sequence[str], steps: Sequence[int] = (),
               check_counts: bool = True) -> dict[str, Any]:
   """Fine-tunes what is missing, then returns the curve (curve.json's content)."""
-  from script_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import glue  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import runs  # pylint: disable=g-import-not-at-top
   config_lib.validate_finetune_config(ft)
   if len(labels) != len(workdirs) or len(set(labels)) != len(labels):
     raise FinetuneError(f"--labels needs one distinct name per workdir; got {list(labels)} for "
@@ -181,7 +180,6 @@ def csv_text(curve: dict[str, Any]) -> str:
 
 
 def markdown(curve: dict[str, Any]) -> str:
-  from script_jax.finetune import glue_data  # pylint: disable=g-import-not-at-top
   names = [glue_data.get_task(t).display_name for t in curve["tasks"]]
   lines = []
   for label, entry in curve["workdirs"].items():
@@ -202,10 +200,9 @@ def markdown(curve: dict[str, Any]) -> str:
 
 def plot_png(curve: dict[str, Any]) -> bytes:
   """The figure as PNG bytes: GLUE mean and each task, then the held-out metrics."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib  # pylint: disable=g-import-not-at-top  (optional: matplotlib)
   matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import glue_data  # pylint: disable=g-import-not-at-top
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top  (optional: matplotlib)
   panels = ["glue_mean", *curve["tasks"]]
   columns = max(len(panels), len(PRETRAINING_METRICS))
   figure, axes = plt.subplots(2, columns, figsize=(4 * columns, 7), squeeze=False)

@@ -30,14 +30,21 @@ import time
 from typing import Any, Optional
 
 from absl import app
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
+import optax
 
 from script_jax import cli_errors
 from script_jax import config_lib
 from script_jax import fs
+from script_jax.finetune import glue_data
 from script_jax.finetune import glue_submission
+from script_jax.finetune import metrics
+from script_jax.finetune import model as task_models
 from script_jax.finetune import runs
+from script_jax.finetune import trainer
 from script_jax.finetune.runs import FinetuneError
 
 FLAGS = flags.FLAGS
@@ -61,7 +68,6 @@ def define_flags() -> None:
 
 def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
   """{task: task_result} of the headline metric over the seeds run so far."""
-  from script_jax.finetune import metrics  # pylint: disable=g-import-not-at-top
   summary = {}
   for task, by_seed in results["runs"].items():
     headline = metrics.headline_metric(task)
@@ -73,7 +79,6 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def tables(labelled_results: dict[str, dict[str, Any]]) -> str:
   """Table 2's shape (mean ± sd of the headline metric) and the per-task detail, in Markdown."""
-  from script_jax.finetune import metrics  # pylint: disable=g-import-not-at-top
   summaries = {label: summarize(r) for label, r in labelled_results.items()}
   return (metrics.glue_table_markdown(summaries) + "\n\nMedians over seeds (as ELECTRA "
           "reports):\n\n" + metrics.glue_table_markdown(summaries, center="median") +
@@ -84,7 +89,6 @@ def tables(labelled_results: dict[str, dict[str, Any]]) -> str:
 
 def tasks_to_run(data_dir: str, requested: list[str]) -> list[str]:
   """The tasks to fine-tune (each task's own name; MNLI-mm comes with MNLI)."""
-  from script_jax.finetune import glue_data  # pylint: disable=g-import-not-at-top
   if requested:
     names = []
     for name in requested:
@@ -107,7 +111,6 @@ def tasks_to_run(data_dir: str, requested: list[str]) -> list[str]:
 
 
 def _read(data_dir: str, task: str, split: str, check_counts: bool):
-  from script_jax.finetune import glue_data  # pylint: disable=g-import-not-at-top
   try:
     if data_dir == "tfds":
       return glue_data.load_tfds_split(task, split, check_counts=check_counts)
@@ -128,11 +131,6 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
              step: Optional[int] = None, label: Optional[str] = None,
              check_counts: bool = True) -> dict[str, Any]:
   """Fine-tunes and evaluates every (task, seed) not yet in OUT/results.json; returns them."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import glue_data  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import metrics  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import model as task_models  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import trainer  # pylint: disable=g-import-not-at-top
 
   config_lib.validate_finetune_config(ft)
   names = tasks_to_run(data_dir, tasks or [])
@@ -208,7 +206,6 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
 
 def _unlabelled_sets(data_dir: str, task: str, check_counts: bool, featurize):
   """{test set: (its indices, its features)} for the task's test files found in data_dir."""
-  from script_jax.finetune import glue_data  # pylint: disable=g-import-not-at-top
   if data_dir == "tfds":  # TFDS's test splits hold no index column to submit by
     return {}
   found = {}
@@ -240,8 +237,6 @@ def predictions_from(spec, outputs_NxC: np.ndarray) -> np.ndarray:
 
 def classification_loss(logits_BxC, batch):
   """Cross-entropy and accuracy per example."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
   losses = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["labels"])
   accuracy_B = (logits_BxC.argmax(-1) == batch["labels"]).astype(jnp.float32)
   return losses, {"accuracy": accuracy_B}

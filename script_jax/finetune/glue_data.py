@@ -36,6 +36,7 @@ import numpy as np
 
 from script_jax import cli_errors
 from script_jax import fs
+from script_jax.data import tfds_fetch
 
 _BOM = "\ufeff"
 SPLITS = ("train", "dev")
@@ -391,8 +392,7 @@ def load_tfds_split(task: Union[str, GlueTask], split: str, *, data_dir: Optiona
 
   TFDS has no manual-download path for GLUE, so offline use read_glue_split on the files.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from script_jax.data import tfds_fetch  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy: tensorflow_datasets)
   spec = get_task(task)
   _check_split(spec, split)
   dataset = tfds_fetch.load(spec.tfds_name, spec.tfds_splits[split], data_dir=data_dir,

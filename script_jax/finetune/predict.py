@@ -16,9 +16,16 @@ import sys
 
 from absl import app
 from absl import flags
+import jax
+import ml_collections
 
 from script_jax import cli_errors
 from script_jax import fs
+from script_jax.finetune import glue
+from script_jax.finetune import glue_data
+from script_jax.finetune import model as task_models
+from script_jax.finetune import runs
+from script_jax.finetune import trainer
 from script_jax.finetune.runs import FinetuneError
 
 FLAGS = flags.FLAGS
@@ -33,11 +40,6 @@ def define_flags() -> None:
 
 def load_run(run_dir: str):
   """(task spec, Classifier, params, tokenizer, special ids, max_length) of a saved run."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import glue_data  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import model as task_models  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import runs  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import trainer  # pylint: disable=g-import-not-at-top
   run_dir = run_dir.rstrip("/")
   params_dir = fs.join(run_dir, "params")
   if not fs.exists(params_dir):
@@ -53,7 +55,6 @@ def load_run(run_dir: str):
   if "init_from" not in results or "finetune_config" not in results:
     raise FinetuneError(f"{out_dir}/results.json does not say which model the run started "
                         "from; is this a glue output folder?")
-  import ml_collections  # pylint: disable=g-import-not-at-top
   ft = ml_collections.ConfigDict(results["finetune_config"])
   start = runs.load_start(results["init_from"], None, ft, random_init=True)
   model = task_models.Classifier(start.encoder_cfg, spec.num_outputs)
@@ -66,8 +67,6 @@ def load_run(run_dir: str):
 
 def predict_lines(run_dir: str, lines: list[str]) -> list[str]:
   """The label (or score) of each line, as text."""
-  from script_jax.finetune import glue_data  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import trainer  # pylint: disable=g-import-not-at-top
   spec, model, params, tokenizer, special, max_length = load_run(run_dir)
   examples = []
   for number, line in enumerate(lines, 1):
@@ -81,7 +80,6 @@ def predict_lines(run_dir: str, lines: list[str]) -> list[str]:
   arrays = glue_data.featurize(examples, None, special["cls"], special["sep"], special["pad"],
                                max_length, encode_batch=tokenizer.encode_batch)
   outputs = trainer.predict(model, params, arrays, batch_size=64)
-  from script_jax.finetune import glue  # pylint: disable=g-import-not-at-top
   predictions = glue.predictions_from(spec, outputs)
   if spec.is_regression:
     return [f"{score:.4f}" for score in predictions]

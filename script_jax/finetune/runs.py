@@ -14,9 +14,17 @@ import dataclasses
 import time
 from typing import Any, Callable, Optional
 
+from absl import flags
+import jax
+from ml_collections import config_flags
 
+
+from script_jax import checkpoints
 from script_jax import cli_errors
 from script_jax import fs
+from script_jax import models
+from script_jax.data import prepared
+from script_jax.finetune import model as task_models
 from script_jax.interop import hf_import
 
 RESULTS_FILE = "results.json"
@@ -38,8 +46,6 @@ class Start:
 
 def define_start_flags() -> None:
   """The flags every fine-tuning command shares: the recipe and the starting point."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", "configs/finetune.py",
                                   "The fine-tuning recipe (configs/finetune.py).",
                                   lock_config=True)
@@ -54,10 +60,6 @@ def load_start(init_from: str, step: Optional[int], ft, random_init: bool = Fals
   """The encoder of a pretraining workdir (any objective) or of a HuggingFace ELECTRA/BERT
   folder (interop/hf_import.py), and its tokenizer. With random_init only the config and the
   tokenizer are read (a workdir needs no checkpoint yet)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from script_jax import models  # pylint: disable=g-import-not-at-top
-  from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
   if hf_import.is_hf_init(init_from):  # a HuggingFace ELECTRA or BERT folder
     if step is not None:
       raise FinetuneError(f"--step is for pretraining workdirs; {init_from} is a HuggingFace "
@@ -82,8 +84,6 @@ def initial_params(model, start: Start, sample: dict, seed: int, random_init: bo
                    init_from: str) -> dict:
   """The task model's parameters: a head drawn from `seed`, the pretrained encoder below it
   (or, with random_init, the encoder drawn too)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import model as task_models  # pylint: disable=g-import-not-at-top
   extra = {k: sample[k][:1] for k in getattr(model, "predict_inputs", ())}
   params = jax.jit(model.init)(jax.random.key(seed), sample["input_ids"][:1],
                                sample["segment_ids"][:1], sample["input_mask"][:1],
@@ -138,8 +138,7 @@ def run_seeds(seeds: list[int], start: Start, task: Task, ft, *, random_init: bo
   folder, `evaluate` (which scores it into `results`), the final parameters with
   ft.save_model, then OUT/results.json and OUT/results.md (process 0): an interrupted command
   keeps every seed it finished."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import trainer  # pylint: disable=g-import-not-at-top
+  from script_jax.finetune import trainer  # pylint: disable=g-import-not-at-top  (cycle: trainer imports runs)
   for seed in seeds:
     began = time.time()
     folder = run_dir(seed)

@@ -29,11 +29,19 @@ from typing import Any, Optional
 
 from absl import app
 from absl import flags
+import jax
+import jax.numpy as jnp
+import optax
 
 from script_jax import cli_errors
 from script_jax import config_lib
 from script_jax import fs
+from script_jax.finetune import model as task_models
 from script_jax.finetune import runs
+from script_jax.finetune import squad_answers
+from script_jax.finetune import squad_data
+from script_jax.finetune import squad_eval
+from script_jax.finetune import trainer
 from script_jax.finetune.runs import FinetuneError
 
 FLAGS = flags.FLAGS
@@ -57,8 +65,6 @@ def span_loss(outputs, batch, no_answer_weight: float, version: str,
   """Start and end cross-entropy over the allowed positions (context and [CLS]), averaged, plus
   the no-answer classifier's binary cross-entropy for SQuAD 2.0 (and, with answerable_on_v1, on
   1.1 too, every label "answerable", as ELECTRA's code trains its answerable classifier)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
   start_BxT, end_BxT, no_answer_B = outputs
   allowed = batch["context_mask"] > 0
   start_BxT = jnp.where(allowed, start_BxT, -1e9)
@@ -78,8 +84,6 @@ def span_loss(outputs, batch, no_answer_weight: float, version: str,
 def _datasets(train_file: Optional[str], dev_file: Optional[str], dev_split: Optional[float],
               seed: int, tfds_name: Optional[str] = None):
   """(train dataset dict, evaluation dataset dict, note on where they came from)."""
-  from script_jax.finetune import squad_data  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import squad_eval  # pylint: disable=g-import-not-at-top
   if tfds_name:
     if train_file or dev_file or dev_split is not None:
       raise FinetuneError("--tfds reads both splits from TFDS: leave out --train_file, "
@@ -113,12 +117,6 @@ def run_squad(ft, init_from: str, dev_file: Optional[str], output_dir: str, *,
               train_file: Optional[str] = None, dev_split: Optional[float] = None,
               tfds_name: Optional[str] = None, random_init: bool = False, step: Optional[int] = None) -> dict[str, Any]:
   """Fine-tunes and evaluates every seed not yet in OUT/results.json; returns the results."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import model as task_models  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import squad_answers  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import squad_data  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import squad_eval  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import trainer  # pylint: disable=g-import-not-at-top
 
   sq = ft.squad
   config_lib.validate_finetune_config(ft, squad=True)
@@ -206,8 +204,6 @@ def score_v2(eval_json, span_predictions, na_probs, na_prob_thresh: float):
   and best_f1 (the official best-threshold sweep) are computed from the spans behind the blanks,
   which span_predictions.json keeps, with na_probs.json, for re-scoring.
   """
-  from script_jax.finetune import squad_answers  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import squad_eval  # pylint: disable=g-import-not-at-top
   scores = squad_eval.evaluate_v2(eval_json, span_predictions, na_probs,
                                   na_prob_thresh=na_prob_thresh)
   return scores, squad_answers.with_no_answers(span_predictions, na_probs, na_prob_thresh)

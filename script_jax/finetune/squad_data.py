@@ -31,7 +31,9 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from absl import logging
 import numpy as np
+from sentencepiece import sentencepiece_pb2
 
+from script_jax.data import tfds_fetch
 from script_jax.finetune import squad_eval
 
 NO_ANSWER_INDEX = 0  # [CLS]: the start/end target when a window holds no answer
@@ -145,8 +147,7 @@ def dataset_from_tfds(records: Iterable[Mapping[str, Any]], name: str) -> dict:
 def load_tfds_squad(name: str, split: str, *, data_dir: Optional[str] = None) -> dict:
   """One split ("train" or "dev") of TFDS `squad/v1.1` or `squad/v2.0` (downloads on first
   use; `data_dir` is TFDS's folder, local or gs://) as an official-format dataset dict."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from script_jax.data import tfds_fetch  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy: tensorflow_datasets)
   if name not in TFDS_NAMES:
     raise squad_eval.SquadDataError(f"Unknown TFDS SQuAD dataset {name!r}: use one of "
                                     f"{', '.join(TFDS_NAMES)}.")
@@ -209,7 +210,6 @@ def _sentencepiece_spans(sp, text: str) -> tuple[list[int], list[tuple[int, int]
   else:  # later versions return the protobuf message itself
     proto = sp.encode_as_proto(text)
   if isinstance(proto, bytes):
-    from sentencepiece import sentencepiece_pb2  # pylint: disable=g-import-not-at-top
     message = sentencepiece_pb2.SentencePieceText()
     message.ParseFromString(proto)
     proto = message

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 
 from script_jax import fs
 from script_jax import metrics_log
@@ -163,7 +164,7 @@ def fit(model, params, loss_fn: LossFn, train_arrays: dict[str, np.ndarray], ft,
   records = metrics_log.MetricsLog(log_dir, enabled=bool(log_dir) and chief)
   board = None
   if log_dir and chief:
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top  (heavy: tensorflow, through clu)
     board = metric_writers.SummaryWriter(log_dir)
   every = max(1, ft.log_every_steps)
   totals, count, real_rows, last = {}, 0, 0.0, {}
@@ -232,14 +233,12 @@ def predict(model, params, arrays: dict[str, np.ndarray], batch_size: int) -> An
 
 def save_params(path: str, params) -> None:
   """Writes parameters with orbax (local or gs://) for `load_params`."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path, jax.device_get(params), force=True)
 
 
 def load_params(path: str, abstract) -> Any:
   """Parameters saved by `save_params`, in the shapes of `abstract`."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   with ocp.StandardCheckpointer() as checkpointer:
     return checkpointer.restore(path, abstract)
 

@@ -31,10 +31,18 @@ from typing import Optional
 
 from absl import app
 from absl import flags
+import jax
+import numpy as np
 
+from script_jax import checkpoints
 from script_jax import cli_errors
 from script_jax import fs
 from script_jax import models
+from script_jax.data import prepared
+from script_jax.finetune import glue_data
+from script_jax.finetune import model as task_models
+from script_jax.finetune import runs
+from script_jax.finetune import trainer
 from script_jax.interop import hf_folder
 from script_jax.interop import hf_params
 from script_jax.interop import hf_tokenizer
@@ -132,9 +140,6 @@ def export_pretrained(workdir: str, output_dir: str, *, part: Optional[str] = No
                       overwrite: bool = False) -> list[str]:
   """Writes a pretraining workdir's latest (or given) checkpoint as HuggingFace folder(s);
   returns the folders written."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
   if layout not in LAYOUTS:
     raise ExportError(f"--layout={layout!r}: use one of {', '.join(LAYOUTS)}.")
   if not hf_folder.exists(workdir):
@@ -178,9 +183,6 @@ def export_pretrained(workdir: str, output_dir: str, *, part: Optional[str] = No
 
 def _finetuned_start(run_dir: str, workdir: Optional[str]):
   """(config, tokenizer, special_ids, workdir) a GLUE run was fine-tuned from."""
-  from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import runs  # pylint: disable=g-import-not-at-top
   if not workdir:
     output_dir = "/".join(run_dir.split("/")[:-2]) or "."  # OUT of OUT/<task>/seed_<s>
     workdir = runs.read_results(output_dir).get("init_from")
@@ -199,11 +201,6 @@ def export_finetuned(run_dir: str, output_dir: str, *, workdir: Optional[str] = 
                      task: Optional[str] = None, overwrite: bool = False) -> str:
   """Writes a GLUE run's saved parameters (OUT/<task>/seed_<s>/params) as an
   ElectraForSequenceClassification folder; returns it."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import glue_data  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import model as task_models  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import trainer  # pylint: disable=g-import-not-at-top
   run_dir = run_dir.rstrip("/")
   if run_dir.endswith("/params"):
     run_dir = run_dir[:-len("/params")]
@@ -252,7 +249,7 @@ def export_finetuned(run_dir: str, output_dir: str, *, workdir: Optional[str] = 
 
 def main(argv) -> None:
   def body():
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (heavy: tensorflow)
     tf.config.set_visible_devices([], "GPU")  # TensorFlow only reads files here
     if not FLAGS.output_dir:
       raise ExportError("--output_dir is required.")

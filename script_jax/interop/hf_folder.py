@@ -8,6 +8,7 @@ needs torch), and written as model.safetensors with NumPy: neither direction nee
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 from typing import Any, Optional
 
@@ -69,7 +70,7 @@ def is_hf_folder(path: str) -> bool:
 
 def _safetensors():
   try:
-    from safetensors import numpy as st  # pylint: disable=g-import-not-at-top
+    from safetensors import numpy as st  # pylint: disable=g-import-not-at-top  (optional: safetensors)
   except ImportError:
     raise HFFolderError("Reading and writing HuggingFace folders needs the safetensors package: "
                         "pip install -e '.[hf]' (or pip install safetensors).") from None
@@ -95,8 +96,7 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
 
 def _load_pytorch_bin(path: str) -> dict[str, np.ndarray]:
   try:
-    import io  # pylint: disable=g-import-not-at-top
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top  (optional: torch)
   except ImportError:
     raise HFFolderError(f"{path} is a PyTorch pickle, which needs torch to read: install torch, "
                         "or save the model with transformers' save_pretrained (safetensors)."

@@ -29,10 +29,14 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import jax
 import numpy as np
 
 from script_jax import config_lib
 from script_jax import models
+from script_jax import state as state_lib
+from script_jax.data import prepared
+from script_jax.data import tokenizers
 from script_jax.interop import hf_folder
 from script_jax.interop import hf_params
 from script_jax.interop import hf_tokenizer
@@ -59,7 +63,6 @@ def _lookup(config, dotted: str) -> Any:
 
 def _abstract(module):
   """The parameter shapes of an encoder module (MaskedLM), without computing them."""
-  import jax  # pylint: disable=g-import-not-at-top
   ids = np.zeros((1, 2), np.int32)
   return jax.eval_shape(lambda: module.init(jax.random.key(0), ids, ids, ids + 1))["params"]
 
@@ -198,8 +201,6 @@ def _size_problems(cfg: models.EncoderConfig, config, keys: dict[str, str], path
 
 
 def _tokenizer_problems(folder: hf_folder.Folder, config) -> list[str]:
-  from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
-  from script_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   spm = hf_folder.join(folder.path, hf_tokenizer.SPM_MODEL)
   kind, path = (("sentencepiece", spm) if hf_folder.exists(spm) else
                 ("wordpiece", hf_folder.join(folder.path, hf_tokenizer.VOCAB_TXT)))
@@ -249,7 +250,6 @@ def pretraining_params(init_from: str, config, fresh_params) -> tuple[dict, list
   """Parameters for models.build_model(config) (in its layout), from `init_from`'s folders,
   with what they lack taken from `fresh_params` (the run's own initialisation); and a report,
   one line per part, of where each came from."""
-  import jax  # pylint: disable=g-import-not-at-top
   disc, gen = _folders(init_from, config)
   _check(disc, gen, config, init_from)
   params = jax.tree.map(_host_copy, models.unstack_layers(fresh_params))
@@ -304,8 +304,6 @@ def load_hf_folder(path: str, objective: Optional[str] = None, seed: int = 0):
   """(config, params, tokenizer) from a HuggingFace folder (or "DISC,GEN" for electra): the run
   config with its sizes and tokenizer, and parameters for models.build_model(config) (see the
   module docstring for what starts fresh)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from script_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   pad = config_lib.base_config().model.vocab_pad_multiple
   folder = hf_folder.read_folder(_encoder_folder(path), pad)
   config = run_config(folder, objective)

@@ -25,7 +25,17 @@ while ours encodes it as ordinary pieces.
 from __future__ import annotations
 
 import json
+from pydoc_data.topics import topics
 from typing import Optional, Sequence
+
+from sentencepiece import sentencepiece_model_pb2
+import tokenizers
+from tokenizers import AddedToken
+from tokenizers import decoders
+from tokenizers import models
+from tokenizers import normalizers
+from tokenizers import pre_tokenizers
+from tokenizers import processors
 
 from script_jax import cli_errors
 from script_jax import fs
@@ -60,16 +70,12 @@ def _read(path: str) -> bytes:
 # ----------------------------------------------------------------------------- export
 
 def _wordpiece_backend(tokenizer):
-  import tokenizers  # pylint: disable=g-import-not-at-top
   # The same pipeline object our WordPieceTokenizer encodes with (one home for its settings).
   return tokenizers.Tokenizer.from_str(tokenizer._tok.to_str())  # pylint: disable=protected-access
 
 
 def _sentencepiece_backend(tokenizer):
   """A `tokenizers` pipeline equal to the SentencePiece model, or TokenizerExportError."""
-  import tokenizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import decoders, models, normalizers, pre_tokenizers  # pylint: disable=g-import-not-at-top,g-multiple-import
-  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
   proto = sentencepiece_model_pb2.ModelProto()
   proto.ParseFromString(_read(tokenizer.path))
   trainer, norm = proto.trainer_spec, proto.normalizer_spec
@@ -121,7 +127,6 @@ def _sentencepiece_backend(tokenizer):
 
 def check_texts() -> list[str]:
   """The texts export checks the converted tokenizer on: tricky strings and corpus lines."""
-  from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
   lines = [line.strip() for t in sorted(topics)[:40] for line in topics[t].splitlines()
            if line.strip()]
   return list(_CHECK_TEXTS) + lines[:2000]
@@ -162,7 +167,6 @@ def special_pieces(tokenizer, special_ids: dict[str, int]) -> dict[str, str]:
 def tokenizer_files(tokenizer, special_ids: dict[str, int], model_max_length: int
                     ) -> dict[str, bytes]:
   """{file name: content} of the tokenizer files of a HuggingFace folder."""
-  from tokenizers import AddedToken, processors  # pylint: disable=g-import-not-at-top
   backend = backend_of(tokenizer)
   pieces = special_pieces(tokenizer, special_ids)
   backend.add_special_tokens([AddedToken(pieces[n], special=True, normalized=False)

@@ -33,10 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from script_jax import checkpoints
 from script_jax import cli_errors
 from script_jax import fs
 from script_jax import models
 from script_jax import objectives
+from script_jax.data import prepared
 
 Array = jax.Array
 METHODS = ("critic", "mlm")
@@ -212,8 +214,6 @@ class Scorer:
   @classmethod
   def from_workdir(cls, workdir: str, step: Optional[int] = None, **kwargs) -> "Scorer":
     """A Scorer for a pretraining workdir: its latest (or given) checkpoint and its tokenizer."""
-    from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
-    from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
     if not fs.isdir(workdir):
       raise ScoringError(f"The workdir {workdir} does not exist.")
     config, model, params = checkpoints.load_pretrained(workdir, step)

@@ -28,10 +28,14 @@ from typing import Optional, Sequence
 
 from absl import app
 from absl import flags
+import jiwer
 import numpy as np
 
 from script_jax import cli_errors
 from script_jax import fs
+from script_jax.scoring import pll_scorer
+from script_jax.scoring.pll_scorer import ScoringError
+from script_jax.scoring.score import Progress
 
 FLAGS = flags.FLAGS
 
@@ -58,7 +62,6 @@ _HYP_KEY = re.compile(r"^hyp_(\d+)$")
 
 
 def _error(message: str) -> Exception:
-  from script_jax.scoring.pll_scorer import ScoringError  # pylint: disable=g-import-not-at-top
   return ScoringError(message)
 
 
@@ -143,7 +146,6 @@ def _utterance(path: str, utt_id: str, entry) -> Utterance:
 
 def word_edits(refs: Sequence[str], hyps: Sequence[str]) -> np.ndarray:
   """Word-level Levenshtein distance (S + D + I) of each (ref, hyp) pair, by jiwer: [N] int."""
-  import jiwer  # pylint: disable=g-import-not-at-top
   if not refs:
     return np.zeros(0, np.int64)
   # Words are split on any whitespace (jiwer alone splits on spaces and keeps tabs in words).
@@ -277,7 +279,6 @@ def run(workdir: str, dev_path: str, test_paths: Sequence[str], method: str = "c
         batch_size: int = 64, long: str = "error", step: Optional[int] = None,
         output_json: Optional[str] = None, scorer=None) -> dict:
   """The CLI's work; returns the JSON report (also printed as a table)."""
-  from script_jax.scoring import pll_scorer  # pylint: disable=g-import-not-at-top
   grid = parse_grid(lambdas)
   paths = [dev_path] + list(test_paths)
   loaded = [(p, load_nbest(p)) for p in paths]  # every file checked before the model loads
@@ -298,7 +299,6 @@ def run(workdir: str, dev_path: str, test_paths: Sequence[str], method: str = "c
         if t not in owner:
           owner[t] = f"{p}: utterance {u.id!r}, hyp_{j + 1}"
           texts.append(t)
-  from script_jax.scoring.score import Progress  # pylint: disable=g-import-not-at-top
   progress = Progress(len(texts), every_secs=10.0)
   pll, ntok = scorer.score(texts, describe=lambda i: owner[texts[i]], progress=progress)
   print(f"{progress.line()} (distinct hypotheses, {method})", file=sys.stderr)

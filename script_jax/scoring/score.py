@@ -21,6 +21,8 @@ from absl import flags
 
 from script_jax import cli_errors
 from script_jax import fs
+from script_jax.scoring import pll_scorer
+from script_jax.scoring.pll_scorer import ScoringError
 
 FLAGS = flags.FLAGS
 
@@ -56,7 +58,6 @@ def _decode(raw: bytes, line_number: int, source: str, errors: str) -> str:
   try:
     return raw.decode("utf-8", errors=errors)
   except UnicodeDecodeError as e:
-    from script_jax.scoring.pll_scorer import ScoringError  # pylint: disable=g-import-not-at-top
     raise ScoringError(
         f"{source}: line {line_number} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
         f"{e.start + 1}). Fix the file, or pass --errors=replace to score it with U+FFFD."
@@ -134,7 +135,6 @@ def run(workdir: str, input_path: str, output_path: str = "-", method: str = "cr
         batch_size: int = 64, long: str = "error", errors: str = "strict",
         step: Optional[int] = None, progress_every_secs: float = 10.0) -> int:
   """The CLI's work: load the checkpoint, score the input, write the output; returns lines."""
-  from script_jax.scoring import pll_scorer  # pylint: disable=g-import-not-at-top
   total = None
   if input_path != "-":
     if not fs.isfile(input_path):
