@@ -21,8 +21,8 @@ On a v5litepod-256 split the state within groups of 16 devices, not over all 256
 
 Over 256 devices each device would hold 4 of the 1024 rows of a weight, and the TPU compiler
 then writes FSDP's gathers and reduce-scatters as all-reduces of whole arrays; in groups of 16
-(64 rows each) they are gathers and reduce-scatters, with 24% fewer bytes per step and 2.82 GiB
-per device (docs/benchmarks.md 7.3).
+(64 rows each) they are gathers and reduce-scatters, with fewer bytes per step and about 3 GiB
+per device (docs/benchmarks.md 7.3, the TPU compiler's figures).
 """
 
 from script_jax import config_lib
