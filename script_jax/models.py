@@ -206,8 +206,40 @@ class _ProjectionParams(nn.Module):
     return kernel, bias
 
 
+def softmax_kept_in(scores: Array, dtype: Any) -> Array:
+  """softmax over the last axis, computed in float32 and returned in `dtype`, with a gradient
+  that keeps only that `dtype` copy: jax.nn.softmax's keeps its float32 output for the backward
+  pass, the [B, N, T, T] probabilities that the bfloat16 step reads back most (docs/benchmarks.md
+  7.7). The backward pass widens them to float32 again. float32: jax.nn.softmax itself."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+  return _softmax_kept_in(scores, jnp.dtype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _softmax_kept_in(scores: Array, dtype) -> Array:
+  return jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
+
+
+def _softmax_kept_in_fwd(scores, dtype):
+  probs = _softmax_kept_in(scores, dtype)
+  return probs, (probs, jnp.zeros((0,), scores.dtype))
+
+
+def _softmax_kept_in_bwd(dtype, residuals, g):
+  del dtype
+  probs, scores_dtype = residuals
+  p, g = probs.astype(jnp.float32), g.astype(jnp.float32)
+  d_scores = p * (g - jnp.sum(g * p, axis=-1, keepdims=True))
+  return (d_scores.astype(scores_dtype.dtype),)
+
+
+_softmax_kept_in.defvjp(_softmax_kept_in_fwd, _softmax_kept_in_bwd)
+
+
 class SelfAttention(nn.Module):
-  """Multi-head self-attention with a float32 softmax."""
+  """Multi-head self-attention with a float32 softmax (its probabilities kept in the compute
+  dtype: `softmax_kept_in`)."""
   cfg: EncoderConfig
 
   @nn.compact
@@ -231,7 +263,7 @@ class SelfAttention(nn.Module):
       v_BxTxNxD = dense("value")(x_BxTxH).astype(c.compute_dtype)
     scores_BxNxTxT = jnp.einsum("btnd,bsnd->bnts", q_BxTxNxD, k_BxTxNxD,
                                 preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
-    probs_BxNxTxT = jax.nn.softmax(scores_BxNxTxT + mask_bias_Bx1x1xT, axis=-1)
+    probs_BxNxTxT = softmax_kept_in(scores_BxNxTxT + mask_bias_Bx1x1xT, c.compute_dtype)
     probs_BxNxTxT = Dropout(c.attention_dropout_rate)(probs_BxNxTxT, deterministic=deterministic)
     out_BxTxNxD = jnp.einsum("bnts,bsnd->btnd", probs_BxNxTxT.astype(c.compute_dtype), v_BxTxNxD)
     return nn.DenseGeneral(c.hidden_size, axis=(-2, -1), kernel_init=c.kernel_init,

@@ -391,3 +391,27 @@ def test_sampler_names_are_config_lib_s():
   exactly those."""
   from script_jax import config_lib  # pylint: disable=g-import-not-at-top
   assert tuple(objectives.SAMPLERS) == config_lib.SAMPLERS
+
+
+@pytest.mark.parametrize("dtype,rtol", [("float32", 1e-6), ("bfloat16", 1e-2)])
+def test_softmax_kept_in_a_dtype_matches_a_float64_reference(dtype, rtol):
+  """models.softmax_kept_in on fresh random scores (a masked column included): the
+  probabilities and the gradient of a weighted sum against float64 formulas. In bfloat16 it
+  keeps only the bfloat16 probabilities for the backward pass; the float32 path is
+  jax.nn.softmax itself."""
+  rng = np.random.default_rng(int(np.random.default_rng().integers(1 << 30)))
+  scores = rng.normal(scale=3.0, size=(2, 3, 5, 7)).astype(np.float32)
+  scores[..., -1] -= 1e9  # a padded key
+  weights = rng.normal(size=scores.shape).astype(np.float32)
+  s64 = scores.astype(np.float64)
+  p64 = np.exp(s64 - s64.max(-1, keepdims=True))
+  p64 /= p64.sum(-1, keepdims=True)
+  g64 = p64 * (weights - (weights * p64).sum(-1, keepdims=True))  # d/ds of sum(w * softmax(s))
+  probs = models.softmax_kept_in(jnp.asarray(scores), jnp.dtype(dtype))
+  assert probs.dtype == jnp.dtype(dtype)
+  np.testing.assert_allclose(np.asarray(probs, np.float64), p64, rtol=rtol, atol=1e-7)
+  grad = jax.grad(lambda s: jnp.sum(models.softmax_kept_in(s, jnp.dtype(dtype))
+                                    .astype(jnp.float32) * weights))(jnp.asarray(scores))
+  assert grad.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(grad, np.float64), g64, rtol=rtol,
+                             atol=rtol * np.abs(g64).max())
