@@ -66,6 +66,13 @@ def test_bfloat16_train_steps_reduce_gradients_in_float32(objective, v3_devices)
   assert report["flops"] >= report["model_flops_per_device"]
   assert report["estimated_steps_per_sec"] > 0
   assert report["roofline_seconds"] <= report["estimated_seconds"] * 1.5
+  # Where the bytes go, op by op, adds up to about the cost analysis's count; the layers'
+  # forward and backward passes are among the largest scopes.
+  traffic = report["traffic"]
+  assert 0.75 < traffic["total_bytes"] / report["bytes_accessed"] < 1.25
+  scopes = [s["scope"] for s in traffic["by_scope"]]
+  assert any(s.startswith("backward/") and "/layer_*" in s for s in scopes), scopes
+  assert any(s.startswith("forward/") and "/layer_*" in s for s in scopes), scopes
 
 
 @pytest.mark.slow

@@ -2,10 +2,11 @@
 the bytes of its operands and results (a fusion reads its operands from HBM and writes its
 results there), summed by the model scope its metadata names (`forward/encoder/layer_*/attention`).
 
-An approximation of what the cost analysis counts, op by op: it takes every operand whole (a
-fusion that reads a slice of one is charged all of it), and a while loop is one op whose operands
-are its state, its body not broken down. On the programs of docs/benchmarks.md 7.7 the total is
-within a few percent of the cost analysis's bytes accessed.
+An approximation of what the cost analysis counts: each array is padded to its TPU tile (as the
+cost analysis counts it), every operand is taken whole (a fusion that reads a slice of one is
+charged all of it), and a while loop is one op whose operands are its state, its body not broken
+down. On configs/small.py's bfloat16 steps for a v3-8 the total is within 1-2% of the cost
+analysis's bytes accessed (docs/benchmarks.md 7.7); tests/test_tpu_compile.py checks 25% on tiny.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
           "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
+# dtype[dims] and, where the TPU program gives one, its layout {minor_to_major:T(tile)...}.
+_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\](?:\{([\d,]*)(?::T\(([\d,]+)\))?)?")
 # "%name = TYPE op(operands), attributes" (TYPE may be a tuple; TPU layouts hold parentheses).
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*?)\)(, .*)?$")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -26,10 +28,28 @@ _FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "afte
          "partition-id", "replica-id"}
 
 
+def _padded(dims: list[int], minor_to_major: str, tile: str) -> int:
+  """Elements an array takes in memory: its minor dimensions rounded up to the TPU layout's
+  tile (f32[16,64]{1,0:T(8,128)} holds 16 x 128), as the cost analysis counts them."""
+  if not tile or not dims:
+    return math.prod(dims)
+  order = [int(i) for i in minor_to_major.split(",") if i] or list(range(len(dims)))[::-1]
+  physical = [dims[i] for i in reversed(order)]  # major to minor
+  tile_dims = [int(t) for t in tile.split(",")]
+  for k, t in enumerate(reversed(tile_dims)):
+    if k < len(physical):
+      physical[-1 - k] = -(-physical[-1 - k] // t) * t
+  return math.prod(physical)
+
+
 def array_bytes(type_text: str) -> int:
-  """The bytes of every array named in an HLO type ("f32[2,3]{1,0}", or a tuple of them)."""
-  return sum(_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-             for dtype, dims in _ARRAY.findall(type_text))
+  """The bytes of every array named in an HLO type ("f32[2,3]{1,0}", or a tuple of them),
+  padded to its tile where the layout names one."""
+  total = 0
+  for dtype, dims, minor_to_major, tile in _ARRAY.findall(type_text):
+    shape = [int(d) for d in dims.split(",") if d]
+    total += _BYTES[dtype] * _padded(shape, minor_to_major, tile)
+  return total
 
 
 def _entry(hlo: str) -> list[str]:

@@ -56,6 +56,8 @@ def define_flags() -> None:
                     "of a program with loops (slow at large sizes); off: memory and collectives "
                     "only, no estimate.")
   flags.DEFINE_string("hlo_dir", None, "Write each compiled TPU program's text here.")
+  flags.DEFINE_bool("traffic", False, "Also print where each program's bytes go: its largest "
+                    "model scopes and ops (bench/hlo_traffic.py; always in the JSON).")
   flags.mark_flags_as_required(["config"])
 
 
@@ -71,8 +73,24 @@ def _rate(x: float | None) -> str:
   return "-" if x is None else f"{x:.1f}"
 
 
-def format_report(report: dict[str, Any]) -> str:
-  """The reports as a table a person reads, then each one's collectives and notes."""
+def format_traffic(result: dict[str, Any]) -> list[str]:
+  """Where one program's bytes go: its largest scopes, then its largest ops."""
+  traffic = result.get("traffic")
+  if not traffic:
+    return []
+  lines = [f"  bytes by model scope (operands + results of each op, "
+           f"{traffic['total_bytes'] / 1e9:.2f} GB in all):"]
+  lines += [f"    {s['bytes'] / 1e6:9.1f} MB  {s['ops']:5d} ops  {s['scope']}"
+            for s in traffic["by_scope"]]
+  lines.append("  largest ops:")
+  lines += [f"    {o['bytes'] / 1e6:9.1f} MB  {o['op']} {o['result'][:60]}  {o['op_name'][-80:]}"
+            for o in traffic["largest_ops"]]
+  return lines
+
+
+def format_report(report: dict[str, Any], traffic: bool = False) -> str:
+  """The reports as a table a person reads, then each one's collectives and notes (and with
+  `traffic`, where its bytes go)."""
   rows = report["results"]
   first = rows[0]
   lines = [f"{report['config']} on {first['topology']} ({first['libtpu_topology']}, "
@@ -110,6 +128,8 @@ def format_report(report: dict[str, Any]) -> str:
                                              if len(c["arrays"]) > 4 else "")
       group = "all devices" if c["group_size"] is None else f"groups of {c['group_size']}"
       lines.append(f"  {c['kind']} {c['bytes'] / 2**20:.2f} MiB over {group}: {shown}")
+    if traffic:
+      lines += format_traffic(r)
   return "\n".join(lines)
 
 
@@ -150,7 +170,7 @@ def main(argv):
     report = run(FLAGS.config, FLAGS.topology, FLAGS.objectives, FLAGS.step,
                  config_path=config_flags.get_config_filename(FLAGS["config"]),
                  count_loops=FLAGS.count_loops, hlo_dir=FLAGS.hlo_dir)
-    print(format_report(report))
+    print(format_report(report, traffic=FLAGS.traffic))
     if FLAGS.output:
       fs.write_atomically(FLAGS.output, json.dumps(report, indent=2))
   cli_errors.run_cli(argv, body)

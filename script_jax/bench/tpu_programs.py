@@ -60,6 +60,7 @@ from script_jax import state as state_lib  # pylint: disable=wrong-import-positi
 from script_jax import train  # pylint: disable=wrong-import-position
 from script_jax.bench import flops as flops_lib  # pylint: disable=wrong-import-position
 from script_jax.bench import hlo_collectives  # pylint: disable=wrong-import-position
+from script_jax.bench import hlo_traffic  # pylint: disable=wrong-import-position
 from script_jax.finetune import glue  # pylint: disable=wrong-import-position
 from script_jax.finetune import model as task_models  # pylint: disable=wrong-import-position
 from script_jax.finetune import optim  # pylint: disable=wrong-import-position
@@ -387,6 +388,7 @@ def compile_step(config, tpu: Slice, step: str = "train", devices=None,
   hlo = compiled.as_text()
   report["memory"] = _memory(compiled, tpu)
   report["collectives"] = hlo_collectives.summary(hlo)
+  report["traffic"] = hlo_traffic.summary(hlo)
   report["while_loops"] = while_loops(hlo)
   cost = _cost(compiled)
   report["cost_source"] = "program"
