@@ -248,6 +248,20 @@ def read_json(path: str):
   return json.loads(read_bytes(path).decode("utf-8-sig"))
 
 
+def read_json_for_user(path: str, error: type[Exception], what: str = ""):
+  """read_json with its failures worded for a user as `error`: "<what> <path> does not
+  exist", "... is not JSON (...)", "cannot read <what> <path>: ..."."""
+  named = f"{what} {path}" if what else path
+  try:
+    return read_json(path)
+  except FileNotFoundError:
+    raise error(f"{named} does not exist") from None
+  except ValueError as e:
+    raise error(f"{named} is not JSON ({e})") from None
+  except OSError as e:
+    raise error(f"cannot read {named}: {e}") from None
+
+
 def write_json_atomically(path: str, value, indent: int | None = 2,
                           sort_keys: bool = True) -> None:
   """Writes `value` as JSON (indented, keys sorted and a final newline unless told otherwise)

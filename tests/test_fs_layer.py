@@ -156,11 +156,15 @@ def test_layer_operations(tmp_path, scheme):
   fs.write_atomically(path, "{not json")
   with pytest.raises(ValueError):
     fs.read_json(path)
+  with pytest.raises(LookupError, match=f"^dev file {path} is not JSON"):
+    fs.read_json_for_user(path, LookupError, "dev file")
   assert [n for n in fs.listdir(folder) if ".tmp" in n] == []
   fs.remove(path)
   assert not fs.exists(path)
   with pytest.raises(FileNotFoundError):
     fs.read_json(path)
+  with pytest.raises(LookupError, match=f"^{path} does not exist$"):
+    fs.read_json_for_user(path, LookupError)
   assert fs.abspath("gs://bucket/run") == "gs://bucket/run"
   assert fs.abspath("rel") == os.path.join(os.getcwd(), "rel")
   assert fs.dirname("gs://bucket/run/") == "gs://bucket"

@@ -277,14 +277,7 @@ def dataset_version(dataset_json: Mapping[str, Any]) -> str:
 
 def load_json(path: str, what: str = "file") -> Any:
   """Reads a JSON file (local or gs://); SquadDataError when it is missing or not JSON."""
-  try:
-    return fs.read_json(path)
-  except FileNotFoundError:
-    raise SquadDataError(f"{what} {path} does not exist") from None
-  except ValueError as e:
-    raise SquadDataError(f"{what} {path} is not JSON ({e})") from None
-  except OSError as e:
-    raise SquadDataError(f"cannot read {what} {path}: {e}") from None
+  return fs.read_json_for_user(path, SquadDataError, what)
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -49,12 +49,7 @@ def write_bytes(path: str, data: bytes) -> None:
 
 def read_json(path: str) -> dict:
   """A JSON file of the folder; HFFolderError when it is absent or not JSON."""
-  try:
-    return fs.read_json(path)
-  except FileNotFoundError:
-    raise HFFolderError(f"{path} does not exist.") from None
-  except ValueError as e:
-    raise HFFolderError(f"{path} is not valid JSON ({e}).") from None
+  return fs.read_json_for_user(path, HFFolderError)
 
 
 def is_hf_folder(path: str) -> bool:
