@@ -23,7 +23,7 @@ from script_jax import checkpoints
 from script_jax import cli_errors
 from script_jax import fs
 from script_jax import models
-from script_jax.data import prepared
+from script_jax.data import prepared_folder
 from script_jax.finetune import model as task_models
 from script_jax.interop import hf_import
 
@@ -73,7 +73,7 @@ def load_start(init_from: str, step: Optional[int], ft, random_init: bool = Fals
       config, _, params = checkpoints.load_pretrained(init_from, step)
       # On the host: each run's device copy is donated to its train step.
       encoder = jax.device_get(checkpoints.encoder_params(config, params))
-    tokenizer, special_ids = prepared.load_workdir_tokenizer(init_from, config)
+    tokenizer, special_ids = prepared_folder.load_workdir_tokenizer(init_from, config)
   cfg = models.encoder_config_from(config.model, dropout_rate=ft.dropout_rate,
                                    attention_dropout_rate=ft.attention_dropout_rate,
                                    scan_layers=False, remat=False)

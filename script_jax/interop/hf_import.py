@@ -35,7 +35,7 @@ import numpy as np
 from script_jax import config_lib
 from script_jax import models
 from script_jax import state as state_lib
-from script_jax.data import prepared
+from script_jax.data import prepared_folder
 from script_jax.data import tokenizers
 from script_jax.interop import hf_folder
 from script_jax.interop import hf_params
@@ -208,7 +208,7 @@ def _tokenizer_problems(folder: hf_folder.Folder, config) -> list[str]:
     return [f"{folder.path} has no {hf_tokenizer.VOCAB_TXT} or {hf_tokenizer.SPM_MODEL} to "
             "tokenize the pretraining data with"]
   fix = f"(--config.data.tokenizer={kind} --config.data.vocab_file={path})"
-  if prepared.tokenizer_kind(config.data.tokenizer)[0] != kind:
+  if prepared_folder.tokenizer_kind(config.data.tokenizer)[0] != kind:
     return [f"data.tokenizer: the folder's tokenizer is {kind}, the config's "
             f"{config.data.tokenizer!r} {fix}"]
   vocab_file = config.data.vocab_file
