@@ -41,7 +41,7 @@ from script_jax import models
 from script_jax.data import prepared_folder
 from script_jax.finetune import glue_data
 from script_jax.finetune import model as task_models
-from script_jax.finetune import runs
+from script_jax.finetune import seed_runs
 from script_jax.finetune import trainer
 from script_jax.interop import hf_folder
 from script_jax.interop import hf_params
@@ -185,7 +185,7 @@ def _finetuned_start(run_dir: str, workdir: Optional[str]):
   """(config, tokenizer, special_ids, workdir) a GLUE run was fine-tuned from."""
   if not workdir:
     output_dir = "/".join(run_dir.split("/")[:-2]) or "."  # OUT of OUT/<task>/seed_<s>
-    workdir = runs.read_results(output_dir).get("init_from")
+    workdir = seed_runs.read_results(output_dir).get("init_from")
     if not workdir:
       raise ExportError(f"No results.json with init_from above {run_dir}: pass --workdir, the "
                         "pretraining workdir (or HuggingFace folder) it was fine-tuned from.")

@@ -1,6 +1,6 @@
 """Start from a HuggingFace ELECTRA or BERT folder: fine-tuning, or continued pretraining.
 
-  finetune_start(folder) -> (config, encoder, tokenizer, special_ids)   for finetune/runs.py
+  finetune_start(folder) -> (config, encoder, tokenizer, special_ids)   for finetune/seed_runs.py
   check_pretraining_config(init_from, config)                            before data preparation
   pretraining_params(init_from, config, fresh_params) -> (params, report)   for train.py
   load_hf_folder(folder, objective=None) -> (config, params, tokenizer)  all in one
@@ -160,7 +160,7 @@ def _encoder_folder(path: str) -> str:
 
 def finetune_start(path: str, vocab_pad_multiple: Optional[int] = None):
   """(config, encoder {"embeddings", "encoder"} as NumPy, tokenizer, special_ids) of a folder,
-  as finetune/runs.py load_start needs them. Any ELECTRA/BERT folder: heads are dropped."""
+  as finetune/seed_runs.py load_start needs them. Any ELECTRA/BERT folder: heads are dropped."""
   folder_path = _encoder_folder(path)
   pad = config_lib.base_config().model.vocab_pad_multiple
   folder = hf_folder.read_folder(folder_path, pad if vocab_pad_multiple is None

@@ -1,4 +1,4 @@
-"""What every fine-tuning command shares: the pretrained starting point and the results file.
+"""What every fine-tuning command shares: the pretrained start, the results file, the seed loop.
 
   start = load_start(init_from, step, ft)   config, encoder sizes, parameters, tokenizer
   results = read_results(output_dir)        {"runs": {task: {seed: metrics}}, ...}
@@ -138,7 +138,7 @@ def run_seeds(seeds: list[int], start: Start, task: Task, ft, *, random_init: bo
   folder, `evaluate` (which scores it into `results`), the final parameters with
   ft.save_model, then OUT/results.json and OUT/results.md (process 0): an interrupted command
   keeps every seed it finished."""
-  from script_jax.finetune import trainer  # pylint: disable=g-import-not-at-top  (cycle: trainer imports runs)
+  from script_jax.finetune import trainer  # pylint: disable=g-import-not-at-top  (cycle: trainer imports seed_runs)
   for seed in seeds:
     began = time.time()
     folder = run_dir(seed)
