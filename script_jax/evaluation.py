@@ -35,7 +35,7 @@ import scipy.stats
 from script_jax import config_lib
 from script_jax import objectives
 from script_jax import sharding as sharding_lib
-from script_jax.data import prepared
+from script_jax.data import prepared_folder
 
 P = jax.sharding.PartitionSpec
 PREFIX = "eval_"
@@ -127,7 +127,7 @@ class Evaluator:
              data_dir: str) -> Optional["Evaluator"]:
     """None when the prepared data has no evaluation split (older folders) or evaluation is off."""
     from script_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (heavy: tensorflow)
-    split = prepared.eval_split(metadata)
+    split = prepared_folder.eval_split(metadata)
     if not config.eval_every_steps or split is None:
       return None
     dataset = pipeline.create_eval_dataset(config, metadata, data_dir,

@@ -39,7 +39,7 @@ from script_jax import run_lock
 from script_jax import sharding as sharding_lib
 from script_jax import state as state_lib
 from script_jax.data import prepare
-from script_jax.data import prepared
+from script_jax.data import prepared_folder
 from script_jax.interop import hf_import
 
 Array = jax.Array
@@ -114,7 +114,7 @@ def _prepare_data(config, workdir):
                                          metadata.get("tokenizer", {}).get("path", "?"))
   if problem:
     raise config_lib.ConfigError(problem)
-  data_dir = prepared.data_dir_of(config, workdir)
+  data_dir = prepared_folder.data_dir_of(config, workdir)
   from script_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (heavy: tensorflow)
   pipeline.check_shards(data_dir, metadata)
   return metadata, data_dir
@@ -190,7 +190,7 @@ def _train_holding_the_lock(config, workdir: str) -> dict[str, float]:
     logging.info("Held-out evaluation every %d steps and at the end on %d sequences of %s.",
                  config.eval_every_steps, evaluator.num_sequences, data_dir)
   elif config.eval_every_steps:
-    logging.warning("%s", prepared.no_eval_split_message(data_dir))
+    logging.warning("%s", prepared_folder.no_eval_split_message(data_dir))
 
   is_chief = jax.process_index() == 0
   # TensorBoard on process 0; the console gets one progress line per log step (below).

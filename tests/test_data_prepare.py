@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from script_jax import config_lib
 from script_jax.data import corpus
-from script_jax.data import prepare, prepared, packing
+from script_jax.data import prepare, prepared_folder, packing
 from script_jax.data import tokenizers
 from script_jax.data.corpus import DataError
 
@@ -128,20 +128,21 @@ def test_default_corpus_end_to_end(default_data):
   assert sum(counts) == metadata["num_examples"] > 1000 and max(counts) - min(counts) <= 1
   with open(os.path.join(out, "metadata.json")) as f:
     assert json.load(f)["num_examples"] == metadata["num_examples"]
-  assert prepared.load_metadata(out)["fingerprint"] == metadata["fingerprint"]
+  assert prepared_folder.load_metadata(out)["fingerprint"] == metadata["fingerprint"]
   # The trainer and the scorer rebuild the tokenizer from the metadata alone.
   tokenizer = tokenizers.load_tokenizer(metadata["tokenizer"])
   assert tokenizer.special_ids == SPECIAL and tokenizer.vocab_size == config.model.vocab_size
-  assert f"{metadata['num_examples']:,} of 64 tokens in 4 shards" in prepared.summary(metadata)
-  split = prepared.eval_split(metadata)
+  summary = prepared_folder.summary(metadata)
+  assert f"{metadata['num_examples']:,} of 64 tokens in 4 shards" in summary
+  split = prepared_folder.eval_split(metadata)
   assert split["fraction"] == 0.05 and split["num_documents"] == 4
-  assert split["shards"][0]["file"] == prepared.EVAL_SHARD_FILENAME
+  assert split["shards"][0]["file"] == prepared_folder.EVAL_SHARD_FILENAME
   assert split["num_examples"] == split["shards"][0]["num_examples"] > 0
-  assert "4 held-out documents" in prepared.summary(metadata)
+  assert "4 held-out documents" in prepared_folder.summary(metadata)
 
 
 def test_held_out_documents_are_every_nth_and_at_least_one():
-  chosen = lambda n, f: [i for i in range(n) if prepared.is_held_out(i, f)]
+  chosen = lambda n, f: [i for i in range(n) if prepared_folder.is_held_out(i, f)]
   assert chosen(79, 0.05) == [0, 20, 40, 60]
   assert chosen(79, 0.01) == [0]  # at least one document
   assert chosen(1000, 0.01) == list(range(0, 1000, 100))
@@ -155,13 +156,13 @@ def test_every_token_accounted_for(default_data):
   those of the held-out documents: each in the corpus's order, none lost, none in both."""
   out, metadata = default_data
   ids, segments = read_all_in_order(out, metadata)
-  eval_ids, eval_segments = read_shard(os.path.join(out, prepared.EVAL_SHARD_FILENAME), 64)
+  eval_ids, eval_segments = read_shard(os.path.join(out, prepared_folder.EVAL_SHARD_FILENAME), 64)
   two = [check_layout(i, s, 64) for i, s in zip([*ids, *eval_ids], [*segments, *eval_segments])]
   assert np.mean(np.array(two) == 2) > 0.75  # most sequences have two segments
   tokenizer = tokenizers.load_tokenizer(metadata["tokenizer"])
   train_corpus_ids, eval_corpus_ids = [], []
   for index, doc in enumerate(corpus.read_documents("")):
-    held_out = prepared.is_held_out(index, 0.05)
+    held_out = prepared_folder.is_held_out(index, 0.05)
     (eval_corpus_ids if held_out else train_corpus_ids).extend(
         t for line in tokenizer.encode_batch(doc) for t in line)
   structural = [SPECIAL["cls"], SPECIAL["sep"], SPECIAL["pad"]]
@@ -197,7 +198,7 @@ def test_rerun_skips_finished_work(default_data):
   out, metadata = default_data
   before = _mtimes(out)
   again = prepare.prepare(small_config(), out, num_workers=1)
-  assert again == prepared.load_metadata(out)
+  assert again == prepared_folder.load_metadata(out)
   assert _mtimes(out) == before  # nothing rewritten, not even metadata.json
 
 
@@ -280,7 +281,7 @@ def test_text_files_with_a_wordpiece_vocab(tmp_path):
   assert metadata["special_ids"] == SPECIAL
   assert metadata["skipped_lines"] == 1 and metadata["corpus"]["documents"] == 41
   ids, _ = read_all_in_order(out, metadata)
-  eval_ids, _ = read_shard(os.path.join(out, prepared.EVAL_SHARD_FILENAME), 16)
+  eval_ids, _ = read_shard(os.path.join(out, prepared_folder.EVAL_SHARD_FILENAME), 16)
   assert metadata["eval"]["num_documents"] == 3  # documents 0, 20 and 40 of 41
   assert np.sum(ids == 1) + np.sum(eval_ids == 1) == 40  # the digits are [UNK]
   config.data.invalid_utf8 = "error"
@@ -313,7 +314,7 @@ def test_too_little_data_for_one_batch(tmp_path):
                                       r"fewer than one global batch of config.batch_size=64"):
     prepare.prepare(config, out, source=str(tmp_path / "small.txt"), num_workers=1)
   assert not [n for n in os.listdir(out) if n.endswith(".tfrecord") or "tmp" in n]
-  assert prepared.load_metadata(out) is None
+  assert prepared_folder.load_metadata(out) is None
   # One document (no blank lines): it is the evaluation split, and the error says so.
   (tmp_path / "one.txt").write_text("Only a few words here.\nAnd a few more.\n" * 50)
   config.batch_size = 2
@@ -324,7 +325,7 @@ def test_too_little_data_for_one_batch(tmp_path):
   config.data.eval_fraction = 0.0
   metadata = prepare.prepare(config, str(tmp_path / "out0"), source=str(tmp_path / "one.txt"),
                              num_workers=1)
-  assert metadata["num_examples"] > 2 and prepared.eval_split(metadata) is None
+  assert metadata["num_examples"] > 2 and prepared_folder.eval_split(metadata) is None
 
 
 def test_missing_source_file(tmp_path):

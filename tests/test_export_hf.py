@@ -256,13 +256,13 @@ def test_export_of_an_electra_workdir(wordpiece, tmp_path, monkeypatch):
   """export_pretrained on an ELECTRA run, both parts (the workdir's checkpoint and tokenizer
   stand in: the SCRIPT command test below reads a real one)."""
   from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
+  from script_jax.data import prepared_folder  # pylint: disable=g-import-not-at-top
   config = tiny(objective="electra", **{"model.scan_layers": True})
   model = models.build_model(config)
   params = init(model, seed=12, positions=True)
   monkeypatch.setattr(checkpoints, "load_pretrained", lambda workdir, step: (
       config, model, params))
-  monkeypatch.setattr(prepared, "load_workdir_tokenizer", lambda workdir, config: (
+  monkeypatch.setattr(prepared_folder, "load_workdir_tokenizer", lambda workdir, config: (
       wordpiece, wordpiece.special_ids))
   written = hf.export_pretrained(str(tmp_path), str(tmp_path / "hf"), part="both")
   assert [os.path.basename(w) for w in written] == ["discriminator", "generator"]
@@ -348,7 +348,7 @@ def test_export_of_a_glue_run(workdir, tmp_path):
   """OUT/<task>/seed_<s>/params as the GLUE command saves it -> ElectraForSequenceClassification
   that gives our logits on the HuggingFace tokenizer's encoding of a sentence pair."""
   from script_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from script_jax.data import prepared  # pylint: disable=g-import-not-at-top
+  from script_jax.data import prepared_folder  # pylint: disable=g-import-not-at-top
   from script_jax.finetune import glue_data, trainer  # pylint: disable=g-import-not-at-top,g-multiple-import
   config = checkpoints.read_run_config(workdir)
   cfg = models.encoder_config_from(config.model, scan_layers=False, remat=False)
@@ -361,7 +361,7 @@ def test_export_of_a_glue_run(workdir, tmp_path):
   hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(folder)
   assert hf_model.config.id2label == {0: "entailment", 1: "not_entailment"}
   auto = transformers.AutoTokenizer.from_pretrained(folder)
-  tokenizer, special = prepared.load_workdir_tokenizer(workdir, config)
+  tokenizer, special = prepared_folder.load_workdir_tokenizer(workdir, config)
   example = glue_data.Example(guid="0", text_a=TEXTS[0], text_b=TEXTS[1], label=0)
   arrays = glue_data.featurize([example], tokenizer.encode, special["cls"], special["sep"],
                                special["pad"], 32)

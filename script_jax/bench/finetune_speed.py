@@ -14,7 +14,7 @@ Two tasks at the config's model sizes (configs/small.py: vocab 30522, E 128, H 2
          HF: `transformers.ElectraForQuestionAnswering`.
 
 Ours is the train step of `finetune.trainer.fit`, built here the same way (trainer.py is not
-refactored for a benchmark): the encoder config of `finetune.runs.load_start` (fine-tuning's
+refactored for a benchmark): the encoder config of `finetune.seed_runs.load_start` (fine-tuning's
 dropout, no scan, no remat), `finetune.optim.make_optimizer` with `config_lib.finetune_config()`
 (clip 1.0, Adam without bias correction, layer-wise decay 0.8, the linear schedule), the task's
 own loss (`glue.classification_loss`, `squad.span_loss`) summed over the batch, value_and_grad,
@@ -122,7 +122,7 @@ def _median_window(windows: Sequence[float], others: Sequence[Any]) -> tuple[flo
 # ----------------------------------------------------------------------------- ours
 
 def encoder_config(config):
-  """The task model's encoder config, as finetune.runs.load_start builds it."""
+  """The task model's encoder config, as finetune.seed_runs.load_start builds it."""
   ft = config_lib.finetune_config()
   return models.encoder_config_from(config.model, dropout_rate=ft.dropout_rate,
                                     attention_dropout_rate=ft.attention_dropout_rate,

@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from script_jax import fs
 from script_jax.data import pipeline
-from script_jax.data import prepare, prepared
+from script_jax.data import prepare, prepared_folder
 
 
 def benchmark(config, metadata: dict, data_dir: str, num_batches: int, warmup_batches: int,
@@ -63,13 +63,13 @@ def main(argv):
   config = FLAGS.config
   if FLAGS.data_dir:
     data_dir = FLAGS.data_dir
-    metadata = prepared.load_metadata(data_dir)
+    metadata = prepared_folder.load_metadata(data_dir)
     if metadata is None:
       raise app.UsageError(f"{data_dir} has no metadata.json; run script_jax.data.prepare first.")
   else:
     metadata = prepare.prepare_pretraining_data(config, FLAGS.workdir, process_index=0,
                                                      process_count=1)
-    data_dir = prepared.data_dir_of(config, FLAGS.workdir)
+    data_dir = prepared_folder.data_dir_of(config, FLAGS.workdir)
   result = benchmark(config, metadata, data_dir, FLAGS.num_batches, FLAGS.warmup_batches,
                      FLAGS.process_count)
   logging.info("%s", result)

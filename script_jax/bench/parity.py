@@ -48,7 +48,7 @@ from script_jax import sharding as sharding_lib
 from script_jax import state as state_lib
 from script_jax import train
 from script_jax.bench import hf_peer
-from script_jax.data import prepared
+from script_jax.data import prepared_folder
 from script_jax.interop import hf as export_hf
 from script_jax.interop import hf_folder
 
@@ -207,7 +207,7 @@ def run_parity(config, workdir: str, steps: int, *, init: str = "same", dropout:
   model = models.build_model(config)
   state, state_sharding = state_lib.init_state(config, model, mesh)
   cfg = models.encoder_config_from(config.model)
-  _, special_ids = prepared.load_workdir_tokenizer(workdir, config)
+  _, special_ids = prepared_folder.load_workdir_tokenizer(workdir, config)
   ours_init = jax.device_get(state.params) if init == "same" else None
   hf_model = build_hf_mlm(cfg, special_ids["pad"], ours_init)
   log(f"{steps} steps of batch {config.batch_size} x {config.seq_len}, {init} initial weights, "

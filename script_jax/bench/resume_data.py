@@ -27,7 +27,7 @@ from ml_collections import config_flags
 from script_jax import cli_errors
 from script_jax import config_lib
 from script_jax import fs
-from script_jax.data import prepared
+from script_jax.data import prepared_folder
 
 FLAGS = flags.FLAGS
 
@@ -55,7 +55,7 @@ def benchmark(config, data_dir: str, fractions: list[float],
               orders: tuple[str, ...] = config_lib.DATA_ORDERS) -> dict:
   """The figures: for each fraction, the resume step and each order's seconds."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top  (heavy: tensorflow)
-  metadata = prepared.load_metadata(data_dir)
+  metadata = prepared_folder.load_metadata(data_dir)
   examples = sum(s["num_examples"] for s in metadata["shards"])
   rows = []
   for fraction in fractions:

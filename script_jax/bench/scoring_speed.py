@@ -27,7 +27,7 @@ from script_jax import checkpoints
 from script_jax import cli_errors
 from script_jax import fs
 from script_jax import models
-from script_jax.data import prepared
+from script_jax.data import prepared_folder
 from script_jax.scoring import pll_scorer
 
 FLAGS = flags.FLAGS
@@ -131,7 +131,7 @@ def _load_and_benchmark():
     config, model, params = checkpoints.load_pretrained(FLAGS.workdir)
     source = FLAGS.workdir
     try:
-      _, special_ids = prepared.load_workdir_tokenizer(FLAGS.workdir, config)
+      _, special_ids = prepared_folder.load_workdir_tokenizer(FLAGS.workdir, config)
     except Exception as e:  # pylint: disable=broad-except
       if not cli_errors.is_user_error(e):
         raise

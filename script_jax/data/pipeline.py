@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from script_jax import config_lib
 from script_jax import fs
-from script_jax.data import prepared
+from script_jax.data import prepared_folder
 from script_jax.data.corpus import DataError
 
 _EPOCHS = 2**62  # "repeat forever" as a range, so an epoch's number can seed its shuffle
@@ -237,7 +237,7 @@ def _shard_files(data_dir: str, shards: list[dict]) -> list[str]:
 def check_shards(data_dir: str, metadata: dict) -> None:
   """DataError naming the first shard (training or evaluation) that is missing or whose size
   differs from the one recorded when it was written; cheap (a stat per file), before training."""
-  _shard_files(data_dir, metadata["shards"] + (prepared.eval_split(metadata) or {}).get(
+  _shard_files(data_dir, metadata["shards"] + (prepared_folder.eval_split(metadata) or {}).get(
       "shards", []))
 
 
@@ -269,7 +269,7 @@ def create_pretraining_dataset(config: ml_collections.ConfigDict, metadata: dict
     start_step: the first batch is the one an uninterrupted run yields at this step.
     process_index, process_count: this host and the number of hosts (jax.process_*()).
   """
-  prepared.check_metadata_matches(config, metadata, data_dir=data_dir)
+  prepared_folder.check_metadata_matches(config, metadata, data_dir=data_dir)
   if process_count < 1 or not 0 <= process_index < process_count:
     raise DataError(f"process_index={process_index} of process_count={process_count}.")
   problem = config_lib.batch_per_host_problem(config.batch_size, process_count)
@@ -332,10 +332,10 @@ def create_eval_dataset(config: ml_collections.ConfigDict, metadata: dict, data_
   the same sequences, masks and batches at every evaluation, in every run, for any number of
   hosts. Each host keeps its rows [process_index * B / hosts, ...) of every global batch.
   """
-  split = prepared.eval_split(metadata)
+  split = prepared_folder.eval_split(metadata)
   if split is None:
     return None
-  prepared.check_metadata_matches(config, metadata, data_dir=data_dir)
+  prepared_folder.check_metadata_matches(config, metadata, data_dir=data_dir)
   problem = (config_lib.batch_per_host_problem(config.batch_size, process_count) or
              config_lib.max_predictions_problem(config))
   if problem:

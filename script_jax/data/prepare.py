@@ -19,9 +19,9 @@ Output folder:
   spm.model or vocab.txt             the tokenizer, copied or trained here
   metadata.json                      written last; what the trainer and the scorer read
 
-A share data.eval_fraction of the documents (at least one; every 1/fraction-th in corpus order,
-prepared.is_held_out) is set aside whole: their sequences go to the evaluation shard only, never
-to a training shard. Training examples go to shards round-robin, so shards differ by at most one
+A share data.eval_fraction of the documents (at least one; every 1/fraction-th in corpus
+order, prepared_folder.is_held_out) is set aside whole: their sequences go to the evaluation shard
+only, never to a training shard. Training examples go to shards round-robin, so shards differ by at most one
 example. A rerun skips
 finished shards whose recipe matches, writes the others to temporary names and renames them
 when complete, so an interrupted run never leaves a half-written shard under a final name.
@@ -47,7 +47,7 @@ from script_jax import config_lib
 from script_jax import fs
 from script_jax.data import corpus
 from script_jax.data import packing
-from script_jax.data import prepared
+from script_jax.data import prepared_folder
 from script_jax.data import tokenizers
 from script_jax.data import writer
 from script_jax.data.corpus import DataError
@@ -79,7 +79,7 @@ def _copy_atomically(src: str, dst: str) -> None:
 def _make_tokenizer(config, output_dir: str, source_description: str,
                     read_lines) -> tokenizers.Tokenizer:
   """The tokenizer the config names, stored in output_dir (copied, reused, or trained)."""
-  kind, model_type = prepared.tokenizer_kind(config.data.tokenizer)
+  kind, model_type = prepared_folder.tokenizer_kind(config.data.tokenizer)
   vocab_file = config.data.vocab_file
   if kind == "wordpiece":
     if not vocab_file:
@@ -153,10 +153,11 @@ def prepare(config: ml_collections.ConfigDict, output_dir: str, source: Optional
     num_workers = writer.default_num_workers(source)
   source_description = corpus.describe_source(source)
   fs.makedirs(output_dir)
-  metadata_path = fs.join(output_dir, prepared.METADATA_FILE)
-  existing = prepared.load_metadata(output_dir)
+  metadata_path = fs.join(output_dir, prepared_folder.METADATA_FILE)
+  existing = prepared_folder.load_metadata(output_dir)
   if existing is not None:
-    prepared.check_metadata_matches(config, existing, source_description, data_dir=output_dir)
+    prepared_folder.check_metadata_matches(config, existing, source_description,
+                                           data_dir=output_dir)
 
   def read(stats=None):
     return corpus.read_documents(source, config.data.invalid_utf8, stats,
@@ -164,14 +165,14 @@ def prepare(config: ml_collections.ConfigDict, output_dir: str, source: Optional
 
   tokenizer = _make_tokenizer(config, output_dir, source_description,
                               lambda: (line for document in read() for line in document))
-  recipe = {"format_version": prepared.FORMAT_VERSION, "source": source_description,
+  recipe = {"format_version": prepared_folder.FORMAT_VERSION, "source": source_description,
             "tokenizer_sha256": tokenizer.info["sha256"], "seq_len": config.seq_len,
             "num_shards": config.data.num_shards, "short_seq_prob": config.data.short_seq_prob,
             "single_segment_prob": packing.SINGLE_SEGMENT_PROB, "packing_seed": packing.PACKING_SEED,
             "invalid_utf8": config.data.invalid_utf8, "eval_fraction": config.data.eval_fraction}
   fingerprint = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
   num_shards = config.data.num_shards
-  names = prepared.shard_filenames(num_shards, config.data.eval_fraction)
+  names = prepared_folder.shard_filenames(num_shards, config.data.eval_fraction)
   if (existing is not None and existing.get("fingerprint") == fingerprint and
       all(fs.exists(fs.join(output_dir, n)) for n in names)):
     logging.info("%s is up to date (%d sequences); nothing to do.", output_dir,
@@ -196,7 +197,7 @@ def prepare(config: ml_collections.ConfigDict, output_dir: str, source: Optional
     corpus_summary = stats.summary()
   else:
     logging.info("All %d shards in %s are finished; writing %s.", len(names), output_dir,
-                 prepared.METADATA_FILE)
+                 prepared_folder.METADATA_FILE)
     shards = [{k: s[k] for k in ("file", "num_examples", "num_tokens", "bytes") if k in s}
               for s in sidecars]
     corpus_summary = sidecars[0]["corpus"]
@@ -220,7 +221,7 @@ def prepare(config: ml_collections.ConfigDict, output_dir: str, source: Optional
       "shards": eval_shards,
   }
   metadata = {
-      "format_version": prepared.FORMAT_VERSION,
+      "format_version": prepared_folder.FORMAT_VERSION,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "source": source_description,
       "seq_len": config.seq_len,
@@ -231,7 +232,7 @@ def prepare(config: ml_collections.ConfigDict, output_dir: str, source: Optional
       "num_tokens": num_tokens,
       "padding_fraction": 1.0 - (num_tokens + num_examples * 2) / (num_examples * config.seq_len),
       "shards": shards,  # training
-      "eval": eval_split,  # held-out documents, never trained on (prepared.eval_split)
+      "eval": eval_split,  # held-out documents, never trained on (prepared_folder.eval_split)
       "skipped_lines": corpus_summary["skipped_lines"],
       "corpus": corpus_summary,
       "recipe": recipe,
@@ -275,7 +276,7 @@ def prepare_pretraining_data(config: ml_collections.ConfigDict, workdir: str, *,
     process_index, process_count: default to jax.process_index() and jax.process_count().
     poll_s, timeout_s: how often, and how long, processes other than 0 look for metadata.json.
   """
-  data_dir = prepared.data_dir_of(config, workdir)
+  data_dir = prepared_folder.data_dir_of(config, workdir)
   if process_index is None or process_count is None:
     process_index, process_count = _jax_processes()
   metadata = _reusable_metadata(config, data_dir)
@@ -294,7 +295,7 @@ def prepare_pretraining_data(config: ml_collections.ConfigDict, workdir: str, *,
       raise DataError(f"Process {process_index} waited {timeout_s:.0f} s for process 0 to "
                       f"prepare {data_dir}; see process 0's log.")
     logging.log_every_n_seconds(logging.INFO, "Process %d waits for %s from process 0 ...", 60,
-                                process_index, fs.join(data_dir, prepared.METADATA_FILE))
+                                process_index, fs.join(data_dir, prepared_folder.METADATA_FILE))
     time.sleep(poll_s)
     metadata = _reusable_metadata(config, data_dir)
   return metadata
@@ -339,12 +340,12 @@ def _reusable_metadata(config: ml_collections.ConfigDict, data_dir: str) -> Opti
   An explicit config.data.prepared_dir is used whatever it was prepared from, as long as the
   model fits it (seq_len, vocab, tokenizer); WORKDIR/data must also come from config.data.source.
   """
-  metadata = prepared.load_metadata(data_dir)
+  metadata = prepared_folder.load_metadata(data_dir)
   if metadata is None:
     return None
   source_description = corpus.describe_source(config.data.source)
   try:
-    prepared.check_metadata_matches(config, metadata, data_dir=data_dir)
+    prepared_folder.check_metadata_matches(config, metadata, data_dir=data_dir)
   except DataError:
     return None  # prepare() says what is wrong (or process 0 is about to replace it)
   if not config.data.prepared_dir and metadata.get("source") != source_description:
@@ -357,7 +358,7 @@ def main(argv):
     metadata = prepare(FLAGS.config, FLAGS.output_dir, FLAGS.source,
                        num_workers=FLAGS.num_workers, tfds_data_dir=FLAGS.tfds_data_dir,
                        tfds_manual_dir=FLAGS.tfds_manual_dir)
-    print(prepared.summary(metadata))
+    print(prepared_folder.summary(metadata))
   cli_errors.run_cli(argv, body, quiet=False)  # its progress lines stay
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from script_jax import fs
 from script_jax.data import corpus
 from script_jax.data import packing
-from script_jax.data import prepared
+from script_jax.data import prepared_folder
 from script_jax.data import tokenizers
 from script_jax.data.corpus import DataError
 
@@ -44,7 +44,7 @@ def _init_worker(tokenizer_info: dict, seq_len: int, short_seq_prob: float, in_p
 
 def _encode_and_pack(task: tuple[int, list[corpus.Document]]):
   """(first document index, documents) -> input_ids, segment_ids [n, T], tokens per row, and
-  whether each row's document is held out for evaluation (prepared.is_held_out)."""
+  whether each row's document is held out for evaluation (prepared_folder.is_held_out)."""
   first_index, documents = task
   tokenizer, seq_len = _worker_state["tokenizer"], _worker_state["seq_len"]
   ids_per_line = tokenizer.encode_batch([line for document in documents for line in document])
@@ -57,7 +57,7 @@ def _encode_and_pack(task: tuple[int, list[corpus.Document]]):
     start += len(document)
     document_pairs = packing.pack_document(lines, seq_len, rng, _worker_state["short_seq_prob"])
     pairs += document_pairs
-    held_out += [prepared.is_held_out(first_index + i, _worker_state["eval_fraction"])
+    held_out += [prepared_folder.is_held_out(first_index + i, _worker_state["eval_fraction"])
                  ] * len(document_pairs)
   input_ids, segment_ids = packing.pairs_to_arrays(pairs, seq_len, tokenizer.special_ids)
   tokens = np.array([len(a) + len(b) for a, b in pairs], np.int64)
@@ -132,7 +132,7 @@ def write_shards(config, output_dir: str, todo: list[int], documents, stats, tok
   """
   serialize, writer_cls = _serialize_fn()
   num_shards = config.data.num_shards
-  names = prepared.shard_filenames(num_shards, config.data.eval_fraction)
+  names = prepared_folder.shard_filenames(num_shards, config.data.eval_fraction)
   tmp_paths = {k: fs.join(output_dir, f"{names[k]}.tmp-{os.getpid()}") for k in todo}
   writers = {k: writer_cls(tmp_paths[k]) for k in todo}
   counts = np.zeros(len(names), np.int64)

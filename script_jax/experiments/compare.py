@@ -39,8 +39,8 @@ from script_jax import fs
 from script_jax import train
 from script_jax.experiments import curve
 from script_jax.finetune import glue
-from script_jax.finetune import runs
-from script_jax.finetune.runs import FinetuneError
+from script_jax.finetune import seed_runs
+from script_jax.finetune.seed_runs import FinetuneError
 
 FLAGS = flags.FLAGS
 OBJECTIVES = {"script": "SCRIPT", "electra": "ELECTRA", "mlm": "MLM"}
@@ -87,7 +87,7 @@ def comparison_table(curve_data: dict[str, Any], output_dir: str) -> str:
     if not entry["points"]:
       continue
     step = entry["points"][-1]["step"]
-    labelled[f"{label} (step {step:,})"] = runs.read_results(
+    labelled[f"{label} (step {step:,})"] = seed_runs.read_results(
         fs.join(output_dir, label, f"step_{step}"))
     last = next((r for r in entry["pretraining"] if r["step"] == step), {})
     cells = [f"{last[k]:.4f}" if k in last else "-" for k in

@@ -40,8 +40,8 @@ from script_jax import fs
 from script_jax import metrics_log
 from script_jax.finetune import glue
 from script_jax.finetune import glue_data
-from script_jax.finetune import runs
-from script_jax.finetune.runs import FinetuneError
+from script_jax.finetune import seed_runs
+from script_jax.finetune.seed_runs import FinetuneError
 
 FLAGS = flags.FLAGS
 PRETRAINING_METRICS = ("eval_mlm_loss", "eval_disc_auc")  # the second panel's curves
@@ -143,7 +143,7 @@ def run_curve(ft, workdirs: Sequence[str], labels: Sequence[str], data_dir: str,
                         for w, label in zip(workdirs, labels)}}
   for number, (workdir, label, step) in enumerate(plan, start=1):
     folder = fs.join(output_dir, label, f"step_{step}")
-    results = runs.read_results(folder)
+    results = seed_runs.read_results(folder)
     todo = missing_runs(results, names, seeds)
     print(f"[{number}/{len(plan)}] {label} step {step}: "
           f"{f'{todo} run(s) to fine-tune' if todo else 'done'}", file=sys.stderr)

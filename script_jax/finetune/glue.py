@@ -43,16 +43,16 @@ from script_jax.finetune import glue_data
 from script_jax.finetune import glue_submission
 from script_jax.finetune import metrics
 from script_jax.finetune import model as task_models
-from script_jax.finetune import runs
+from script_jax.finetune import seed_runs
 from script_jax.finetune import trainer
-from script_jax.finetune.runs import FinetuneError
+from script_jax.finetune.seed_runs import FinetuneError
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
   """The command-line flags (defined only when run as a program)."""
-  runs.define_start_flags()
+  seed_runs.define_start_flags()
   flags.DEFINE_string("data_dir", None, "GLUE folder in the standard layout, or 'tfds'.")
   flags.DEFINE_list("tasks", [], "Tasks (default: every GLUE task found in --data_dir; with "
                     "'tfds', the eight of Table 2).")
@@ -134,15 +134,15 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
 
   config_lib.validate_finetune_config(ft)
   names = tasks_to_run(data_dir, tasks or [])
-  start = runs.load_start(init_from, step, ft, random_init)
+  start = seed_runs.load_start(init_from, step, ft, random_init)
   cfg, tokenizer, special = start.encoder_cfg, start.tokenizer, start.special_ids
   if ft.max_length > cfg.max_position_embeddings:
     raise FinetuneError(f"max_length={ft.max_length} exceeds the model's "
                         f"{cfg.max_position_embeddings} positions.")
   label = label or os.path.basename(init_from.rstrip("/")) + ("+random" if random_init else "")
   fs.makedirs(output_dir)
-  results = runs.read_results(output_dir)
-  runs.check_same_start(results, output_dir, init_from, random_init)
+  results = seed_runs.read_results(output_dir)
+  seed_runs.check_same_start(results, output_dir, init_from, random_init)
   results.update(label=label, init_from=init_from, random_init=random_init,
                  pretraining_step=int(step) if step is not None else None,
                  finetune_config=json.loads(ft.to_json()))
@@ -170,11 +170,11 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
     train_arrays["labels"] = training_targets(spec, train_arrays["labels"])
     eval_arrays = {e: featurize(_read(data_dir, e, "dev", check_counts)) for e in eval_names}
     unlabelled = _unlabelled_sets(data_dir, name, check_counts, featurize)
-    task = runs.Task(model=task_models.Classifier(cfg, spec.num_outputs),
-                     loss_fn=regression_loss if spec.is_regression else classification_loss,
-                     train_arrays=train_arrays, epochs=ft.epochs or spec.default_epochs)
+    task = seed_runs.Task(model=task_models.Classifier(cfg, spec.num_outputs),
+                          loss_fn=regression_loss if spec.is_regression else classification_loss,
+                          train_arrays=train_arrays, epochs=ft.epochs or spec.default_epochs)
 
-    def evaluate(run: runs.SeedRun) -> None:
+    def evaluate(run: seed_runs.SeedRun) -> None:
       for eval_name in eval_names:
         outputs = trainer.predict(task.model, run.params, eval_arrays[eval_name],
                                   ft.eval_batch_size)
@@ -196,11 +196,11 @@ def run_glue(ft, init_from: str, data_dir: str, output_dir: str, *,
           fs.makedirs(fs.dirname(path))
           fs.write_atomically(path, text)
 
-    runs.run_seeds(todo, start, task, ft, random_init=random_init, init_from=init_from,
-                   run_dir=lambda seed: fs.join(output_dir, name, f"seed_{seed}"),
-                   label=lambda seed: f"{spec.display_name} seed {seed}",
-                   evaluate=evaluate, results=results, output_dir=output_dir,
-                   table=lambda r: tables({label: r}))
+    seed_runs.run_seeds(todo, start, task, ft, random_init=random_init, init_from=init_from,
+                        run_dir=lambda seed: fs.join(output_dir, name, f"seed_{seed}"),
+                        label=lambda seed: f"{spec.display_name} seed {seed}",
+                        evaluate=evaluate, results=results, output_dir=output_dir,
+                        table=lambda r: tables({label: r}))
   return results
 
 

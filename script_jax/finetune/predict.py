@@ -24,9 +24,9 @@ from script_jax import fs
 from script_jax.finetune import glue
 from script_jax.finetune import glue_data
 from script_jax.finetune import model as task_models
-from script_jax.finetune import runs
+from script_jax.finetune import seed_runs
 from script_jax.finetune import trainer
-from script_jax.finetune.runs import FinetuneError
+from script_jax.finetune.seed_runs import FinetuneError
 
 FLAGS = flags.FLAGS
 
@@ -51,12 +51,12 @@ def load_run(run_dir: str):
     spec = glue_data.get_task(task_dir.rsplit("/", 1)[-1])
   except ValueError as e:
     raise FinetuneError(f"{run_dir} is not OUT/<task>/seed_<s> of a glue run: {e}") from None
-  results = runs.read_results(out_dir)
+  results = seed_runs.read_results(out_dir)
   if "init_from" not in results or "finetune_config" not in results:
     raise FinetuneError(f"{out_dir}/results.json does not say which model the run started "
                         "from; is this a glue output folder?")
   ft = ml_collections.ConfigDict(results["finetune_config"])
-  start = runs.load_start(results["init_from"], None, ft, random_init=True)
+  start = seed_runs.load_start(results["init_from"], None, ft, random_init=True)
   model = task_models.Classifier(start.encoder_cfg, spec.num_outputs)
   max_length = int(ft.max_length)
   ids = jax.numpy.zeros((1, max_length), jax.numpy.int32)

@@ -37,19 +37,19 @@ from script_jax import cli_errors
 from script_jax import config_lib
 from script_jax import fs
 from script_jax.finetune import model as task_models
-from script_jax.finetune import runs
+from script_jax.finetune import seed_runs
 from script_jax.finetune import squad_answers
 from script_jax.finetune import squad_data
 from script_jax.finetune import squad_eval
 from script_jax.finetune import trainer
-from script_jax.finetune.runs import FinetuneError
+from script_jax.finetune.seed_runs import FinetuneError
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
   """The command-line flags (defined only when run as a program)."""
-  runs.define_start_flags()
+  seed_runs.define_start_flags()
   flags.DEFINE_string("train_file", None, "SQuAD training JSON (official format).")
   flags.DEFINE_string("dev_file", None, "SQuAD dev JSON (official format).")
   flags.DEFINE_float("dev_split", None, "Without --train_file: the share of the dev file's "
@@ -122,14 +122,14 @@ def run_squad(ft, init_from: str, dev_file: Optional[str], output_dir: str, *,
   config_lib.validate_finetune_config(ft, squad=True)
   train_json, eval_json, note = _datasets(train_file, dev_file, dev_split, seed=0,
                                           tfds_name=tfds_name)
-  start = runs.load_start(init_from, step, ft, random_init)
+  start = seed_runs.load_start(init_from, step, ft, random_init)
   cfg = start.encoder_cfg
   if sq.max_length > cfg.max_position_embeddings:
     raise FinetuneError(f"squad.max_length={sq.max_length} exceeds the model's "
                         f"{cfg.max_position_embeddings} positions; use 128 or 256.")
   fs.makedirs(output_dir)
-  results = runs.read_results(output_dir)
-  runs.check_same_start(results, output_dir, init_from, random_init)
+  results = seed_runs.read_results(output_dir)
+  seed_runs.check_same_start(results, output_dir, init_from, random_init)
   results.update(init_from=init_from, random_init=random_init)
   version = squad_eval.dataset_version(eval_json)
   results["data"] = note
@@ -152,13 +152,13 @@ def run_squad(ft, init_from: str, dev_file: Optional[str], output_dir: str, *,
   def loss_fn(outputs, batch):
     return span_loss(outputs, batch, sq.no_answer_weight, version, answerable_on_v1=joint)
 
-  task = runs.Task(model=(task_models.JointSpanExtractor(cfg, beam_size=sq.n_best) if joint
-                          else task_models.SpanExtractor(cfg)),
-                   loss_fn=loss_fn, train_arrays=train_features.model_inputs(),
-                   epochs=ft.epochs or sq.epochs)
+  task = seed_runs.Task(model=(task_models.JointSpanExtractor(cfg, beam_size=sq.n_best) if joint
+                               else task_models.SpanExtractor(cfg)),
+                        loss_fn=loss_fn, train_arrays=train_features.model_inputs(),
+                        epochs=ft.epochs or sq.epochs)
   by_seed = results.setdefault("runs", {}).setdefault("squad", {})
 
-  def evaluate(run: runs.SeedRun) -> None:
+  def evaluate(run: seed_runs.SeedRun) -> None:
     outputs = trainer.predict(task.model, run.params, eval_features.model_inputs(),
                               sq.eval_batch_size)
     answer_rules = dict(n_best=sq.n_best, max_answer_length=sq.max_answer_length,
@@ -189,10 +189,10 @@ def run_squad(ft, init_from: str, dev_file: Optional[str], output_dir: str, *,
     print(f"SQuAD {version} seed {run.seed}: " + json.dumps(scores), file=sys.stderr)
 
   todo = [s for s in range(ft.first_seed, ft.first_seed + ft.num_seeds) if str(s) not in by_seed]
-  runs.run_seeds(todo, start, task, ft, random_init=random_init, init_from=init_from,
-                 run_dir=lambda seed: fs.join(output_dir, f"seed_{seed}"),
-                 label=lambda seed: f"SQuAD {version} seed {seed}", evaluate=evaluate,
-                 results=results, output_dir=output_dir, table=table)
+  seed_runs.run_seeds(todo, start, task, ft, random_init=random_init, init_from=init_from,
+                      run_dir=lambda seed: fs.join(output_dir, f"seed_{seed}"),
+                      label=lambda seed: f"SQuAD {version} seed {seed}", evaluate=evaluate,
+                      results=results, output_dir=output_dir, table=table)
   return results
 
 

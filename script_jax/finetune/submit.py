@@ -27,8 +27,8 @@ from script_jax import cli_errors
 from script_jax import fs
 from script_jax.finetune import glue_data
 from script_jax.finetune import glue_submission
-from script_jax.finetune import runs
-from script_jax.finetune.runs import FinetuneError
+from script_jax.finetune import seed_runs
+from script_jax.finetune.seed_runs import FinetuneError
 
 FLAGS = flags.FLAGS
 ZIP_NAME = "submission.zip"
@@ -65,11 +65,11 @@ def choose_run(task_runs: dict[str, dict[str, Any]], task: str,
 
 def assemble(output_dir: str, submission_dir: str, seed: Optional[int] = None) -> dict[str, Any]:
   """Writes the submission files, the zip and results.json; returns that record."""
-  results_path = fs.join(output_dir, runs.RESULTS_FILE)
+  results_path = fs.join(output_dir, seed_runs.RESULTS_FILE)
   if not fs.exists(results_path):
-    raise FinetuneError(f"No {runs.RESULTS_FILE} in {output_dir}: give --output_dir the folder "
-                        "a `python -m script_jax.finetune.glue` run wrote.")
-  glue_runs = runs.read_results(output_dir)["runs"]
+    raise FinetuneError(f"No {seed_runs.RESULTS_FILE} in {output_dir}: give --output_dir the "
+                        "folder a `python -m script_jax.finetune.glue` run wrote.")
+  glue_runs = seed_runs.read_results(output_dir)["runs"]
   fs.makedirs(submission_dir)
   record: dict[str, Any] = {"glue_results": results_path,
                             "selection": "median_low" if seed is None else f"seed {seed}",
@@ -103,7 +103,7 @@ def assemble(output_dir: str, submission_dir: str, seed: Optional[int] = None) -
           f"dev_{headline}": task_runs[chosen][headline]}
   if record["files"]:
     fs.write_atomically(fs.join(submission_dir, ZIP_NAME), archive.getvalue())
-  fs.write_json_atomically(fs.join(submission_dir, runs.RESULTS_FILE), record)
+  fs.write_json_atomically(fs.join(submission_dir, seed_runs.RESULTS_FILE), record)
   return record
 
 

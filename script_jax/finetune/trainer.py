@@ -36,7 +36,7 @@ from script_jax import fs
 from script_jax import metrics_log
 from script_jax import sharding as sharding_lib
 from script_jax.finetune import optim
-from script_jax.finetune.runs import FinetuneError
+from script_jax.finetune.seed_runs import FinetuneError
 
 P = jax.sharding.PartitionSpec
 LossFn = Callable[..., tuple[jax.Array, dict]]

@@ -38,10 +38,10 @@ from script_jax import checkpoints
 from script_jax import cli_errors
 from script_jax import fs
 from script_jax import models
-from script_jax.data import prepared
+from script_jax.data import prepared_folder
 from script_jax.finetune import glue_data
 from script_jax.finetune import model as task_models
-from script_jax.finetune import runs
+from script_jax.finetune import seed_runs
 from script_jax.finetune import trainer
 from script_jax.interop import hf_folder
 from script_jax.interop import hf_params
@@ -146,7 +146,7 @@ def export_pretrained(workdir: str, output_dir: str, *, part: Optional[str] = No
     raise ExportError(f"The workdir {workdir} does not exist.")
   config, _, params = checkpoints.load_pretrained(workdir, step)
   params = jax.device_get(models.unstack_layers(params))
-  tokenizer, special_ids = prepared.load_workdir_tokenizer(workdir, config)
+  tokenizer, special_ids = prepared_folder.load_workdir_tokenizer(workdir, config)
   cfg = models.encoder_config_from(config.model, scan_layers=False, remat=False)
   files = hf_tokenizer.tokenizer_files(tokenizer, special_ids, cfg.max_position_embeddings)
   provenance = lambda p: {"script_jax": {"objective": config.objective, "part": p,
@@ -185,7 +185,7 @@ def _finetuned_start(run_dir: str, workdir: Optional[str]):
   """(config, tokenizer, special_ids, workdir) a GLUE run was fine-tuned from."""
   if not workdir:
     output_dir = "/".join(run_dir.split("/")[:-2]) or "."  # OUT of OUT/<task>/seed_<s>
-    workdir = runs.read_results(output_dir).get("init_from")
+    workdir = seed_runs.read_results(output_dir).get("init_from")
     if not workdir:
       raise ExportError(f"No results.json with init_from above {run_dir}: pass --workdir, the "
                         "pretraining workdir (or HuggingFace folder) it was fine-tuned from.")
@@ -193,7 +193,7 @@ def _finetuned_start(run_dir: str, workdir: Optional[str]):
     config, _, tokenizer, special_ids = finetune_start(workdir)
     return config, tokenizer, special_ids, workdir
   config = checkpoints.read_run_config(workdir)
-  tokenizer, special_ids = prepared.load_workdir_tokenizer(workdir, config)
+  tokenizer, special_ids = prepared_folder.load_workdir_tokenizer(workdir, config)
   return config, tokenizer, special_ids, workdir
 
 

@@ -1,6 +1,6 @@
 """Start from a HuggingFace ELECTRA or BERT folder: fine-tuning, or continued pretraining.
 
-  finetune_start(folder) -> (config, encoder, tokenizer, special_ids)   for finetune/runs.py
+  finetune_start(folder) -> (config, encoder, tokenizer, special_ids)   for finetune/seed_runs.py
   check_pretraining_config(init_from, config)                            before data preparation
   pretraining_params(init_from, config, fresh_params) -> (params, report)   for train.py
   load_hf_folder(folder, objective=None) -> (config, params, tokenizer)  all in one
@@ -35,7 +35,7 @@ import numpy as np
 from script_jax import config_lib
 from script_jax import models
 from script_jax import state as state_lib
-from script_jax.data import prepared
+from script_jax.data import prepared_folder
 from script_jax.data import tokenizers
 from script_jax.interop import hf_folder
 from script_jax.interop import hf_params
@@ -160,7 +160,7 @@ def _encoder_folder(path: str) -> str:
 
 def finetune_start(path: str, vocab_pad_multiple: Optional[int] = None):
   """(config, encoder {"embeddings", "encoder"} as NumPy, tokenizer, special_ids) of a folder,
-  as finetune/runs.py load_start needs them. Any ELECTRA/BERT folder: heads are dropped."""
+  as finetune/seed_runs.py load_start needs them. Any ELECTRA/BERT folder: heads are dropped."""
   folder_path = _encoder_folder(path)
   pad = config_lib.base_config().model.vocab_pad_multiple
   folder = hf_folder.read_folder(folder_path, pad if vocab_pad_multiple is None
@@ -208,7 +208,7 @@ def _tokenizer_problems(folder: hf_folder.Folder, config) -> list[str]:
     return [f"{folder.path} has no {hf_tokenizer.VOCAB_TXT} or {hf_tokenizer.SPM_MODEL} to "
             "tokenize the pretraining data with"]
   fix = f"(--config.data.tokenizer={kind} --config.data.vocab_file={path})"
-  if prepared.tokenizer_kind(config.data.tokenizer)[0] != kind:
+  if prepared_folder.tokenizer_kind(config.data.tokenizer)[0] != kind:
     return [f"data.tokenizer: the folder's tokenizer is {kind}, the config's "
             f"{config.data.tokenizer!r} {fix}"]
   vocab_file = config.data.vocab_file

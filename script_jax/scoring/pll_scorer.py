@@ -38,7 +38,7 @@ from script_jax import cli_errors
 from script_jax import fs
 from script_jax import models
 from script_jax import objectives
-from script_jax.data import prepared
+from script_jax.data import prepared_folder
 
 Array = jax.Array
 METHODS = ("critic", "mlm")
@@ -217,7 +217,7 @@ class Scorer:
     if not fs.isdir(workdir):
       raise ScoringError(f"The workdir {workdir} does not exist.")
     config, model, params = checkpoints.load_pretrained(workdir, step)
-    tokenizer, special_ids = prepared.load_workdir_tokenizer(workdir, config)
+    tokenizer, special_ids = prepared_folder.load_workdir_tokenizer(workdir, config)
     max_len = min(int(config.seq_len), int(config.model.max_position_embeddings))
     return cls(model, params, special_ids=special_ids, max_len=max_len, tokenizer=tokenizer,
                **kwargs)

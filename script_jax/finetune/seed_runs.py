@@ -1,4 +1,4 @@
-"""What every fine-tuning command shares: the pretrained starting point and the results file.
+"""What every fine-tuning command shares: the pretrained start, the results file, the seed loop.
 
   start = load_start(init_from, step, ft)   config, encoder sizes, parameters, tokenizer
   results = read_results(output_dir)        {"runs": {task: {seed: metrics}}, ...}
@@ -23,7 +23,7 @@ from script_jax import checkpoints
 from script_jax import cli_errors
 from script_jax import fs
 from script_jax import models
-from script_jax.data import prepared
+from script_jax.data import prepared_folder
 from script_jax.finetune import model as task_models
 from script_jax.interop import hf_import
 
@@ -73,7 +73,7 @@ def load_start(init_from: str, step: Optional[int], ft, random_init: bool = Fals
       config, _, params = checkpoints.load_pretrained(init_from, step)
       # On the host: each run's device copy is donated to its train step.
       encoder = jax.device_get(checkpoints.encoder_params(config, params))
-    tokenizer, special_ids = prepared.load_workdir_tokenizer(init_from, config)
+    tokenizer, special_ids = prepared_folder.load_workdir_tokenizer(init_from, config)
   cfg = models.encoder_config_from(config.model, dropout_rate=ft.dropout_rate,
                                    attention_dropout_rate=ft.attention_dropout_rate,
                                    scan_layers=False, remat=False)
@@ -138,7 +138,7 @@ def run_seeds(seeds: list[int], start: Start, task: Task, ft, *, random_init: bo
   folder, `evaluate` (which scores it into `results`), the final parameters with
   ft.save_model, then OUT/results.json and OUT/results.md (process 0): an interrupted command
   keeps every seed it finished."""
-  from script_jax.finetune import trainer  # pylint: disable=g-import-not-at-top  (cycle: trainer imports runs)
+  from script_jax.finetune import trainer  # pylint: disable=g-import-not-at-top  (cycle: trainer imports seed_runs)
   for seed in seeds:
     began = time.time()
     folder = run_dir(seed)
