@@ -70,10 +70,10 @@ class EncoderConfig:
   # With scan_layers: a function of one layer's parameters applied where the scan uses them
   # (FSDP's per-layer gather, sharding.LayerGather); set by the train step, never by a config.
   layer_params_at_use: Any = None
-  # A function (table [V, E], ids [B, T]) -> [B, T, E] for the word lookup, in place of jnp.take:
-  # under FSDP, a lookup whose gradient goes straight into the table's shards
+  # A function (table [V, E], ids [B, T]) -> [B, T, E] for the embeddings' lookups, in place of
+  # jnp.take: under FSDP, one whose gradient goes straight into each table's shards
   # (sharding.ShardedLookup); set by the train step, never by a config.
-  word_lookup: Any = None
+  lookup: Any = None
 
   @property
   def kernel_init(self):
@@ -179,10 +179,15 @@ class Embeddings(nn.Module):
 
   def __call__(self, ids_BxT: Array, segment_ids_BxT: Array, deterministic: bool) -> Array:
     positions_T = jnp.arange(ids_BxT.shape[1])
-    words_BxTxE = (self.word_embeddings(ids_BxT) if self.cfg.word_lookup is None else
-                   self.cfg.word_lookup(self.word_embeddings.embedding, ids_BxT))
-    x_BxTxE = (words_BxTxE + self.position_embeddings(positions_T)[None]
-               + self.token_type_embeddings(segment_ids_BxT))
+    if self.cfg.lookup is None:
+      x_BxTxE = (self.word_embeddings(ids_BxT) + self.position_embeddings(positions_T)[None]
+                 + self.token_type_embeddings(segment_ids_BxT))
+    else:  # each position looked up per token, so its gradient is reduced as the words' are
+      lookup = self.cfg.lookup
+      positions_BxT = jnp.broadcast_to(positions_T, ids_BxT.shape)
+      x_BxTxE = (lookup(self.word_embeddings.embedding, ids_BxT)
+                 + lookup(self.position_embeddings.embedding, positions_BxT)
+                 + lookup(self.token_type_embeddings.embedding, segment_ids_BxT))
     x_BxTxE = self.layer_norm(x_BxTxE)
     return self.dropout(x_BxTxE, deterministic=deterministic).astype(self.cfg.compute_dtype)
 

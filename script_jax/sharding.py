@@ -210,16 +210,19 @@ class LayerGather:
 
 @dataclasses.dataclass(frozen=True)
 class ShardedLookup:
-  """FSDP's word lookup: rows of the whole table, whose gradient each device scatter-adds from
-  its own tokens and sends straight into the table's shards: a reduce-scatter over 'data' (and,
-  with FSDP groups, a sum of the shard over 'replica'). Left to XLA, the lookup's scatter-add is
-  all-reduced whole over every device and then sliced (seen on a v5e-256: f32[30592,1024]
-  all-reduced over 256 devices, docs/benchmarks.md 7.3.1)."""
+  """FSDP's lookups (words, positions, token types): rows of the whole table, whose gradient
+  each device scatter-adds from its own tokens and sends straight into the table's shards, as
+  FSDP stores it (`fsdp_spec`): a reduce-scatter over 'data' (and, with FSDP groups, a sum of
+  the shard over 'replica'). Left to XLA, a lookup's scatter-add is all-reduced whole over
+  every device and then sliced (seen on a v5e-256: f32[30592,1024] all-reduced over 256
+  devices, docs/benchmarks.md 7.3.2)."""
   mesh: jax.sharding.Mesh
-  table_spec: P  # the table's stored layout (fsdp_spec)
 
   def __call__(self, table_VxE: jax.Array, ids_BxT: jax.Array) -> jax.Array:
     return _sharded_lookup(self, table_VxE, ids_BxT)
+
+  def table_spec(self, shape: tuple[int, ...]) -> P:
+    return fsdp_spec(shape, self.mesh.shape["data"])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -237,7 +240,8 @@ def _sharded_lookup_fwd(lookup, table_VxE, ids_BxT):
 def _sharded_lookup_bwd(lookup, residuals, g_BxTxE):
   ids_BxT, shape_of_table = residuals
   num_rows, width = shape_of_table.shape[1:]
-  mesh, spec = lookup.mesh, tuple(lookup.table_spec)
+  mesh, table_spec = lookup.mesh, lookup.table_spec((num_rows, width))
+  spec = tuple(table_spec)
   split_dim = spec.index("data") if "data" in spec else None
   rows = batch_spec(mesh)
 
@@ -253,7 +257,7 @@ def _sharded_lookup_bwd(lookup, residuals, g_BxTxE):
       d_table_VxE = jax.lax.psum(d_table_VxE, "replica")
     return d_table_VxE.astype(shape_of_table.dtype)
 
-  d_table = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows), out_specs=lookup.table_spec,
+  d_table = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows), out_specs=table_spec,
                           check_vma=False)(ids_BxT, g_BxTxE)
   return d_table, None
 
@@ -273,16 +277,13 @@ def _with_encoder_fields(model: nn.Module, fields_for) -> nn.Module:
 
 def for_the_step(config, model, params_sharding, mesh):
   """(model, params_at_use) for a step over `mesh`: under mesh.fsdp the model gathers its
-  scanned layers one at a time (`LayerGather`), looks words up with `ShardedLookup`, and
+  scanned layers one at a time (`LayerGather`), looks its tables up with `ShardedLookup`, and
   `params_at_use` puts the rest in the layout the step uses them in (`fsdp_use_shardings`);
   otherwise `model` and the identity."""
   if not config.mesh.fsdp:
     return model, lambda params: params
-  data_size = mesh.shape["data"]
-
   def fields_for(cfg):
-    table_spec = fsdp_spec((cfg.padded_vocab_size, cfg.embedding_size), data_size)
-    fields = {"word_lookup": ShardedLookup(mesh, table_spec)}
+    fields = {"lookup": ShardedLookup(mesh)}
     if config.model.scan_layers:
       fields["layer_params_at_use"] = LayerGather(mesh, cfg.num_layers)
     return fields

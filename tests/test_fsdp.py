@@ -145,7 +145,8 @@ def test_sharded_lookup_equals_take_and_sends_its_gradient_to_the_shards(shape, 
   if replicas == 1:
     mesh = sharding_lib.make_mesh((data, 1), ("data", "model"), jax.devices())
   spec = sharding_lib.fsdp_spec(shape, data)
-  lookup = sharding_lib.ShardedLookup(mesh, spec)
+  lookup = sharding_lib.ShardedLookup(mesh)
+  assert lookup.table_spec(shape) == spec
   rng = np.random.default_rng(sum(shape) + replicas)
   table = rng.normal(size=shape).astype(np.float32)
   ids = rng.integers(0, shape[0], size=(16, 5)).astype(np.int32)

@@ -192,10 +192,10 @@ def test_fsdp_gradients_are_reduce_scattered_on_the_tpu():
 
 
 @pytest.mark.slow
-def test_fsdp_in_groups_reduces_the_word_embeddings_into_their_shards_on_the_tpu():
-  """FSDP in two groups of 4 on a v5e-8 (mesh.fsdp_replicas=2): the word lookup's gradient
-  (sharding.ShardedLookup) is reduce-scattered within a group and its shard summed across the
-  groups; the whole [512, 64] table is never all-reduced. (Left to XLA, configs/large.py's
+def test_fsdp_in_groups_reduces_the_embeddings_into_their_shards_on_the_tpu():
+  """FSDP in two groups of 4 on a v5e-8 (mesh.fsdp_replicas=2): the lookups' gradients
+  (sharding.ShardedLookup) are reduce-scattered within a group and each shard summed across
+  the groups; the whole [512, 64] word table is never all-reduced. (Left to XLA, configs/large.py's
   f32[30592,1024] was all-reduced whole over a v5e-256's 256 devices.)"""
   tpu = tpu_programs.parse_slice("v5litepod-8")
   config = _tiny("script", **{"mesh.fsdp": True, "mesh.fsdp_replicas": 2, "batch_size": 64})
@@ -207,3 +207,5 @@ def test_fsdp_in_groups_reduces_the_word_embeddings_into_their_shards_on_the_tpu
   assert (4, "f32[128,64]") in scattered  # within a group: each device's quarter of the rows
   assert (2, "f32[128,64]") in reduced  # the quarter, summed across the two groups
   assert not [a for _, a in reduced if a == "f32[512,64]"]
+  # The [128, 64] position embeddings likewise: a quarter each, summed across the groups.
+  assert (4, "f32[32,64]") in scattered and (2, "f32[32,64]") in reduced
