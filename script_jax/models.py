@@ -70,9 +70,9 @@ class EncoderConfig:
   # With scan_layers: a function of one layer's parameters applied where the scan uses them
   # (FSDP's per-layer gather, sharding.LayerGather); set by the train step, never by a config.
   layer_params_at_use: Any = None
-  # A function (table [V, E], ids [B, T]) -> [B, T, E] for the embeddings' lookups, in place of
-  # jnp.take: under FSDP, one whose gradient goes straight into each table's shards
-  # (sharding.ShardedLookup); set by the train step, never by a config.
+  # The embeddings' lookups in place of jnp.take, (table [V, E], ids [B, T]) -> [B, T, E], with
+  # .for_every_sequence(table, positions [T], B): under FSDP, lookups whose gradients go straight
+  # into each table's shards (sharding.ShardedLookup); set by the train step, never by a config.
   lookup: Any = None
 
   @property
@@ -182,11 +182,11 @@ class Embeddings(nn.Module):
     if self.cfg.lookup is None:
       x_BxTxE = (self.word_embeddings(ids_BxT) + self.position_embeddings(positions_T)[None]
                  + self.token_type_embeddings(segment_ids_BxT))
-    else:  # each position looked up per token, so its gradient is reduced as the words' are
+    else:
       lookup = self.cfg.lookup
-      positions_BxT = jnp.broadcast_to(positions_T, ids_BxT.shape)
       x_BxTxE = (lookup(self.word_embeddings.embedding, ids_BxT)
-                 + lookup(self.position_embeddings.embedding, positions_BxT)
+                 + lookup.for_every_sequence(self.position_embeddings.embedding, positions_T,
+                                             ids_BxT.shape[0])
                  + lookup(self.token_type_embeddings.embedding, segment_ids_BxT))
     x_BxTxE = self.layer_norm(x_BxTxE)
     return self.dropout(x_BxTxE, deterministic=deterministic).astype(self.cfg.compute_dtype)

@@ -221,8 +221,28 @@ class ShardedLookup:
   def __call__(self, table_VxE: jax.Array, ids_BxT: jax.Array) -> jax.Array:
     return _sharded_lookup(self, table_VxE, ids_BxT)
 
+  def for_every_sequence(self, table_PxE: jax.Array, positions_T: jax.Array,
+                         batch_size: int) -> jax.Array:
+    """table[positions] [T, E] for each of `batch_size` sequences, [B, T, E]: each device sums
+    its sequences' gradient first, then it goes into the shards (no per-token lookup)."""
+    return _sharded_for_every_sequence(self, batch_size, table_PxE, positions_T)
+
   def table_spec(self, shape: tuple[int, ...]) -> P:
     return fsdp_spec(shape, self.mesh.shape["data"])
+
+  def reduced_into_shards(self, d_table_local: jax.Array) -> jax.Array:
+    """Inside shard_map: this device's part of a table's gradient summed over every device,
+    each keeping its own shard of the sum (a reduce-scatter over 'data', then a sum over
+    'replica')."""
+    spec = tuple(self.table_spec(d_table_local.shape))
+    if "data" in spec:
+      d_table_local = jax.lax.psum_scatter(d_table_local, "data",
+                                           scatter_dimension=spec.index("data"), tiled=True)
+    else:
+      d_table_local = jax.lax.psum(d_table_local, "data")
+    if "replica" in self.mesh.axis_names:
+      d_table_local = jax.lax.psum(d_table_local, "replica")
+    return d_table_local
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -240,29 +260,53 @@ def _sharded_lookup_fwd(lookup, table_VxE, ids_BxT):
 def _sharded_lookup_bwd(lookup, residuals, g_BxTxE):
   ids_BxT, shape_of_table = residuals
   num_rows, width = shape_of_table.shape[1:]
-  mesh, table_spec = lookup.mesh, lookup.table_spec((num_rows, width))
-  spec = tuple(table_spec)
-  split_dim = spec.index("data") if "data" in spec else None
-  rows = batch_spec(mesh)
+  rows = batch_spec(lookup.mesh)
 
   def local(ids_bxT, g_bxTxE):
     d_table_VxE = jnp.zeros((num_rows, width), jnp.float32).at[ids_bxT.reshape(-1)].add(
         g_bxTxE.reshape(-1, width).astype(jnp.float32))
-    if split_dim is None:
-      d_table_VxE = jax.lax.psum(d_table_VxE, "data")
-    else:
-      d_table_VxE = jax.lax.psum_scatter(d_table_VxE, "data", scatter_dimension=split_dim,
-                                         tiled=True)
-    if "replica" in mesh.axis_names:
-      d_table_VxE = jax.lax.psum(d_table_VxE, "replica")
-    return d_table_VxE.astype(shape_of_table.dtype)
+    return lookup.reduced_into_shards(d_table_VxE).astype(shape_of_table.dtype)
 
-  d_table = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows), out_specs=table_spec,
+  d_table = jax.shard_map(local, mesh=lookup.mesh, in_specs=(rows, rows),
+                          out_specs=lookup.table_spec((num_rows, width)),
                           check_vma=False)(ids_BxT, g_BxTxE)
   return d_table, None
 
 
 _sharded_lookup.defvjp(_sharded_lookup_fwd, _sharded_lookup_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _sharded_for_every_sequence(lookup: ShardedLookup, batch_size: int, table_PxE, positions_T):
+  del lookup
+  rows_TxE = jnp.take(table_PxE, positions_T, axis=0)
+  return jnp.broadcast_to(rows_TxE[None], (batch_size,) + rows_TxE.shape)
+
+
+def _sharded_for_every_sequence_fwd(lookup, batch_size, table_PxE, positions_T):
+  shape_of_table = jnp.zeros((0,) + table_PxE.shape, table_PxE.dtype)
+  out = _sharded_for_every_sequence(lookup, batch_size, table_PxE, positions_T)
+  return out, (positions_T, shape_of_table)
+
+
+def _sharded_for_every_sequence_bwd(lookup, batch_size, residuals, g_BxTxE):
+  del batch_size
+  positions_T, shape_of_table = residuals
+  num_rows, width = shape_of_table.shape[1:]
+
+  def local(positions, g_bxTxE):
+    d_table_PxE = jnp.zeros((num_rows, width), jnp.float32).at[positions].add(
+        g_bxTxE.astype(jnp.float32).sum(0))
+    return lookup.reduced_into_shards(d_table_PxE).astype(shape_of_table.dtype)
+
+  d_table = jax.shard_map(local, mesh=lookup.mesh, in_specs=(P(), batch_spec(lookup.mesh)),
+                          out_specs=lookup.table_spec((num_rows, width)),
+                          check_vma=False)(positions_T, g_BxTxE)
+  return d_table, None
+
+
+_sharded_for_every_sequence.defvjp(_sharded_for_every_sequence_fwd,
+                                   _sharded_for_every_sequence_bwd)
 
 
 def _with_encoder_fields(model: nn.Module, fields_for) -> nn.Module:

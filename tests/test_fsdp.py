@@ -168,3 +168,31 @@ def test_sharded_lookup_equals_take_and_sends_its_gradient_to_the_shards(shape, 
   np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-5)
   assert grad.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec), 2)
   np.testing.assert_array_equal(jax.jit(lookup)(table, ids), expected_rows)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 8), (2, 4)])
+def test_sharded_rows_for_every_sequence_equal_a_broadcast_take(mesh_shape):
+  """ShardedLookup.for_every_sequence (the position embeddings under FSDP) against numpy: the
+  rows of the first T positions for every sequence, and their gradient summed over the batch,
+  laid out as the table is stored."""
+  replicas, data = mesh_shape
+  if replicas == 1:
+    mesh = sharding_lib.make_mesh((data, 1), ("data", "model"), jax.devices())
+  else:
+    mesh = sharding_lib.make_mesh((replicas, data, 1), ("replica", "data", "model"),
+                                  jax.devices())
+  lookup = sharding_lib.ShardedLookup(mesh)
+  rng = np.random.default_rng(int(np.random.default_rng().integers(1 << 30)))
+  table = rng.normal(size=(24, 16)).astype(np.float32)  # 24 positions, 5 used
+  weights = rng.normal(size=(16, 5, 16)).astype(np.float32)
+  positions = np.arange(5, dtype=np.int32)
+  batch_sharding = jax.sharding.NamedSharding(mesh, sharding_lib.batch_spec(mesh))
+  value, grad = jax.jit(jax.value_and_grad(
+      lambda t, w: (lookup.for_every_sequence(t, positions, 16) * w).sum()))(
+          table, jax.device_put(weights, batch_sharding))
+  expected_grad = np.zeros(table.shape, np.float64)
+  expected_grad[:5] = weights.astype(np.float64).sum(0)
+  np.testing.assert_allclose(value, (table[positions][None] * weights).sum(), rtol=1e-5)
+  np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-5)
+  stored = jax.sharding.NamedSharding(mesh, lookup.table_spec(table.shape))
+  assert grad.sharding.is_equivalent_to(stored, 2)
