@@ -49,3 +49,24 @@ def test_scopes_name_the_pass_and_fold_the_layers():
   assert hlo_traffic.array_bytes("f32[2,3]{1,0}") == 24  # no tile: as it is
   # minor_to_major {0,1}: dimension 0 is the minor one, so it is the one rounded to 128.
   assert hlo_traffic.array_bytes("f32[3,200]{0,1:T(8,128)}") == 4 * 128 * 200
+
+
+ASYNC = """HloModule jit_step
+
+ENTRY %main.1 (Arg_0.1: f32[256,8]) -> f32[64,8] {
+  %Arg_0.1 = f32[256,8]{1,0} parameter(0)
+  %copy-start.2 = (f32[256,8]{1,0}, f32[256,8]{1,0:S(1)}, u32[]) copy-start(%Arg_0.1)
+  %copy-done.3 = f32[256,8]{1,0:S(1)} copy-done(%copy-start.2)
+  %slice-start.4 = ((f32[256,8]{1,0}), f32[64,8]{1,0}, s32[]) slice-start(%Arg_0.1), slice={[0:64], [0:8]}
+  ROOT %slice-done.5 = f32[64,8]{1,0} slice-done(%slice-start.4)
+}
+"""
+
+
+def test_asynchronous_copies_and_slices_count_what_they_move_once():
+  """A copy (here into another memory space, S(1)) reads its operand and writes it once; a
+  slice reads and writes its slice, not the whole operand its result tuple repeats; the -done
+  halves add nothing."""
+  rows = hlo_traffic.op_traffic(ASYNC)
+  assert [(r["op"], r["bytes"]) for r in rows] == [("copy-start", 2 * 256 * 8 * 4),
+                                                   ("slice-start", 2 * (64 * 8 * 4 + 4))]

@@ -4,8 +4,8 @@ results there), summed by the model scope its metadata names (`forward/encoder/l
 
 An approximation of what the cost analysis counts: each array is padded to its TPU tile (as the
 cost analysis counts it), every operand is taken whole (a fusion that reads a slice of one is
-charged all of it), and a while loop is one op whose operands are its state, its body not broken
-down. On configs/small.py's bfloat16 steps for a v3-8 the total is within 1-2% of the cost
+charged all of it), an asynchronous copy or slice is counted once at its -start (what it reads
+and writes), and a while loop is one op whose operands are its state, its body not broken down. On configs/small.py's bfloat16 steps for a v3-8 the total is within 1-2% of the cost
 analysis's bytes accessed (docs/benchmarks.md 7.7); tests/test_tpu_compile.py checks 25% on tiny.
 """
 
@@ -97,10 +97,18 @@ def op_traffic(hlo: str) -> list[dict[str, Any]]:
     sizes[name] = array_bytes(result)
     if op in _FREE:
       continue
+    if op.endswith("-done"):  # an asynchronous op's traffic is counted at its -start
+      continue
     read = sum(sizes.get(o, 0) for o in re.findall(r"%([\w.\-]+)", operands))
+    if op == "slice-start":  # ((operand), slice, context): the slice read and written
+      moved = 2 * max(sizes[name] - read, 0)
+    elif op == "copy-start":  # (operand, copy, context): read once, written once
+      moved = 2 * read
+    else:
+      moved = read + sizes[name]
     op_name = _OP_NAME.search(attributes or "")
     rows.append({"name": name, "op": op, "result": re.sub(r"\{[^}]*\}", "", result),
-                 "bytes": read + sizes[name], "op_name": op_name.group(1) if op_name else ""})
+                 "bytes": moved, "op_name": op_name.group(1) if op_name else ""})
   return rows
 
 
