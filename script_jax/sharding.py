@@ -21,8 +21,8 @@ data-parallel gradient all-reduce, as MaxText lays out its DCN data parallelism
 The batch (`batch_spec`) is split over every data-parallel axis: ('replica', 'data') or 'data'.
 
 The state (`state_shardings`) is replicated on every device by default; with mesh.fsdp each
-array of the parameters and optimizer moments is split over 'data' along its largest divisible
-dimension (`fsdp_spec`).
+array of the parameters and optimizer moments is split over 'data' along its major-most divisible
+dimension, never a scanned stack's layer axis (`fsdp_spec`).
 
 The gathers (`for_the_step`): under FSDP the step uses the lookup tables whole
 (`fsdp_use_shardings`) and each scanned layer whole, one at a time inside the scan
@@ -120,14 +120,26 @@ def batch_spec(mesh: jax.sharding.Mesh) -> jax.sharding.PartitionSpec:
 
 # ----------------------------------------------------------------------------- FSDP's state
 
-def fsdp_spec(shape: tuple[int, ...], data_size: int) -> P:
-  """FSDP's layout of one array: its largest dimension that the data axis divides is split over
-  'data'; an array with no such dimension (a scalar, an odd size) stays replicated."""
-  dims = [i for i, d in enumerate(shape) if d % data_size == 0 and d >= data_size]
+def fsdp_spec(shape: tuple[int, ...], data_size: int, stacked: bool = False) -> P:
+  """FSDP's layout of one array: its major-most (first) dimension that the data axis divides is
+  split over 'data'; an array with no such dimension (a scalar, an odd size) stays replicated.
+  `stacked`: a scanned stack [L, ...], whose layer axis is never split (the scan gathers one
+  layer at a time). Major-most, not the largest: the TPU compiler writes a gradient's
+  reduce-scatter along a minor dimension as an all-reduce of the whole array (seen on a v5e-256
+  for the [N, D, H] attention output kernel and the [P, E] position table, split along H and E:
+  docs/benchmarks.md 7.3.2)."""
+  first = 1 if stacked else 0
+  dims = [i for i, d in enumerate(shape) if i >= first and d % data_size == 0 and d >= data_size]
   if data_size == 1 or not dims:
     return P()
-  axis = max(dims, key=lambda i: (shape[i], -i))  # the largest; the first of equals
-  return P(*[("data" if i == axis else None) for i in range(len(shape))])
+  return P(*[("data" if i == dims[0] else None) for i in range(len(shape))])
+
+
+def is_stacked(path) -> bool:
+  """Whether a state leaf at this tree path is a scanned stack of layers [L, ...]
+  (models.stack_layers: `layers/layer/...`, in the parameters and in each optimizer moment)."""
+  keys = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+  return any(a == "layers" and b == "layer" for a, b in zip(keys, keys[1:]))
 
 
 def state_shardings(config, abstract_state, mesh):
@@ -139,8 +151,9 @@ def state_shardings(config, abstract_state, mesh):
     replicated = jax.sharding.NamedSharding(mesh, P())
     return jax.tree.map(lambda _: replicated, abstract_state)
   data_size = mesh.shape["data"]
-  return jax.tree.map(
-      lambda x: jax.sharding.NamedSharding(mesh, fsdp_spec(x.shape, data_size)), abstract_state)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jax.sharding.NamedSharding(
+          mesh, fsdp_spec(x.shape, data_size, stacked=is_stacked(path))), abstract_state)
 
 
 def fsdp_use_shardings(params_sharding, mesh):
@@ -198,7 +211,8 @@ class LayerGather:
     whole = jax.sharding.NamedSharding(self.mesh, P())
 
     def gather(x):
-      stacked_spec = tuple(fsdp_spec((self.num_layers,) + tuple(x.shape), data_size))
+      stacked_spec = tuple(fsdp_spec((self.num_layers,) + tuple(x.shape), data_size,
+                                     stacked=True))
       stacked_spec += (None,) * (x.ndim + 1 - len(stacked_spec))
       stored = jax.sharding.NamedSharding(self.mesh, P(*stacked_spec[1:]))
       return _gathered(x, stored, whole)

@@ -26,19 +26,36 @@ def _config(objective="script", **overrides):
                         "optim.warmup_steps": 1, **overrides})
 
 
-@pytest.mark.parametrize("shape,spec", [
-    ((), P()),  # the step counter
-    ((7,), P()),  # no dimension the 8 devices divide
-    ((4,), P()),  # smaller than the axis
-    ((64,), P("data")),
-    ((512, 64), P("data", None)),  # the largest divisible dimension
-    ((64, 256), P(None, "data")),
-    ((64, 64), P("data", None)),  # equals: the first
-    ((2, 64, 129), P(None, "data", None)),  # scanned layers: 2 is not divided, 129 not by 8
+@pytest.mark.parametrize("shape,stacked,spec", [
+    ((), False, P()),  # the step counter
+    ((7,), False, P()),  # no dimension the 8 devices divide
+    ((4,), False, P()),  # smaller than the axis
+    ((64,), False, P("data")),
+    ((512, 64), False, P("data", None)),  # the major-most divisible dimension
+    ((64, 256), False, P("data", None)),  # not the largest: split along a minor dimension, the
+    ((4, 64, 256), False, P(None, "data", None)),  # TPU's reduce-scatter is a whole all-reduce
+    ((6, 256), False, P(None, "data")),
+    ((2, 64, 129), True, P(None, "data", None)),  # scanned layers: 2 is not divided, 129 not by 8
+    ((8, 16, 32), True, P(None, "data", None)),  # the layer axis is never split
+    ((8, 7), True, P()),
 ])
-def test_fsdp_spec_splits_the_largest_divisible_dimension(shape, spec):
-  assert sharding_lib.fsdp_spec(shape, 8) == spec
-  assert sharding_lib.fsdp_spec(shape, 1) == P()
+def test_fsdp_spec_splits_the_major_most_divisible_dimension(shape, stacked, spec):
+  assert sharding_lib.fsdp_spec(shape, 8, stacked=stacked) == spec
+  assert sharding_lib.fsdp_spec(shape, 1, stacked=stacked) == P()
+
+
+def test_fsdp_state_never_splits_a_scanned_stack_along_its_layers():
+  """state_shardings reads the layer stacks from the tree paths, in the parameters and in each
+  optimizer moment: 8 layers over 8 devices stay whole per layer, split inside each layer."""
+  mesh = sharding_lib.make_mesh((8, 1), ("data", "model"), jax.devices())
+  config = _config(**{"mesh.fsdp": True})
+  stacked = {"layers": {"layer": {"kernel": jax.ShapeDtypeStruct((8, 16, 32), np.float32)}},
+             "table": jax.ShapeDtypeStruct((8, 16), np.float32)}
+  state = {"params": stacked, "mu": stacked}
+  specs = jax.tree.map(lambda s: s.spec, sharding_lib.state_shardings(config, state, mesh))
+  for part in ("params", "mu"):
+    assert specs[part]["layers"]["layer"]["kernel"] == P(None, "data", None)
+    assert specs[part]["table"] == P("data", None)
 
 
 # SCRIPT's step has both passes, ELECTRA's a second model (scanned: two scans, the generator's
