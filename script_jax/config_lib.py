@@ -26,6 +26,7 @@ LIBTPU_RNG_FLAG = "--xla_tpu_spmd_rng_bit_generator_unsafe=true"
 DISC_POSITIONS = ("all", "masked")
 # How the critic's logsumexp is computed (objectives.critic_logsumexp).
 LOGSUMEXP_IMPLS = ("plain", "pallas")
+ATTENTION_IMPLS = ("xla", "pallas")
 DTYPES = ("float32", "bfloat16")
 OPTIMIZER_RECIPES = ("optax", "electra")  # config.optim.recipe (state.make_optimizer)
 NONFINITE_POLICIES = ("stop", "skip")  # config.optim.on_nonfinite (train.py)
@@ -110,6 +111,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Query/key/value projections as one matmul (same parameters and checkpoints; meant to cut
   # GPU kernels; opt-in, measured in docs/benchmarks.md section 5.4).
   c.model.fused_qkv = False
+  # "pallas": each layer's attention and its dropout in one kernel, the [B, N, T, T] scores in
+  # on-chip memory (fused_attention.py; its own dropout masks, not jax.random's); "xla": einsums
+  # and a softmax that XLA fuses (docs/benchmarks.md 7.9).
+  c.model.attention_impl = "xla"
 
   # Weight of the critic's loss: SCRIPT's alpha (Section 2: L = L_MLM + alpha * L_Disc), and
   # ELECTRA's lambda on its discriminator's loss (the same knob, one value for both).
@@ -236,6 +241,7 @@ KEYS_ADDED_SINCE = {
     "data.order": "buffer",
     "data.prepared_dir": "",
     "script.logsumexp_impl": "plain",
+    "model.attention_impl": "xla",
     "optim.recipe": "optax",
     "mesh.fsdp": False,
     "mesh.fsdp_replicas": 0,
@@ -387,6 +393,9 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
   if config.script.logsumexp_impl not in LOGSUMEXP_IMPLS:
     problems.append(f"script.logsumexp_impl must be one of {', '.join(LOGSUMEXP_IMPLS)}, got "
                     f"{config.script.logsumexp_impl!r}")
+  if m.attention_impl not in ATTENTION_IMPLS:
+    problems.append(f"model.attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, got "
+                    f"{m.attention_impl!r}")
   if config.rng_impl not in RNG_IMPLS:
     problems.append(f"rng_impl must be one of {', '.join(RNG_IMPLS)}, got {config.rng_impl!r}")
   if config.data.order not in DATA_ORDERS:

@@ -31,6 +31,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 from script_jax import sharding as sharding_lib
+from script_jax.pallas_common import NN, NT, TN, dot_in_float32, run_in_interpret_mode
 
 Array = jax.Array
 _PAD_BIAS = -1e9  # the bias of padding columns: exp() of it is 0 (models.mask_vocab_padding)
@@ -100,20 +101,6 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
-def _dot(a, b, dims):
-  """A float32 matmul of blocks in HBM's (possibly lower) precision. Mosaic compiles bfloat16
-  matmuls for TPU v4 and later only (v3 refuses them, error E2001: tried ahead of time), so the
-  operands are widened in VMEM, exactly; one pass at the default precision, as XLA's."""
-  return jax.lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32), (dims, ((), ())),
-                             precision=jax.lax.Precision.DEFAULT,
-                             preferred_element_type=jnp.float32)
-
-
-_NT = ((1,), (1,))  # a @ b.T
-_NN = ((1,), (0,))  # a @ b
-_TN = ((0,), (0,))  # a.T @ b
-
-
 def _fwd_kernel(features_ref, table_ref, bias_ref, lse_ref, max_ref, sum_ref):
   """One (row block i, vocabulary block j) step of an online logsumexp over j."""
   j = pl.program_id(1)
@@ -125,7 +112,7 @@ def _fwd_kernel(features_ref, table_ref, bias_ref, lse_ref, max_ref, sum_ref):
 
   features = features_ref[...]
   # The table rounded to the features' dtype in VMEM, as models.tied_logits does in HBM.
-  logits = _dot(features, table_ref[...].astype(features.dtype), _NT) + bias_ref[...]
+  logits = dot_in_float32(features, table_ref[...].astype(features.dtype), NT) + bias_ref[...]
   old_max = max_ref[...]
   new_max = jnp.maximum(old_max, logits.max(axis=1, keepdims=True))
   sum_ref[...] = (sum_ref[...] * jnp.exp(old_max - new_max)
@@ -154,11 +141,11 @@ def _bwd_kernel(features_ref, table_ref, bias_ref, lse_ref, g_ref, d_features_re
 
   features = features_ref[...]
   table = table_ref[...].astype(features.dtype)
-  logits = _dot(features, table, _NT) + bias_ref[...]
+  logits = dot_in_float32(features, table, NT) + bias_ref[...]
   gp = (jnp.exp(logits - lse_ref[...]) * g_ref[...]).astype(features.dtype)
   rows = pl.ds(pl.multiple_of(i * block_rows, block_rows), block_rows)
-  d_features_ref[rows, :] += _dot(gp, table, _NN)
-  d_table_ref[...] += _dot(gp, features, _TN)
+  d_features_ref[rows, :] += dot_in_float32(gp, table, NN)
+  d_table_ref[...] += dot_in_float32(gp, features, TN)
   d_bias_ref[...] += gp.astype(jnp.float32).sum(axis=0, keepdims=True)
 
 
@@ -316,12 +303,6 @@ def _local_grads(features_BxTxE, table_VxE, bias_V, lse_BxT, g_BxT, block_rows, 
 # as sharding.batch_spec; table and bias whole on every device) and sums d_table and d_bias over
 # the batch axes in float32, as the plain formula's partitioned matmul does.
 
-def _interpret(mesh) -> bool:
-  """Whether the kernels run in Pallas's interpret mode: on any backend but TPU (tests)."""
-  devices = mesh.devices.flat if mesh is not None else jax.devices()
-  return next(iter(devices)).platform != "tpu"
-
-
 def _batch_axes(mesh) -> tuple[str, ...]:
   axes = sharding_lib.batch_spec(mesh)[0]
   return axes if isinstance(axes, tuple) else (axes,)
@@ -329,7 +310,7 @@ def _batch_axes(mesh) -> tuple[str, ...]:
 
 def _lse(features_BxTxE, table_VxE, bias_V, block_rows, block_vocab, mesh):
   local = functools.partial(_local_lse, block_rows=block_rows, block_vocab=block_vocab,
-                            interpret=_interpret(mesh))
+                            interpret=run_in_interpret_mode(mesh))
   if mesh is None:
     return local(features_BxTxE, table_VxE, bias_V)
   rows = P(_batch_axes(mesh))
@@ -338,7 +319,7 @@ def _lse(features_BxTxE, table_VxE, bias_V, block_rows, block_vocab, mesh):
 
 
 def _grads(features_BxTxE, table_VxE, bias_V, lse_BxT, g_BxT, block_rows, block_vocab, mesh):
-  interpret = _interpret(mesh)
+  interpret = run_in_interpret_mode(mesh)
   axes = () if mesh is None else _batch_axes(mesh)
 
   def local(features, table, bias, lse, g):

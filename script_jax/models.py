@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from script_jax import random_bits
+from script_jax import fused_attention, random_bits
 
 Array = jax.Array
 _LN_EPS = 1e-12  # BERT's LayerNorm epsilon
@@ -66,6 +66,7 @@ class EncoderConfig:
   # Query, key and value as one [H, 3, N, D] matmul (the same three parameters, stacked at run
   # time): one GEMM, one bias reduction and one input gradient instead of three.
   fused_qkv: bool = False
+  attention_impl: str = "xla"  # "pallas": fused_attention.pallas_attention
   initializer_range: float = 0.02  # BERT's; tiny models need more to learn attention quickly
   # With scan_layers: a function of one layer's parameters applied where the scan uses them
   # (FSDP's per-layer gather, sharding.LayerGather); set by the train step, never by a config.
@@ -74,6 +75,10 @@ class EncoderConfig:
   # .for_every_sequence(table, positions [T], B): under FSDP, lookups whose gradients go straight
   # into each table's shards (sharding.ShardedLookup); set by the train step, never by a config.
   lookup: Any = None
+  # (the step's mesh, the batch's PartitionSpec), for kernels that run on each device's
+  # sequences (attention_impl="pallas"); set by the train and evaluation steps
+  # (sharding.for_the_step), never by a config.
+  kernel_sharding: Any = None
 
   @property
   def kernel_init(self):
@@ -197,16 +202,18 @@ class Embeddings(nn.Module):
 
 
 class _ProjectionParams(nn.Module):
-  """nn.DenseGeneral(features)'s kernel [H, *features] and bias, created exactly as it creates
-  them (same names, same draws), returned instead of applied: fused_qkv stacks three of them."""
+  """nn.DenseGeneral(features)'s kernel [*in_shape, *features] and bias, created exactly as it
+  creates them (same names, same draws), returned instead of applied: fused_qkv stacks three of
+  them, attention_impl="pallas" uses them flat."""
   features: tuple[int, ...]
   kernel_init: Any
 
   @nn.compact
-  def __call__(self, in_features: int) -> tuple[Array, Array]:
-    out = int(np.prod(self.features))
+  def __call__(self, in_shape: int | tuple[int, ...]) -> tuple[Array, Array]:
+    in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
+    flat = (int(np.prod(in_shape)), int(np.prod(self.features)))
     kernel = self.param("kernel", lambda rng, shape: self.kernel_init(
-        rng, (in_features, out), jnp.float32).reshape(shape), (in_features, *self.features))
+        rng, flat, jnp.float32).reshape(shape), (*in_shape, *self.features))
     bias = self.param("bias", lambda rng, shape: jnp.zeros(shape, jnp.float32), self.features)
     return kernel, bias
 
@@ -244,12 +251,16 @@ _softmax_kept_in.defvjp(_softmax_kept_in_fwd, _softmax_kept_in_bwd)
 
 class SelfAttention(nn.Module):
   """Multi-head self-attention with a float32 softmax (its probabilities kept in the compute
-  dtype: `softmax_kept_in`)."""
+  dtype: `softmax_kept_in`), or with attention_impl="pallas" one fused kernel per pass."""
   cfg: EncoderConfig
 
   @nn.compact
   def __call__(self, x_BxTxH: Array, mask_bias_Bx1x1xT: Array, deterministic: bool) -> Array:
     c = self.cfg
+    if c.attention_impl == "pallas":
+      dropout = not deterministic and c.attention_dropout_rate > 0.0
+      return self._fused(x_BxTxH, mask_bias_Bx1x1xT,
+                         self.make_rng("dropout") if dropout else None)
     head_dim = c.hidden_size // c.num_heads
     if c.fused_qkv:
       pairs = [_ProjectionParams((c.num_heads, head_dim), c.kernel_init, name=n)(c.hidden_size)
@@ -266,14 +277,54 @@ class SelfAttention(nn.Module):
       q_BxTxNxD = dense("query")(x_BxTxH).astype(c.compute_dtype)
       k_BxTxNxD = dense("key")(x_BxTxH).astype(c.compute_dtype)
       v_BxTxNxD = dense("value")(x_BxTxH).astype(c.compute_dtype)
-    scores_BxNxTxT = jnp.einsum("btnd,bsnd->bnts", q_BxTxNxD, k_BxTxNxD,
-                                preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
-    probs_BxNxTxT = softmax_kept_in(scores_BxNxTxT + mask_bias_Bx1x1xT, c.compute_dtype)
-    probs_BxNxTxT = Dropout(c.attention_dropout_rate)(probs_BxNxTxT, deterministic=deterministic)
-    out_BxTxNxD = jnp.einsum("bnts,bsnd->btnd", probs_BxNxTxT.astype(c.compute_dtype), v_BxTxNxD)
+    out_BxTxNxD = _xla_attention(c, q_BxTxNxD, k_BxTxNxD, v_BxTxNxD, mask_bias_Bx1x1xT,
+                                 deterministic)
     return nn.DenseGeneral(c.hidden_size, axis=(-2, -1), kernel_init=c.kernel_init,
                            dtype=c.compute_dtype, **FLOAT32_DENSE,
                            name="output")(out_BxTxNxD).astype(c.compute_dtype)
+
+  def _fused(self, x_BxTxH: Array, mask_bias_Bx1x1xT: Array, dropout_rng) -> Array:
+    """attention_impl="pallas": the same parameters (DenseGeneral's [H, N, D] and [N, D, H]
+    kernels) used flat, [H, H], so the heads stay side by side in [B, T, H] arrays: on a TPU a
+    [B, T, N, D] array with D = 64 is padded to 128 lanes and re-laid out around a kernel
+    (docs/benchmarks.md 7.9). The attention and its dropout by fused_attention's kernels, the
+    mask's two keys drawn from `dropout_rng` (None: no dropout)."""
+    c = self.cfg
+    h, n = c.hidden_size, c.num_heads
+    x_BxTxH = x_BxTxH.astype(c.compute_dtype)
+    params = [_ProjectionParams((n, h // n), c.kernel_init, name=name)(h)
+              for name in ("query", "key", "value")]
+    contract = (((2,), (0,)), ((), ()))
+    if c.fused_qkv:
+      w_Hx3xH = jnp.stack([w.reshape(h, h) for w, _ in params], axis=1)
+      b_3xH = jnp.stack([b.reshape(h) for _, b in params])
+      qkv_BxTx3xH = (float32_product(x_BxTxH, w_Hx3xH, contract) + b_3xH).astype(c.compute_dtype)
+      q_BxTxH, k_BxTxH, v_BxTxH = (qkv_BxTx3xH[:, :, i] for i in range(3))
+    else:
+      q_BxTxH, k_BxTxH, v_BxTxH = (
+          (float32_product(x_BxTxH, w.reshape(h, h), contract) + b.reshape(h)).astype(
+              c.compute_dtype) for w, b in params)
+    rate = c.attention_dropout_rate if dropout_rng is not None else 0.0
+    keys_2 = (jax.lax.bitcast_convert_type(random_bits.bits(dropout_rng, (2,)), jnp.int32)
+              if rate > 0.0 else jnp.zeros((2,), jnp.int32))
+    mask_bias_BxT = mask_bias_Bx1x1xT.reshape(mask_bias_Bx1x1xT.shape[0], -1)
+    out_BxTxH = fused_attention.pallas_attention(q_BxTxH, k_BxTxH, v_BxTxH, mask_bias_BxT,
+                                                 keys_2, n, rate, c.kernel_sharding)
+    w_NxDxH, b_H = _ProjectionParams((h,), c.kernel_init, name="output")((n, h // n))
+    return (float32_product(out_BxTxH, w_NxDxH.reshape(h, h), contract) + b_H).astype(
+        c.compute_dtype)
+
+
+def _xla_attention(c: EncoderConfig, q_BxTxNxD, k_BxTxNxD, v_BxTxNxD, mask_bias_Bx1x1xT,
+                   deterministic: bool) -> Array:
+  """The attention as einsums and a float32 softmax that XLA fuses; called inside
+  SelfAttention, whose Dropout_0 it creates (the same names and rng stream as before)."""
+  head_dim = q_BxTxNxD.shape[-1]
+  scores_BxNxTxT = jnp.einsum("btnd,bsnd->bnts", q_BxTxNxD, k_BxTxNxD,
+                              preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
+  probs_BxNxTxT = softmax_kept_in(scores_BxNxTxT + mask_bias_Bx1x1xT, c.compute_dtype)
+  probs_BxNxTxT = Dropout(c.attention_dropout_rate)(probs_BxNxTxT, deterministic=deterministic)
+  return jnp.einsum("bnts,bsnd->btnd", probs_BxNxTxT.astype(c.compute_dtype), v_BxTxNxD)
 
 
 class TransformerLayer(nn.Module):

@@ -334,10 +334,13 @@ def _with_encoder_fields(model: nn.Module, fields_for) -> nn.Module:
 
 
 def for_the_step(config, model, params_sharding, mesh):
-  """(model, params_at_use) for a step over `mesh`: under mesh.fsdp the model gathers its
+  """(model, params_at_use) for a step over `mesh`: kernels that run per device
+  (model.attention_impl="pallas") are given the mesh; under mesh.fsdp the model gathers its
   scanned layers one at a time (`LayerGather`), looks its tables up with `ShardedLookup`, and
   `params_at_use` puts the rest in the layout the step uses them in (`fsdp_use_shardings`);
   otherwise `model` and the identity."""
+  if config.model.attention_impl == "pallas":
+    model = _with_encoder_fields(model, lambda cfg: {"kernel_sharding": (mesh, batch_spec(mesh))})
   if not config.mesh.fsdp:
     return model, lambda params: params
   def fields_for(cfg):

@@ -209,3 +209,26 @@ def test_fsdp_in_groups_reduces_the_embeddings_into_their_shards_on_the_tpu():
   assert not [a for _, a in reduced if a == "f32[512,64]"]
   # The [128, 64] position embeddings likewise: a quarter each, summed across the groups.
   assert (4, "f32[32,64]") in scattered and (2, "f32[32,64]") in reduced
+
+
+@pytest.mark.slow
+def test_fused_attention_compiles_for_a_v3_8_with_only_the_planned_collectives(v3_devices,
+                                                                               tmp_path):
+  """model.attention_impl=pallas, SCRIPT and the evaluation in bfloat16 on a v3-8: Mosaic
+  compiles the kernels (two per layer and pass in training, one in evaluation), each device
+  runs them on its own sequences (no gather of the batch), every collective is a float32
+  all-reduce, and the step's bytes fall below the XLA attention's."""
+  reports = {}
+  for impl in ("xla", "pallas"):
+    for step in ("train", "eval"):
+      hlo = tmp_path / f"{impl}_{step}.txt"
+      reports[impl, step] = tpu_programs.compile_step(
+          _tiny("script", **{"model.attention_impl": impl}), V3_8, step, v3_devices,
+          hlo_path=str(hlo))
+      _assert_planned(reports[impl, step])
+      reports[impl, step]["kernels"] = hlo.read_text().count('custom_call_target="tpu_custom_call"')
+  layers = load_config("tiny").model.num_layers
+  assert reports["xla", "train"]["kernels"] == 0
+  assert reports["pallas", "train"]["kernels"] == 2 * 2 * layers  # 2 passes, forward + backward
+  assert reports["pallas", "eval"]["kernels"] >= layers
+  assert reports["pallas", "train"]["bytes_accessed"] < reports["xla", "train"]["bytes_accessed"]

@@ -1,0 +1,142 @@
+"""The fused attention (Pallas kernels, interpret mode on the CPU) against numpy and the plain
+formula: values, gradients, its dropout mask, per-device runs, the model and the TPU program."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from helpers import load_config, random_batch
+from script_jax import fused_attention
+from script_jax import models
+
+
+def _lowbias32_numpy(x):
+  """Wellons' lowbias32 on uint32, written from its definition (not from the module)."""
+  x = np.asarray(x, np.uint32)
+  x ^= x >> np.uint32(16)
+  x = (x.astype(np.uint64) * 0x7FEB352D % 2 ** 32).astype(np.uint32)
+  x ^= x >> np.uint32(15)
+  x = (x.astype(np.uint64) * 0x846CA68B % 2 ** 32).astype(np.uint32)
+  return x ^ (x >> np.uint32(16))
+
+
+def _keep_numpy(key1, key2, b, n, t, rate):
+  """The keep mask [B, N, T, T] from the flat index of every score, in numpy uint32."""
+  index = np.arange(b * n * t * t, dtype=np.uint64).astype(np.uint32).reshape(b, n, t, t)
+  k1, k2 = np.uint32(np.int32(key1).view(np.uint32)), np.uint32(np.int32(key2).view(np.uint32))
+  bits = _lowbias32_numpy(_lowbias32_numpy(index ^ k1) ^ k2) >> np.uint32(8)
+  return bits >= np.uint32(round(rate * 2 ** 24))
+
+
+def _attention_numpy(q, k, v, bias, keep, rate, num_heads):
+  """float64 attention with the given keep mask, [B, T, H] with the heads side by side."""
+  b, t, width = q.shape
+  q, k, v = (np.asarray(x, np.float64).reshape(b, t, num_heads, -1) for x in (q, k, v))
+  scores = np.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(q.shape[-1])
+  scores = scores + np.asarray(bias, np.float64)[:, None, None, :]
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  if rate > 0:
+    probs = np.where(keep, probs / (1 - rate), 0.0)
+  return np.einsum("bnts,bsnd->btnd", probs, v).reshape(b, t, width)
+
+
+def _inputs(b, t, n, d, dtype, seed):
+  rng = np.random.default_rng(seed)
+  q, k, v, cot = (jnp.asarray(rng.normal(size=(b, t, n * d)), dtype) for _ in range(4))
+  lengths = rng.integers(1, t + 1, size=b)
+  lengths[0] = t
+  bias = jnp.where(np.arange(t)[None, :] < lengths[:, None], 0.0, -1e9).astype(jnp.float32)
+  keys = jnp.asarray(rng.integers(-2 ** 31, 2 ** 31, size=2), jnp.int32)
+  return q, k, v, cot, bias, keys
+
+
+def test_the_dropout_mask_is_the_hash_of_each_score_and_drops_at_the_rate():
+  keys = (np.int32(123456789), np.int32(-98765))
+  b, n, t, rate = 2, 3, 64, 0.1
+  first = fused_attention._first_index(jnp.arange(b, dtype=jnp.int32)[:, None],
+                                       jnp.arange(n)[None, :], n, t)
+  got = jax.vmap(jax.vmap(lambda f: fused_attention.keep_mask(
+      jnp.int32(keys[0]), jnp.int32(keys[1]), f, (t, t), rate)))(first)
+  want = _keep_numpy(*keys, b, n, t, rate)
+  np.testing.assert_array_equal(np.asarray(got), want)
+  # 24,576 scores: the dropped fraction within 4 standard deviations of the rate, and the
+  # masks of two heads, two sequences and two key pairs not alike.
+  drop = 1 - want.mean()
+  assert abs(drop - rate) < 4 * np.sqrt(rate * (1 - rate) / want.size), drop
+  assert (want[0, 0] != want[0, 1]).mean() > 0.1 and (want[0, 0] != want[1, 0]).mean() > 0.1
+  other = _keep_numpy(keys[0], keys[1] + 1, b, n, t, rate)
+  assert (other != want).mean() > 0.1
+
+
+@pytest.mark.parametrize("dtype,rate", [(jnp.float32, 0.0), (jnp.float32, 0.1),
+                                        (jnp.bfloat16, 0.0), (jnp.bfloat16, 0.1)])
+def test_pallas_attention_equals_numpy_and_the_plain_formula(dtype, rate):
+  """Values against float64 numpy with the same mask; gradients against jax's autodiff of
+  reference_attention (the [B, N, T, T] formula), on padded sequences, T not a tile multiple."""
+  b, t, n, d = 3, 20, 2, 8
+  seed = int(rate * 10) + (dtype == jnp.bfloat16)
+  q, k, v, cot, bias, keys = _inputs(b, t, n, d, dtype, seed)
+  out = fused_attention.pallas_attention(q, k, v, bias, keys, n, rate)
+  assert out.dtype == dtype and out.shape == (b, t, n * d)
+  keep = _keep_numpy(int(keys[0]), int(keys[1]), b, n, t, rate)
+  want = _attention_numpy(q, k, v, bias, keep, rate, n)
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=3e-2, atol=3e-2)
+  np.testing.assert_allclose(np.asarray(out, np.float64), want, **tol)
+
+  def loss(fn):
+    return lambda q, k, v: (fn(q, k, v, bias, keys, n, rate).astype(jnp.float32)
+                            * cot.astype(jnp.float32)).sum()
+  got = jax.grad(loss(fused_attention.pallas_attention), argnums=(0, 1, 2))(q, k, v)
+  ref = jax.grad(loss(fused_attention.reference_attention), argnums=(0, 1, 2))(q, k, v)
+  for name, g, r in zip("qkv", got, ref):
+    g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
+    scale = np.abs(r).max()
+    assert np.abs(g - r).max() <= (1e-5 if dtype == jnp.float32 else 2e-2) * scale, name
+
+
+def test_each_device_runs_its_own_sequences_with_the_same_masks():
+  """Over 8 devices (the batch split as the train step splits it) the kernels give the
+  whole-batch values and gradients: each device's masks continue the global index."""
+  devices = np.array(jax.devices()[:8]).reshape(2, 4, 1)
+  mesh = jax.sharding.Mesh(devices, ("replica", "data", "model"))
+  batch = P(("replica", "data"))
+  q, k, v, cot, bias, keys = _inputs(8, 16, 2, 8, jnp.float32, seed=7)
+
+  def loss(sharding):
+    return lambda q, k, v: (fused_attention.pallas_attention(q, k, v, bias, keys, 2, 0.2,
+                                                             sharding)
+                            * cot).sum()
+  rows = NamedSharding(mesh, batch)
+  placed = [jax.device_put(x, rows) for x in (q, k, v)]
+  split = jax.jit(jax.value_and_grad(loss((mesh, batch)), argnums=(0, 1, 2)))(*placed)
+  whole = jax.value_and_grad(loss(None), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(whole)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_model_with_the_kernels_trains_as_with_xla_attention():
+  """The trainer's SCRIPT step on 8 devices: without attention dropout the kernels give the XLA
+  path's loss and gradient norm; with it, a finite loss that differs (other masks)."""
+  from script_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from script_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  from script_jax import train  # pylint: disable=g-import-not-at-top
+  metrics = {}
+  for impl, rate in (("xla", 0.0), ("pallas", 0.0), ("xla", 0.1), ("pallas", 0.1)):
+    config = load_config("tiny", rng_impl="threefry2x32",
+                         **{"model.attention_impl": impl, "model.attention_dropout_rate": rate})
+    mesh = sharding_lib.create_mesh(config)
+    model = models.build_model(config)
+    state, state_sharding = state_lib.init_state(config, model, mesh)
+    batch = train.to_global_batch(random_batch(config, config.batch_size, seed=3), mesh)
+    _, out = train.make_train_step(config, model, state_sharding, mesh)(state, batch)
+    metrics[impl, rate] = {k: float(out[k]) for k in ("loss", "grad_norm")}
+  for key in ("loss", "grad_norm"):
+    np.testing.assert_allclose(metrics["pallas", 0.0][key], metrics["xla", 0.0][key], rtol=1e-5)
+  assert np.isfinite(metrics["pallas", 0.1]["loss"])
+  assert metrics["pallas", 0.1]["loss"] != metrics["xla", 0.1]["loss"]
+  assert metrics["pallas", 0.1]["loss"] != metrics["pallas", 0.0]["loss"]
