@@ -17,7 +17,7 @@ Ours is the train step of `finetune.trainer.fit`, built here the same way (train
 refactored for a benchmark): the encoder config of `finetune.seed_runs.load_start` (fine-tuning's
 dropout, no scan, no remat), `finetune.optim.make_optimizer` with `config_lib.finetune_config()`
 (clip 1.0, Adam without bias correction, layer-wise decay 0.8, the linear schedule), the task's
-own loss (`glue.classification_loss`, `squad.span_loss`) summed over the batch, value_and_grad,
+own loss (`glue_runs.classification_loss`, `squad.span_loss`) summed over the batch, value_and_grad,
 the optax update, parameters and optimizer state donated, dropout from fold_in(key, step), data
 parallel over the devices (one CPU device here). One fixed random batch stays on the device and
 only the end of each window waits for it (fit also fetches the metrics every step).
@@ -56,7 +56,7 @@ from script_jax import config_lib
 from script_jax import fs
 from script_jax import models
 from script_jax.bench import step_speed
-from script_jax.finetune import glue
+from script_jax.finetune import glue_runs
 from script_jax.finetune import model as task_models
 from script_jax.finetune import optim
 from script_jax.finetune import squad
@@ -139,7 +139,7 @@ def time_ours(config, task: str, length: int, *, batch_size: int, steps: int, wa
     raise ValueError(f"length {length} exceeds the model's {cfg.max_position_embeddings} "
                      "positions")
   if task == "glue":
-    model, loss_fn = task_models.Classifier(cfg, 2), glue.classification_loss
+    model, loss_fn = task_models.Classifier(cfg, 2), glue_runs.classification_loss
   elif task == "squad":
     model = task_models.SpanExtractor(cfg)
     loss_fn = functools.partial(squad.span_loss, no_answer_weight=ft.squad.no_answer_weight,

@@ -38,7 +38,7 @@ from script_jax import config_lib
 from script_jax import fs
 from script_jax import train
 from script_jax.experiments import curve
-from script_jax.finetune import glue
+from script_jax.finetune import glue_runs
 from script_jax.finetune import seed_runs
 from script_jax.finetune.seed_runs import FinetuneError
 
@@ -93,8 +93,8 @@ def comparison_table(curve_data: dict[str, Any], output_dir: str) -> str:
     cells = [f"{last[k]:.4f}" if k in last else "-" for k in
              ("eval_mlm_loss", "eval_mlm_accuracy", "eval_disc_auc", "eval_disc_accuracy")]
     held_out.append(f"| {label} | {step:,} | " + " | ".join(cells) + " |")
-  return (glue.tables(labelled) + "\nHeld-out pretraining metrics at that step (ELECTRA's MLM: "
-          "its generator's):\n\n| model | step | MLM loss | MLM accuracy | critic AUC | "
+  return (glue_runs.tables(labelled) + "\nHeld-out pretraining metrics at that step (ELECTRA's "
+          "MLM: its generator's):\n\n| model | step | MLM loss | MLM accuracy | critic AUC | "
           "critic accuracy |\n|---|---|---|---|---|---|\n" + "\n".join(held_out) + "\n")
 
 

@@ -38,7 +38,7 @@ from script_jax import cli_errors
 from script_jax import config_lib
 from script_jax import fs
 from script_jax import metrics_log
-from script_jax.finetune import glue
+from script_jax.finetune import glue_runs
 from script_jax.finetune import glue_data
 from script_jax.finetune import seed_runs
 from script_jax.finetune.seed_runs import FinetuneError
@@ -127,7 +127,7 @@ def run_curve(ft, workdirs: Sequence[str], labels: Sequence[str], data_dir: str,
   if len(labels) != len(workdirs) or len(set(labels)) != len(labels):
     raise FinetuneError(f"--labels needs one distinct name per workdir; got {list(labels)} for "
                         f"{len(workdirs)} workdir(s).")
-  names = glue.tasks_to_run(data_dir, list(tasks))
+  names = glue_runs.tasks_to_run(data_dir, list(tasks))
   seeds = list(range(ft.first_seed, ft.first_seed + ft.num_seeds))
   plan = []
   for workdir, label in zip(workdirs, labels):
@@ -148,8 +148,8 @@ def run_curve(ft, workdirs: Sequence[str], labels: Sequence[str], data_dir: str,
     print(f"[{number}/{len(plan)}] {label} step {step}: "
           f"{f'{todo} run(s) to fine-tune' if todo else 'done'}", file=sys.stderr)
     if todo:
-      results = glue.run_glue(ft, workdir, data_dir, folder, tasks=names, step=step,
-                              label=f"{label} step {step}", check_counts=check_counts)
+      results = glue_runs.run_glue(ft, workdir, data_dir, folder, tasks=names, step=step,
+                                   label=f"{label} step {step}", check_counts=check_counts)
     point = curve_point(results, names)
     if point is not None:
       curve["workdirs"][label]["points"].append({"step": step, **point})
