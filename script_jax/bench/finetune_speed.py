@@ -17,10 +17,11 @@ Ours is the train step of `finetune.trainer.fit`, built here the same way (train
 refactored for a benchmark): the encoder config of `finetune.seed_runs.load_start` (fine-tuning's
 dropout, no scan, no remat), `finetune.optim.make_optimizer` with `config_lib.finetune_config()`
 (clip 1.0, Adam without bias correction, layer-wise decay 0.8, the linear schedule), the task's
-own loss (`glue_runs.classification_loss`, `squad.span_loss`) summed over the batch, value_and_grad,
-the optax update, parameters and optimizer state donated, dropout from fold_in(key, step), data
-parallel over the devices (one CPU device here). One fixed random batch stays on the device and
-only the end of each window waits for it (fit also fetches the metrics every step).
+own loss (`glue_runs.classification_loss`, `squad_runs.span_loss`) summed over the batch,
+value_and_grad, the optax update, parameters and optimizer state donated, dropout from
+fold_in(key, step), data parallel over the devices (one CPU device here). One fixed random batch
+stays on the device and only the end of each window waits for it (fit also fetches the metrics
+every step).
 
 HF's side: the same sizes, float32, train mode (dropout 0.1), the stock forward with labels
 (mean loss), backward, clip at global norm 1, torch AdamW (fused), on the same numpy batch;
@@ -59,7 +60,7 @@ from script_jax.bench import step_speed
 from script_jax.finetune import glue_runs
 from script_jax.finetune import model as task_models
 from script_jax.finetune import optim
-from script_jax.finetune import squad
+from script_jax.finetune import squad_runs
 from script_jax.finetune import trainer
 
 FLAGS = flags.FLAGS
@@ -142,8 +143,8 @@ def time_ours(config, task: str, length: int, *, batch_size: int, steps: int, wa
     model, loss_fn = task_models.Classifier(cfg, 2), glue_runs.classification_loss
   elif task == "squad":
     model = task_models.SpanExtractor(cfg)
-    loss_fn = functools.partial(squad.span_loss, no_answer_weight=ft.squad.no_answer_weight,
-                                version="1.1")
+    loss_fn = functools.partial(squad_runs.span_loss,
+                                no_answer_weight=ft.squad.no_answer_weight, version="1.1")
   else:
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
   devices = list(jax.devices() if devices is None else devices)
