@@ -20,7 +20,7 @@ from script_jax.finetune import model as task_models
 from script_jax.finetune import seed_runs
 from script_jax.finetune import squad_answers
 from script_jax.finetune import squad_data
-from script_jax.finetune import squad_eval
+from script_jax.finetune import squad_official
 from script_jax.finetune import trainer
 from script_jax.finetune.seed_runs import FinetuneError
 
@@ -61,11 +61,11 @@ def _datasets(train_file: Optional[str], dev_file: Optional[str], dev_split: Opt
   if not dev_file:
     raise FinetuneError("Pass --dev_file (with --train_file, or --dev_split for a development "
                         "run), or --tfds=squad/v1.1 or squad/v2.0.")
-  dev = squad_eval.load_json(dev_file, "dev file")
+  dev = squad_official.load_json(dev_file, "dev file")
   if train_file:
     if dev_split is not None:
       raise FinetuneError("--dev_split is for runs without --train_file.")
-    return squad_eval.load_json(train_file, "train file"), dev, "official train/dev"
+    return squad_official.load_json(train_file, "train file"), dev, "official train/dev"
   if dev_split is None:
     raise FinetuneError("No --train_file: pass --dev_split=0.8 to train on part of the dev "
                         "articles and evaluate on the others (a development run).")
@@ -95,7 +95,7 @@ def run_squad(ft, init_from: str, dev_file: Optional[str], output_dir: str, *,
   results = seed_runs.read_results(output_dir)
   seed_runs.check_same_start(results, output_dir, init_from, random_init)
   results.update(init_from=init_from, random_init=random_init)
-  version = squad_eval.dataset_version(eval_json)
+  version = squad_official.dataset_version(eval_json)
   results["data"] = note
   windows = dict(max_seq_length=sq.max_length, doc_stride=sq.doc_stride,
                  max_query_length=sq.max_query_length)
@@ -139,16 +139,16 @@ def run_squad(ft, init_from: str, dev_file: Optional[str], output_dir: str, *,
     if version == "2.0":
       scores, predictions = score_v2(eval_json, span_predictions, na_probs, na_prob_thresh)
     else:
-      scores = squad_eval.evaluate_v1(eval_json, predictions)
+      scores = squad_official.evaluate_v1(eval_json, predictions)
     scores = {**scores, "train_loss": run.train_loss,
               "seconds": round(time.time() - run.began, 1)}
     if jax.process_index() == 0:
-      squad_eval.write_json(fs.join(run.run_dir, "predictions.json"), predictions)
+      squad_official.write_json(fs.join(run.run_dir, "predictions.json"), predictions)
       if na_probs is not None:
-        squad_eval.write_json(fs.join(run.run_dir, "na_probs.json"), na_probs)
-        squad_eval.write_json(fs.join(run.run_dir, "span_predictions.json"), span_predictions)
+        squad_official.write_json(fs.join(run.run_dir, "na_probs.json"), na_probs)
+        squad_official.write_json(fs.join(run.run_dir, "span_predictions.json"), span_predictions)
       if dev_split is not None or tfds_name:
-        squad_eval.write_json(fs.join(output_dir, "eval_dataset.json"), eval_json)
+        squad_official.write_json(fs.join(output_dir, "eval_dataset.json"), eval_json)
     by_seed[str(run.seed)] = scores
     print(f"SQuAD {version} seed {run.seed}: " + json.dumps(scores), file=sys.stderr)
 
@@ -168,8 +168,8 @@ def score_v2(eval_json, span_predictions, na_probs, na_prob_thresh: float):
   and best_f1 (the official best-threshold sweep) are computed from the spans behind the blanks,
   which span_predictions.json keeps, with na_probs.json, for re-scoring.
   """
-  scores = squad_eval.evaluate_v2(eval_json, span_predictions, na_probs,
-                                  na_prob_thresh=na_prob_thresh)
+  scores = squad_official.evaluate_v2(eval_json, span_predictions, na_probs,
+                                      na_prob_thresh=na_prob_thresh)
   return scores, squad_answers.with_no_answers(span_predictions, na_probs, na_prob_thresh)
 
 
