@@ -19,7 +19,7 @@ LAYERS = (
     ("checkpoints", "evaluation"),
     ("interop",),                                          # HuggingFace folders <-> params
     ("train",),                                            # the pretraining loop
-    ("scoring", "finetune", "interop.hf"),                 # stages built on a pretrained model
+    ("scoring", "finetune", "interop.hf", "interop.hf_export"),  # stages on a pretrained model
     ("experiments", "bench"),                              # runs and measurements of the above
     ("main",),
 )
