@@ -14,7 +14,7 @@ import sklearn.metrics
 from helpers import run_module, shared_workdir
 
 from script_jax import config_lib
-from script_jax import metrics_log
+from script_jax import metrics_records
 from script_jax import models
 from script_jax import state as state_lib
 from script_jax.finetune import glue_runs
@@ -196,7 +196,7 @@ def test_glue_command_end_to_end(tmp_path, tmp_path_factory):
   assert "| model | CoLA | SST-2 | MRPC | STS-B |" in table
   assert (out / "results.md").read_text().startswith("| model | CoLA")
   for task in ("cola", "stsb"):  # logged through the pretraining's writer
-    assert metrics_log.read_records(str(out / task / "seed_0"))[-1]["step"] > 0
+    assert metrics_records.read_records(str(out / task / "seed_0"))[-1]["step"] > 0
   # Every run predicted its task's test file, in the GLUE server's format.
   for task, name, n in [("cola", "CoLA", len(_COLA)), ("stsb", "STS-B", len(_STSB))]:
     for seed in (0, 1):
@@ -341,7 +341,7 @@ def test_logged_task_metric_averages_the_real_rows_only(tmp_path, regression):
     loss_fn = glue_runs.classification_loss
   _, last = trainer.fit(model, params, loss_fn, arrays, ft, seed=0, num_layers=1, epochs=1,
                         log_dir=str(tmp_path))
-  [logged] = metrics_log.read_records(str(tmp_path))
+  [logged] = metrics_records.read_records(str(tmp_path))
   assert logged["step"] == 2 and logged == last
   assert logged[name] == pytest.approx(want, rel=1e-4, abs=1e-7)
 

@@ -13,7 +13,7 @@ PACKAGE = os.path.join(ROOT, "script_jax")
 # a package name stands for each of its modules not named on its own.
 LAYERS = (
     ("", "fs", "cli_errors"),                              # paths and error reporting
-    ("random_bits", "models", "metrics_log", "run_lock", "launch_check"),
+    ("random_bits", "models", "metrics_records", "metrics_log", "run_lock", "launch_check"),
     ("sharding", "fused_logsumexp", "config_lib"),         # meshes, kernels, configs
     ("objectives", "state", "data"),                       # losses, train state, input data
     ("checkpoints", "evaluation"),

@@ -37,7 +37,7 @@ from script_jax import checkpoints
 from script_jax import cli_errors
 from script_jax import config_lib
 from script_jax import fs
-from script_jax import metrics_log
+from script_jax import metrics_records
 from script_jax.finetune import glue_runs
 from script_jax.finetune import glue_data
 from script_jax.finetune import seed_runs
@@ -77,9 +77,9 @@ def kept_steps(workdir: str) -> list[int]:
 
 
 def pretraining_metrics(workdir: str) -> list[dict[str, float]]:
-  """The held-out evaluation records of a workdir (metrics_log.read_records), by step."""
+  """The held-out evaluation records of a workdir (metrics_records.read_records), by step."""
   return [{k: v for k, v in r.items() if k == "step" or k.startswith("eval_")}
-          for r in metrics_log.read_records(workdir) if metrics_log.is_eval(r)]
+          for r in metrics_records.read_records(workdir) if metrics_records.is_eval(r)]
 
 
 def default_labels(workdirs: Sequence[str]) -> list[str]:
