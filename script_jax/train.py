@@ -38,7 +38,7 @@ from script_jax import objectives
 from script_jax import run_lock
 from script_jax import sharding as sharding_lib
 from script_jax import state as state_lib
-from script_jax.data import prepare
+from script_jax.data import preparation
 from script_jax.data import prepared_folder
 from script_jax.interop import hf_import
 
@@ -109,7 +109,7 @@ def to_global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, Array
 
 def _prepare_data(config, workdir):
   """(metadata, data_dir) of the prepared pretraining data; checks the vocab against the model."""
-  metadata = prepare.prepare_pretraining_data(config, workdir)
+  metadata = preparation.prepare_pretraining_data(config, workdir)
   problem = config_lib.vocab_size_problem(metadata["vocab_size"], config,
                                          metadata.get("tokenizer", {}).get("path", "?"))
   if problem:
