@@ -56,7 +56,7 @@ from ml_collections import config_flags
 from script_jax import config_lib
 from script_jax import fs
 from script_jax import models
-from script_jax.bench import step_speed
+from script_jax.bench import step_timing
 from script_jax.finetune import glue_runs
 from script_jax.finetune import model as task_models
 from script_jax.finetune import optim
@@ -184,7 +184,7 @@ def time_ours(config, task: str, length: int, *, batch_size: int, steps: int, wa
   jax.block_until_ready(params)
   windows, others = [], []
   for _ in range(repeats):
-    share = step_speed.CpuShare()
+    share = step_timing.CpuShare()
     begin = time.perf_counter()
     for _ in range(steps):
       params, opt_state, metrics = compiled(params, opt_state, batch, jnp.int32(step))
@@ -194,7 +194,7 @@ def time_ours(config, task: str, length: int, *, batch_size: int, steps: int, wa
     others.append(share.others())
     log(f"{label} {steps} steps in {windows[-1]:.3f} s "
         f"({batch_size * steps / windows[-1]:.2f} examples/s; other processes used "
-        f"{step_speed.percent(others[-1])}% of the CPUs)")
+        f"{step_timing.percent(others[-1])}% of the CPUs)")
   seconds, other = _median_window(windows, others)
   return {"examples_per_sec": batch_size * steps / seconds, "window_seconds": windows,
           "others_cpu_share": others, "others_cpu_share_median_window": other,
@@ -260,7 +260,7 @@ def time_hf(config, task: str, length: int, *, batch_size: int, steps: int, warm
     raise FloatingPointError(f"{label} loss is {loss} after warm-up")
   windows, others = [], []
   for _ in range(repeats):
-    share = step_speed.CpuShare()
+    share = step_timing.CpuShare()
     begin = time.perf_counter()
     for _ in range(steps):
       step()
@@ -268,7 +268,7 @@ def time_hf(config, task: str, length: int, *, batch_size: int, steps: int, warm
     others.append(share.others())
     log(f"{label} {steps} steps in {windows[-1]:.3f} s "
         f"({batch_size * steps / windows[-1]:.2f} examples/s; other processes used "
-        f"{step_speed.percent(others[-1])}% of the CPUs)")
+        f"{step_timing.percent(others[-1])}% of the CPUs)")
   seconds, other = _median_window(windows, others)
   return {"examples_per_sec": batch_size * steps / seconds, "window_seconds": windows,
           "others_cpu_share": others, "others_cpu_share_median_window": other,
@@ -294,7 +294,7 @@ def run_benchmark(config, *, tasks: Sequence[str] = TASKS, lengths: Sequence[int
   # Equal shapes: HF's embedding has exactly vocab_size rows, so ours is not padded here.
   config = config.copy_and_resolve_references()
   config.model.vocab_pad_multiple = 1
-  report = step_speed.environment()
+  report = step_timing.environment()
   hf_note = None
   if hf:
     try:
@@ -346,7 +346,7 @@ def format_table(report: dict[str, Any]) -> str:
       lines.append(f"{task:<6} {entry['batch_size']:>4}x{entry['seq_len']:<4} {side:<5} "
                    f"{r['num_params']:>11,} {r['examples_per_sec']:>10.2f} {ms:>8.0f} "
                    f"{ratio:>7} "
-                   f"{step_speed.percent(r['others_cpu_share_median_window']):>8}")
+                   f"{step_timing.percent(r['others_cpu_share_median_window']):>8}")
   s, v = report["settings"], report["versions"]
   lines.append("examples/s: median of the timed windows; others %: CPU share other processes "
                "used in that window; ours/hf on the hf row")

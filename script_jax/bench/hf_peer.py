@@ -39,7 +39,7 @@ from ml_collections import config_flags
 
 from script_jax import fs
 from script_jax.bench import flops
-from script_jax.bench import step_speed
+from script_jax.bench import step_timing
 from script_jax.data import synthetic
 
 FLAGS = flags.FLAGS
@@ -201,14 +201,14 @@ def time_hf(config, objective: str, np_batch, *, steps: int, warmup: int, repeat
     raise FloatingPointError(f"{label} loss is {loss} after warm-up")
   windows, others = [], []
   for _ in range(repeats):
-    share = step_speed.CpuShare()
+    share = step_timing.CpuShare()
     start = time.perf_counter()
     for _ in range(steps):
       step()
     windows.append(time.perf_counter() - start)
     others.append(share.others())
     log(f"{label} {steps} steps in {windows[-1]:.3f} s ({steps / windows[-1]:.3f} steps/s; "
-        f"other processes used {step_speed.percent(others[-1])}% of the CPUs)")
+        f"other processes used {step_timing.percent(others[-1])}% of the CPUs)")
   attn = getattr(getattr(model, "config", None) or model.discriminator.config,
                  "_attn_implementation", None)
   best = min(range(len(windows)), key=windows.__getitem__)
@@ -223,7 +223,7 @@ def time_hf(config, objective: str, np_batch, *, steps: int, warmup: int, repeat
 def run_peer(config, objectives, *, batch_size: int, steps: int, warmup: int, repeats: int,
              threads: int | None = None, adamw: str = "fused", hf_stock: bool = False,
              skip_ours: bool = False, log=print) -> dict[str, Any]:
-  """Ours (script_jax.bench.step_speed) and HF's step for each objective, in this one process."""
+  """Ours (script_jax.bench.step_timing) and HF's step for each objective, in this one process."""
   import torch  # pylint: disable=g-import-not-at-top  (optional: torch)
   import transformers  # pylint: disable=g-import-not-at-top  (optional: transformers)
   threads = threads or os.cpu_count()
@@ -233,7 +233,7 @@ def run_peer(config, objectives, *, batch_size: int, steps: int, warmup: int, re
   config.model.vocab_pad_multiple = 1
   report_env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
                 "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-  report = step_speed.environment()
+  report = step_timing.environment()
   report["versions"].update(torch=torch.__version__, transformers=transformers.__version__)
   report["settings"] = {"objectives": list(objectives), "batch_size": batch_size,
                         "seq_len": config.seq_len,
@@ -245,12 +245,12 @@ def run_peer(config, objectives, *, batch_size: int, steps: int, warmup: int, re
   for objective in objectives:
     if objective not in ("electra", "mlm"):
       raise ValueError(f"hf_peer compares electra and mlm, not {objective!r}")
-    cfg = step_speed.with_settings(config, objective, batch_size)
+    cfg = step_timing.with_settings(config, objective, batch_size)
     np_batch = synthetic.random_masked_batch(cfg, batch_size)
     entry = {"model_flops_per_step": flops.train_step_flops(cfg)["total"]}
     if not skip_ours:
-      entry["ours"] = step_speed.benchmark_objective(cfg, objective, steps=steps, warmup=warmup,
-                                                    repeats=repeats, log=log)
+      entry["ours"] = step_timing.benchmark_objective(cfg, objective, steps=steps, warmup=warmup,
+                                                      repeats=repeats, log=log)
     entry["hf"] = time_hf(cfg, objective, np_batch, steps=steps, warmup=warmup,
                           repeats=repeats, adamw=adamw, log=log)
     if hf_stock:
@@ -278,7 +278,7 @@ def format_table(report) -> str:
                 if side != "hf_stock" else math.nan)  # stock does more than the model FLOPs
       lines.append(f"{objective:<9} {side:<10} {r['num_params']:>11,} {r['steps_per_sec']:>8.3f} "
                    f"{gflops:>8.1f} {ratio:>7.2f} "
-                   f"{step_speed.percent(r['others_cpu_share_best_window']):>8}")
+                   f"{step_timing.percent(r['others_cpu_share_best_window']):>8}")
   s = report["settings"]
   lines.append("others %: CPU share other processes used during the reported window")
   lines.append(f"batch {s['batch_size']} x {s['seq_len']}, P={s['max_predictions_per_seq']}, "
