@@ -47,7 +47,7 @@ from script_jax import models
 from script_jax import sharding as sharding_lib
 from script_jax import state as state_lib
 from script_jax import train
-from script_jax.bench import hf_peer
+from script_jax.bench import hf_training
 from script_jax.data import prepared_folder
 from script_jax.interop import hf_export
 from script_jax.interop import hf_folder
@@ -157,12 +157,13 @@ def hf_losses(model, config, batches, log_every: int, log) -> list[float]:
   """HuggingFace's training: one loss per step."""
   import torch  # pylint: disable=g-import-not-at-top  (optional: torch)
   model.train()
-  optimizer, scheduler = hf_peer.make_hf_optimizer(model, config, "for-loop")
+  optimizer, scheduler = hf_training.make_hf_optimizer(model, config, "for-loop")
   losses, began = [], time.time()
   for step, np_batch in enumerate(batches, start=1):
     batch = {k: torch.from_numpy(v).long() if v.dtype.kind == "i" else torch.from_numpy(v)
              for k, v in np_batch.items()}
-    loss = hf_peer._mlm_loss(hf_masked_logits(model, batch), batch)  # pylint: disable=protected-access
+    loss = hf_training._mlm_loss(  # pylint: disable=protected-access
+        hf_masked_logits(model, batch), batch)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
     optimizer.step()

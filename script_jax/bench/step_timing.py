@@ -1,7 +1,7 @@
 """Timing SCRIPT, ELECTRA and BERT-MLM train steps under identical settings: the sharded state,
 the real compiled step, the timed windows, the matmul peak, XLA's memory analysis, profiles and
 the machine's description. The library behind `python -m script_jax.bench.step_speed` (whose
-docstring says how it measures), reused by variants.py, hf_peer.py and finetune_speed.py.
+docstring says how it measures), reused by variants.py, hf_training.py and finetune_speed.py.
 """
 
 from __future__ import annotations
