@@ -44,7 +44,7 @@ setup(
         "experiments": ["matplotlib"],
         "tpu": ["jax[tpu]", "google-cloud-storage"],
         "gpu": ["jax[cuda12]"],
-        # Only for script_jax/bench/hf_peer.py: never imported by the library.
+        # Only for script_jax/bench/hf_training.py (hf_peer, parity): never imported by the library.
         "bench": ["torch", "transformers"],
         # HuggingFace export/import (script_jax/interop/): safetensors reads and writes the
         # weights, transformers loads the folders; torch is left to the user (a CPU build on

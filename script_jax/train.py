@@ -32,13 +32,13 @@ from script_jax import cli_errors
 from script_jax import config_lib
 from script_jax import evaluation
 from script_jax import fs
-from script_jax import metrics_log
+from script_jax import metrics_records
 from script_jax import models
 from script_jax import objectives
 from script_jax import run_lock
 from script_jax import sharding as sharding_lib
 from script_jax import state as state_lib
-from script_jax.data import prepare
+from script_jax.data import preparation
 from script_jax.data import prepared_folder
 from script_jax.interop import hf_import
 
@@ -109,7 +109,7 @@ def to_global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, Array
 
 def _prepare_data(config, workdir):
   """(metadata, data_dir) of the prepared pretraining data; checks the vocab against the model."""
-  metadata = prepare.prepare_pretraining_data(config, workdir)
+  metadata = preparation.prepare_pretraining_data(config, workdir)
   problem = config_lib.vocab_size_problem(metadata["vocab_size"], config,
                                          metadata.get("tokenizer", {}).get("path", "?"))
   if problem:
@@ -202,7 +202,7 @@ def _train_holding_the_lock(config, workdir: str) -> dict[str, float]:
   # Records leave the loop at once; a background thread writes them as new files (never
   # rewriting one: an append on gs:// re-uploads the whole object). Flushed at every checkpoint,
   # so the records up to the step a resume starts from are all written.
-  jsonl = metrics_log.MetricsLog(workdir, is_chief, config.metrics_flush_seconds)
+  jsonl = metrics_records.MetricsLog(workdir, is_chief, config.metrics_flush_seconds)
   stop_requested = []
   # One process: SIGTERM means "save and stop" at once. Several: jax.distributed's own SIGTERM
   # handler tells its preemption sync manager, which picks one step for every host
@@ -278,7 +278,7 @@ def _train_holding_the_lock(config, workdir: str) -> dict[str, float]:
     jsonl.write({"step": step, **record})
     shown = {k: record[k] for k in ("loss", "mlm_loss", "mlm_accuracy", "disc_loss",
                                     "disc_accuracy") if k in record}
-    logging.info("%s", metrics_log.progress_line(step, config.num_train_steps, shown, rate))
+    logging.info("%s", metrics_records.progress_line(step, config.num_train_steps, shown, rate))
     last_record, totals, count = dict(record), {}, 0
     last_log_time, last_log_step = now, step
 
@@ -375,6 +375,6 @@ def _train_holding_the_lock(config, workdir: str) -> dict[str, float]:
   logging.info("%s at step %d of %d. Checkpoints: %s; metrics: %s (TensorBoard: "
                "tensorboard --logdir %s).",
                "Finished" if step >= config.num_train_steps else "Stopped", step,
-               config.num_train_steps, manager.directory, fs.join(workdir, metrics_log.FOLDER),
+               config.num_train_steps, manager.directory, fs.join(workdir, metrics_records.FOLDER),
                workdir)
   return last_record

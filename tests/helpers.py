@@ -131,10 +131,10 @@ def build_once(tmp_path_factory, name, build):
 def tiny_prepared_data(tmp_path_factory) -> str:
   """The embedded corpus prepared for configs/tiny.py once per test run (as the first run of
   main does), shared by every test that trains on it: its folder."""
-  from script_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from script_jax.data import preparation  # pylint: disable=g-import-not-at-top
 
   def build(folder):
-    prepare.prepare_pretraining_data(load_config("tiny"), str(folder))
+    preparation.prepare_pretraining_data(load_config("tiny"), str(folder))
     return str(folder / "data")
   return build_once(tmp_path_factory, "tiny_prepared", build)
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from helpers import ROOT, load_config, run_module, shared_workdir, tiny_pretraining_flags
 
-from script_jax.bench import step_speed
+from script_jax.bench import step_timing
 from script_jax.data import synthetic
 from script_jax.bench import flops
 from script_jax import models
@@ -203,7 +203,7 @@ def test_memory_only_compiles_and_reports_memory():
   one_layer = dict(PINNED, **{"model.num_layers": 1})
   config = load_config("tiny", **one_layer)
   lines = []
-  run = functools.partial(step_speed.run_benchmark, objectives=["script"], batch_size=8,
+  run = functools.partial(step_timing.run_benchmark, objectives=["script"], batch_size=8,
                           memory_only=True, devices=jax.devices()[:1], log=lines.append,
                           compiler_options={"xla_backend_optimization_level": 0})
   report = run(config)
@@ -212,7 +212,7 @@ def test_memory_only_compiles_and_reports_memory():
   assert "steps_per_sec" not in result
   assert result["memory"]["temp_size_in_bytes"] > 0
   assert result["model_flops_per_step"] == flops.train_step_flops(config, "script", 8)["total"]
-  table = step_speed.format_table(report)
+  table = step_timing.format_table(report)
   assert "temp MiB" in table and "steps/s" not in table
   assert any("[script] compiled in" in line for line in lines)
   # The figure follows the setting it is there to check: chunking the critic's logsumexp
@@ -228,7 +228,7 @@ def test_steps_per_call_runs_that_many_real_steps_and_states_are_reused():
   config = load_config("tiny", **dict(PINNED, **{"model.num_layers": 1}))
   states, lines = {}, []
   mesh = sharding_lib.create_mesh(config, jax.devices()[:1])
-  run = functools.partial(step_speed.benchmark_objective, config, "mlm", batch_size=8,
+  run = functools.partial(step_timing.benchmark_objective, config, "mlm", batch_size=8,
                           mesh=mesh, states=states,
                           compiler_options={"xla_backend_optimization_level": 0},
                           log=lines.append)
@@ -273,7 +273,7 @@ def test_trace_summary_counts_device_streams_and_xla_ops(tmp_path):
   with gzip.open(path, "wt") as f:
     json.dump({"traceEvents": meta + spans}, f)
   steps = int(rng.integers(1, 6))
-  summary = step_speed.summarise_trace(str(path), steps=steps)
+  summary = step_timing.summarise_trace(str(path), steps=steps)
   for view in ("kernels", "xla_ops"):
     got = {r["name"]: r["ms_per_step"] for r in summary[view]["top"]}
     assert got == pytest.approx({k: v / 1e3 / steps for k, v in want[view].items()})
@@ -282,7 +282,7 @@ def test_trace_summary_counts_device_streams_and_xla_ops(tmp_path):
     shares = [r["share"] for r in summary[view]["top"]]
     assert sum(shares) == pytest.approx(1.0) and shares == sorted(shares, reverse=True)
   assert summary["kernels"]["timelines"] == ["Stream #13(Compute)", "Stream #14(Copy)"]
-  assert "kernels:" in step_speed.format_profile(summary)
+  assert "kernels:" in step_timing.format_profile(summary)
 
 
 @pytest.mark.slow

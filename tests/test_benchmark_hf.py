@@ -17,8 +17,8 @@ pytest.importorskip("transformers")
 
 
 def _hf_peer():
-  from script_jax.bench import hf_peer  # pylint: disable=import-outside-toplevel
-  return hf_peer
+  from script_jax.bench import hf_training  # pylint: disable=import-outside-toplevel
+  return hf_training
 
 
 def _our_num_params(config):

@@ -16,7 +16,7 @@ import pytest
 
 from helpers import ROOT
 
-from script_jax import metrics_log
+from script_jax import metrics_records
 
 NOTEBOOK = os.path.join(ROOT, "colab", "quickstart.ipynb")
 SHORT_STEPS = 60
@@ -127,7 +127,7 @@ def test_notebook_runs_in_short_mode(tmp_path):
   shown = "\n".join(_text(c) for c in code)
   assert "CPU: 1 x cpu" in shown, shown[-3000:]
   assert f"Finished at step {SHORT_STEPS} of {SHORT_STEPS}" in shown
-  records = metrics_log.read_records(str(tmp_path / "runs" / "tiny"))
+  records = metrics_records.read_records(str(tmp_path / "runs" / "tiny"))
   assert [r["step"] for r in records if "loss" in r] == list(range(10, SHORT_STEPS + 1, 10))
   assert [r["step"] for r in records if "eval_mlm_loss" in r] == [SHORT_STEPS]  # at the end
   # The training curves: one figure, drawn.

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from script_jax import config_lib
 from script_jax.data import pipeline
-from script_jax.data import prepare
+from script_jax.data import preparation
 from script_jax.data.corpus import DataError
 
 SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
@@ -31,7 +31,7 @@ def small_config(batch_size=16):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("data"))
-  return out, prepare.prepare(small_config(), out, num_workers=1)
+  return out, preparation.prepare(small_config(), out, num_workers=1)
 
 
 def batches(config, data, n, **kwargs):

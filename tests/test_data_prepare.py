@@ -1,4 +1,4 @@
-"""Tests of script_jax/data/prepare.py: packing, shards, metadata, reruns and errors."""
+"""Tests of script_jax/data/preparation.py: packing, shards, metadata, reruns and errors."""
 
 import collections
 import json
@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from script_jax import config_lib
 from script_jax.data import corpus
-from script_jax.data import prepare, prepared_folder, packing
+from script_jax.data import preparation, prepared_folder, packing
 from script_jax.data import tokenizers
 from script_jax.data.corpus import DataError
 
@@ -55,7 +55,7 @@ def read_all_in_order(data_dir, metadata):
 def default_data(tmp_path_factory):
   """The embedded default corpus, prepared once for these tests (in-process: fast)."""
   out = str(tmp_path_factory.mktemp("default"))
-  metadata = prepare.prepare(small_config(), out, num_workers=1)
+  metadata = preparation.prepare(small_config(), out, num_workers=1)
   return out, metadata
 
 
@@ -182,7 +182,7 @@ def test_every_token_accounted_for(default_data):
 
 def test_worker_processes_give_the_same_shards(default_data, tmp_path):
   out, metadata = default_data
-  again = prepare.prepare(small_config(), str(tmp_path), num_workers=2)
+  again = preparation.prepare(small_config(), str(tmp_path), num_workers=2)
   assert again["fingerprint"] == metadata["fingerprint"]
   for s in metadata["shards"] + metadata["eval"]["shards"]:
     with open(os.path.join(out, s["file"]), "rb") as a, \
@@ -197,7 +197,7 @@ def _mtimes(path):
 def test_rerun_skips_finished_work(default_data):
   out, metadata = default_data
   before = _mtimes(out)
-  again = prepare.prepare(small_config(), out, num_workers=1)
+  again = preparation.prepare(small_config(), out, num_workers=1)
   assert again == prepared_folder.load_metadata(out)
   assert _mtimes(out) == before  # nothing rewritten, not even metadata.json
 
@@ -205,7 +205,7 @@ def test_rerun_skips_finished_work(default_data):
 def test_rerun_completes_an_interrupted_preparation(tmp_path):
   out = str(tmp_path)
   config = small_config()
-  metadata = prepare.prepare(config, out, num_workers=1)
+  metadata = preparation.prepare(config, out, num_workers=1)
   shard = metadata["shards"][2]["file"]
   with open(os.path.join(out, shard), "rb") as f:
     shard_bytes = f.read()
@@ -216,7 +216,7 @@ def test_rerun_completes_an_interrupted_preparation(tmp_path):
   with open(os.path.join(out, shard + ".tmp-99999"), "wb") as f:
     f.write(b"garbage")
   before = _mtimes(out)
-  again = prepare.prepare(config, out, num_workers=1)
+  again = preparation.prepare(config, out, num_workers=1)
   after = _mtimes(out)
   for s in metadata["shards"]:
     if s["file"] != shard:
@@ -230,14 +230,14 @@ def test_rerun_completes_an_interrupted_preparation(tmp_path):
   # Finished shards without metadata.json (killed just before it): only metadata is written.
   os.remove(os.path.join(out, "metadata.json"))
   before = _mtimes(out)
-  assert prepare.prepare(config, out, num_workers=1)["shards"] == metadata["shards"]
+  assert preparation.prepare(config, out, num_workers=1)["shards"] == metadata["shards"]
   assert {k: v for k, v in _mtimes(out).items() if k != "metadata.json"} == before
 
 
 def test_changing_num_shards_rewrites_the_shards(tmp_path):
   out = str(tmp_path)
-  prepare.prepare(small_config(), out, num_workers=1)
-  metadata = prepare.prepare(small_config(num_shards=2), out, num_workers=1)
+  preparation.prepare(small_config(), out, num_workers=1)
+  metadata = preparation.prepare(small_config(num_shards=2), out, num_workers=1)
   assert [s["file"] for s in metadata["shards"]] == [
       "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
   assert not [n for n in os.listdir(out) if "-of-00004" in n]  # the old ones are gone
@@ -253,14 +253,14 @@ def test_prepared_with_another_config_is_a_clear_error(default_data, change, mes
   config = small_config()
   change(config)
   with pytest.raises(DataError, match=f"{out} was prepared with .*{message}.*delete this one"):
-    prepare.prepare(config, out)
+    preparation.prepare(config, out)
 
 
 def test_prepared_from_another_source_is_a_clear_error(default_data, tmp_path):
   out, _ = default_data
   (tmp_path / "a.txt").write_text("some text\n")
   with pytest.raises(DataError, match="was prepared with source 'embedded default"):
-    prepare.prepare(small_config(), out, source=str(tmp_path / "a.txt"))
+    preparation.prepare(small_config(), out, source=str(tmp_path / "a.txt"))
 
 
 def test_text_files_with_a_wordpiece_vocab(tmp_path):
@@ -274,8 +274,8 @@ def test_text_files_with_a_wordpiece_vocab(tmp_path):
   config.seq_len = 16
   config.batch_size = 8
   out = str(tmp_path / "out")
-  metadata = prepare.prepare(config, out, source=str(tmp_path / "corpus.txt"),
-                                  num_workers=1)
+  metadata = preparation.prepare(config, out, source=str(tmp_path / "corpus.txt"),
+                                 num_workers=1)
   assert metadata["tokenizer"]["type"] == "wordpiece"
   assert metadata["tokenizer"]["path"] == os.path.join(out, "vocab.txt")  # a copy
   assert metadata["special_ids"] == SPECIAL
@@ -286,20 +286,20 @@ def test_text_files_with_a_wordpiece_vocab(tmp_path):
   assert np.sum(ids == 1) + np.sum(eval_ids == 1) == 40  # the digits are [UNK]
   config.data.invalid_utf8 = "error"
   with pytest.raises(DataError, match="corpus.txt:121: not valid UTF-8"):
-    prepare.prepare(config, str(tmp_path / "out3"), source=str(tmp_path / "corpus.txt"))
+    preparation.prepare(config, str(tmp_path / "out3"), source=str(tmp_path / "corpus.txt"))
 
 
 def test_wordpiece_without_vocab_file(tmp_path):
   config = small_config(tokenizer="wordpiece")
   with pytest.raises(DataError, match="needs a vocab: pass --config.data.vocab_file"):
-    prepare.prepare(config, str(tmp_path))
+    preparation.prepare(config, str(tmp_path))
 
 
 def test_vocab_size_must_match_the_tokenizer(tmp_path):
   (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\n")
   config = small_config(tokenizer="wordpiece", vocab_file=str(tmp_path / "vocab.txt"))
   with pytest.raises(DataError, match="has 6 entries but config.model.vocab_size=512"):
-    prepare.prepare(config, str(tmp_path / "out"))
+    preparation.prepare(config, str(tmp_path / "out"))
 
 
 def test_too_little_data_for_one_batch(tmp_path):
@@ -312,7 +312,7 @@ def test_too_little_data_for_one_batch(tmp_path):
   out = str(tmp_path / "out")
   with pytest.raises(DataError, match=r"Only 1 training sequences.*1 sequences held out\), "
                                       r"fewer than one global batch of config.batch_size=64"):
-    prepare.prepare(config, out, source=str(tmp_path / "small.txt"), num_workers=1)
+    preparation.prepare(config, out, source=str(tmp_path / "small.txt"), num_workers=1)
   assert not [n for n in os.listdir(out) if n.endswith(".tfrecord") or "tmp" in n]
   assert prepared_folder.load_metadata(out) is None
   # One document (no blank lines): it is the evaluation split, and the error says so.
@@ -320,17 +320,17 @@ def test_too_little_data_for_one_batch(tmp_path):
   config.batch_size = 2
   with pytest.raises(DataError, match=r"All 1 document\(s\) of the source went to the "
                                       r"evaluation split.*blank lines.*eval_fraction=0"):
-    prepare.prepare(config, str(tmp_path / "out1"), source=str(tmp_path / "one.txt"),
-                    num_workers=1)
+    preparation.prepare(config, str(tmp_path / "out1"), source=str(tmp_path / "one.txt"),
+                        num_workers=1)
   config.data.eval_fraction = 0.0
-  metadata = prepare.prepare(config, str(tmp_path / "out0"), source=str(tmp_path / "one.txt"),
-                             num_workers=1)
+  metadata = preparation.prepare(config, str(tmp_path / "out0"), source=str(tmp_path / "one.txt"),
+                                 num_workers=1)
   assert metadata["num_examples"] > 2 and prepared_folder.eval_split(metadata) is None
 
 
 def test_missing_source_file(tmp_path):
   with pytest.raises(DataError, match="does not exist"):
-    prepare.prepare(small_config(), str(tmp_path / "out"), source=str(tmp_path / "x.txt"))
+    preparation.prepare(small_config(), str(tmp_path / "out"), source=str(tmp_path / "x.txt"))
 
 
 def test_prepare_pretraining_data_for_the_trainer(default_data, tmp_path):
@@ -338,23 +338,23 @@ def test_prepare_pretraining_data_for_the_trainer(default_data, tmp_path):
   config = small_config()
   # A workdir without data: process 0 prepares WORKDIR/data from the embedded default...
   workdir = str(tmp_path / "run")
-  first = prepare.prepare_pretraining_data(config, workdir, process_index=0,
-                                                process_count=1)
+  first = preparation.prepare_pretraining_data(config, workdir, process_index=0,
+                                               process_count=1)
   assert first["fingerprint"] == metadata["fingerprint"]
   assert os.path.exists(os.path.join(workdir, "data", "metadata.json"))
   # ... and the next call (or another process) reuses it.
   before = _mtimes(os.path.join(workdir, "data"))
-  assert prepare.prepare_pretraining_data(config, workdir, process_index=1,
-                                               process_count=2) == first
+  assert preparation.prepare_pretraining_data(config, workdir, process_index=1,
+                                              process_count=2) == first
   assert _mtimes(os.path.join(workdir, "data")) == before
   # An explicit prepared_dir is used as it is.
   config.data.prepared_dir = out
-  assert prepare.prepare_pretraining_data(config, "/nonexistent", process_index=0,
-                                               process_count=1)["num_examples"] == \
+  assert preparation.prepare_pretraining_data(config, "/nonexistent", process_index=0,
+                                              process_count=1)["num_examples"] == \
       metadata["num_examples"]
 
 
 def test_other_processes_wait_for_process_0(tmp_path):
   with pytest.raises(DataError, match="Process 1 waited"):
-    prepare.prepare_pretraining_data(small_config(), str(tmp_path), process_index=1,
-                                          process_count=2, poll_s=0.01, timeout_s=0.05)
+    preparation.prepare_pretraining_data(small_config(), str(tmp_path), process_index=1,
+                                         process_count=2, poll_s=0.01, timeout_s=0.05)

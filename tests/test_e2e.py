@@ -14,7 +14,7 @@ import pytest
 from helpers import ROOT, build_once, run_main, tiny_prepared_data
 
 from script_jax import checkpoints
-from script_jax import metrics_log
+from script_jax import metrics_records
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def shared_data(tmp_path_factory):
 
 
 def _all_records(workdir):
-  return metrics_log.read_records(str(workdir))
+  return metrics_records.read_records(str(workdir))
 
 
 def _metrics(workdir):
@@ -202,7 +202,7 @@ def test_real_signal_mid_run_then_resume_equals_uninterrupted(sig, tmp_path, sha
                            f"--workdir={workdir}"], cwd=ROOT, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   # Training has reached its first checkpoint (which flushes the metrics) when a file appears.
-  assert _wait_for(lambda: bool(metrics_log.segment_paths(str(workdir))), 300)
+  assert _wait_for(lambda: bool(metrics_records.segment_paths(str(workdir))), 300)
   proc.send_signal(sig)
   _, stderr = proc.communicate(timeout=120)
   if sig == signal.SIGTERM:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import run_module, shared_workdir, tiny_pretraining_flags, write_tiny_corpus
-from script_jax.experiments import curve
+from script_jax.experiments import curve_runs
 from test_finetune_glue import _glue_fixture
 
 
@@ -18,13 +18,13 @@ def test_curve_point_against_a_hand_computation():
   results = {"runs": {"cola": {str(s): {"mcc": float(v)} for s, v in enumerate(scores["cola"])},
                       "rte": {str(s): {"accuracy": float(v)}
                               for s, v in enumerate(scores["rte"])}}}
-  point = curve.curve_point(results, ["cola", "rte"])
+  point = curve_runs.curve_point(results, ["cola", "rte"])
   per_seed = (scores["cola"] + scores["rte"]) / 2
   assert point["glue_mean"] == pytest.approx(per_seed.mean())
   assert (point["glue_min"], point["glue_max"]) == pytest.approx((per_seed.min(),
                                                                  per_seed.max()))
   assert point["tasks"]["rte"]["max"] == pytest.approx(scores["rte"].max())
-  assert curve.curve_point(results, ["cola", "sst2"]) is None  # no SST-2 run yet
+  assert curve_runs.curve_point(results, ["cola", "sst2"]) is None  # no SST-2 run yet
 
 
 @pytest.mark.slow

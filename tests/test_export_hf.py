@@ -20,7 +20,7 @@ from helpers import load_config, run_module, shared_workdir  # pylint: disable=w
 
 from script_jax import models  # pylint: disable=wrong-import-position
 from script_jax.data import tokenizers as our_tokenizers  # pylint: disable=wrong-import-position
-from script_jax.interop import hf  # pylint: disable=wrong-import-position
+from script_jax.interop import hf_export  # pylint: disable=wrong-import-position
 from script_jax.interop import hf_folder  # pylint: disable=wrong-import-position
 from script_jax.interop import hf_tokenizer  # pylint: disable=wrong-import-position
 from script_jax.finetune import model as task_models  # pylint: disable=wrong-import-position
@@ -196,10 +196,10 @@ def test_masked_lm_export_gives_our_logits_and_critic_pll(layout, wordpiece, tmp
   params = init(model, seed=1)
   cfg = model.cfg
   arch = {"electra": "ElectraForMaskedLM", "bert": "BertForMaskedLM"}[layout]
-  folder = hf.write_folder(str(tmp_path / "hf"),
-                           hf_folder.hf_config_dict(cfg, arch, layout, 0),
-                           hf.mlm_tensors(params, cfg, layout),
-                           hf_tokenizer.tokenizer_files(wordpiece, wordpiece.special_ids, 40))
+  folder = hf_export.write_folder(
+      str(tmp_path / "hf"), hf_folder.hf_config_dict(cfg, arch, layout, 0),
+      hf_export.mlm_tensors(params, cfg, layout),
+      hf_tokenizer.tokenizer_files(wordpiece, wordpiece.special_ids, 40))
   hf_model = transformers.AutoModelForMaskedLM.from_pretrained(folder)
   assert type(hf_model).__name__ == arch
   ids, segments, mask = ragged_batch(seed=2)
@@ -219,15 +219,15 @@ def test_electra_export_gives_our_logits_and_imports_back(wordpiece, tmp_path):
   params = init(model, seed=3, positions=True)
   cfg, gen_cfg = model.disc_cfg, model.gen_cfg
   files = hf_tokenizer.tokenizer_files(wordpiece, wordpiece.special_ids, 40)
-  disc_dir = hf.write_folder(
+  disc_dir = hf_export.write_folder(
       str(tmp_path / "both" / "discriminator"),
       hf_folder.hf_config_dict(cfg, "ElectraForPreTraining", "electra", 0),
-      hf.discriminator_tensors(params, cfg), files)
-  gen_dir = hf.write_folder(
+      hf_export.discriminator_tensors(params, cfg), files)
+  gen_dir = hf_export.write_folder(
       str(tmp_path / "both" / "generator"),
       hf_folder.hf_config_dict(gen_cfg, "ElectraForMaskedLM", "electra", 0),
-      hf.mlm_tensors(params, gen_cfg, "electra", "generator", "generator_head",
-                     "generator_output_bias"), files)
+      hf_export.mlm_tensors(params, gen_cfg, "electra", "generator", "generator_head",
+                            "generator_output_bias"), files)
   ids, segments, mask = ragged_batch(seed=4)
   disc = transformers.AutoModelForPreTraining.from_pretrained(disc_dir)
   assert type(disc).__name__ == "ElectraForPreTraining"
@@ -242,7 +242,7 @@ def test_electra_export_gives_our_logits_and_imports_back(wordpiece, tmp_path):
   assert gen.config.hidden_size == 16 and gen.config.embedding_size == 32
   assert_close_where(ours[..., :VOCAB], hf_outputs(gen, ids, segments, mask), mask)
   # Export then import (the folder with both parts): our parameters, the padding rows zero.
-  back_config, back, _ = hf.load_hf_folder(str(tmp_path / "both"), objective="electra")
+  back_config, back, _ = hf_export.load_hf_folder(str(tmp_path / "both"), objective="electra")
   assert back_config.electra.generator_hidden_size == 16
   unpad = lambda path, x: x[:VOCAB] if "word_embeddings" in str(path) or "bias" in str(
       path[-1]) and x.shape[:1] == (512,) else x
@@ -264,7 +264,7 @@ def test_export_of_an_electra_workdir(wordpiece, tmp_path, monkeypatch):
       config, model, params))
   monkeypatch.setattr(prepared_folder, "load_workdir_tokenizer", lambda workdir, config: (
       wordpiece, wordpiece.special_ids))
-  written = hf.export_pretrained(str(tmp_path), str(tmp_path / "hf"), part="both")
+  written = hf_export.export_pretrained(str(tmp_path), str(tmp_path / "hf"), part="both")
   assert [os.path.basename(w) for w in written] == ["discriminator", "generator"]
   ids, segments, mask = ragged_batch(seed=11)
   disc = transformers.AutoModelForPreTraining.from_pretrained(written[0])
@@ -278,10 +278,10 @@ def test_export_of_an_electra_workdir(wordpiece, tmp_path, monkeypatch):
   assert_close_where(ours[..., :VOCAB], hf_outputs(gen, ids, segments, mask), mask)
   assert json.loads((tmp_path / "hf" / "generator" / "config.json").read_text())[
       "script_jax"]["part"] == "generator"
-  with pytest.raises(hf.ExportError, match="layout=electra"):
-    hf.export_pretrained(str(tmp_path), str(tmp_path / "bert"), layout="bert")
-  with pytest.raises(hf.ExportError, match="--overwrite"):
-    hf.export_pretrained(str(tmp_path), str(tmp_path / "hf"), part="both")
+  with pytest.raises(hf_export.ExportError, match="layout=electra"):
+    hf_export.export_pretrained(str(tmp_path), str(tmp_path / "bert"), layout="bert")
+  with pytest.raises(hf_export.ExportError, match="--overwrite"):
+    hf_export.export_pretrained(str(tmp_path), str(tmp_path / "hf"), part="both")
 
 
 @pytest.mark.parametrize("num_outputs", [3, 1])
@@ -294,11 +294,11 @@ def test_classifier_export_gives_our_logits(num_outputs, tmp_path):
   last = params["backbone"]["encoder"]["layer_1"]["ffn_norm"]
   last["scale"] = last["scale"] * 5.0
   last["bias"] = last["bias"] * 5.0
-  folder = hf.write_folder(
+  folder = hf_export.write_folder(
       str(tmp_path / "hf"),
       hf_folder.hf_config_dict(cfg, "ElectraForSequenceClassification", "electra", 0,
                                num_labels=num_outputs),
-      hf.classifier_tensors(params, cfg), {})
+      hf_export.classifier_tensors(params, cfg), {})
   hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(folder)
   assert type(hf_model).__name__ == "ElectraForSequenceClassification"
   ids, segments, mask = ragged_batch(seed=6, batch=4)
@@ -340,8 +340,8 @@ def test_export_command_on_a_pretraining_workdir(workdir, tmp_path):
   assert again.returncode == 2 and b"error:" in again.stderr and b"--overwrite" in again.stderr
   assert b"Traceback" not in again.stderr
   # --part is for ELECTRA workdirs only.
-  with pytest.raises(hf.ExportError, match="--part"):
-    hf.export_pretrained(workdir, str(tmp_path / "x"), part="generator")
+  with pytest.raises(hf_export.ExportError, match="--part"):
+    hf_export.export_pretrained(workdir, str(tmp_path / "x"), part="generator")
 
 
 def test_export_of_a_glue_run(workdir, tmp_path):
@@ -357,7 +357,7 @@ def test_export_of_a_glue_run(workdir, tmp_path):
   run_dir = tmp_path / "out" / "rte" / "seed_0"
   trainer.save_params(str(run_dir / "params"), params)
   (tmp_path / "out" / "results.json").write_text(json.dumps({"init_from": workdir, "runs": {}}))
-  folder = hf.export_finetuned(str(run_dir), str(tmp_path / "hf"))
+  folder = hf_export.export_finetuned(str(run_dir), str(tmp_path / "hf"))
   hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(folder)
   assert hf_model.config.id2label == {0: "entailment", 1: "not_entailment"}
   auto = transformers.AutoTokenizer.from_pretrained(folder)
@@ -418,8 +418,8 @@ def _saved_tensors(folder):
 
 def test_import_electra_gives_transformers_outputs_and_exports_back(hf_electra):
   folders, hf_models = hf_electra
-  config, params, tokenizer = hf.load_hf_folder(f"{folders['disc']},{folders['gen']}",
-                                                objective="electra")
+  config, params, tokenizer = hf_export.load_hf_folder(f"{folders['disc']},{folders['gen']}",
+                                                       objective="electra")
   assert (config.model.hidden_size, config.electra.generator_hidden_size) == (64, 16)
   assert tokenizer.vocab_size == VOCAB
   model = models.build_model(config)
@@ -434,9 +434,9 @@ def test_import_electra_gives_transformers_outputs_and_exports_back(hf_electra):
   assert_close_where(ours[..., :VOCAB], hf_outputs(hf_models["gen"], ids, segments, mask), mask)
   # Import then export: the very tensors transformers saved.
   cfg, gen_cfg = model.disc_cfg, model.gen_cfg
-  for exported, folder in ((hf.discriminator_tensors(params, cfg), folders["disc"]),
-                           (hf.mlm_tensors(params, gen_cfg, "electra", "generator",
-                                           "generator_head", "generator_output_bias"),
+  for exported, folder in ((hf_export.discriminator_tensors(params, cfg), folders["disc"]),
+                           (hf_export.mlm_tensors(params, gen_cfg, "electra", "generator",
+                                                  "generator_head", "generator_output_bias"),
                             folders["gen"])):
     saved = _saved_tensors(folder)
     assert sorted(exported) == sorted(saved)
@@ -447,12 +447,12 @@ def test_import_electra_gives_transformers_outputs_and_exports_back(hf_electra):
 @pytest.mark.parametrize("source,layout", [("gen", "electra"), ("bert", "bert")])
 def test_import_masked_lm_gives_transformers_logits_and_exports_back(hf_electra, source, layout):
   folders, hf_models = hf_electra
-  config, params, _ = hf.load_hf_folder(folders[source], objective="script")
+  config, params, _ = hf_export.load_hf_folder(folders[source], objective="script")
   model = models.build_model(config)
   ids, segments, mask = ragged_batch(seed=9)
   assert_close_where(mlm_logits(model, params, ids, segments, mask)[..., :VOCAB],
                      hf_outputs(hf_models[source], ids, segments, mask), mask)
-  exported = hf.mlm_tensors(params, model.cfg, layout)
+  exported = hf_export.mlm_tensors(params, model.cfg, layout)
   saved = _saved_tensors(folders[source])
   assert sorted(exported) == sorted(saved)
   for name, value in saved.items():
@@ -461,7 +461,7 @@ def test_import_masked_lm_gives_transformers_logits_and_exports_back(hf_electra,
 
 def test_import_reads_sharded_safetensors_and_pytorch_pickles(hf_electra, tmp_path):
   folders, hf_models = hf_electra
-  _, reference, _ = hf.load_hf_folder(folders["gen"], objective="mlm")
+  _, reference, _ = hf_export.load_hf_folder(folders["gen"], objective="mlm")
   sharded, pickled = str(tmp_path / "sharded"), str(tmp_path / "pickled")
   hf_models["gen"].save_pretrained(sharded, max_shard_size="20KB")
   assert "model.safetensors.index.json" in os.listdir(sharded)
@@ -470,7 +470,7 @@ def test_import_reads_sharded_safetensors_and_pytorch_pickles(hf_electra, tmp_pa
   torch.save(hf_models["gen"].state_dict(), os.path.join(pickled, "pytorch_model.bin"))
   for folder in (sharded, pickled):
     write_tokenizer(folder, hf_tokenizer.load_folder_tokenizer(folders["gen"])[0])
-    _, params, _ = hf.load_hf_folder(folder, objective="mlm")
+    _, params, _ = hf_export.load_hf_folder(folder, objective="mlm")
     jax.tree.map(np.testing.assert_array_equal, params, reference)
 
 
@@ -478,18 +478,18 @@ def test_export_and_import_through_a_remote_file_system(hf_electra):
   """ram:// is TensorFlow's in-memory file system, served by the same code as gs://."""
   from script_jax import fs  # pylint: disable=g-import-not-at-top
   folders, _ = hf_electra
-  _, reference, tokenizer = hf.load_hf_folder(folders["gen"], objective="mlm")
+  _, reference, tokenizer = hf_export.load_hf_folder(folders["gen"], objective="mlm")
   remote = "ram://export_test/gen"
   fs.makedirs(remote)
   for name in os.listdir(folders["gen"]):
     fs.copy(os.path.join(folders["gen"], name), fs.join(remote, name))
-  config, params, _ = hf.load_hf_folder(remote, objective="mlm")
+  config, params, _ = hf_export.load_hf_folder(remote, objective="mlm")
   jax.tree.map(np.testing.assert_array_equal, params, reference)
   cfg = models.encoder_config_from(config.model)
-  out = hf.write_folder("ram://export_test/back", hf_folder.hf_config_dict(
-      cfg, "ElectraForMaskedLM", "electra", 0), hf.mlm_tensors(params, cfg, "electra"),
+  out = hf_export.write_folder("ram://export_test/back", hf_folder.hf_config_dict(
+      cfg, "ElectraForMaskedLM", "electra", 0), hf_export.mlm_tensors(params, cfg, "electra"),
                         hf_tokenizer.tokenizer_files(tokenizer, tokenizer.special_ids, 40))
-  _, again, _ = hf.load_hf_folder(out, objective="mlm")
+  _, again, _ = hf_export.load_hf_folder(out, objective="mlm")
   jax.tree.map(np.testing.assert_array_equal, again, reference)
 
 
@@ -504,7 +504,7 @@ def test_import_old_bert_names_and_a_bare_encoder_for_fine_tuning(hf_electra, tm
                                                                      "LayerNorm.beta"): v
              for k, v in saved.items() if k.startswith("bert.")}, str(folder / "model.safetensors"),
             metadata={"format": "pt"})
-  config, encoder, tokenizer, special_ids = hf.finetune_start(str(folder))
+  config, encoder, tokenizer, special_ids = hf_export.finetune_start(str(folder))
   assert special_ids == tokenizer.special_ids and config.data.tokenizer == "wordpiece"
   cfg = models.encoder_config_from(config.model)
   ids, segments, mask = ragged_batch(seed=10)
@@ -518,7 +518,7 @@ def test_import_old_bert_names_and_a_bare_encoder_for_fine_tuning(hf_electra, tm
   # This folder has no MLM head: continued pretraining starts one fresh, and says so.
   fresh = jax.device_get(jax.jit(lambda k: models.build_model(config).init(
       k, ids, segments, mask)["params"])(jax.random.key(0)))
-  params, report = hf.pretraining_params(str(folder), config, fresh)
+  params, report = hf_export.pretraining_params(str(folder), config, fresh)
   assert report[-1] == "initialised fresh: mlm_head, output_bias"
   np.testing.assert_array_equal(params["mlm_head"]["dense"]["kernel"],
                                 fresh["mlm_head"]["dense"]["kernel"])
@@ -529,8 +529,8 @@ def test_import_old_bert_names_and_a_bare_encoder_for_fine_tuning(hf_electra, tm
 def test_continued_pretraining_refuses_a_config_that_does_not_match(hf_electra):
   folders, _ = hf_electra
   config = load_config("tiny", objective="electra")  # tiny's sizes, a SentencePiece tokenizer
-  with pytest.raises(hf.HFFolderError) as error:
-    hf.check_pretraining_config(f"{folders['disc']},{folders['gen']}", config)
+  with pytest.raises(hf_export.HFFolderError) as error:
+    hf_export.check_pretraining_config(f"{folders['disc']},{folders['gen']}", config)
   message = str(error.value)
   for flag in ("--config.model.vocab_size=500", "--config.model.embedding_size=32",
                "--config.model.intermediate_size=128", "--config.model.max_position_embeddings=40",
@@ -547,12 +547,12 @@ def test_continued_pretraining_refuses_a_config_that_does_not_match(hf_electra):
       "electra.generator_intermediate_size": 64, "electra.generator_num_layers": 1,
       "data.tokenizer": "wordpiece", "data.vocab_file": f"{folders['disc']}/vocab.txt",
       "seq_len": 32})
-  hf.check_pretraining_config(f"{folders['disc']},{folders['gen']}", fixed)
+  hf_export.check_pretraining_config(f"{folders['disc']},{folders['gen']}", fixed)
   from script_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   model = models.build_model(fixed)
   fresh = jax.eval_shape(lambda: state_lib.init_params(fixed, model, jax.random.key(0)))
   fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), fresh)
-  params, report = hf.pretraining_params(folders["disc"], fixed, fresh)  # generator fresh
+  params, report = hf_export.pretraining_params(folders["disc"], fixed, fresh)  # generator fresh
   assert "layers" in params["discriminator"] and report[-1].startswith("initialised fresh: gen")
   assert params["embeddings"]["word_embeddings"]["embedding"].shape == (512, 32)
 
@@ -585,7 +585,7 @@ def test_bad_folders_are_refused_naming_what_differs(hf_electra, tmp_path, edit,
   folder = _bad_folder(tmp_path, folders["disc"], edit, drop)
   with pytest.raises(hf_folder.cli_errors.UserError, match=expected.replace("(", r"\(").replace(
       ")", r"\)")):
-    hf.load_hf_folder(folder, objective="electra")
+    hf_export.load_hf_folder(folder, objective="electra")
 
 
 def test_untied_output_layer_is_refused(hf_electra, tmp_path):
@@ -595,15 +595,15 @@ def test_untied_output_layer_is_refused(hf_electra, tmp_path):
   saved = _saved_tensors(folders["gen"])
   saved["generator_lm_head.weight"] = saved["electra.embeddings.word_embeddings.weight"] + 1.0
   save_file(saved, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-  with pytest.raises(hf.HFFolderError, match="not tied"):
-    hf.load_hf_folder(folder, objective="mlm")
+  with pytest.raises(hf_export.HFFolderError, match="not tied"):
+    hf_export.load_hf_folder(folder, objective="mlm")
 
 
 def test_export_refuses_what_it_cannot_do(tmp_path):
-  with pytest.raises(hf.ExportError, match="does not exist"):
-    hf.export_pretrained(str(tmp_path / "missing"), str(tmp_path / "hf"))
-  with pytest.raises(hf.ExportError, match="save_model=True"):
-    hf.export_finetuned(str(tmp_path / "out" / "rte" / "seed_0"), str(tmp_path / "hf"))
+  with pytest.raises(hf_export.ExportError, match="does not exist"):
+    hf_export.export_pretrained(str(tmp_path / "missing"), str(tmp_path / "hf"))
+  with pytest.raises(hf_export.ExportError, match="save_model=True"):
+    hf_export.export_finetuned(str(tmp_path / "out" / "rte" / "seed_0"), str(tmp_path / "hf"))
   (tmp_path / "out" / "xyz" / "seed_0" / "params").mkdir(parents=True)
-  with pytest.raises(hf.ExportError, match="pass --task"):
-    hf.export_finetuned(str(tmp_path / "out" / "xyz" / "seed_0"), str(tmp_path / "hf"))
+  with pytest.raises(hf_export.ExportError, match="pass --task"):
+    hf_export.export_finetuned(str(tmp_path / "out" / "xyz" / "seed_0"), str(tmp_path / "hf"))

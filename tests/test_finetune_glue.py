@@ -14,10 +14,10 @@ import sklearn.metrics
 from helpers import run_module, shared_workdir
 
 from script_jax import config_lib
-from script_jax import metrics_log
+from script_jax import metrics_records
 from script_jax import models
 from script_jax import state as state_lib
-from script_jax.finetune import glue
+from script_jax.finetune import glue_runs
 from script_jax.finetune import model as task_models
 from script_jax.finetune import optim
 from script_jax.finetune import trainer
@@ -196,7 +196,7 @@ def test_glue_command_end_to_end(tmp_path, tmp_path_factory):
   assert "| model | CoLA | SST-2 | MRPC | STS-B |" in table
   assert (out / "results.md").read_text().startswith("| model | CoLA")
   for task in ("cola", "stsb"):  # logged through the pretraining's writer
-    assert metrics_log.read_records(str(out / task / "seed_0"))[-1]["step"] > 0
+    assert metrics_records.read_records(str(out / task / "seed_0"))[-1]["step"] > 0
   # Every run predicted its task's test file, in the GLUE server's format.
   for task, name, n in [("cola", "CoLA", len(_COLA)), ("stsb", "STS-B", len(_STSB))]:
     for seed in (0, 1):
@@ -297,7 +297,7 @@ def test_padding_rows_change_nothing_in_the_step(reduction):
   ft.dropout_rate = ft.attention_dropout_rate = 0.0
   tx, schedule = optim.make_optimizer(ft, params, num_layers=1, total_steps=10)
   replicated = jax.sharding.NamedSharding(trainer.data_mesh(), jax.sharding.PartitionSpec())
-  step = trainer.make_train_step(model, glue.classification_loss, tx, schedule, reduction, 0,
+  step = trainer.make_train_step(model, glue_runs.classification_loss, tx, schedule, reduction, 0,
                                  replicated)
   rng = np.random.default_rng(3)
   real = {"input_ids": rng.integers(0, 50, size=(5, 7)).astype(np.int32),
@@ -333,15 +333,15 @@ def test_logged_task_metric_averages_the_real_rows_only(tmp_path, regression):
   if regression:  # example 0 (the padding rows' copy) is off by 1, the others by 0.1
     arrays["labels"] = (outputs[:, 0] + np.where(np.arange(n) == 0, 1.0, 0.1)).astype(np.float32)
     name, want = "mse", np.mean((outputs[:, 0] - arrays["labels"]) ** 2)
-    loss_fn = glue.regression_loss
+    loss_fn = glue_runs.regression_loss
   else:  # right on example 0 only: 1/13 (the padding rows would make it 0.25)
     predicted = outputs.argmax(-1)
     arrays["labels"] = np.where(np.arange(n) == 0, predicted, (predicted + 1) % 3).astype(np.int32)
     name, want = "accuracy", 1 / n
-    loss_fn = glue.classification_loss
+    loss_fn = glue_runs.classification_loss
   _, last = trainer.fit(model, params, loss_fn, arrays, ft, seed=0, num_layers=1, epochs=1,
                         log_dir=str(tmp_path))
-  [logged] = metrics_log.read_records(str(tmp_path))
+  [logged] = metrics_records.read_records(str(tmp_path))
   assert logged["step"] == 2 and logged == last
   assert logged[name] == pytest.approx(want, rel=1e-4, abs=1e-7)
 
@@ -351,12 +351,12 @@ def test_stsb_trains_on_the_score_over_5_and_predicts_on_0_to_5():
   from script_jax.finetune import glue_data  # pylint: disable=g-import-not-at-top
   stsb, cola = glue_data.get_task("stsb"), glue_data.get_task("cola")
   scores = np.array([0.0, 2.5, 3.8, 5.0], np.float32)
-  np.testing.assert_allclose(glue.training_targets(stsb, scores), [0.0, 0.5, 0.76, 1.0],
+  np.testing.assert_allclose(glue_runs.training_targets(stsb, scores), [0.0, 0.5, 0.76, 1.0],
                              rtol=1e-6)
-  np.testing.assert_allclose(glue.predictions_from(stsb, np.array([[0.1], [0.9]])), [0.5, 4.5])
+  np.testing.assert_allclose(glue_runs.predictions_from(stsb, np.array([[0.1], [0.9]])), [0.5, 4.5])
   labels = np.array([1, 0, 1], np.int32)
-  assert glue.training_targets(cola, labels) is labels
-  assert glue.predictions_from(cola, np.array([[0.2, 0.1], [0.0, 3.0]])).tolist() == [0, 1]
+  assert glue_runs.training_targets(cola, labels) is labels
+  assert glue_runs.predictions_from(cola, np.array([[0.2, 0.1], [0.0, 3.0]])).tolist() == [0, 1]
 
 
 @pytest.mark.slow

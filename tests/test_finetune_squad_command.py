@@ -95,7 +95,7 @@ def test_squad_v2_scores_abstain_at_the_heads_threshold():
   """Hand-made answerable logits (ELECTRA's: higher means no answer), scores worked out by hand
   with the official rules."""
   import math  # pylint: disable=g-import-not-at-top
-  from script_jax.finetune import squad, squad_answers  # pylint: disable=g-import-not-at-top
+  from script_jax.finetune import squad_runs, squad_answers  # pylint: disable=g-import-not-at-top
   context = "Paris is the capital of France and the sky above it is the blue sky."
   questions = [("q1", "What is the capital?", "Paris"), ("q2", "Capital of Mars?", None),
                ("q3", "Capital of the Moon?", None), ("q4", "What colour?", "blue sky")]
@@ -114,7 +114,7 @@ def test_squad_v2_scores_abstain_at_the_heads_threshold():
   assert squad_answers.na_prob_thresh_for("bert", 0.2) == 0.2
   # ELECTRA's cut: q2 (0.119) abstains, rightly; q3 (0.047) answers, wrongly; q1 and q4 answer
   # ("the blue sky" is "blue sky" once articles are dropped): 3 of 4.
-  scores, written = squad.score_v2(dataset, spans, na_probs, electra)
+  scores, written = squad_runs.score_v2(dataset, spans, na_probs, electra)
   assert written == {**spans, "q2": ""}
   assert scores["exact"] == pytest.approx(75.0) and scores["f1"] == pytest.approx(75.0)
   # The sweep: answering q4 and q1 and abstaining on q3 and q2 gets all 4, at q1's na_prob.
@@ -122,7 +122,7 @@ def test_squad_v2_scores_abstain_at_the_heads_threshold():
   assert scores["best_exact_thresh"] == pytest.approx(na_probs["q1"])
   # BERT's 0.5, or the never-abstaining 1.0 of before: only q1 and q4.
   for thresh in (0.5, 1.0):
-    scores, written = squad.score_v2(dataset, spans, na_probs, thresh)
+    scores, written = squad_runs.score_v2(dataset, spans, na_probs, thresh)
     assert written == spans and scores["exact"] == pytest.approx(50.0)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from script_jax.finetune import squad_answers
 from script_jax.finetune import squad_data
-from script_jax.finetune import squad_eval
+from script_jax.finetune import squad_official
 
 try:
   from script_jax.data import tokenizers as tokenizers_lib
@@ -119,11 +119,11 @@ def test_read_squad(tmp_path):
 
 
 def test_read_squad_reports_bad_files(tmp_path):
-  with pytest.raises(squad_eval.SquadDataError, match="does not exist"):
+  with pytest.raises(squad_official.SquadDataError, match="does not exist"):
     squad_data.read_squad(str(tmp_path / "nothing.json"))
   bad = json.loads(json.dumps(V1))
   bad["data"][0]["paragraphs"][0]["qas"][0]["answers"][0]["answer_start"] = "3"
-  with pytest.raises(squad_eval.SquadDataError, match="answer_start"):
+  with pytest.raises(squad_official.SquadDataError, match="answer_start"):
     squad_data.examples_from_dataset(bad)
 
 
@@ -147,7 +147,7 @@ def test_split_by_articles():
   assert len(squad_data.split_by_articles(V2, 0.99)[1]["data"]) == 1
   gold = {e.qas_id: (e.answers[0][0] if e.answers else "")
           for e in squad_data.examples_from_dataset(heldout)}
-  assert squad_eval.evaluate_v2(heldout, gold)["exact"] == 100.0
+  assert squad_official.evaluate_v2(heldout, gold)["exact"] == 100.0
   with pytest.raises(ValueError, match="train_fraction"):
     squad_data.split_by_articles(V2, 1.0)
 
@@ -416,7 +416,7 @@ def _one_hot_logits(features, value=10.0):
 @pytest.mark.parametrize("max_seq_length, doc_stride", [(384, 128), (64, 8)])
 def test_gold_positions_round_trip_to_full_marks(tokenizer, max_seq_length, doc_stride):
   for dataset in (V1, V2):
-    version = squad_eval.dataset_version(dataset)
+    version = squad_official.dataset_version(dataset)
     examples = squad_data.examples_from_dataset(dataset)
     features = squad_data.make_features(examples, tokenizer, is_training=False,
                                         max_seq_length=max_seq_length, doc_stride=doc_stride,
@@ -429,13 +429,13 @@ def test_gold_positions_round_trip_to_full_marks(tokenizer, max_seq_length, doc_
     answerable = {e.qas_id: e.answers[0][0] for e in examples if not e.is_impossible}
     assert {q: predictions[q] for q in answerable} == answerable  # exact text, accents and all
     if version == "1.1":
-      assert squad_eval.evaluate_v1(dataset, predictions) == {"exact_match": 100.0, "f1": 100.0}
+      assert squad_official.evaluate_v1(dataset, predictions) == {"exact_match": 100.0, "f1": 100.0}
     else:
-      scores = squad_eval.evaluate_v2(dataset, predictions, na_probs,
-                                      squad_answers.DEFAULT_NA_PROB_THRESH)
+      scores = squad_official.evaluate_v2(dataset, predictions, na_probs,
+                                          squad_answers.DEFAULT_NA_PROB_THRESH)
       assert scores["exact"] == scores["f1"] == scores["best_exact"] == 100.0
       blanked = squad_answers.with_no_answers(predictions, na_probs)
-      assert squad_eval.evaluate_v2(dataset, blanked)["exact"] == 100.0
+      assert squad_official.evaluate_v2(dataset, blanked)["exact"] == 100.0
 
 
 def test_postprocess_joint_picks_the_best_valid_beam_pair(wordpiece):
@@ -468,7 +468,7 @@ def test_postprocess_joint_picks_the_best_valid_beam_pair(wordpiece):
 
 def test_postprocess_joint_gold_beams_round_trip_to_full_marks(wordpiece):
   for dataset in (V1, V2):
-    version = squad_eval.dataset_version(dataset)
+    version = squad_official.dataset_version(dataset)
     examples = squad_data.examples_from_dataset(dataset)
     features = squad_data.make_features(examples, wordpiece, is_training=False,
                                         max_seq_length=64, doc_stride=8, max_query_length=8)
@@ -487,6 +487,6 @@ def test_postprocess_joint_gold_beams_round_trip_to_full_marks(wordpiece):
     answerable_qs = {e.qas_id: e.answers[0][0] for e in examples if not e.is_impossible}
     assert {q: predictions[q] for q in answerable_qs} == answerable_qs
     if version == "2.0":
-      scores = squad_eval.evaluate_v2(dataset, predictions, na_probs,
-                                      squad_answers.DEFAULT_NA_PROB_THRESH)
+      scores = squad_official.evaluate_v2(dataset, predictions, na_probs,
+                                          squad_answers.DEFAULT_NA_PROB_THRESH)
       assert scores["exact"] == scores["f1"] == 100.0

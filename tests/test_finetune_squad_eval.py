@@ -1,5 +1,5 @@
-"""Tests of script_jax/finetune/squad_eval.py against scores worked out by hand from the official
-SQuAD 1.1 / 2.0 rules (the arithmetic is in the comments)."""
+"""Tests of script_jax/finetune/squad_official.py and its command squad_eval.py against scores
+worked out by hand from the official SQuAD 1.1 / 2.0 rules (the arithmetic is in the comments)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from script_jax.finetune import squad_eval
-from script_jax.finetune.squad_eval import SquadDataError
+from script_jax.finetune import squad_official
+from script_jax.finetune.squad_official import SquadDataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,33 +61,33 @@ V2_NA_PROBS = {"a1": 0.1, "a2": 0.2, "n1": 0.3, "n3": 0.8, "n2": 0.9}
 
 
 def test_normalize_answer():
-  assert squad_eval.normalize_answer("The  Cat's  hat!") == "cats hat"
-  assert squad_eval.normalize_answer("An apple a day, the end.") == "apple day end"
+  assert squad_official.normalize_answer("The  Cat's  hat!") == "cats hat"
+  assert squad_official.normalize_answer("An apple a day, the end.") == "apple day end"
   # Articles go only as whole words; punctuation goes first, so "the-end" is one word.
-  assert squad_eval.normalize_answer("Anne theatre Thea") == "anne theatre thea"
-  assert squad_eval.normalize_answer("the-end") == "theend"
-  assert squad_eval.normalize_answer("A.M.") == "am"
-  assert squad_eval.normalize_answer("Élan\tVital") == "élan vital"  # not ASCII-folded
-  assert squad_eval.normalize_answer(" The ") == ""
+  assert squad_official.normalize_answer("Anne theatre Thea") == "anne theatre thea"
+  assert squad_official.normalize_answer("the-end") == "theend"
+  assert squad_official.normalize_answer("A.M.") == "am"
+  assert squad_official.normalize_answer("Élan\tVital") == "élan vital"  # not ASCII-folded
+  assert squad_official.normalize_answer(" The ") == ""
 
 
 def test_exact_and_f1_of_one_pair():
-  assert squad_eval.exact_score("The Eiffel Tower.", "eiffel tower") == 1.0
-  assert squad_eval.f1_score("the Denver Broncos team", "Denver Broncos") == pytest.approx(0.8)
+  assert squad_official.exact_score("The Eiffel Tower.", "eiffel tower") == 1.0
+  assert squad_official.f1_score("the Denver Broncos team", "Denver Broncos") == pytest.approx(0.8)
   # "x y y" vs "y y z w": common 2, P 2/3, R 2/4, F1 = 2 * (1/3) / (7/6) = 4/7.
-  assert squad_eval.f1_score("x y y", "y y z w") == pytest.approx(4 / 7)
+  assert squad_official.f1_score("x y y", "y y z w") == pytest.approx(4 / 7)
   # "a" is an article: "a b b" is "b b", so P 1, R 2/4, F1 2/3.
-  assert squad_eval.f1_score("a b b", "b b c d") == pytest.approx(2 / 3)
+  assert squad_official.f1_score("a b b", "b b c d") == pytest.approx(2 / 3)
   # Repeated tokens count as a multiset: "x x" vs "x": common 1, P 1/2, R 1.
-  assert squad_eval.f1_score("x x", "x") == pytest.approx(2 / 3)
+  assert squad_official.f1_score("x x", "x") == pytest.approx(2 / 3)
   # Empty answers: 2.0 scores agreement, 1.1 scores 0 (no common token).
-  assert squad_eval.f1_score("", "the", version="2.0") == 1.0
-  assert squad_eval.f1_score("", "the", version="1.1") == 0.0
-  assert squad_eval.f1_score("x", "", version="2.0") == 0.0
+  assert squad_official.f1_score("", "the", version="2.0") == 1.0
+  assert squad_official.f1_score("", "the", version="1.1") == 0.0
+  assert squad_official.f1_score("x", "", version="2.0") == 0.0
 
 
 def test_evaluate_v1_by_hand(capsys):
-  scores = squad_eval.evaluate_v1(V1_DATA, V1_PREDICTIONS)
+  scores = squad_official.evaluate_v1(V1_DATA, V1_PREDICTIONS)
   assert list(scores) == ["exact_match", "f1"]
   assert scores["exact_match"] == pytest.approx(100 * 1 / 4)
   assert scores["f1"] == pytest.approx(100 * (1 + 0.8 + 2 / 3 + 0) / 4)  # 61.67
@@ -95,11 +96,11 @@ def test_evaluate_v1_by_hand(capsys):
 
 def test_evaluate_v1_rejects_unanswerable_questions():
   with pytest.raises(SquadDataError, match="no gold answer.*2.0"):
-    squad_eval.evaluate_v1(V2_DATA, V2_PREDICTIONS)
+    squad_official.evaluate_v1(V2_DATA, V2_PREDICTIONS)
 
 
 def test_evaluate_v2_without_na_probs():
-  scores = squad_eval.evaluate_v2(V2_DATA, V2_PREDICTIONS)
+  scores = squad_official.evaluate_v2(V2_DATA, V2_PREDICTIONS)
   assert scores == pytest.approx({
       "exact": 100 * 2 / 5, "f1": 100 * (1 + 2 / 3 + 0 + 1 + 0) / 5, "total": 5,
       "HasAns_exact": 100 * 1 / 2, "HasAns_f1": 100 * (1 + 2 / 3) / 2, "HasAns_total": 2,
@@ -109,7 +110,7 @@ def test_evaluate_v2_without_na_probs():
 
 
 def test_evaluate_v2_threshold_and_best_threshold():
-  scores = squad_eval.evaluate_v2(V2_DATA, V2_PREDICTIONS, V2_NA_PROBS, na_prob_thresh=0.5)
+  scores = squad_official.evaluate_v2(V2_DATA, V2_PREDICTIONS, V2_NA_PROBS, na_prob_thresh=0.5)
   # na_prob > 0.5 turns n3 (0.8) and n2 (0.9) into "": n3 becomes right, n2 stays right.
   # Scores (EM / F1): a1 1/1, a2 0/(2/3), n1 0/0, n2 1/1, n3 1/1.
   # Best threshold, sweeping a1 0.1, a2 0.2, n1 0.3, n3 0.8, n2 0.9 from "abstain on all" = 3:
@@ -126,20 +127,20 @@ def test_evaluate_v2_threshold_and_best_threshold():
 
 def test_evaluate_v2_threshold_is_strict_and_defaults_to_never():
   # The default threshold 1.0 abstains on nothing: the same scores as without na_probs.
-  default = squad_eval.evaluate_v2(V2_DATA, V2_PREDICTIONS, V2_NA_PROBS)
-  plain = squad_eval.evaluate_v2(V2_DATA, V2_PREDICTIONS)
+  default = squad_official.evaluate_v2(V2_DATA, V2_PREDICTIONS, V2_NA_PROBS)
+  plain = squad_official.evaluate_v2(V2_DATA, V2_PREDICTIONS)
   assert {k: default[k] for k in plain} == plain
   # At exactly 0.8, n3 (na_prob 0.8) is not above it: only n2 abstains, which changes nothing.
-  assert squad_eval.evaluate_v2(V2_DATA, V2_PREDICTIONS, V2_NA_PROBS, 0.8)["exact"] == 40.0
-  assert squad_eval.evaluate_v2(V2_DATA, V2_PREDICTIONS, V2_NA_PROBS, 0.79)["exact"] == 60.0
+  assert squad_official.evaluate_v2(V2_DATA, V2_PREDICTIONS, V2_NA_PROBS, 0.8)["exact"] == 40.0
+  assert squad_official.evaluate_v2(V2_DATA, V2_PREDICTIONS, V2_NA_PROBS, 0.79)["exact"] == 60.0
   # Threshold 0: everything abstains; an answerable question abstained on scores 0.
-  zero = squad_eval.evaluate_v2(V2_DATA, V2_PREDICTIONS, V2_NA_PROBS, 0.0)
+  zero = squad_official.evaluate_v2(V2_DATA, V2_PREDICTIONS, V2_NA_PROBS, 0.0)
   assert zero["HasAns_exact"] == 0.0 and zero["NoAns_exact"] == 100.0
 
 
 def test_evaluate_v2_best_threshold_when_abstaining_everywhere_is_best():
   predictions = {"a1": "Rome", "a2": "fish", "n1": "x", "n2": "y", "n3": "z"}
-  scores = squad_eval.evaluate_v2(V2_DATA, predictions, V2_NA_PROBS)
+  scores = squad_official.evaluate_v2(V2_DATA, predictions, V2_NA_PROBS)
   # Answering anything only loses: the best is the start, 3/5 at threshold 0.0.
   assert scores["best_exact"] == 60.0 and scores["best_exact_thresh"] == 0.0
   assert scores["best_f1"] == 60.0 and scores["best_f1_thresh"] == 0.0
@@ -147,14 +148,14 @@ def test_evaluate_v2_best_threshold_when_abstaining_everywhere_is_best():
 
 def test_evaluate_v2_gold_answers_that_normalize_to_nothing_mean_no_answer():
   data = _dataset([("q", ["The", "a."], False)], version="v2.0")
-  scores = squad_eval.evaluate_v2(data, {"q": ""})
+  scores = squad_official.evaluate_v2(data, {"q": ""})
   assert scores["exact"] == 100.0 and scores["HasAns_total"] == 1  # counted as answerable
 
 
 def test_evaluate_v2_missing_predictions_score_zero(capsys):
   predictions = {k: v for k, v in V2_PREDICTIONS.items() if k not in ("a1", "n2")}
   na_probs = {k: v for k, v in V2_NA_PROBS.items() if k not in ("a1", "n2")}
-  scores = squad_eval.evaluate_v2(V2_DATA, predictions, na_probs, na_prob_thresh=0.5)
+  scores = squad_official.evaluate_v2(V2_DATA, predictions, na_probs, na_prob_thresh=0.5)
   # Left: a2 0/(2/3), n1 0/0, n3 abstains (0.8 > 0.5) 1/1; a1 and n2 score 0 in every total.
   assert scores["total"] == 5 and scores["NoAns_total"] == 3
   assert scores["exact"] == pytest.approx(100 * 1 / 5)
@@ -171,7 +172,7 @@ def test_evaluate_v2_missing_predictions_score_zero(capsys):
 
 def test_evaluate_v2_needs_na_probs_for_every_prediction():
   with pytest.raises(SquadDataError, match="no no-answer probability"):
-    squad_eval.evaluate_v2(V2_DATA, V2_PREDICTIONS, {"a1": 0.5})
+    squad_official.evaluate_v2(V2_DATA, V2_PREDICTIONS, {"a1": 0.5})
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -184,25 +185,25 @@ def test_evaluate_v2_needs_na_probs_for_every_prediction():
 ])
 def test_malformed_datasets_are_named(bad, match):
   with pytest.raises(SquadDataError, match=match):
-    squad_eval.evaluate_v2(bad, {})
+    squad_official.evaluate_v2(bad, {})
 
 
 def test_malformed_predictions():
   with pytest.raises(SquadDataError, match="predictions must be"):
-    squad_eval.evaluate_v1(V1_DATA, ["q1"])
+    squad_official.evaluate_v1(V1_DATA, ["q1"])
   with pytest.raises(SquadDataError, match="predictions must be"):
-    squad_eval.evaluate_v2(V2_DATA, {"a1": 3})
+    squad_official.evaluate_v2(V2_DATA, {"a1": 3})
   with pytest.raises(SquadDataError, match="no-answer probabilities"):
-    squad_eval.evaluate_v2(V2_DATA, V2_PREDICTIONS, {"a1": "high"})
+    squad_official.evaluate_v2(V2_DATA, V2_PREDICTIONS, {"a1": "high"})
 
 
 def test_dataset_version():
-  assert squad_eval.dataset_version(V1_DATA) == "1.1"
-  assert squad_eval.dataset_version(V2_DATA) == "2.0"
+  assert squad_official.dataset_version(V1_DATA) == "1.1"
+  assert squad_official.dataset_version(V2_DATA) == "2.0"
   # Without a version field, a question with "is_impossible" means 2.0.
-  assert squad_eval.dataset_version({"data": V2_DATA["data"]}) == "2.0"
+  assert squad_official.dataset_version({"data": V2_DATA["data"]}) == "2.0"
   no_flags = json.loads(json.dumps(V1_DATA).replace('"is_impossible": false, ', ""))
-  assert squad_eval.dataset_version({"data": no_flags["data"]}) == "1.1"
+  assert squad_official.dataset_version({"data": no_flags["data"]}) == "1.1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,7 +237,7 @@ def test_cli_v1_and_v2(tmp_path):
   run = _cli(data2, pred2, "--na-prob-file", na2, "--na-prob-thresh", "0.5")
   assert run.returncode == 0, run.stderr
   assert json.loads(run.stdout) == pytest.approx(
-      squad_eval.evaluate_v2(V2_DATA, V2_PREDICTIONS, V2_NA_PROBS, 0.5))
+      squad_official.evaluate_v2(V2_DATA, V2_PREDICTIONS, V2_NA_PROBS, 0.5))
   assert list(json.loads(run.stdout)) == [
       "exact", "f1", "total", "HasAns_exact", "HasAns_f1", "HasAns_total", "NoAns_exact",
       "NoAns_f1", "NoAns_total", "best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh"]

@@ -109,9 +109,9 @@ def test_joint_extractor_trains_with_the_gold_start_and_predicts_beams():
 @pytest.mark.parametrize("version,answerable_on_v1", [("1.1", False), ("1.1", True),
                                                       ("2.0", False)])
 def test_span_loss_matches_reference(version, answerable_on_v1):
-  """squad.span_loss: the mean of start and end cross-entropies over the allowed positions,
+  """squad_runs.span_loss: the mean of start and end cross-entropies over the allowed positions,
   plus the weighted answerable BCE where the head trains it (2.0, or 1.1 for ELECTRA's head)."""
-  from script_jax.finetune import squad
+  from script_jax.finetune import squad_runs
   rng = np.random.default_rng(7)
   b, t, weight = 5, 11, 0.5
   start, end, answerable = (rng.normal(size=(b, t)) * 3, rng.normal(size=(b, t)) * 3,
@@ -123,7 +123,7 @@ def test_span_loss_matches_reference(version, answerable_on_v1):
   is_impossible = rng.random(b) < 0.5 if version == "2.0" else np.zeros(b, bool)
   batch = {"context_mask": context_mask, "start_positions": start_positions,
            "end_positions": end_positions, "is_impossible": is_impossible}
-  losses, _ = squad.span_loss((start, end, answerable), batch, weight, version,
+  losses, _ = squad_runs.span_loss((start, end, answerable), batch, weight, version,
                               answerable_on_v1=answerable_on_v1)
 
   def ce(logits, gold):  # only the allowed positions enter the softmax

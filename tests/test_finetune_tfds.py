@@ -15,7 +15,7 @@ from tfds_fixture import serve
 from script_jax.data import tfds_fetch
 from script_jax.finetune import glue_data
 from script_jax.finetune import squad_data
-from script_jax.finetune import squad_eval
+from script_jax.finetune import squad_official
 
 pytest.importorskip("tensorflow_datasets")
 
@@ -65,7 +65,7 @@ def test_dataset_from_tfds_regroups_questions_into_the_official_format():
                    "answer_start": np.array([9], np.int32)}},
   ]
   dataset = squad_data.dataset_from_tfds(records, "squad/v1.1")
-  assert squad_eval.dataset_version(dataset) == "1.1"
+  assert squad_official.dataset_version(dataset) == "1.1"
   assert [a["title"] for a in dataset["data"]] == ["T", "U"]
   paragraph = dataset["data"][0]["paragraphs"]
   assert len(paragraph) == 1 and [q["id"] for q in paragraph[0]["qas"]] == ["a", "c"]
@@ -80,16 +80,16 @@ def test_dataset_from_tfds_regroups_questions_into_the_official_format():
                     answers={"text": np.array([], dtype=object),
                              "answer_start": np.array([], np.int32)})
   v2 = squad_data.dataset_from_tfds([impossible], "squad/v2.0")
-  assert squad_eval.dataset_version(v2) == "2.0"
+  assert squad_official.dataset_version(v2) == "2.0"
   assert v2["data"][0]["paragraphs"][0]["qas"][0]["is_impossible"] is True
 
-  with pytest.raises(squad_eval.SquadDataError, match="record 0.*2 answer texts but 1"):
+  with pytest.raises(squad_official.SquadDataError, match="record 0.*2 answer texts but 1"):
     squad_data.dataset_from_tfds([dict(records[0], answers={
         "text": [b"Red", b"fox"], "answer_start": [0]})], "squad/v1.1")
-  with pytest.raises(squad_eval.SquadDataError, match="record 0.*question"):
+  with pytest.raises(squad_official.SquadDataError, match="record 0.*question"):
     squad_data.dataset_from_tfds([{k: v for k, v in records[0].items() if k != "question"}],
                                  "squad/v1.1")
-  with pytest.raises(squad_eval.SquadDataError, match="squad/v1.1, squad/v2.0"):
+  with pytest.raises(squad_official.SquadDataError, match="squad/v1.1, squad/v2.0"):
     squad_data.dataset_from_tfds(records, "squad/v3")
 
 
@@ -110,7 +110,7 @@ def test_load_tfds_squad_through_tfds(version):
       assert e.answers == list(zip(record["answers"]["text"],
                                    record["answers"]["answer_start"]))
       assert e.is_impossible == record.get("is_impossible", False)
-  assert squad_eval.dataset_version(loaded["dev"]) == version.lstrip("v")
+  assert squad_official.dataset_version(loaded["dev"]) == version.lstrip("v")
 
 
 _GLUE = {

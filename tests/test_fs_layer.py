@@ -30,8 +30,8 @@ FORBIDDEN_MODULES = {"shutil", "tf.io.gfile"}  # any call
 ALLOWED = {
     "script_jax/fs.py:*": "the layer itself",
     "script_jax/config_lib.py:<module>": "the package's own assets folder (BERT_UNCASED_VOCAB)",
-    "script_jax/bench/step_speed.py:_snapshot": "reads /proc/stat, the machine's CPU counters",
-    "script_jax/bench/step_speed.py:environment": "reads /proc/cpuinfo",
+    "script_jax/bench/step_timing.py:_snapshot": "reads /proc/stat, the machine's CPU counters",
+    "script_jax/bench/step_timing.py:environment": "reads /proc/cpuinfo",
     "script_jax/bench/scoring_speed.py:cpu_name": "reads /proc/cpuinfo",
     "script_jax/run_lock.py:_process_start": "reads /proc/PID/stat, a process's start time",
     "script_jax/bench/tpu_programs.py:_tpu_attached": "looks for TPU device files in /dev",

@@ -14,13 +14,14 @@ PACKAGE = os.path.join(ROOT, "script_jax")
 LAYERS = (
     ("", "fs", "cli_errors"),                              # paths and error reporting
     ("pallas_common",),                                    # what the kernels share
-    ("random_bits", "fused_attention", "models", "metrics_log", "run_lock", "launch_check"),
+    ("random_bits", "fused_attention", "models", "metrics_records", "metrics_log", "run_lock",
+     "launch_check"),
     ("sharding", "fused_logsumexp", "config_lib"),         # meshes, kernels, configs
     ("objectives", "state", "data"),                       # losses, train state, input data
     ("checkpoints", "evaluation"),
     ("interop",),                                          # HuggingFace folders <-> params
     ("train",),                                            # the pretraining loop
-    ("scoring", "finetune", "interop.hf"),                 # stages built on a pretrained model
+    ("scoring", "finetune", "interop.hf", "interop.hf_export"),  # stages on a pretrained model
     ("experiments", "bench"),                              # runs and measurements of the above
     ("main",),
 )

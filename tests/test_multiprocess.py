@@ -13,7 +13,7 @@ import pytest
 from helpers import ROOT, build_once
 
 from script_jax import checkpoints
-from script_jax import metrics_log
+from script_jax import metrics_records
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def two_process_run(tmp_path_factory):
 def test_two_processes_train_and_checkpoint_together(two_process_run, tmp_path):
   args, workdir, errors = two_process_run
   assert "JAX process 1/2, 2 devices" in errors[1]
-  records = metrics_log.read_records(str(workdir))
+  records = metrics_records.read_records(str(workdir))
   # Written once, by process 0.
   assert [r["step"] for r in records if "loss" in r] == list(range(2, 101, 2))
   # The held-out evaluations over both processes' rows, written once.
@@ -132,7 +132,7 @@ def test_sigterm_to_one_host_saves_the_same_step_on_both_and_resumes_exactly(tmp
   procs = _launch(args + [f"--workdir={interrupted}"], _free_port())
   deadline = time.time() + 300
   # The first checkpoint flushes the metrics: training is under way once a file appears.
-  while not metrics_log.segment_paths(str(interrupted)) and time.time() < deadline:
+  while not metrics_records.segment_paths(str(interrupted)) and time.time() < deadline:
     assert all(p.poll() is None for p in procs), "a process ended before training"
     time.sleep(0.05)
   procs[1].send_signal(signal.SIGTERM)

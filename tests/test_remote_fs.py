@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from script_jax import checkpoints
 from script_jax import fs
-from script_jax import metrics_log
+from script_jax import metrics_records
 
 pytestmark = pytest.mark.slow
 
@@ -175,7 +175,7 @@ def test_prepare_train_stop_resume_score_off_the_local_disk(gcs_emulator, monkey
       "train-00001-of-00002.tfrecord", "train-00001-of-00002.tfrecord.json"]
   assert _checkpoint_steps() == ["2"]
   train.train_and_evaluate(config(4), workdir)  # ... and resumes to step 4
-  records = metrics_log.read_records(workdir)
+  records = metrics_records.read_records(workdir)
   assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
   # Held-out evaluation read from the remote folder at the end of each run.
   assert [r["step"] for r in records if "eval_disc_auc" in r] == [2, 4]

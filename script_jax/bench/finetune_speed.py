@@ -17,10 +17,11 @@ Ours is the train step of `finetune.trainer.fit`, built here the same way (train
 refactored for a benchmark): the encoder config of `finetune.seed_runs.load_start` (fine-tuning's
 dropout, no scan, no remat), `finetune.optim.make_optimizer` with `config_lib.finetune_config()`
 (clip 1.0, Adam without bias correction, layer-wise decay 0.8, the linear schedule), the task's
-own loss (`glue.classification_loss`, `squad.span_loss`) summed over the batch, value_and_grad,
-the optax update, parameters and optimizer state donated, dropout from fold_in(key, step), data
-parallel over the devices (one CPU device here). One fixed random batch stays on the device and
-only the end of each window waits for it (fit also fetches the metrics every step).
+own loss (`glue_runs.classification_loss`, `squad_runs.span_loss`) summed over the batch,
+value_and_grad, the optax update, parameters and optimizer state donated, dropout from
+fold_in(key, step), data parallel over the devices (one CPU device here). One fixed random batch
+stays on the device and only the end of each window waits for it (fit also fetches the metrics
+every step).
 
 HF's side: the same sizes, float32, train mode (dropout 0.1), the stock forward with labels
 (mean loss), backward, clip at global norm 1, torch AdamW (fused), on the same numpy batch;
@@ -55,11 +56,11 @@ from ml_collections import config_flags
 from script_jax import config_lib
 from script_jax import fs
 from script_jax import models
-from script_jax.bench import step_speed
-from script_jax.finetune import glue
+from script_jax.bench import step_timing
+from script_jax.finetune import glue_runs
 from script_jax.finetune import model as task_models
 from script_jax.finetune import optim
-from script_jax.finetune import squad
+from script_jax.finetune import squad_runs
 from script_jax.finetune import trainer
 
 FLAGS = flags.FLAGS
@@ -139,11 +140,11 @@ def time_ours(config, task: str, length: int, *, batch_size: int, steps: int, wa
     raise ValueError(f"length {length} exceeds the model's {cfg.max_position_embeddings} "
                      "positions")
   if task == "glue":
-    model, loss_fn = task_models.Classifier(cfg, 2), glue.classification_loss
+    model, loss_fn = task_models.Classifier(cfg, 2), glue_runs.classification_loss
   elif task == "squad":
     model = task_models.SpanExtractor(cfg)
-    loss_fn = functools.partial(squad.span_loss, no_answer_weight=ft.squad.no_answer_weight,
-                                version="1.1")
+    loss_fn = functools.partial(squad_runs.span_loss,
+                                no_answer_weight=ft.squad.no_answer_weight, version="1.1")
   else:
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
   devices = list(jax.devices() if devices is None else devices)
@@ -183,7 +184,7 @@ def time_ours(config, task: str, length: int, *, batch_size: int, steps: int, wa
   jax.block_until_ready(params)
   windows, others = [], []
   for _ in range(repeats):
-    share = step_speed.CpuShare()
+    share = step_timing.CpuShare()
     begin = time.perf_counter()
     for _ in range(steps):
       params, opt_state, metrics = compiled(params, opt_state, batch, jnp.int32(step))
@@ -193,7 +194,7 @@ def time_ours(config, task: str, length: int, *, batch_size: int, steps: int, wa
     others.append(share.others())
     log(f"{label} {steps} steps in {windows[-1]:.3f} s "
         f"({batch_size * steps / windows[-1]:.2f} examples/s; other processes used "
-        f"{step_speed.percent(others[-1])}% of the CPUs)")
+        f"{step_timing.percent(others[-1])}% of the CPUs)")
   seconds, other = _median_window(windows, others)
   return {"examples_per_sec": batch_size * steps / seconds, "window_seconds": windows,
           "others_cpu_share": others, "others_cpu_share_median_window": other,
@@ -259,7 +260,7 @@ def time_hf(config, task: str, length: int, *, batch_size: int, steps: int, warm
     raise FloatingPointError(f"{label} loss is {loss} after warm-up")
   windows, others = [], []
   for _ in range(repeats):
-    share = step_speed.CpuShare()
+    share = step_timing.CpuShare()
     begin = time.perf_counter()
     for _ in range(steps):
       step()
@@ -267,7 +268,7 @@ def time_hf(config, task: str, length: int, *, batch_size: int, steps: int, warm
     others.append(share.others())
     log(f"{label} {steps} steps in {windows[-1]:.3f} s "
         f"({batch_size * steps / windows[-1]:.2f} examples/s; other processes used "
-        f"{step_speed.percent(others[-1])}% of the CPUs)")
+        f"{step_timing.percent(others[-1])}% of the CPUs)")
   seconds, other = _median_window(windows, others)
   return {"examples_per_sec": batch_size * steps / seconds, "window_seconds": windows,
           "others_cpu_share": others, "others_cpu_share_median_window": other,
@@ -293,7 +294,7 @@ def run_benchmark(config, *, tasks: Sequence[str] = TASKS, lengths: Sequence[int
   # Equal shapes: HF's embedding has exactly vocab_size rows, so ours is not padded here.
   config = config.copy_and_resolve_references()
   config.model.vocab_pad_multiple = 1
-  report = step_speed.environment()
+  report = step_timing.environment()
   hf_note = None
   if hf:
     try:
@@ -345,7 +346,7 @@ def format_table(report: dict[str, Any]) -> str:
       lines.append(f"{task:<6} {entry['batch_size']:>4}x{entry['seq_len']:<4} {side:<5} "
                    f"{r['num_params']:>11,} {r['examples_per_sec']:>10.2f} {ms:>8.0f} "
                    f"{ratio:>7} "
-                   f"{step_speed.percent(r['others_cpu_share_median_window']):>8}")
+                   f"{step_timing.percent(r['others_cpu_share_median_window']):>8}")
   s, v = report["settings"], report["versions"]
   lines.append("examples/s: median of the timed windows; others %: CPU share other processes "
                "used in that window; ours/hf on the hf row")

@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from script_jax import fs
 from script_jax.data import pipeline
-from script_jax.data import prepare, prepared_folder
+from script_jax.data import preparation, prepared_folder
 
 
 def benchmark(config, metadata: dict, data_dir: str, num_batches: int, warmup_batches: int,
@@ -67,8 +67,8 @@ def main(argv):
     if metadata is None:
       raise app.UsageError(f"{data_dir} has no metadata.json; run script_jax.data.prepare first.")
   else:
-    metadata = prepare.prepare_pretraining_data(config, FLAGS.workdir, process_index=0,
-                                                     process_count=1)
+    metadata = preparation.prepare_pretraining_data(config, FLAGS.workdir, process_index=0,
+                                                    process_count=1)
     data_dir = prepared_folder.data_dir_of(config, FLAGS.workdir)
   result = benchmark(config, metadata, data_dir, FLAGS.num_batches, FLAGS.warmup_batches,
                      FLAGS.process_count)

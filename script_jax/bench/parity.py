@@ -47,9 +47,9 @@ from script_jax import models
 from script_jax import sharding as sharding_lib
 from script_jax import state as state_lib
 from script_jax import train
-from script_jax.bench import hf_peer
+from script_jax.bench import hf_training
 from script_jax.data import prepared_folder
-from script_jax.interop import hf as export_hf
+from script_jax.interop import hf_export
 from script_jax.interop import hf_folder
 
 FLAGS = flags.FLAGS
@@ -117,7 +117,7 @@ def hf_family(cfg) -> str:
 
 def build_hf_mlm(cfg, pad_id: int, params=None):
   """BertForMaskedLM (ElectraForMaskedLM if E != H) of cfg's sizes; with `params` (ours,
-  per-layer layout) its weights are ours, through interop.hf.mlm_tensors."""
+  per-layer layout) its weights are ours, through interop.hf_export.mlm_tensors."""
   import torch  # pylint: disable=g-import-not-at-top  (optional: torch)
   import transformers  # pylint: disable=g-import-not-at-top  (optional: transformers)
   family = hf_family(cfg)
@@ -127,7 +127,7 @@ def build_hf_mlm(cfg, pad_id: int, params=None):
                  else transformers.ElectraForMaskedLM)
   model = model_class(config_class(**config_dict))
   if params is not None:
-    tensors = export_hf.mlm_tensors(params, cfg, family)
+    tensors = hf_export.mlm_tensors(params, cfg, family)
     state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     # The decoder is tied to the word embeddings and the output bias; position_ids is a buffer.
@@ -157,12 +157,13 @@ def hf_losses(model, config, batches, log_every: int, log) -> list[float]:
   """HuggingFace's training: one loss per step."""
   import torch  # pylint: disable=g-import-not-at-top  (optional: torch)
   model.train()
-  optimizer, scheduler = hf_peer.make_hf_optimizer(model, config, "for-loop")
+  optimizer, scheduler = hf_training.make_hf_optimizer(model, config, "for-loop")
   losses, began = [], time.time()
   for step, np_batch in enumerate(batches, start=1):
     batch = {k: torch.from_numpy(v).long() if v.dtype.kind == "i" else torch.from_numpy(v)
              for k, v in np_batch.items()}
-    loss = hf_peer._mlm_loss(hf_masked_logits(model, batch), batch)  # pylint: disable=protected-access
+    loss = hf_training._mlm_loss(  # pylint: disable=protected-access
+        hf_masked_logits(model, batch), batch)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
     optimizer.step()

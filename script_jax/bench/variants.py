@@ -23,7 +23,7 @@ from ml_collections import config_flags
 
 from script_jax import fs
 from script_jax import sharding as sharding_lib
-from script_jax.bench import step_speed
+from script_jax.bench import step_timing
 
 # (name, objective, config overrides, compiler options, steps per call), most telling first.
 # Measured slower on an H200 and dropped (docs/benchmarks_log.md section (i)): SCRIPT's two
@@ -85,7 +85,7 @@ def format_rows(rows, peak_flops_per_sec: float) -> str:
       lines.append(f"{row['name']:<40} {row['steps_per_sec']:>9.2f} "
                    f"{100 * row['model_flops_per_sec'] / peak_flops_per_sec:>7.1f} "
                    f"{row['compile_s']:>9.1f} "
-                   f"{row['memory'].get('temp_size_in_bytes', 0) / step_speed.MIB:>9.0f}")
+                   f"{row['memory'].get('temp_size_in_bytes', 0) / step_timing.MIB:>9.0f}")
     else:
       lines.append(f"{row['name']:<40} {'-':>9} {'-':>7} {'-':>9} {'-':>9}  {row['note']}")
   rates = {row["name"]: row.get("steps_per_sec") for row in rows}
@@ -104,14 +104,14 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"Unknown variants {unknown}; choose from {names}")
   config = FLAGS.config
-  report = step_speed.environment()
+  report = step_timing.environment()
   mesh = sharding_lib.create_mesh(config)
   report["settings"] = {"batch_size": FLAGS.batch_size or config.batch_size,
                         "seq_len": config.seq_len, "dtype": config.model.dtype,
                         "steps": FLAGS.steps, "warmup": FLAGS.warmup, "repeats": FLAGS.repeats}
   report["command"] = " ".join(["python", *sys.argv])
-  report["matmul_peak"] = step_speed.measure_matmul_peak(
-      mesh, *step_speed.peak_settings(mesh, FLAGS.peak_size), config.model.dtype)
+  report["matmul_peak"] = step_timing.measure_matmul_peak(
+      mesh, *step_timing.peak_settings(mesh, FLAGS.peak_size), config.model.dtype)
   _print(f"Matmul peak: {report['matmul_peak']['flops_per_sec'] / 1e12:.1f} TFLOP/s")
   rows, states = [], {}
   report["variants"] = rows
@@ -133,7 +133,7 @@ def main(argv):
     else:
       _print(f"=== {name} ({elapsed:.0f} s in)")
       try:
-        row.update(step_speed.benchmark_objective(
+        row.update(step_timing.benchmark_objective(
             with_overrides(config, overrides), objective, batch_size=FLAGS.batch_size,
             steps=math.ceil(FLAGS.steps / per_call) * per_call, warmup=FLAGS.warmup,
             repeats=FLAGS.repeats, mesh=mesh, compiler_options=options or None,

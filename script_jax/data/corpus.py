@@ -1,7 +1,7 @@
 """Pretraining text sources, read as streams of documents.
 
 A document is a list of lines: sentences or paragraphs of one article, in order. Packing
-(prepare.py) never lets a sequence span two documents, as in BERT's
+(preparation.py) never lets a sequence span two documents, as in BERT's
 create_pretraining_data.py and ELECTRA's build_pretraining_dataset.py.
 
 Sources (`config.data.source`, or `--source` of `python -m script_jax.data.prepare`):
@@ -18,7 +18,7 @@ Sources (`config.data.source`, or `--source` of `python -m script_jax.data.prepa
                           such as `train[:1%]`.
 
 This module imports neither TensorFlow nor TFDS at the top: the tokenizer worker processes of
-prepare.py import it, and they should start in a second, not in the seconds TF takes.
+preparation.py import it, and they should start in a second, not in the seconds TF takes.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class DataError(cli_errors.UserError):
 
 @dataclasses.dataclass
 class ReadStats:
-  """Counts kept while a source is read; prepare.py reports them and writes them out."""
+  """Counts kept while a source is read; preparation.py reports them and writes them out."""
   documents: int = 0
   lines: int = 0
   skipped_lines: int = 0  # lines dropped because they were not valid UTF-8

@@ -1,6 +1,6 @@
 """Prepared shards to per-host batches of dynamically masked sequences, as a tf.data pipeline.
 
-  metadata = prepare.prepare_pretraining_data(config, workdir)
+  metadata = preparation.prepare_pretraining_data(config, workdir)
   ds = pipeline.create_pretraining_dataset(config, metadata, data_dir, start_step=step,
                                                  process_index=jax.process_index(),
                                                  process_count=jax.process_count())
@@ -264,7 +264,7 @@ def create_pretraining_dataset(config: ml_collections.ConfigDict, metadata: dict
 
   Args:
     config: uses seed, seq_len, batch_size (global), mask.* and data.shuffle_buffer.
-    metadata: of the prepared data (prepare.prepare / load_metadata).
+    metadata: of the prepared data (preparation.prepare / load_metadata).
     data_dir: the folder with the shards.
     start_step: the first batch is the one an uninterrupted run yields at this step.
     process_index, process_count: this host and the number of hosts (jax.process_*()).
@@ -326,7 +326,7 @@ def create_eval_dataset(config: ml_collections.ConfigDict, metadata: dict, data_
                         process_index: int = 0, process_count: int = 1):
   """This host's part of the fixed evaluation batches, or None without an evaluation split.
 
-  The first config.eval.max_sequences sequences of the held-out split (prepare.py), in file
+  The first config.eval.max_sequences sequences of the held-out split (preparation.py), in file
   order, in global batches of config.batch_size (the last one filled with empty rows: no
   tokens, no predictions), each masked with a seed folded from (config.eval.seed, batch number):
   the same sequences, masks and batches at every evaluation, in every run, for any number of

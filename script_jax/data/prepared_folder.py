@@ -3,7 +3,7 @@
 A prepared folder holds `train-XXXXX-of-YYYYY.tfrecord` shards (each with a `.json` sidecar written
 once it is complete), the tokenizer (`spm.model` or `vocab.txt`) and `metadata.json`, written last:
 its presence means "complete". The trainer, the scorer and fine-tuning read the folder through this
-module; `prepare.py` writes it.
+module; `preparation.py` writes it.
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ from script_jax import cli_errors
 from script_jax import config_lib
 from script_jax import fs
 from script_jax import train
-from script_jax.experiments import curve
-from script_jax.finetune import glue
+from script_jax.experiments import curve_runs
+from script_jax.finetune import glue_runs
 from script_jax.finetune import seed_runs
 from script_jax.finetune.seed_runs import FinetuneError
 
@@ -76,7 +76,7 @@ def finished(workdir: str, num_train_steps: int) -> bool:
   """Whether the workdir's pretraining reached its last step (its checkpoint is there)."""
   if not fs.exists(fs.join(workdir, "run_config.json")):
     return False
-  steps = curve.kept_steps(workdir)
+  steps = curve_runs.kept_steps(workdir)
   return bool(steps) and steps[-1] >= num_train_steps
 
 
@@ -93,8 +93,8 @@ def comparison_table(curve_data: dict[str, Any], output_dir: str) -> str:
     cells = [f"{last[k]:.4f}" if k in last else "-" for k in
              ("eval_mlm_loss", "eval_mlm_accuracy", "eval_disc_auc", "eval_disc_accuracy")]
     held_out.append(f"| {label} | {step:,} | " + " | ".join(cells) + " |")
-  return (glue.tables(labelled) + "\nHeld-out pretraining metrics at that step (ELECTRA's MLM: "
-          "its generator's):\n\n| model | step | MLM loss | MLM accuracy | critic AUC | "
+  return (glue_runs.tables(labelled) + "\nHeld-out pretraining metrics at that step (ELECTRA's "
+          "MLM: its generator's):\n\n| model | step | MLM loss | MLM accuracy | critic AUC | "
           "critic accuracy |\n|---|---|---|---|---|---|\n" + "\n".join(held_out) + "\n")
 
 
@@ -117,9 +117,9 @@ def run_compare(config, ft, objectives: Sequence[str], output_dir: str, data_dir
     train.train_and_evaluate(objective_config(config, objective, prepared_dir), workdir)
   labels = [OBJECTIVES[o] for o in objectives]
   curve_dir = fs.join(output_dir, "curve")
-  curve_data = curve.run_curve(ft, workdirs, labels, data_dir, curve_dir, tasks, steps=steps,
-                               check_counts=check_counts)
-  curve.write_outputs(curve_data, curve_dir)
+  curve_data = curve_runs.run_curve(ft, workdirs, labels, data_dir, curve_dir, tasks, steps=steps,
+                                    check_counts=check_counts)
+  curve_runs.write_outputs(curve_data, curve_dir)
   table = comparison_table(curve_data, curve_dir)
   fs.write_atomically(fs.join(output_dir, "comparison.md"), table)
   return table
@@ -135,7 +135,7 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")  # tf.data only
     table = run_compare(FLAGS.config, FLAGS.finetune, FLAGS.objectives, FLAGS.output_dir,
                         FLAGS.data_dir, FLAGS.tasks, FLAGS.check_counts,
-                        curve.parse_steps(FLAGS.steps))
+                        curve_runs.parse_steps(FLAGS.steps))
     print(table)
     print(f"Curve: {fs.join(FLAGS.output_dir, 'curve', 'curve.png')}; table: "
           f"{fs.join(FLAGS.output_dir, 'comparison.md')}.", file=sys.stderr)

@@ -12,7 +12,7 @@ entailment/neutral/contradiction for MNLI and AX; entailment/not_entailment for 
 STS-B's score clipped to [0, 5]). MNLI's model predicts three sets: MNLI-m (test_matched.tsv),
 MNLI-mm (test_mismatched.tsv) and the diagnostic set AX (diagnostic/diagnostic.tsv).
 
-finetune/glue.py writes these files into each (task, seed) run folder as
+finetune/glue_runs.py writes these files into each (task, seed) run folder as
 `<run>/test_predictions/<NAME>.tsv` when the task's test file is in the data folder;
 finetune/submit.py picks one run per task and assembles the submission.
 """

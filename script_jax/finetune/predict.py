@@ -21,7 +21,7 @@ import ml_collections
 
 from script_jax import cli_errors
 from script_jax import fs
-from script_jax.finetune import glue
+from script_jax.finetune import glue_runs
 from script_jax.finetune import glue_data
 from script_jax.finetune import model as task_models
 from script_jax.finetune import seed_runs
@@ -80,7 +80,7 @@ def predict_lines(run_dir: str, lines: list[str]) -> list[str]:
   arrays = glue_data.featurize(examples, None, special["cls"], special["sep"], special["pad"],
                                max_length, encode_batch=tokenizer.encode_batch)
   outputs = trainer.predict(model, params, arrays, batch_size=64)
-  predictions = glue.predictions_from(spec, outputs)
+  predictions = glue_runs.predictions_from(spec, outputs)
   if spec.is_regression:
     return [f"{score:.4f}" for score in predictions]
   return [spec.labels[i] for i in predictions]

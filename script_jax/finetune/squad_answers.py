@@ -33,7 +33,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from script_jax.finetune import squad_data
-from script_jax.finetune import squad_eval
+from script_jax.finetune import squad_official
 
 DEFAULT_NA_PROB_THRESH = 0.5  # sigmoid(0): the null score beats the best span (BERT's rule)
 # ELECTRA abstains when its answerable logit is above -2.75 (qa_metrics.py, squad_official_eval
@@ -159,8 +159,8 @@ def _select(examples, features, candidates, max_answer_length, version, answer_p
   na_prob: sigmoid(min over windows of no_answer_logits) when given, else sigmoid(min over
   windows of null_score - the best span's score) (BERT's null-score difference).
   """
-  if version not in squad_eval.VERSIONS:
-    raise ValueError(f"version must be one of {squad_eval.VERSIONS}, not {version!r}")
+  if version not in squad_official.VERSIONS:
+    raise ValueError(f"version must be one of {squad_official.VERSIONS}, not {version!r}")
   if len(features) and features.example_index.max() >= len(examples):
     raise ValueError("the features were made from more examples than given")
   starts_ok, is_context = answer_positions

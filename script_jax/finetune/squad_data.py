@@ -34,7 +34,7 @@ import numpy as np
 from sentencepiece import sentencepiece_pb2
 
 from script_jax.data import tfds_fetch
-from script_jax.finetune import squad_eval
+from script_jax.finetune import squad_official
 
 NO_ANSWER_INDEX = 0  # [CLS]: the start/end target when a window holds no answer
 
@@ -61,18 +61,18 @@ class SquadExample:
 def examples_from_dataset(dataset_json: Mapping[str, Any]) -> list[SquadExample]:
   """The questions of a SQuAD dataset dict (v1.1 or v2.0), in file order.
 
-  Raises squad_eval.SquadDataError when the dict is not shaped like SQuAD.
+  Raises squad_official.SquadDataError when the dict is not shaped like SQuAD.
   """
   examples = []
-  for article, paragraph, qa in squad_eval.iter_questions(dataset_json):
+  for article, paragraph, qa in squad_official.iter_questions(dataset_json):
     if not isinstance(qa.get("question"), str):
-      raise squad_eval.SquadDataError(f'question {qa["id"]} has no "question" string')
+      raise squad_official.SquadDataError(f'question {qa["id"]} has no "question" string')
     answers = []
     for answer in qa["answers"]:
       start = answer.get("answer_start")
       if not isinstance(start, int) or isinstance(start, bool):
-        raise squad_eval.SquadDataError(f'an answer of question {qa["id"]} has no integer '
-                                        '"answer_start"')
+        raise squad_official.SquadDataError(f'an answer of question {qa["id"]} has no integer '
+                                            '"answer_start"')
       answers.append((answer["text"], start))
     examples.append(SquadExample(
         qas_id=qa["id"], question=qa["question"], context=paragraph["context"],
@@ -83,7 +83,7 @@ def examples_from_dataset(dataset_json: Mapping[str, Any]) -> list[SquadExample]
 
 def read_squad(path: str) -> list[SquadExample]:
   """Reads an official SQuAD JSON file (local or gs://) into examples."""
-  return examples_from_dataset(squad_eval.load_json(path, "SQuAD file"))
+  return examples_from_dataset(squad_official.load_json(path, "SQuAD file"))
 
 
 def _dataset_from_examples(examples: Sequence[SquadExample],
@@ -120,11 +120,11 @@ def dataset_from_tfds(records: Iterable[Mapping[str, Any]], name: str) -> dict:
 
   TFDS yields one record per question (answers as parallel `text`/`answer_start` lists), in its
   own order; questions are regrouped into articles by title and paragraphs by context, in order
-  of first appearance. Raises squad_eval.SquadDataError on records not shaped like SQuAD.
+  of first appearance. Raises squad_official.SquadDataError on records not shaped like SQuAD.
   """
   if name not in TFDS_NAMES:
-    raise squad_eval.SquadDataError(f"Unknown TFDS SQuAD dataset {name!r}: use one of "
-                                    f"{', '.join(TFDS_NAMES)}.")
+    raise squad_official.SquadDataError(f"Unknown TFDS SQuAD dataset {name!r}: use one of "
+                                        f"{', '.join(TFDS_NAMES)}.")
   examples = []
   for n, record in enumerate(records):
     try:
@@ -132,15 +132,15 @@ def dataset_from_tfds(records: Iterable[Mapping[str, Any]], name: str) -> dict:
       texts = [_as_text(t) for t in record["answers"]["text"]]
       starts = [int(s) for s in record["answers"]["answer_start"]]
       if len(texts) != len(starts):
-        raise squad_eval.SquadDataError(f"{len(texts)} answer texts but {len(starts)} starts")
+        raise squad_official.SquadDataError(f"{len(texts)} answer texts but {len(starts)} starts")
       examples.append(SquadExample(
           qas_id=qas_id, question=_as_text(record["question"]),
           context=_as_text(record["context"]), answers=list(zip(texts, starts)),
           is_impossible=bool(record.get("is_impossible", False)),
           title=_as_text(record.get("title", ""))))
-    except (KeyError, TypeError, ValueError, squad_eval.SquadDataError) as e:
-      raise squad_eval.SquadDataError(f"TFDS {name} record {n}: not a SQuAD question "
-                                      f"({type(e).__name__}: {e}).") from None
+    except (KeyError, TypeError, ValueError, squad_official.SquadDataError) as e:
+      raise squad_official.SquadDataError(f"TFDS {name} record {n}: not a SQuAD question "
+                                          f"({type(e).__name__}: {e}).") from None
   return _dataset_from_examples(examples, version="v2.0" if name.endswith("2.0") else "1.1")
 
 
@@ -149,8 +149,8 @@ def load_tfds_squad(name: str, split: str, *, data_dir: Optional[str] = None) ->
   use; `data_dir` is TFDS's folder, local or gs://) as an official-format dataset dict."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy: tensorflow_datasets)
   if name not in TFDS_NAMES:
-    raise squad_eval.SquadDataError(f"Unknown TFDS SQuAD dataset {name!r}: use one of "
-                                    f"{', '.join(TFDS_NAMES)}.")
+    raise squad_official.SquadDataError(f"Unknown TFDS SQuAD dataset {name!r}: use one of "
+                                        f"{', '.join(TFDS_NAMES)}.")
   if split not in TFDS_SPLITS:
     raise ValueError(f"split must be one of {sorted(TFDS_SPLITS)}, not {split!r}.")
   dataset = tfds_fetch.load(name, TFDS_SPLITS[split], data_dir=data_dir,
@@ -174,12 +174,12 @@ def split_by_articles(source: Union[Mapping[str, Any], Sequence[SquadExample]],
 
   Returns:
     Two dataset dicts (copies) with the source's version, articles in their original order,
-    ready for `examples_from_dataset` and `squad_eval.evaluate_v1/v2`.
+    ready for `examples_from_dataset` and `squad_official.evaluate_v1/v2`.
   """
   if not 0.0 < train_fraction < 1.0:
     raise ValueError(f"train_fraction must be in (0, 1), not {train_fraction}")
   if isinstance(source, Mapping):
-    for _ in squad_eval.iter_questions(source):  # only to check the shape
+    for _ in squad_official.iter_questions(source):  # only to check the shape
       pass
     dataset = source
   else:

@@ -15,8 +15,9 @@ shuffle buffer, so its epochs are not permutations and its batches cross epoch b
 Prediction pads the examples to whole batches and trims the outputs, so every example counts
 exactly once, on any number of devices and hosts. The logged accuracy (mse, ...) is a mean over
 the real rows only; padding rows count in neither. Records go through the pretraining's writer
-(metrics_log.py: RUN_DIR/metrics/, `python -m script_jax.metrics_log --workdir=RUN_DIR`). Dropout randomness is fold_in(key(seed),
-step): the seed fixes the head's initialisation, the dropout masks and the data order.
+(metrics_records.py: RUN_DIR/metrics/, `python -m script_jax.metrics_log --workdir=RUN_DIR`).
+Dropout randomness is fold_in(key(seed), step): the seed fixes the head's initialisation, the
+dropout masks and the data order.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from script_jax import fs
-from script_jax import metrics_log
+from script_jax import metrics_records
 from script_jax import sharding as sharding_lib
 from script_jax.finetune import optim
 from script_jax.finetune.seed_runs import FinetuneError
@@ -140,7 +141,7 @@ def fit(model, params, loss_fn: LossFn, train_arrays: dict[str, np.ndarray], ft,
     num_layers: of the encoder (for the layer-wise learning-rate decay).
     epochs: passes over the training examples.
     label: shown in the progress lines.
-    log_dir: TensorBoard and the metrics records (metrics_log.py; None: none written).
+    log_dir: TensorBoard and the metrics records (metrics_records.py; None: none written).
   """
   mesh = data_mesh()
   num_examples = len(train_arrays["input_ids"])
@@ -161,7 +162,7 @@ def fit(model, params, loss_fn: LossFn, train_arrays: dict[str, np.ndarray], ft,
                                replicated)
 
   chief = jax.process_index() == 0
-  records = metrics_log.MetricsLog(log_dir, enabled=bool(log_dir) and chief)
+  records = metrics_records.MetricsLog(log_dir, enabled=bool(log_dir) and chief)
   board = None
   if log_dir and chief:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top  (heavy: tensorflow, through clu)
@@ -190,7 +191,8 @@ def fit(model, params, loss_fn: LossFn, train_arrays: dict[str, np.ndarray], ft,
         rate = (step - last_step) / max(now - last_time, 1e-9)
         averages = {k: v / (count if k in STEP_METRICS else real_rows) for k, v in totals.items()}
         if chief:
-          print(f"[{label}] " + metrics_log.progress_line(step, total_steps, averages, rate),
+          print(f"[{label}] " + metrics_records.progress_line(step, total_steps, averages,
+                                                             rate),
                 file=sys.stderr, flush=True)
         last = {"step": step, **averages, "steps_per_sec": rate}
         records.write(last)
