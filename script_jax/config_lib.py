@@ -150,7 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mask.mask_token_prob = 0.8
   c.mask.random_token_prob = 0.1
 
-  # Data: see script_jax/data/ (prepare.py writes the folder, pipeline.py reads it).
+  # Data: see script_jax/data/ (preparation.py writes the folder, pipeline.py reads it).
   c.data = ml_collections.ConfigDict()
   c.data.source = ""  # "" = the embedded default corpus; else text files/folders or "tfds:NAME"
   c.data.prepared_dir = ""  # "" = WORKDIR/data
@@ -212,7 +212,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.log_every_steps = 100
   # WORKDIR/metrics/ gets a new file of the records queued since the last one this often (and
-  # at every checkpoint and the end): metrics_log.py.
+  # at every checkpoint and the end): metrics_records.py.
   c.metrics_flush_seconds = 300.0
   # Besides the last keep_checkpoints, keep every checkpoint at a multiple of this many steps
   # (for curves: fine-tune each, script_jax/experiments/); 0 keeps only the last ones. A

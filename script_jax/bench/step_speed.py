@@ -28,9 +28,6 @@ from ml_collections import config_flags
 from script_jax import config_lib
 from script_jax import fs
 from script_jax.bench import step_timing
-# bench/tpu_compile.py still reads these here; they move to step_timing there next.
-from script_jax.bench.step_timing import (  # pylint: disable=unused-import
-    PAPER_SCRIPT_OVER_ELECTRA, with_settings)
 
 FLAGS = flags.FLAGS
 

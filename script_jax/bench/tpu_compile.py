@@ -34,7 +34,7 @@ from ml_collections import config_flags
 from script_jax import cli_errors
 from script_jax import config_lib
 from script_jax import fs
-from script_jax.bench import step_speed
+from script_jax.bench import step_timing
 from script_jax.bench import tpu_programs
 
 # Compiling needs no accelerator: leave a TPU on this VM to the run that uses it.
@@ -113,7 +113,7 @@ def format_report(report: dict[str, Any], traffic: bool = False) -> str:
   rates = {r["objective"]: r["estimated_steps_per_sec"] for r in rows}
   if rates.get("script") and rates.get("electra"):
     lines += ["", f"SCRIPT/ELECTRA {rates['script'] / rates['electra']:.3f} by the compiler's "
-              f"estimate (the paper, TPU v3-8: {step_speed.PAPER_SCRIPT_OVER_ELECTRA:.3f})."]
+              f"estimate (the paper, TPU v3-8: {step_timing.PAPER_SCRIPT_OVER_ELECTRA:.3f})."]
   for r in rows:
     lines.append("")
     name = r["objective"] if r["step"] in ("train", "eval") else r["step"]
@@ -153,7 +153,7 @@ def run(config, topology: str, objectives: list[str] | None, step: str,
   results = []
   for objective in objectives or [config.objective]:
     print(f"{objective}: compiling the {step} step for {tpu.name} ...", file=sys.stderr)
-    settings = step_speed.with_settings(config, objective)
+    settings = step_timing.with_settings(config, objective)
     results.append(tpu_programs.compile_step(
         settings, tpu, step, devices,
         log=lambda line, o=objective: print(f"{o}: {line}", file=sys.stderr),

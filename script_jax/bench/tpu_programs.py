@@ -61,10 +61,10 @@ from script_jax import train  # pylint: disable=wrong-import-position
 from script_jax.bench import flops as flops_lib  # pylint: disable=wrong-import-position
 from script_jax.bench import hlo_collectives  # pylint: disable=wrong-import-position
 from script_jax.bench import hlo_traffic  # pylint: disable=wrong-import-position
-from script_jax.finetune import glue  # pylint: disable=wrong-import-position
+from script_jax.finetune import glue_runs  # pylint: disable=wrong-import-position
 from script_jax.finetune import model as task_models  # pylint: disable=wrong-import-position
 from script_jax.finetune import optim  # pylint: disable=wrong-import-position
-from script_jax.finetune import squad  # pylint: disable=wrong-import-position
+from script_jax.finetune import squad_runs  # pylint: disable=wrong-import-position
 from script_jax.finetune import trainer  # pylint: disable=wrong-import-position
 
 P = jax.sharding.PartitionSpec
@@ -241,11 +241,11 @@ def finetuning_program(config, mesh, step: str):
            "example_weight": np.ones((b,), np.float32)}
   if step == "glue":
     model = task_models.Classifier(cfg, 2)
-    loss_fn = glue.classification_loss
+    loss_fn = glue_runs.classification_loss
     batch["labels"] = np.zeros((b,), np.int32)
   else:
     model = task_models.JointSpanExtractor(cfg)
-    loss_fn = functools.partial(squad.span_loss, no_answer_weight=ft.squad.no_answer_weight,
+    loss_fn = functools.partial(squad_runs.span_loss, no_answer_weight=ft.squad.no_answer_weight,
                                 version="2.0")
     batch.update(context_mask=np.ones((b, length), np.int32),
                  start_positions=np.zeros((b,), np.int32), end_positions=np.zeros((b,), np.int32),

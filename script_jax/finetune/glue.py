@@ -27,8 +27,6 @@ from absl import flags
 from script_jax import cli_errors
 from script_jax.finetune import glue_runs
 from script_jax.finetune import seed_runs
-# bench/tpu_programs.py still reads the loss here; it moves to glue_runs there next.
-from script_jax.finetune.glue_runs import classification_loss  # pylint: disable=unused-import
 
 FLAGS = flags.FLAGS
 

@@ -25,8 +25,6 @@ from absl import flags
 from script_jax import cli_errors
 from script_jax.finetune import seed_runs
 from script_jax.finetune import squad_runs
-# bench/tpu_programs.py still reads the loss here; it moves to squad_runs there next.
-from script_jax.finetune.squad_runs import span_loss  # pylint: disable=unused-import
 
 FLAGS = flags.FLAGS
 
