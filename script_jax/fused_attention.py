@@ -81,10 +81,16 @@ def _first_index(sequence: Array, head: int, num_heads: int, seq_len: int) -> Ar
 
 # ----------------------------------------------------------------------------- the kernels
 
-def _head_scores(q_ref, k_ref, bias_ref, head, head_dim, scale):
-  """S and P = softmax(S) [T, T] float32 for one head of this grid step's sequence."""
-  cols = slice(head * head_dim, (head + 1) * head_dim)
-  q, k = q_ref[0, :, cols], k_ref[0, :, cols]
+def _columns(part: int, head: int, width: int, head_dim: int) -> slice:
+  """The lanes of one head's query (part 0), key (1) or value (2) in a [T, 3H] block."""
+  start = part * width + head * head_dim
+  return slice(start, start + head_dim)
+
+
+def _head_scores(qkv_ref, bias_ref, head, width, head_dim, scale):
+  """P = softmax(S) [T, T] float32 for one head of this grid step's sequence."""
+  q = qkv_ref[0, :, _columns(0, head, width, head_dim)]
+  k = qkv_ref[0, :, _columns(1, head, width, head_dim)]
   scores = dot_in_float32(q, k, NT) * scale + bias_ref[0]
   exps = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
   return exps / exps.sum(axis=-1, keepdims=True)
@@ -98,43 +104,42 @@ def _dropout_scale(keys_ref, head, num_heads, seq_len, rate):
   return jnp.where(keep, jnp.float32(1.0 / (1.0 - rate)), jnp.float32(0.0))
 
 
-def _fwd_kernel(keys_ref, q_ref, k_ref, v_ref, bias_ref, out_ref, *, num_heads, rate):
-  seq_len, width = q_ref.shape[1], q_ref.shape[2]
+def _fwd_kernel(keys_ref, qkv_ref, bias_ref, out_ref, *, num_heads, rate):
+  seq_len, width = qkv_ref.shape[1], qkv_ref.shape[2] // 3
   head_dim = width // num_heads
   scale = 1.0 / math.sqrt(head_dim)
   for head in range(num_heads):
-    probs = _head_scores(q_ref, k_ref, bias_ref, head, head_dim, scale)
+    probs = _head_scores(qkv_ref, bias_ref, head, width, head_dim, scale)
     if rate > 0.0:
       probs = probs * _dropout_scale(keys_ref, head, num_heads, seq_len, rate)
-    cols = slice(head * head_dim, (head + 1) * head_dim)
+    v = qkv_ref[0, :, _columns(2, head, width, head_dim)]
     # P~ rounded to the compute dtype before the product, as the XLA path's probabilities.
-    out = dot_in_float32(probs.astype(v_ref.dtype), v_ref[0, :, cols], NN)
-    out_ref[0, :, cols] = out.astype(out_ref.dtype)
+    out = dot_in_float32(probs.astype(v.dtype), v, NN)
+    out_ref[0, :, _columns(0, head, width, head_dim)] = out.astype(out_ref.dtype)
 
 
-def _bwd_kernel(keys_ref, q_ref, k_ref, v_ref, bias_ref, d_out_ref, d_q_ref, d_k_ref, d_v_ref,
-                *, num_heads, rate):
-  seq_len, width = q_ref.shape[1], q_ref.shape[2]
+def _bwd_kernel(keys_ref, qkv_ref, bias_ref, d_out_ref, d_qkv_ref, *, num_heads, rate):
+  seq_len, width = qkv_ref.shape[1], qkv_ref.shape[2] // 3
   head_dim = width // num_heads
   scale = 1.0 / math.sqrt(head_dim)
-  low = q_ref.dtype
+  low = qkv_ref.dtype
   for head in range(num_heads):
-    cols = slice(head * head_dim, (head + 1) * head_dim)
-    probs = _head_scores(q_ref, k_ref, bias_ref, head, head_dim, scale)
-    d_out, v = d_out_ref[0, :, cols], v_ref[0, :, cols]
-    d_probs = dot_in_float32(d_out, v, NT)  # dP~
+    q_cols, k_cols, v_cols = (_columns(part, head, width, head_dim) for part in range(3))
+    probs = _head_scores(qkv_ref, bias_ref, head, width, head_dim, scale)
+    d_out = d_out_ref[0, :, q_cols]  # the output's lanes of this head: those of its query
+    d_probs = dot_in_float32(d_out, qkv_ref[0, :, v_cols], NT)  # dP~
     dropped = probs
     if rate > 0.0:
       keep_scale = _dropout_scale(keys_ref, head, num_heads, seq_len, rate)
       dropped = probs * keep_scale
       d_probs = d_probs * keep_scale
-    d_v_ref[0, :, cols] = dot_in_float32(dropped.astype(low), d_out, TN).astype(d_v_ref.dtype)
+    d_v = dot_in_float32(dropped.astype(low), d_out, TN)
     delta = (probs * d_probs).sum(axis=-1, keepdims=True)
     d_scores = (probs * (d_probs - delta)).astype(low)
-    d_q = dot_in_float32(d_scores, k_ref[0, :, cols], NN) * scale
-    d_k = dot_in_float32(d_scores, q_ref[0, :, cols], TN) * scale
-    d_q_ref[0, :, cols] = d_q.astype(d_q_ref.dtype)
-    d_k_ref[0, :, cols] = d_k.astype(d_k_ref.dtype)
+    d_q = dot_in_float32(d_scores, qkv_ref[0, :, k_cols], NN) * scale
+    d_k = dot_in_float32(d_scores, qkv_ref[0, :, q_cols], TN) * scale
+    for cols, grad in ((q_cols, d_q), (k_cols, d_k), (v_cols, d_v)):
+      d_qkv_ref[0, :, cols] = grad.astype(d_qkv_ref.dtype)
 
 
 def _hash_ops(rate: float) -> int:
@@ -149,7 +154,7 @@ def fwd_cost(batch: int, seq_len: int, num_heads: int, head_dim: int, itemsize: 
   """The forward kernel over its grid (one sequence per step; every block read once, since each
   block index changes every step).
 
-  bytes: q, k, v read and the output written, 4 * B*T*H*itemsize, and the bias, B*T*4.
+  bytes: qkv [B, T, 3H] read and the output written, 4 * B*T*H*itemsize, and the bias, B*T*4.
   flops: per head two matmuls, 2 * 2*T*T*D, and per score 7 (scale, bias, max, subtract, sum,
   divide, the cast) plus the dropout mask's `_hash_ops`; transcendentals: one exp per score.
   """
@@ -165,7 +170,7 @@ def bwd_cost(batch: int, seq_len: int, num_heads: int, head_dim: int, itemsize: 
              rate: float) -> pl.CostEstimate:
   """The backward kernel over its grid (one sequence per step, every block read once).
 
-  bytes: q, k, v and dO read, dq, dk, dv written, 7 * B*T*H*itemsize, and the bias, B*T*4.
+  bytes: qkv and dO read, d_qkv written, 7 * B*T*H*itemsize, and the bias, B*T*4.
   flops: per head five matmuls (S again, dP~, dv, dq, dk), 5 * 2*T*T*D, and per score 7 for
   the softmax again, 6 for delta and dS (product, sum, subtract, product, cast, the cast of P~),
   plus the mask's `_hash_ops` and its product with dP~; transcendentals: one exp per score.
@@ -178,48 +183,45 @@ def bwd_cost(batch: int, seq_len: int, num_heads: int, head_dim: int, itemsize: 
       bytes_accessed=7 * batch * seq_len * width * itemsize + batch * seq_len * 4)
 
 
-def _sequence_specs(seq_len: int, width: int, count: int):
-  block = pl.BlockSpec((1, seq_len, width), lambda b: (b, 0, 0))
-  return [block] * count
+def _sequence_spec(seq_len: int, width: int):
+  return pl.BlockSpec((1, seq_len, width), lambda b: (b, 0, 0))
 
 
 def _keys_spec():
   return pl.BlockSpec(memory_space=pltpu.SMEM)
 
 
-def _local_fwd(keys_3, q_BxTxH, k_BxTxH, v_BxTxH, bias_Bx1xT, num_heads, rate, interpret):
-  batch, seq_len, width = q_BxTxH.shape
+def _local_fwd(keys_3, qkv_BxTx3H, bias_Bx1xT, num_heads, rate, interpret):
+  batch, seq_len, width = qkv_BxTx3H.shape[0], qkv_BxTx3H.shape[1], qkv_BxTx3H.shape[2] // 3
   return pl.pallas_call(
       functools.partial(_fwd_kernel, num_heads=num_heads, rate=rate),
       grid=(batch,),
-      in_specs=[_keys_spec(), *_sequence_specs(seq_len, width, 3),
+      in_specs=[_keys_spec(), _sequence_spec(seq_len, 3 * width),
                 pl.BlockSpec((1, 1, seq_len), lambda b: (b, 0, 0))],
-      out_specs=pl.BlockSpec((1, seq_len, width), lambda b: (b, 0, 0)),
-      out_shape=jax.ShapeDtypeStruct(q_BxTxH.shape, q_BxTxH.dtype),
+      out_specs=_sequence_spec(seq_len, width),
+      out_shape=jax.ShapeDtypeStruct((batch, seq_len, width), qkv_BxTx3H.dtype),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
       cost_estimate=fwd_cost(batch, seq_len, num_heads, width // num_heads,
-                             q_BxTxH.dtype.itemsize, rate),
+                             qkv_BxTx3H.dtype.itemsize, rate),
       interpret=interpret,
-  )(keys_3, q_BxTxH, k_BxTxH, v_BxTxH, bias_Bx1xT)
+  )(keys_3, qkv_BxTx3H, bias_Bx1xT)
 
 
-def _local_bwd(keys_3, q_BxTxH, k_BxTxH, v_BxTxH, bias_Bx1xT, d_out_BxTxH, num_heads, rate,
-               interpret):
-  batch, seq_len, width = q_BxTxH.shape
-  shape = jax.ShapeDtypeStruct(q_BxTxH.shape, q_BxTxH.dtype)
+def _local_bwd(keys_3, qkv_BxTx3H, bias_Bx1xT, d_out_BxTxH, num_heads, rate, interpret):
+  batch, seq_len, width = d_out_BxTxH.shape
   return pl.pallas_call(
       functools.partial(_bwd_kernel, num_heads=num_heads, rate=rate),
       grid=(batch,),
-      in_specs=[_keys_spec(), *_sequence_specs(seq_len, width, 3),
+      in_specs=[_keys_spec(), _sequence_spec(seq_len, 3 * width),
                 pl.BlockSpec((1, 1, seq_len), lambda b: (b, 0, 0)),
-                *_sequence_specs(seq_len, width, 1)],
-      out_specs=_sequence_specs(seq_len, width, 3),
-      out_shape=[shape, shape, shape],
+                _sequence_spec(seq_len, width)],
+      out_specs=_sequence_spec(seq_len, 3 * width),
+      out_shape=jax.ShapeDtypeStruct(qkv_BxTx3H.shape, qkv_BxTx3H.dtype),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
       cost_estimate=bwd_cost(batch, seq_len, num_heads, width // num_heads,
-                             q_BxTxH.dtype.itemsize, rate),
+                             qkv_BxTx3H.dtype.itemsize, rate),
       interpret=interpret,
-  )(keys_3, q_BxTxH, k_BxTxH, v_BxTxH, bias_Bx1xT, d_out_BxTxH)
+  )(keys_3, qkv_BxTx3H, bias_Bx1xT, d_out_BxTxH)
 
 
 # ----------------------------------------------------------------------------- per device
@@ -227,9 +229,9 @@ def _local_bwd(keys_3, q_BxTxH, k_BxTxH, v_BxTxH, bias_Bx1xT, d_out_BxTxH, num_h
 # device runs it on its own sequences (jax.shard_map over the batch axes); the keys gain the
 # device's first global sequence, so the masks do not depend on the split.
 
-def _per_device(fn, num_outputs, sharding, keys_2, *batched):
-  """fn(keys_3, *batched) -> `num_outputs` arrays [B, ...] (1: one array), on each device's
-  sequences: `sharding` is (mesh, the batch's PartitionSpec), or None for the whole batch."""
+def _per_device(fn, sharding, keys_2, *batched):
+  """fn(keys_3, *batched) -> one array [B, ...], on each device's sequences: `sharding` is
+  (mesh, the batch's PartitionSpec), or None for the whole batch."""
   if sharding is None:
     keys_3 = jnp.concatenate([keys_2, jnp.zeros((1,), jnp.int32)])
     return fn(keys_3, *batched, interpret=run_in_interpret_mode(None))
@@ -243,69 +245,68 @@ def _per_device(fn, num_outputs, sharding, keys_2, *batched):
               interpret=interpret)
 
   rows = P(axes)
-  out_specs = rows if num_outputs == 1 else (rows,) * num_outputs
   return jax.shard_map(local, mesh=mesh, in_specs=(P(), *([rows] * len(batched))),
-                       out_specs=out_specs, check_vma=False)(keys_2, *batched)
+                       out_specs=rows, check_vma=False)(keys_2, *batched)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def pallas_attention(q_BxTxH: Array, k_BxTxH: Array, v_BxTxH: Array, mask_bias_BxT: Array,
-                     keys_2: Array, num_heads: int, rate: float = 0.0,
-                     sharding: tuple | None = None) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def pallas_attention(qkv_BxTx3H: Array, mask_bias_BxT: Array, keys_2: Array, num_heads: int,
+                     rate: float = 0.0, sharding: tuple | None = None) -> Array:
   """Multi-head attention softmax(q k^T / sqrt(D) + bias) v with dropout `rate` on the
   probabilities, by Pallas TPU kernels (on other backends the same kernels in interpret mode,
-  for tests). q, k, v and the result: [B, T, H], the heads side by side (H = num_heads * D, as
-  [B, T, N, D] flattened), in q's dtype: flat, so that no [..., N, D] array with D < 128 is
-  padded to the TPU's 128 lanes or re-laid out around the kernel.
+  for tests). qkv: [B, T, 3H], the queries, keys and values side by side, each [B, T, H] with
+  its heads side by side (H = num_heads * D, as [B, T, N, D] flattened); the result [B, T, H]
+  in qkv's dtype. Flat, so that no [..., N, D] array with D < 128 is padded to the TPU's 128
+  lanes or re-laid out around the kernel, and one array, so that the three projections are one
+  product forward and backward with nothing sliced or joined between it and the kernels.
 
   mask_bias_BxT: float32 additive bias of each key (0, or -1e9 for padding). keys_2: two int32
   keys of the dropout mask (`keep_mask`), unused when rate is 0. `sharding`: (the step's mesh,
   the batch's PartitionSpec); each device runs the kernels on its own sequences (without it,
   under a sharded jit XLA would gather the batch to every device)."""
-  return _attention(q_BxTxH, k_BxTxH, v_BxTxH, mask_bias_BxT, keys_2, num_heads, rate,
-                    sharding)
+  return _attention(qkv_BxTx3H, mask_bias_BxT, keys_2, num_heads, rate, sharding)
 
 
 def _bias_Bx1xT(mask_bias_BxT):
   return mask_bias_BxT.astype(jnp.float32)[:, None, :]
 
 
-def _attention(q, k, v, mask_bias_BxT, keys_2, num_heads, rate, sharding):
+def _attention(qkv, mask_bias_BxT, keys_2, num_heads, rate, sharding):
   fwd = functools.partial(_local_fwd, num_heads=num_heads, rate=rate)
-  return _per_device(fwd, 1, sharding, keys_2.astype(jnp.int32), q, k, v,
-                     _bias_Bx1xT(mask_bias_BxT))
+  return _per_device(fwd, sharding, keys_2.astype(jnp.int32), qkv, _bias_Bx1xT(mask_bias_BxT))
 
 
-def _attention_fwd(q, k, v, mask_bias_BxT, keys_2, num_heads, rate, sharding):
-  out = _attention(q, k, v, mask_bias_BxT, keys_2, num_heads, rate, sharding)
-  return out, (q, k, v, mask_bias_BxT, keys_2)
+def _attention_fwd(qkv, mask_bias_BxT, keys_2, num_heads, rate, sharding):
+  out = _attention(qkv, mask_bias_BxT, keys_2, num_heads, rate, sharding)
+  return out, (qkv, mask_bias_BxT, keys_2)
 
 
 def _attention_bwd(num_heads, rate, sharding, residuals, d_out):
-  q, k, v, mask_bias_BxT, keys_2 = residuals
+  qkv, mask_bias_BxT, keys_2 = residuals
   bwd = functools.partial(_local_bwd, num_heads=num_heads, rate=rate)
-  d_q, d_k, d_v = _per_device(bwd, 3, sharding, keys_2.astype(jnp.int32), q, k, v,
-                              _bias_Bx1xT(mask_bias_BxT), d_out.astype(q.dtype))
-  return d_q, d_k, d_v, jnp.zeros_like(mask_bias_BxT), None
+  d_qkv = _per_device(bwd, sharding, keys_2.astype(jnp.int32), qkv, _bias_Bx1xT(mask_bias_BxT),
+                      d_out.astype(qkv.dtype))
+  return d_qkv, jnp.zeros_like(mask_bias_BxT), None
 
 
 pallas_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def reference_attention(q_BxTxH: Array, k_BxTxH: Array, v_BxTxH: Array, mask_bias_BxT: Array,
-                        keys_2: Array, num_heads: int, rate: float = 0.0) -> Array:
+def reference_attention(qkv_BxTx3H: Array, mask_bias_BxT: Array, keys_2: Array,
+                        num_heads: int, rate: float = 0.0) -> Array:
   """The same function in plain jnp, differentiated by jax (tests): [B, N, T, T] scores in
   HBM, the same dropout mask."""
-  b, t, width = q_BxTxH.shape
+  b, t, width = qkv_BxTx3H.shape[0], qkv_BxTx3H.shape[1], qkv_BxTx3H.shape[2] // 3
   n, d = num_heads, width // num_heads
-  low = q_BxTxH.dtype
-  heads = lambda x: x.reshape(b, t, n, d).astype(jnp.float32)
-  scores = jnp.einsum("btnd,bsnd->bnts", heads(q_BxTxH), heads(k_BxTxH)) / math.sqrt(d)
+  low = qkv_BxTx3H.dtype
+  q, k, v = (qkv_BxTx3H[:, :, i * width:(i + 1) * width].reshape(b, t, n, d).astype(jnp.float32)
+             for i in range(3))
+  scores = jnp.einsum("btnd,bsnd->bnts", q, k) / math.sqrt(d)
   probs = jax.nn.softmax(scores + mask_bias_BxT[:, None, None, :].astype(jnp.float32), axis=-1)
   if rate > 0.0:
     keys = keys_2.astype(jnp.int32)
     first = _first_index(jnp.arange(b, dtype=jnp.int32)[:, None], jnp.arange(n)[None, :], n, t)
     masks = jax.vmap(jax.vmap(lambda f: keep_mask(keys[0], keys[1], f, (t, t), rate)))(first)
     probs = jnp.where(masks, probs / (1.0 - rate), 0.0)
-  out = jnp.einsum("bnts,bsnd->btnd", probs.astype(low).astype(jnp.float32), heads(v_BxTxH))
+  out = jnp.einsum("bnts,bsnd->btnd", probs.astype(low).astype(jnp.float32), v)
   return out.reshape(b, t, width).astype(low)

@@ -295,21 +295,17 @@ class SelfAttention(nn.Module):
     params = [_ProjectionParams((n, h // n), c.kernel_init, name=name)(h)
               for name in ("query", "key", "value")]
     contract = (((2,), (0,)), ((), ()))
-    if c.fused_qkv:
-      w_Hx3xH = jnp.stack([w.reshape(h, h) for w, _ in params], axis=1)
-      b_3xH = jnp.stack([b.reshape(h) for _, b in params])
-      qkv_BxTx3xH = (float32_product(x_BxTxH, w_Hx3xH, contract) + b_3xH).astype(c.compute_dtype)
-      q_BxTxH, k_BxTxH, v_BxTxH = (qkv_BxTx3xH[:, :, i] for i in range(3))
-    else:
-      q_BxTxH, k_BxTxH, v_BxTxH = (
-          (float32_product(x_BxTxH, w.reshape(h, h), contract) + b.reshape(h)).astype(
-              c.compute_dtype) for w, b in params)
+    # The three projections as one product whatever model.fused_qkv says: its [B, T, 3H]
+    # result is the kernel's operand as it is, and the kernel's gradient the product's.
+    w_Hx3H = jnp.concatenate([w.reshape(h, h) for w, _ in params], axis=1)
+    b_3H = jnp.concatenate([b.reshape(h) for _, b in params])
+    qkv_BxTx3H = (float32_product(x_BxTxH, w_Hx3H, contract) + b_3H).astype(c.compute_dtype)
     rate = c.attention_dropout_rate if dropout_rng is not None else 0.0
     keys_2 = (jax.lax.bitcast_convert_type(random_bits.bits(dropout_rng, (2,)), jnp.int32)
               if rate > 0.0 else jnp.zeros((2,), jnp.int32))
     mask_bias_BxT = mask_bias_Bx1x1xT.reshape(mask_bias_Bx1x1xT.shape[0], -1)
-    out_BxTxH = fused_attention.pallas_attention(q_BxTxH, k_BxTxH, v_BxTxH, mask_bias_BxT,
-                                                 keys_2, n, rate, c.kernel_sharding)
+    out_BxTxH = fused_attention.pallas_attention(qkv_BxTx3H, mask_bias_BxT, keys_2, n, rate,
+                                                 c.kernel_sharding)
     w_NxDxH, b_H = _ProjectionParams((h,), c.kernel_init, name="output")((n, h // n))
     return (float32_product(out_BxTxH, w_NxDxH.reshape(h, h), contract) + b_H).astype(
         c.compute_dtype)

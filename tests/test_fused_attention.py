@@ -31,10 +31,11 @@ def _keep_numpy(key1, key2, b, n, t, rate):
   return bits >= np.uint32(round(rate * 2 ** 24))
 
 
-def _attention_numpy(q, k, v, bias, keep, rate, num_heads):
-  """float64 attention with the given keep mask, [B, T, H] with the heads side by side."""
-  b, t, width = q.shape
-  q, k, v = (np.asarray(x, np.float64).reshape(b, t, num_heads, -1) for x in (q, k, v))
+def _attention_numpy(qkv, bias, keep, rate, num_heads):
+  """float64 attention with the given keep mask: [B, T, 3H] -> [B, T, H], heads side by side."""
+  b, t, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+  q, k, v = (np.asarray(qkv, np.float64)[:, :, i * width:(i + 1) * width].reshape(
+      b, t, num_heads, -1) for i in range(3))
   scores = np.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(q.shape[-1])
   scores = scores + np.asarray(bias, np.float64)[:, None, None, :]
   probs = np.exp(scores - scores.max(-1, keepdims=True))
@@ -46,12 +47,13 @@ def _attention_numpy(q, k, v, bias, keep, rate, num_heads):
 
 def _inputs(b, t, n, d, dtype, seed):
   rng = np.random.default_rng(seed)
-  q, k, v, cot = (jnp.asarray(rng.normal(size=(b, t, n * d)), dtype) for _ in range(4))
+  qkv = jnp.asarray(rng.normal(size=(b, t, 3 * n * d)), dtype)
+  cot = jnp.asarray(rng.normal(size=(b, t, n * d)), dtype)
   lengths = rng.integers(1, t + 1, size=b)
   lengths[0] = t
   bias = jnp.where(np.arange(t)[None, :] < lengths[:, None], 0.0, -1e9).astype(jnp.float32)
   keys = jnp.asarray(rng.integers(-2 ** 31, 2 ** 31, size=2), jnp.int32)
-  return q, k, v, cot, bias, keys
+  return qkv, cot, bias, keys
 
 
 def test_the_dropout_mask_is_the_hash_of_each_score_and_drops_at_the_rate():
@@ -79,21 +81,22 @@ def test_pallas_attention_equals_numpy_and_the_plain_formula(dtype, rate):
   reference_attention (the [B, N, T, T] formula), on padded sequences, T not a tile multiple."""
   b, t, n, d = 3, 20, 2, 8
   seed = int(rate * 10) + (dtype == jnp.bfloat16)
-  q, k, v, cot, bias, keys = _inputs(b, t, n, d, dtype, seed)
-  out = fused_attention.pallas_attention(q, k, v, bias, keys, n, rate)
+  qkv, cot, bias, keys = _inputs(b, t, n, d, dtype, seed)
+  out = fused_attention.pallas_attention(qkv, bias, keys, n, rate)
   assert out.dtype == dtype and out.shape == (b, t, n * d)
   keep = _keep_numpy(int(keys[0]), int(keys[1]), b, n, t, rate)
-  want = _attention_numpy(q, k, v, bias, keep, rate, n)
+  want = _attention_numpy(qkv, bias, keep, rate, n)
   tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=3e-2, atol=3e-2)
   np.testing.assert_allclose(np.asarray(out, np.float64), want, **tol)
 
   def loss(fn):
-    return lambda q, k, v: (fn(q, k, v, bias, keys, n, rate).astype(jnp.float32)
-                            * cot.astype(jnp.float32)).sum()
-  got = jax.grad(loss(fused_attention.pallas_attention), argnums=(0, 1, 2))(q, k, v)
-  ref = jax.grad(loss(fused_attention.reference_attention), argnums=(0, 1, 2))(q, k, v)
-  for name, g, r in zip("qkv", got, ref):
-    g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
+    return lambda qkv: (fn(qkv, bias, keys, n, rate).astype(jnp.float32)
+                        * cot.astype(jnp.float32)).sum()
+  got = jax.grad(loss(fused_attention.pallas_attention))(qkv)
+  ref = jax.grad(loss(fused_attention.reference_attention))(qkv)
+  width = n * d
+  for i, name in enumerate("qkv"):
+    g, r = (np.asarray(x[:, :, i * width:(i + 1) * width], np.float32) for x in (got, ref))
     scale = np.abs(r).max()
     assert np.abs(g - r).max() <= (1e-5 if dtype == jnp.float32 else 2e-2) * scale, name
 
@@ -104,16 +107,14 @@ def test_each_device_runs_its_own_sequences_with_the_same_masks():
   devices = np.array(jax.devices()[:8]).reshape(2, 4, 1)
   mesh = jax.sharding.Mesh(devices, ("replica", "data", "model"))
   batch = P(("replica", "data"))
-  q, k, v, cot, bias, keys = _inputs(8, 16, 2, 8, jnp.float32, seed=7)
+  qkv, cot, bias, keys = _inputs(8, 16, 2, 8, jnp.float32, seed=7)
 
   def loss(sharding):
-    return lambda q, k, v: (fused_attention.pallas_attention(q, k, v, bias, keys, 2, 0.2,
-                                                             sharding)
-                            * cot).sum()
-  rows = NamedSharding(mesh, batch)
-  placed = [jax.device_put(x, rows) for x in (q, k, v)]
-  split = jax.jit(jax.value_and_grad(loss((mesh, batch)), argnums=(0, 1, 2)))(*placed)
-  whole = jax.value_and_grad(loss(None), argnums=(0, 1, 2))(q, k, v)
+    return lambda qkv: (fused_attention.pallas_attention(qkv, bias, keys, 2, 0.2, sharding)
+                        * cot).sum()
+  placed = jax.device_put(qkv, NamedSharding(mesh, batch))
+  split = jax.jit(jax.value_and_grad(loss((mesh, batch))))(placed)
+  whole = jax.value_and_grad(loss(None))(qkv)
   for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(whole)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
