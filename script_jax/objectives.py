@@ -102,12 +102,16 @@ def first_argmax(x: Array, backend: str | None = None) -> Array:
 
   On CPU as two plain reductions (`two_reduction_argmax`): XLA:CPU compiles argmax's (value,
   index) reduction into a scalar loop that also evaluates everything fused into it (measured
-  over Gumbel-perturbed logits in docs/benchmarks_log.md section (h)). On
-  TPU and GPU, where that loop is not slow, argmax itself (one reduction instead of two).
+  over Gumbel-perturbed logits in docs/benchmarks_log.md section (h)). On TPU and GPU, where
+  that loop is not slow, argmax itself (one reduction instead of two). The form follows the
+  platform the program is lowered for (jax.lax.platform_dependent), not the host's default
+  backend: a TPU program compiled on a CPU host (bench/tpu_compile.py) gets argmax, as on a
+  TPU. `backend` forces one form.
   """
-  if (backend or jax.default_backend()) == "cpu":
-    return two_reduction_argmax(x)
-  return jnp.argmax(x, axis=-1).astype(jnp.int32)
+  argmax = lambda v: jnp.argmax(v, axis=-1).astype(jnp.int32)
+  if backend is not None:
+    return two_reduction_argmax(x) if backend == "cpu" else argmax(x)
+  return jax.lax.platform_dependent(x, cpu=two_reduction_argmax, default=argmax)
 
 
 def two_reduction_argmax(x: Array) -> Array:

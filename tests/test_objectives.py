@@ -92,6 +92,17 @@ def test_first_argmax_form_follows_the_backend(backend, primitive):
   assert ("argmax" in jaxpr) == (backend != "cpu")
 
 
+@pytest.mark.parametrize("platform, cpu_form", [("cpu", True), ("tpu", False), ("cuda", False)])
+def test_first_argmax_form_follows_the_platform_it_is_lowered_for(platform, cpu_form):
+  """Lowered for a TPU on this CPU host (as bench/tpu_compile does), the program is argmax's
+  one (value, index) reduction, not the CPU's max and min."""
+  lowered = jax.jit(objectives.first_argmax).trace(jnp.zeros((2, 5))).lower(
+      lowering_platforms=(platform,))
+  text = lowered.as_text()
+  assert ("stablehlo.minimum" in text) == cpu_form
+  assert ("stablehlo.reduce" in text)
+
+
 @pytest.mark.parametrize("rng_impl", ["threefry2x32", "rbg"])
 def test_gumbel_max_sample_follows_tempered_softmax(rng_impl):
   logits = jnp.log(jnp.array([0.6, 0.3, 0.1]))
