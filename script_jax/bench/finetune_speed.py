@@ -258,17 +258,11 @@ def time_hf(config, task: str, length: int, *, batch_size: int, steps: int, warm
     loss = float(step().detach())
   if warmup and not math.isfinite(loss):
     raise FloatingPointError(f"{label} loss is {loss} after warm-up")
-  windows, others = [], []
-  for _ in range(repeats):
-    share = step_timing.CpuShare()
-    begin = time.perf_counter()
-    for _ in range(steps):
-      step()
-    windows.append(time.perf_counter() - begin)
-    others.append(share.others())
-    log(f"{label} {steps} steps in {windows[-1]:.3f} s "
-        f"({batch_size * steps / windows[-1]:.2f} examples/s; other processes used "
-        f"{step_timing.percent(others[-1])}% of the CPUs)")
+  windows, others = step_timing.timed_windows(
+      lambda: [step() for _ in range(steps)], repeats,
+      lambda seconds, other: log(f"{label} {steps} steps in {seconds:.3f} s "
+                                 f"({batch_size * steps / seconds:.2f} examples/s; other "
+                                 f"processes used {step_timing.percent(other)}% of the CPUs)"))
   seconds, other = _median_window(windows, others)
   return {"examples_per_sec": batch_size * steps / seconds, "window_seconds": windows,
           "others_cpu_share": others, "others_cpu_share_median_window": other,

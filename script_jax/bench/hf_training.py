@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from typing import Any
 
 from script_jax.bench import flops
@@ -147,16 +146,11 @@ def time_hf(config, objective: str, np_batch, *, steps: int, warmup: int, repeat
     loss = float(step().detach())
   if warmup and not math.isfinite(loss):
     raise FloatingPointError(f"{label} loss is {loss} after warm-up")
-  windows, others = [], []
-  for _ in range(repeats):
-    share = step_timing.CpuShare()
-    start = time.perf_counter()
-    for _ in range(steps):
-      step()
-    windows.append(time.perf_counter() - start)
-    others.append(share.others())
-    log(f"{label} {steps} steps in {windows[-1]:.3f} s ({steps / windows[-1]:.3f} steps/s; "
-        f"other processes used {step_timing.percent(others[-1])}% of the CPUs)")
+  windows, others = step_timing.timed_windows(
+      lambda: [step() for _ in range(steps)], repeats,
+      lambda seconds, other: log(f"{label} {steps} steps in {seconds:.3f} s "
+                                 f"({steps / seconds:.3f} steps/s; other processes used "
+                                 f"{step_timing.percent(other)}% of the CPUs)"))
   attn = getattr(getattr(model, "config", None) or model.discriminator.config,
                  "_attn_implementation", None)
   best = min(range(len(windows)), key=windows.__getitem__)

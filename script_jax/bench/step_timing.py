@@ -85,6 +85,22 @@ class CpuShare:
     return max(0.0, (busy - own) / max(wall * (os.cpu_count() or 1), 1e-9))
 
 
+def timed_windows(run_window: Callable[[], Any], repeats: int,
+                  report: Callable[[float, float], None]) -> tuple[list[float], list[float]]:
+  """Times `repeats` calls of `run_window` (one window's steps, finished before it returns):
+  each window's seconds and the share of the CPUs other processes used in it (`CpuShare`),
+  each passed to `report(seconds, others)` as the window ends."""
+  windows, others = [], []
+  for _ in range(repeats):
+    share = CpuShare()
+    start = time.perf_counter()
+    run_window()
+    windows.append(time.perf_counter() - start)
+    others.append(share.others())
+    report(windows[-1], others[-1])
+  return windows, others
+
+
 def percent(share: float | None) -> str:
   """A CpuShare figure for tables: "12" (per cent) or "?" where it is unknown."""
   return "?" if share is None else f"{100 * share:.0f}"

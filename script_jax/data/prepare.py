@@ -1,30 +1,9 @@
-"""Raw text to packed, tokenized TFRecord shards plus metadata.json.
+"""Raw text to packed, tokenized TFRecord shards plus metadata.json (the command; the library,
+and what the folder holds: data/preparation.py).
 
   python -m script_jax.data.prepare --config=configs/tiny.py --output_dir=/tmp/tiny_data
   python -m script_jax.data.prepare --config=configs/small.py --output_dir=/tmp/wiki \
       --source=/path/to/wiki.txt.gz --config.data.vocab_file=/path/to/bert/vocab.txt
-
-Sequences are packed as in ELECTRA's build_pretraining_dataset.py (Clark et al., 2020): the lines
-(sentences or paragraphs) of one document are accumulated up to a target length and laid out as
-`[CLS] A [SEP] B [SEP]`, with segment ids 0 for `[CLS] A [SEP]` and 1 for `B [SEP]`, then [PAD].
-Most sequences have two segments; 10% have one (as ELECTRA); a share config.data.short_seq_prob
-gets a random shorter target length. Unlike ELECTRA, nothing is truncated away: a line that does
-not fit is split and its rest starts the next sequence, so every token of the corpus is in exactly
-one sequence.
-
-Output folder:
-  train-00000-of-00008.tfrecord ...  features input_ids, segment_ids: int64 [seq_len]
-  train-00000-of-00008.tfrecord.json counts of a finished shard (and how it was made)
-  eval-00000-of-00001.tfrecord       the held-out documents' sequences (data.eval_fraction)
-  spm.model or vocab.txt             the tokenizer, copied or trained here
-  metadata.json                      written last; what the trainer and the scorer read
-
-A share data.eval_fraction of the documents (at least one; every 1/fraction-th in corpus
-order, prepared_folder.is_held_out) is set aside whole: their sequences go to the evaluation shard
-only, never to a training shard. Training examples go to shards round-robin, so shards differ by at most one
-example. A rerun skips
-finished shards whose recipe matches, writes the others to temporary names and renames them
-when complete, so an interrupted run never leaves a half-written shard under a final name.
 """
 
 from absl import app
