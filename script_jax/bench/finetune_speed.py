@@ -253,11 +253,7 @@ def time_hf(config, task: str, length: int, *, batch_size: int, steps: int, warm
     return loss
 
   label = f"[hf {task} {batch_size}x{length}]"
-  loss = math.nan
-  for _ in range(warmup):
-    loss = float(step().detach())
-  if warmup and not math.isfinite(loss):
-    raise FloatingPointError(f"{label} loss is {loss} after warm-up")
+  loss = step_timing.warm_up_torch(step, warmup, label)
   windows, others = step_timing.timed_windows(
       lambda: [step() for _ in range(steps)], repeats,
       lambda seconds, other: log(f"{label} {steps} steps in {seconds:.3f} s "

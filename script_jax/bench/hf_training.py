@@ -142,10 +142,7 @@ def time_hf(config, objective: str, np_batch, *, steps: int, warmup: int, repeat
     return loss
 
   label = f"[hf {objective}{' stock' if full_logits else ''}]"
-  for _ in range(warmup):
-    loss = float(step().detach())
-  if warmup and not math.isfinite(loss):
-    raise FloatingPointError(f"{label} loss is {loss} after warm-up")
+  step_timing.warm_up_torch(step, warmup, label)
   windows, others = step_timing.timed_windows(
       lambda: [step() for _ in range(steps)], repeats,
       lambda seconds, other: log(f"{label} {steps} steps in {seconds:.3f} s "

@@ -85,6 +85,17 @@ class CpuShare:
     return max(0.0, (busy - own) / max(wall * (os.cpu_count() or 1), 1e-9))
 
 
+def warm_up_torch(step: Callable[[], Any], warmup: int, label: str) -> float:
+  """Runs a PyTorch step `warmup` times and returns its last loss (nan with none); a loss that
+  is not finite after warm-up is an error, not a timing."""
+  loss = math.nan
+  for _ in range(warmup):
+    loss = float(step().detach())
+  if warmup and not math.isfinite(loss):
+    raise FloatingPointError(f"{label} loss is {loss} after warm-up")
+  return loss
+
+
 def timed_windows(run_window: Callable[[], Any], repeats: int,
                   report: Callable[[float, float], None]) -> tuple[list[float], list[float]]:
   """Times `repeats` calls of `run_window` (one window's steps, finished before it returns):
