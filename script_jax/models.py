@@ -158,44 +158,6 @@ def _product_bwd(dimension_numbers, precision, residuals, g):
 _product.defvjp(_product_fwd, _product_bwd)
 
 
-def float32_product_of_columns(lhs_BxTxH: Array, rhs_list: tuple, bias_list: tuple) -> Array:
-  """lhs times the [H, K_i] float32 weights side by side plus their [K_i] biases, [B, T, sum K_i]
-  float32, as one product (in lhs's dtype, as float32_product); each weight's and bias's float32
-  gradient from its own columns of the cotangent. One stacked weight's gradient would be sliced
-  into the parameters, and in SCRIPT, whose two passes use the same parameters, XLA then
-  all-reduces each pass's gradient separately instead of their sum (a slice sits between the
-  all-reduce and the add)."""
-  return _columns_product(lhs_BxTxH, tuple(rhs_list), tuple(bias_list))
-
-
-@jax.custom_vjp
-def _columns_product(lhs_BxTxH: Array, rhs_list: tuple, bias_list: tuple) -> Array:
-  rhs = jnp.concatenate([r.astype(lhs_BxTxH.dtype) for r in rhs_list], axis=1)
-  bias = jnp.concatenate([b.astype(jnp.float32) for b in bias_list])
-  return jnp.einsum("bth,hk->btk", lhs_BxTxH, rhs, preferred_element_type=jnp.float32) + bias
-
-
-def _columns_product_fwd(lhs_BxTxH, rhs_list, bias_list):
-  return _columns_product(lhs_BxTxH, rhs_list, bias_list), (lhs_BxTxH, rhs_list, bias_list)
-
-
-def _columns_product_bwd(residuals, g_BxTxK):
-  lhs, rhs_list, bias_list = residuals
-  low = lhs.dtype
-  rhs = jnp.concatenate([r.astype(low) for r in rhs_list], axis=1)
-  d_lhs = jnp.einsum("btk,hk->bth", g_BxTxK.astype(low), rhs)
-  d_rhs, d_bias, start = [], [], 0
-  for r, b in zip(rhs_list, bias_list):
-    g_part = g_BxTxK[..., start:start + r.shape[1]].astype(jnp.float32)
-    d_rhs.append(jnp.einsum("bth,btk->hk", lhs.astype(jnp.float32), g_part).astype(r.dtype))
-    d_bias.append(g_part.sum(axis=(0, 1)).astype(b.dtype))
-    start += r.shape[1]
-  return d_lhs, tuple(d_rhs), tuple(d_bias)
-
-
-_columns_product.defvjp(_columns_product_fwd, _columns_product_bwd)
-
-
 def as_stored(*args, dtype=None, inexact=True):
   """Flax's `promote_dtype` hook that casts nothing: `float32_product` takes the kernel as
   stored (float32) and the bias is added to its float32 result."""
@@ -335,9 +297,9 @@ class SelfAttention(nn.Module):
     contract = (((2,), (0,)), ((), ()))
     # The three projections as one product whatever model.fused_qkv says: its [B, T, 3H]
     # result is the kernel's operand as it is, and the kernel's gradient the product's.
-    qkv_BxTx3H = float32_product_of_columns(
-        x_BxTxH, tuple(w.reshape(h, h) for w, _ in params),
-        tuple(b.reshape(h) for _, b in params)).astype(c.compute_dtype)
+    w_Hx3H = jnp.concatenate([w.reshape(h, h) for w, _ in params], axis=1)
+    b_3H = jnp.concatenate([b.reshape(h) for _, b in params])
+    qkv_BxTx3H = (float32_product(x_BxTxH, w_Hx3H, contract) + b_3H).astype(c.compute_dtype)
     rate = c.attention_dropout_rate if dropout_rng is not None else 0.0
     keys_2 = (jax.lax.bitcast_convert_type(random_bits.bits(dropout_rng, (2,)), jnp.int32)
               if rate > 0.0 else jnp.zeros((2,), jnp.int32))

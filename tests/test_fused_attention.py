@@ -141,32 +141,3 @@ def test_the_model_with_the_kernels_trains_as_with_xla_attention():
   assert np.isfinite(metrics["pallas", 0.1]["loss"])
   assert metrics["pallas", 0.1]["loss"] != metrics["xla", 0.1]["loss"]
   assert metrics["pallas", 0.1]["loss"] != metrics["pallas", 0.0]["loss"]
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_product_of_columns_equals_the_stacked_product(dtype):
-  """models.float32_product_of_columns (the kernel's query, key and value in one product)
-  against float64 numpy: values, the input's gradient and each weight's and bias's float32
-  gradient."""
-  rng = np.random.default_rng()
-  x = jnp.asarray(rng.normal(size=(2, 5, 8)), dtype)
-  weights = tuple(jnp.asarray(rng.normal(size=(8, k)), jnp.float32) for k in (8, 8, 4))
-  biases = tuple(jnp.asarray(rng.normal(size=(k,)), jnp.float32) for k in (8, 8, 4))
-  cot = rng.normal(size=(2, 5, 20))
-  out = models.float32_product_of_columns(x, weights, biases)
-  assert out.dtype == jnp.float32 and out.shape == (2, 5, 20)
-  x64 = np.asarray(x, np.float64)
-  stacked = np.concatenate([np.asarray(jnp.asarray(w, dtype), np.float64) for w in weights], 1)
-  tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
-  np.testing.assert_allclose(out, x64 @ stacked + np.concatenate(biases), **tol)
-  d_x, d_weights, d_biases = jax.grad(
-      lambda a, ws, bs: (models.float32_product_of_columns(a, ws, bs) * cot).sum(),
-      argnums=(0, 1, 2))(x, weights, biases)
-  np.testing.assert_allclose(np.asarray(d_x, np.float64), cot @ stacked.T, **tol)
-  start = 0
-  for w, d_w, d_b in zip(weights, d_weights, d_biases):
-    assert d_w.dtype == jnp.float32 and d_w.shape == w.shape and d_b.shape == (w.shape[1],)
-    part = cot[..., start:start + w.shape[1]]
-    np.testing.assert_allclose(d_w, np.einsum("bth,btk->hk", x64, part), rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(d_b, part.sum(axis=(0, 1)), rtol=1e-5, atol=1e-5)
-    start += w.shape[1]

@@ -3,7 +3,6 @@ CPU: which collectives the TPU program has and in which dtype, loops counted by 
 memory and the compiler's estimate, and the `script_jax.bench.tpu_compile` command."""
 
 import json
-import math
 import re
 import subprocess
 import sys
@@ -233,9 +232,3 @@ def test_fused_attention_compiles_for_a_v3_8_with_only_the_planned_collectives(v
   assert reports["pallas", "train"]["kernels"] == 2 * 2 * layers  # 2 passes, forward + backward
   assert reports["pallas", "eval"]["kernels"] >= layers
   assert reports["pallas", "train"]["bytes_accessed"] < reports["xla", "train"]["bytes_accessed"]
-  # Each weight's gradient is summed over the devices once, both passes' together: as many
-  # all-reduced elements as the XLA attention's program (the same weights).
-  def summed(report):
-    return sum(math.prod(int(d) for d in re.findall(r"\d+", a.split("[", 1)[1]))
-               for c in report["collectives"] if c["kind"] == "all-reduce" for a in c["arrays"])
-  assert summed(reports["pallas", "train"]) == summed(reports["xla", "train"])
