@@ -18,7 +18,6 @@ import os
 import signal
 import sys
 import time
-from typing import Any
 
 from absl import logging
 import flax

@@ -5,7 +5,6 @@ in place (SCRIPT_JAX_NOTEBOOK_REPO), skips pip (SCRIPT_JAX_NOTEBOOK_SKIP_INSTALL
 installed already) and trains a few steps (SCRIPT_JAX_NOTEBOOK_STEPS). No network is touched.
 """
 
-import json
 import os
 import re
 import subprocess
