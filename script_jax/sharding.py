@@ -127,7 +127,7 @@ def fsdp_spec(shape: tuple[int, ...], data_size: int, stacked: bool = False) -> 
   layer at a time). Major-most, not the largest: the TPU compiler writes a gradient's
   reduce-scatter along a minor dimension as an all-reduce of the whole array (seen on a v5e-256
   for the [N, D, H] attention output kernel and the [P, E] position table, split along H and E:
-  docs/benchmarks.md 7.3.2)."""
+  docs/benchmarks.md 7.3.3)."""
   first = 1 if stacked else 0
   dims = [i for i, d in enumerate(shape) if i >= first and d % data_size == 0 and d >= data_size]
   if data_size == 1 or not dims:
