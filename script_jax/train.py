@@ -106,6 +106,40 @@ def to_global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, Array
 
 # ----------------------------------------------------------------------------- the loop
 
+class SignalDeliveries:
+  """Counts how often a signal was delivered, which Python's handlers cannot tell.
+
+  CPython runs a signal's handler once for all of its deliveries that arrive while the main
+  thread is inside one C call (a train step, a save), so a second Ctrl-C pressed during a long
+  step would be lost. Its C-level handler writes one byte per delivery to the wakeup fd: this
+  reads them. Main thread only, like signal.signal.
+  """
+
+  def __init__(self, signum: int):
+    self._signum = signum
+    self._read_fd, self._write_fd = os.pipe()
+    os.set_blocking(self._read_fd, False)
+    os.set_blocking(self._write_fd, False)
+    self._previous_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+
+  def since_last_call(self) -> int:
+    """Deliveries of the signal since the last call (or since construction)."""
+    delivered = 0
+    while True:
+      try:
+        chunk = os.read(self._read_fd, 4096)
+      except BlockingIOError:
+        return delivered
+      if not chunk:
+        return delivered
+      delivered += chunk.count(self._signum)
+
+  def close(self):
+    signal.set_wakeup_fd(self._previous_fd)
+    os.close(self._read_fd)
+    os.close(self._write_fd)
+
+
 def _prepare_data(config, workdir):
   """(metadata, data_dir) of the prepared pretraining data; checks the vocab against the model."""
   metadata = preparation.prepare_pretraining_data(config, workdir)
@@ -210,9 +244,11 @@ def _train_holding_the_lock(config, workdir: str) -> dict[str, float]:
   own_handler = jax.process_count() == 1
   if own_handler:
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    ctrl_c_presses = SignalDeliveries(signal.SIGINT)
 
     def on_ctrl_c(*_):
-      if stop_requested:  # the second Ctrl-C: at once, without saving
+      # Two presses during one long step reach this handler once: count the deliveries.
+      if stop_requested or ctrl_c_presses.since_last_call() >= 2:  # at once, without saving
         print("\nerror: interrupted again: exiting without saving (the checkpoints already "
               "written are intact).", file=sys.stderr, flush=True)
         os._exit(130)  # pylint: disable=protected-access
@@ -371,6 +407,7 @@ def _train_holding_the_lock(config, workdir: str) -> dict[str, float]:
     if own_handler:
       signal.signal(signal.SIGTERM, previous_handler)
       signal.signal(signal.SIGINT, previous_int_handler)
+      ctrl_c_presses.close()
   logging.info("%s at step %d of %d. Checkpoints: %s; metrics: %s (TensorBoard: "
                "tensorboard --logdir %s).",
                "Finished" if step >= config.num_train_steps else "Stopped", step,

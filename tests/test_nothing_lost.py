@@ -410,3 +410,23 @@ def test_one_run_per_workdir_and_ctrl_c(base_run, tmp_path, shared_data):
   assert "exiting without saving" in stderr and "Traceback" not in stderr
   assert not unfinished.exists()
   assert run_lock.LOCK_FILE in os.listdir(workdir)
+
+
+def test_two_deliveries_that_python_handles_once_are_counted_twice():
+  """Deliveries during one C call reach the Python handler once (the second Ctrl-C of a user
+  pressing twice during a long step was lost; once in CI). os.system is one C call, and the
+  shell it waits for sends the signal twice."""
+  from script_jax import train  # pylint: disable=g-import-not-at-top
+  handled = []
+  previous = signal.signal(signal.SIGUSR1, lambda *_: handled.append(counter.since_last_call()))
+  counter = train.SignalDeliveries(signal.SIGUSR1)
+  try:
+    pid = os.getpid()
+    assert os.system(f"kill -USR1 {pid}; sleep 0.05; kill -USR1 {pid}") == 0
+    assert _wait_for(lambda: handled, 5)
+    assert handled == [2], handled
+    os.kill(pid, signal.SIGUSR1)  # one more, handled on its own
+    assert _wait_for(lambda: len(handled) == 2, 5) and handled == [2, 1], handled
+  finally:
+    counter.close()
+    signal.signal(signal.SIGUSR1, previous)
