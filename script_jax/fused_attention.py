@@ -21,7 +21,12 @@ dropout masks than the XLA path (same rate, independent bits).
 
 Precision as models.SelfAttention: the scores and softmax in float32, the probabilities rounded to
 the compute dtype for the P~ v product; matmuls accumulate in float32. A whole sequence's keys
-fit in VMEM at BERT's lengths (T <= 512), so each grid step holds one sequence, all heads.
+fit in VMEM at BERT's lengths (T <= 512), so each grid step holds one sequence's keys and values
+and a block of its queries (Tq = 128), and loops over the heads in groups filling 128 lanes; the
+backward kernel sums dk and dv over the query blocks in float32 scratch. Both are needed for a
+v3's 16 MiB of VMEM at T = 512 (base's 12 heads of 64, compiled ahead of time): with the heads
+unrolled the backward kernel needed 27.2 MiB at query blocks of 128 (each unrolled head kept
+its own temporaries), with the head loop over whole sequences 23.3.
 """
 
 from __future__ import annotations
@@ -76,70 +81,153 @@ def keep_mask(key1: Array, key2: Array, first_index: Array, shape: tuple[int, in
 def _first_index(sequence: Array, head: int, num_heads: int, seq_len: int) -> Array:
   """The flat index of score (0, 0) of (sequence, head) in [B, N, T, T] (wraps past 2**31:
   only its bits matter)."""
-  return (sequence * jnp.int32(num_heads) + jnp.int32(head)) * jnp.int32(seq_len * seq_len)
+  return (sequence * jnp.int32(num_heads) + head) * jnp.int32(seq_len * seq_len)
 
 
 # ----------------------------------------------------------------------------- the kernels
 
-def _columns(part: int, head: int, width: int, head_dim: int) -> slice:
-  """The lanes of one head's query (part 0), key (1) or value (2) in a [T, 3H] block."""
-  start = part * width + head * head_dim
-  return slice(start, start + head_dim)
+def head_group_width(width: int, head_dim: int) -> int:
+  """Lanes of the heads a kernel's loop handles per iteration: the fewest whole heads filling
+  whole 128-lane tiles (Mosaic loads and stores at a loop-dependent lane offset only at multiples
+  of 128: error E2003), or all heads in one iteration where no such group divides H."""
+  lanes = math.lcm(head_dim, 128)
+  return lanes if width % lanes == 0 else width
 
 
-def _head_scores(qkv_ref, bias_ref, head, width, head_dim, scale):
-  """P = softmax(S) [T, T] float32 for one head of this grid step's sequence."""
-  q = qkv_ref[0, :, _columns(0, head, width, head_dim)]
-  k = qkv_ref[0, :, _columns(1, head, width, head_dim)]
-  scores = dot_in_float32(q, k, NT) * scale + bias_ref[0]
+def _lanes(part: int, group, group_width: int, width: int) -> pl.Slice:
+  """The lanes of one head group's queries (part 0), keys (1) or values (2) in a [T, 3H] block;
+  `group` is the loop's index, or a Python int (static lanes, any offset)."""
+  start = part * width + group * group_width
+  if isinstance(group, int):
+    return slice(start, start + group_width)
+  return pl.ds(pl.multiple_of(start, group_width), group_width)
+
+
+def _for_each_group(num_groups: int, body) -> None:
+  """body(group) for each head group, as a loop, not unrolled: Mosaic gives every unrolled head
+  its own VMEM temporaries (about 1.8 MB per head at T = 512: a v3's 16 MiB held 8 heads of
+  base's 12)."""
+  if num_groups == 1:  # static lanes: a group narrower than 128 lanes sits at any offset
+    body(0)
+  else:
+    jax.lax.fori_loop(0, num_groups, lambda group, carry: (body(group), carry)[1], 0)
+
+
+def default_query_block(seq_len: int) -> int:
+  """Queries per grid step: 128 where it divides T, else the whole sequence."""
+  return 128 if seq_len % 128 == 0 else seq_len
+
+
+def _query_rows(block: int) -> pl.Slice:
+  """This grid step's query rows in a whole-sequence block."""
+  return pl.ds(pl.multiple_of(pl.program_id(1) * block, block), block)
+
+
+def _probs(q, k, bias, scale):
+  """P = softmax(q k^T scale + bias) [Tq, T] float32 for one head."""
+  scores = dot_in_float32(q, k, NT) * scale + bias
   exps = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
   return exps / exps.sum(axis=-1, keepdims=True)
 
 
-def _dropout_scale(keys_ref, head, num_heads, seq_len, rate):
-  """K [T, T] float32: 1/(1 - rate) where the score is kept, 0 where dropped."""
-  sequence = keys_ref[2] + pl.program_id(0)
-  keep = keep_mask(keys_ref[0], keys_ref[1], _first_index(sequence, head, num_heads, seq_len),
-                   (seq_len, seq_len), rate)
+def _dropout_scale(keys_ref, first_of_block, head, shapes, rate):
+  """K [Tq, T] float32: 1/(1 - rate) where the score is kept, 0 where dropped. first_of_block:
+  the flat index of this grid step's first score in head 0 (`_first_of_block`)."""
+  first = first_of_block + head * jnp.int32(shapes.seq_len * shapes.seq_len)
+  keep = keep_mask(keys_ref[0], keys_ref[1], first, (shapes.block, shapes.seq_len), rate)
   return jnp.where(keep, jnp.float32(1.0 / (1.0 - rate)), jnp.float32(0.0))
 
 
+class _Shapes:
+  """What a kernel reads off its blocks: T, H, the head size and the head groups."""
+
+  def __init__(self, qkv_ref, num_heads: int, block: int):
+    self.seq_len, self.width = qkv_ref.shape[1], qkv_ref.shape[2] // 3
+    self.block, self.num_heads = block, num_heads
+    self.head_dim = self.width // num_heads
+    self.scale = 1.0 / math.sqrt(self.head_dim)
+    self.group_width = head_group_width(self.width, self.head_dim)
+    self.heads_per_group = self.group_width // self.head_dim
+    self.num_groups = self.width // self.group_width
+
+  def first_of_block(self, keys_ref):
+    """The flat index of this grid step's first score of head 0 (read outside the heads' loop:
+    Pallas's interpret mode does not take program_id inside one)."""
+    sequence = keys_ref[2] + pl.program_id(0)
+    return (_first_index(sequence, 0, self.num_heads, self.seq_len)
+            + pl.program_id(1) * jnp.int32(self.block * self.seq_len))
+
+  def heads(self, group):
+    """(global head index, its lanes within the group) for each head of a group."""
+    d = self.head_dim
+    return [(group * self.heads_per_group + h, slice(h * d, (h + 1) * d))
+            for h in range(self.heads_per_group)]
+
+
 def _fwd_kernel(keys_ref, qkv_ref, bias_ref, out_ref, *, num_heads, rate):
-  seq_len, width = qkv_ref.shape[1], qkv_ref.shape[2] // 3
-  head_dim = width // num_heads
-  scale = 1.0 / math.sqrt(head_dim)
-  for head in range(num_heads):
-    probs = _head_scores(qkv_ref, bias_ref, head, width, head_dim, scale)
-    if rate > 0.0:
-      probs = probs * _dropout_scale(keys_ref, head, num_heads, seq_len, rate)
-    v = qkv_ref[0, :, _columns(2, head, width, head_dim)]
-    # P~ rounded to the compute dtype before the product, as the XLA path's probabilities.
-    out = dot_in_float32(probs.astype(v.dtype), v, NN)
-    out_ref[0, :, _columns(0, head, width, head_dim)] = out.astype(out_ref.dtype)
+  shapes = _Shapes(qkv_ref, num_heads, out_ref.shape[1])
+  rows = _query_rows(shapes.block)
+  first = shapes.first_of_block(keys_ref)
+  gw, width = shapes.group_width, shapes.width
+
+  def one_group(group):
+    q = qkv_ref[0, rows, _lanes(0, group, gw, width)]
+    k = qkv_ref[0, :, _lanes(1, group, gw, width)]
+    v = qkv_ref[0, :, _lanes(2, group, gw, width)]
+    outs = []
+    for head, lanes in shapes.heads(group):
+      probs = _probs(q[:, lanes], k[:, lanes], bias_ref[0], shapes.scale)
+      if rate > 0.0:
+        probs = probs * _dropout_scale(keys_ref, first, head, shapes, rate)
+      # P~ rounded to the compute dtype before the product, as the XLA path's probabilities.
+      outs.append(dot_in_float32(probs.astype(v.dtype), v[:, lanes], NN))
+    out_ref[0, :, _lanes(0, group, gw, width)] = jnp.concatenate(outs, -1).astype(out_ref.dtype)
+  _for_each_group(shapes.num_groups, one_group)
 
 
-def _bwd_kernel(keys_ref, qkv_ref, bias_ref, d_out_ref, d_qkv_ref, *, num_heads, rate):
-  seq_len, width = qkv_ref.shape[1], qkv_ref.shape[2] // 3
-  head_dim = width // num_heads
-  scale = 1.0 / math.sqrt(head_dim)
+def _bwd_kernel(keys_ref, qkv_ref, bias_ref, d_out_ref, d_qkv_ref, d_kv_sum_ref, *, num_heads,
+                rate):
+  """One block of queries: dq of its rows; its dk and dv added into d_kv_sum_ref [T, 2H] float32,
+  written out after the sequence's last block (d_qkv's block stays in VMEM over them)."""
+  shapes = _Shapes(qkv_ref, num_heads, d_out_ref.shape[1])
+  rows = _query_rows(shapes.block)
+  first = shapes.first_of_block(keys_ref)
+  gw, width = shapes.group_width, shapes.width
   low = qkv_ref.dtype
-  for head in range(num_heads):
-    q_cols, k_cols, v_cols = (_columns(part, head, width, head_dim) for part in range(3))
-    probs = _head_scores(qkv_ref, bias_ref, head, width, head_dim, scale)
-    d_out = d_out_ref[0, :, q_cols]  # the output's lanes of this head: those of its query
-    d_probs = dot_in_float32(d_out, qkv_ref[0, :, v_cols], NT)  # dP~
-    dropped = probs
-    if rate > 0.0:
-      keep_scale = _dropout_scale(keys_ref, head, num_heads, seq_len, rate)
-      dropped = probs * keep_scale
-      d_probs = d_probs * keep_scale
-    d_v = dot_in_float32(dropped.astype(low), d_out, TN)
-    delta = (probs * d_probs).sum(axis=-1, keepdims=True)
-    d_scores = (probs * (d_probs - delta)).astype(low)
-    d_q = dot_in_float32(d_scores, qkv_ref[0, :, k_cols], NN) * scale
-    d_k = dot_in_float32(d_scores, qkv_ref[0, :, q_cols], TN) * scale
-    for cols, grad in ((q_cols, d_q), (k_cols, d_k), (v_cols, d_v)):
-      d_qkv_ref[0, :, cols] = grad.astype(d_qkv_ref.dtype)
+
+  @pl.when(pl.program_id(1) == 0)
+  def _():
+    d_kv_sum_ref[...] = jnp.zeros_like(d_kv_sum_ref)
+
+  def one_group(group):
+    q = qkv_ref[0, rows, _lanes(0, group, gw, width)]
+    k = qkv_ref[0, :, _lanes(1, group, gw, width)]
+    v = qkv_ref[0, :, _lanes(2, group, gw, width)]
+    d_out = d_out_ref[0, :, _lanes(0, group, gw, width)]  # the output's lanes: the queries'
+    d_qs, d_ks, d_vs = [], [], []
+    for head, lanes in shapes.heads(group):
+      probs = _probs(q[:, lanes], k[:, lanes], bias_ref[0], shapes.scale)
+      d_probs = dot_in_float32(d_out[:, lanes], v[:, lanes], NT)  # dP~
+      dropped = probs
+      if rate > 0.0:
+        keep_scale = _dropout_scale(keys_ref, first, head, shapes, rate)
+        dropped = probs * keep_scale
+        d_probs = d_probs * keep_scale
+      delta = (probs * d_probs).sum(axis=-1, keepdims=True)
+      d_scores = (probs * (d_probs - delta)).astype(low)
+      d_qs.append(dot_in_float32(d_scores, k[:, lanes], NN) * shapes.scale)
+      d_ks.append(dot_in_float32(d_scores, q[:, lanes], TN) * shapes.scale)
+      d_vs.append(dot_in_float32(dropped.astype(low), d_out[:, lanes], TN))
+    d_qkv_ref[0, rows, _lanes(0, group, gw, width)] = (
+        jnp.concatenate(d_qs, -1).astype(d_qkv_ref.dtype))
+    # dk and dv in the scratch's lanes [0, 2H): those of qkv's [H, 3H) shifted by H.
+    for part, grads in ((0, d_ks), (1, d_vs)):
+      d_kv_sum_ref[:, _lanes(part, group, gw, width)] += jnp.concatenate(grads, -1)
+  _for_each_group(shapes.num_groups, one_group)
+
+  @pl.when(pl.program_id(1) == pl.num_programs(1) - 1)
+  def _():
+    d_qkv_ref[0, :, width:] = d_kv_sum_ref[...].astype(d_qkv_ref.dtype)
 
 
 def _hash_ops(rate: float) -> int:
@@ -184,40 +272,55 @@ def bwd_cost(batch: int, seq_len: int, num_heads: int, head_dim: int, itemsize: 
 
 
 def _sequence_spec(seq_len: int, width: int):
-  return pl.BlockSpec((1, seq_len, width), lambda b: (b, 0, 0))
+  """A whole sequence, the same block for each of its query blocks (read once)."""
+  return pl.BlockSpec((1, seq_len, width), lambda b, i: (b, 0, 0))
+
+
+def _query_block_spec(block: int, width: int):
+  return pl.BlockSpec((1, block, width), lambda b, i: (b, i, 0))
+
+
+def _bias_spec(seq_len: int):
+  return pl.BlockSpec((1, 1, seq_len), lambda b, i: (b, 0, 0))
+
+
+def _grid(batch: int, seq_len: int, block: int) -> tuple[int, int]:
+  if seq_len % block:
+    raise ValueError(f"the query block ({block}) must divide the sequence length ({seq_len})")
+  return batch, seq_len // block
 
 
 def _keys_spec():
   return pl.BlockSpec(memory_space=pltpu.SMEM)
 
 
-def _local_fwd(keys_3, qkv_BxTx3H, bias_Bx1xT, num_heads, rate, interpret):
+def _local_fwd(keys_3, qkv_BxTx3H, bias_Bx1xT, num_heads, rate, block, interpret):
   batch, seq_len, width = qkv_BxTx3H.shape[0], qkv_BxTx3H.shape[1], qkv_BxTx3H.shape[2] // 3
   return pl.pallas_call(
       functools.partial(_fwd_kernel, num_heads=num_heads, rate=rate),
-      grid=(batch,),
-      in_specs=[_keys_spec(), _sequence_spec(seq_len, 3 * width),
-                pl.BlockSpec((1, 1, seq_len), lambda b: (b, 0, 0))],
-      out_specs=_sequence_spec(seq_len, width),
+      grid=_grid(batch, seq_len, block),
+      in_specs=[_keys_spec(), _sequence_spec(seq_len, 3 * width), _bias_spec(seq_len)],
+      out_specs=_query_block_spec(block, width),
       out_shape=jax.ShapeDtypeStruct((batch, seq_len, width), qkv_BxTx3H.dtype),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
       cost_estimate=fwd_cost(batch, seq_len, num_heads, width // num_heads,
                              qkv_BxTx3H.dtype.itemsize, rate),
       interpret=interpret,
   )(keys_3, qkv_BxTx3H, bias_Bx1xT)
 
 
-def _local_bwd(keys_3, qkv_BxTx3H, bias_Bx1xT, d_out_BxTxH, num_heads, rate, interpret):
+def _local_bwd(keys_3, qkv_BxTx3H, bias_Bx1xT, d_out_BxTxH, num_heads, rate, block, interpret):
   batch, seq_len, width = d_out_BxTxH.shape
   return pl.pallas_call(
       functools.partial(_bwd_kernel, num_heads=num_heads, rate=rate),
-      grid=(batch,),
-      in_specs=[_keys_spec(), _sequence_spec(seq_len, 3 * width),
-                pl.BlockSpec((1, 1, seq_len), lambda b: (b, 0, 0)),
-                _sequence_spec(seq_len, width)],
+      grid=_grid(batch, seq_len, block),
+      in_specs=[_keys_spec(), _sequence_spec(seq_len, 3 * width), _bias_spec(seq_len),
+                _query_block_spec(block, width)],
       out_specs=_sequence_spec(seq_len, 3 * width),
       out_shape=jax.ShapeDtypeStruct(qkv_BxTx3H.shape, qkv_BxTx3H.dtype),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+      scratch_shapes=[pltpu.VMEM((seq_len, 2 * width), jnp.float32)],
+      # The query blocks of a sequence add into one scratch: in order, on one core.
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
       cost_estimate=bwd_cost(batch, seq_len, num_heads, width // num_heads,
                              qkv_BxTx3H.dtype.itemsize, rate),
       interpret=interpret,
@@ -249,9 +352,10 @@ def _per_device(fn, sharding, keys_2, *batched):
                        out_specs=rows, check_vma=False)(keys_2, *batched)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def pallas_attention(qkv_BxTx3H: Array, mask_bias_BxT: Array, keys_2: Array, num_heads: int,
-                     rate: float = 0.0, sharding: tuple | None = None) -> Array:
+                     rate: float = 0.0, sharding: tuple | None = None,
+                     query_block: int | None = None) -> Array:
   """Multi-head attention softmax(q k^T / sqrt(D) + bias) v with dropout `rate` on the
   probabilities, by Pallas TPU kernels (on other backends the same kernels in interpret mode,
   for tests). qkv: [B, T, 3H], the queries, keys and values side by side, each [B, T, H] with
@@ -263,27 +367,30 @@ def pallas_attention(qkv_BxTx3H: Array, mask_bias_BxT: Array, keys_2: Array, num
   mask_bias_BxT: float32 additive bias of each key (0, or -1e9 for padding). keys_2: two int32
   keys of the dropout mask (`keep_mask`), unused when rate is 0. `sharding`: (the step's mesh,
   the batch's PartitionSpec); each device runs the kernels on its own sequences (without it,
-  under a sharded jit XLA would gather the batch to every device)."""
-  return _attention(qkv_BxTx3H, mask_bias_BxT, keys_2, num_heads, rate, sharding)
+  under a sharded jit XLA would gather the batch to every device). `query_block`: queries per
+  grid step, dividing T (default: `default_query_block`); the results do not depend on it."""
+  return _attention(qkv_BxTx3H, mask_bias_BxT, keys_2, num_heads, rate, sharding, query_block)
 
 
 def _bias_Bx1xT(mask_bias_BxT):
   return mask_bias_BxT.astype(jnp.float32)[:, None, :]
 
 
-def _attention(qkv, mask_bias_BxT, keys_2, num_heads, rate, sharding):
-  fwd = functools.partial(_local_fwd, num_heads=num_heads, rate=rate)
+def _attention(qkv, mask_bias_BxT, keys_2, num_heads, rate, sharding, query_block):
+  block = query_block or default_query_block(qkv.shape[1])
+  fwd = functools.partial(_local_fwd, num_heads=num_heads, rate=rate, block=block)
   return _per_device(fwd, sharding, keys_2.astype(jnp.int32), qkv, _bias_Bx1xT(mask_bias_BxT))
 
 
-def _attention_fwd(qkv, mask_bias_BxT, keys_2, num_heads, rate, sharding):
-  out = _attention(qkv, mask_bias_BxT, keys_2, num_heads, rate, sharding)
+def _attention_fwd(qkv, mask_bias_BxT, keys_2, num_heads, rate, sharding, query_block):
+  out = _attention(qkv, mask_bias_BxT, keys_2, num_heads, rate, sharding, query_block)
   return out, (qkv, mask_bias_BxT, keys_2)
 
 
-def _attention_bwd(num_heads, rate, sharding, residuals, d_out):
+def _attention_bwd(num_heads, rate, sharding, query_block, residuals, d_out):
   qkv, mask_bias_BxT, keys_2 = residuals
-  bwd = functools.partial(_local_bwd, num_heads=num_heads, rate=rate)
+  block = query_block or default_query_block(qkv.shape[1])
+  bwd = functools.partial(_local_bwd, num_heads=num_heads, rate=rate, block=block)
   d_qkv = _per_device(bwd, sharding, keys_2.astype(jnp.int32), qkv, _bias_Bx1xT(mask_bias_BxT),
                       d_out.astype(qkv.dtype))
   return d_qkv, jnp.zeros_like(mask_bias_BxT), None

@@ -101,6 +101,39 @@ def test_pallas_attention_equals_numpy_and_the_plain_formula(dtype, rate):
     assert np.abs(g - r).max() <= (1e-5 if dtype == jnp.float32 else 2e-2) * scale, name
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_query_blocks_give_the_whole_sequence_results(dtype):
+  """Several query blocks per sequence (as at T = 512 on a TPU) and two head groups of 128
+  lanes (the kernels' loop): the same values, masks and gradients as one block, dk and dv summed
+  over the blocks; against numpy and autodiff too."""
+  b, t, n, d, rate = 2, 32, 8, 32, 0.1
+  assert fused_attention.head_group_width(n * d, d) == 128
+  qkv, cot, bias, keys = _inputs(b, t, n, d, dtype, seed=11)
+
+  def loss(block):
+    return lambda qkv: (fused_attention.pallas_attention(qkv, bias, keys, n, rate, None, block)
+                        .astype(jnp.float32) * cot.astype(jnp.float32)).sum()
+  whole = jax.value_and_grad(loss(t))(qkv)
+  blocked = jax.value_and_grad(loss(8))(qkv)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for a, w in zip(blocked, whole):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(w, np.float32),
+                               rtol=tol, atol=tol * np.abs(np.asarray(w, np.float32)).max())
+  out = fused_attention.pallas_attention(qkv, bias, keys, n, rate, None, 8)
+  want = _attention_numpy(qkv, bias, _keep_numpy(int(keys[0]), int(keys[1]), b, n, t, rate),
+                          rate, n)
+  np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=tol, atol=tol)
+  ref = jax.grad(lambda qkv: (fused_attention.reference_attention(qkv, bias, keys, n, rate)
+                              .astype(jnp.float32) * cot.astype(jnp.float32)).sum())(qkv)
+  got = np.asarray(blocked[1], np.float32)
+  assert np.abs(got - np.asarray(ref, np.float32)).max() <= tol * np.abs(
+      np.asarray(ref, np.float32)).max()
+  assert fused_attention.default_query_block(512) == 128
+  assert fused_attention.default_query_block(200) == 200
+  with pytest.raises(ValueError, match="must divide"):
+    fused_attention.pallas_attention(qkv, bias, keys, n, rate, None, 12)
+
+
 def test_each_device_runs_its_own_sequences_with_the_same_masks():
   """Over 8 devices (the batch split as the train step splits it) the kernels give the
   whole-batch values and gradients: each device's masks continue the global index."""
