@@ -27,6 +27,7 @@ DISC_POSITIONS = ("all", "masked")
 # How the critic's logsumexp is computed (objectives.critic_logsumexp).
 LOGSUMEXP_IMPLS = ("plain", "pallas")
 ATTENTION_IMPLS = ("xla", "pallas")
+MLM_HEAD_IMPLS = ("xla", "pallas")
 DTYPES = ("float32", "bfloat16")
 OPTIMIZER_RECIPES = ("optax", "electra")  # config.optim.recipe (state.make_optimizer)
 NONFINITE_POLICIES = ("stop", "skip")  # config.optim.on_nonfinite (train.py)
@@ -79,6 +80,11 @@ def base_config() -> ml_collections.ConfigDict:
   # paper's Gumbel-max; "inverse_cdf" draws from the same distribution with one uniform per
   # position (cheaper on CPU, a different random stream).
   c.sampler = "gumbel"
+  # The MLM head at the masked positions (every objective's MLM loss and accuracy, SCRIPT's and
+  # ELECTRA's sample): "xla", the [B, P, V] logits in HBM; "pallas", fused kernels that keep
+  # them in on-chip memory (fused_logsumexp.pallas_mlm_head; its own Gumbel noise, not
+  # jax.random's: the same distribution, other draws; sampler "gumbel" only).
+  c.mlm_head_impl = "xla"
   # PRNG behind each step's dropout masks and samples (init always uses threefry2x32, so the
   # initial parameters do not depend on it). "auto": "threefry2x32" on every platform (on TPU
   # it moves fewer bytes than "rbg", XLA's RngBitGenerator: docs/benchmarks.md); "rbg" and
@@ -242,6 +248,7 @@ KEYS_ADDED_SINCE = {
     "data.prepared_dir": "",
     "script.logsumexp_impl": "plain",
     "model.attention_impl": "xla",
+    "mlm_head_impl": "xla",
     "optim.recipe": "optax",
     "mesh.fsdp": False,
     "mesh.fsdp_replicas": 0,
@@ -404,6 +411,12 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
   if config.sampler not in SAMPLERS:
     problems.append(f"sampler must be one of {', '.join(SAMPLERS)}, got "
                     f"{config.sampler!r}")
+  if config.mlm_head_impl not in MLM_HEAD_IMPLS:
+    problems.append(f"mlm_head_impl must be one of {', '.join(MLM_HEAD_IMPLS)}, got "
+                    f"{config.mlm_head_impl!r}")
+  elif config.mlm_head_impl == "pallas" and config.sampler != "gumbel":
+    problems.append(f"mlm_head_impl=pallas draws by Gumbel-max only: set sampler=gumbel (got "
+                    f"{config.sampler!r}) or mlm_head_impl=xla")
   if config.optim.recipe not in OPTIMIZER_RECIPES:
     problems.append(f"optim.recipe must be one of {', '.join(OPTIMIZER_RECIPES)}, got "
                     f"{config.optim.recipe!r}")

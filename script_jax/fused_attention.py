@@ -36,29 +36,17 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
-from script_jax.pallas_common import NN, NT, TN, dot_in_float32, run_in_interpret_mode
+from script_jax.pallas_common import NN, NT, TN, dot_in_float32, mix32, run_in_interpret_mode
 
 Array = jax.Array
 
 # ----------------------------------------------------------------------------- the dropout mask
 
 _KEEP_BITS = 24  # the keep test compares the hash's top 24 bits with rate * 2**24
-
-
-def _mix32(x: Array) -> Array:
-  """A bijective 32-bit integer hash (Wellons' "lowbias32"), on int32 with logical shifts so
-  that it lowers on the TPU's vector unit as in plain XLA."""
-  srl = jax.lax.shift_right_logical
-  x = x ^ srl(x, jnp.int32(16))
-  x = x * jnp.int32(0x7FEB352D)
-  x = x ^ srl(x, jnp.int32(15))
-  x = x * jnp.int32(np.int32(np.uint32(0x846CA68B).view(np.int32)))
-  return x ^ srl(x, jnp.int32(16))
 
 
 def keep_threshold(rate: float) -> int:
@@ -73,7 +61,7 @@ def keep_mask(key1: Array, key2: Array, first_index: Array, shape: tuple[int, in
   rows = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
   cols = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
   index = first_index + rows * jnp.int32(shape[1]) + cols
-  bits = jax.lax.shift_right_logical(_mix32(_mix32(index ^ key1) ^ key2),
+  bits = jax.lax.shift_right_logical(mix32(mix32(index ^ key1) ^ key2),
                                      jnp.int32(32 - _KEEP_BITS))
   return bits >= jnp.int32(keep_threshold(rate))
 

@@ -31,7 +31,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 from script_jax import sharding as sharding_lib
-from script_jax.pallas_common import NN, NT, TN, dot_in_float32, run_in_interpret_mode
+from script_jax.pallas_common import NN, NT, TN, dot_in_float32, mix32, run_in_interpret_mode
 
 Array = jax.Array
 _PAD_BIAS = -1e9  # the bias of padding columns: exp() of it is 0 (models.mask_vocab_padding)
@@ -101,6 +101,11 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
+def _columns(shape: tuple[int, int], j) -> Array:
+  """The vocabulary index of each logit of vocabulary block j: [rows, block_vocab] int32."""
+  return j * jnp.int32(shape[1]) + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+
+
 def _fwd_kernel(features_ref, table_ref, bias_ref, lse_ref, max_ref, sum_ref):
   """One (row block i, vocabulary block j) step of an online logsumexp over j."""
   j = pl.program_id(1)
@@ -124,10 +129,15 @@ def _fwd_kernel(features_ref, table_ref, bias_ref, lse_ref, max_ref, sum_ref):
     lse_ref[...] = max_ref[...] + jnp.log(sum_ref[...])
 
 
-def _bwd_kernel(features_ref, table_ref, bias_ref, lse_ref, g_ref, d_features_ref, d_table_ref,
-                d_bias_ref, *, block_rows):
+def _bwd_kernel(*refs, block_rows, with_labels):
   """One (vocabulary block j, row block i) step: d_table/d_bias's block j accumulates over i,
-  d_features (every row, resident in VMEM for the whole grid) over j."""
+  d_features (every row, resident in VMEM for the whole grid) over j. With labels (the MLM
+  head's cross-entropy lse - s_label) the logits' gradient is g (p - onehot(label))."""
+  if with_labels:
+    (features_ref, table_ref, bias_ref, lse_ref, g_ref, labels_ref, d_features_ref, d_table_ref,
+     d_bias_ref) = refs
+  else:
+    features_ref, table_ref, bias_ref, lse_ref, g_ref, d_features_ref, d_table_ref, d_bias_ref = refs
   j, i = pl.program_id(0), pl.program_id(1)
 
   @pl.when((j == 0) & (i == 0))
@@ -142,7 +152,10 @@ def _bwd_kernel(features_ref, table_ref, bias_ref, lse_ref, g_ref, d_features_re
   features = features_ref[...]
   table = table_ref[...].astype(features.dtype)
   logits = dot_in_float32(features, table, NT) + bias_ref[...]
-  gp = (jnp.exp(logits - lse_ref[...]) * g_ref[...]).astype(features.dtype)
+  probs = jnp.exp(logits - lse_ref[...])
+  if with_labels:
+    probs = probs - (_columns(logits.shape, j) == labels_ref[...]).astype(jnp.float32)
+  gp = (probs * g_ref[...]).astype(features.dtype)
   rows = pl.ds(pl.multiple_of(i * block_rows, block_rows), block_rows)
   d_features_ref[rows, :] += dot_in_float32(gp, table, NN)
   d_table_ref[...] += dot_in_float32(gp, features, TN)
@@ -249,18 +262,19 @@ def _local_lse(features_BxTxE, table_VxE, bias_V, block_rows, block_vocab, inter
   return lse[:n, 0].reshape(features_BxTxE.shape[:-1])
 
 
-def _bwd_call(features, table, bias, lse_Nx1, g_Nx1, bn, bv, interpret):
+def _bwd_call(features, table, bias, lse_Nx1, g_Nx1, labels_Nx1, bn, bv, interpret):
   """(d_features [rows, E], d_table [vocab, E], d_bias [1, vocab]), float32, for one group of
-  rows (a multiple of bn) and the whole (padded) vocabulary."""
+  rows (a multiple of bn) and the whole (padded) vocabulary; labels_Nx1 None or int32."""
   (rows, e), vocab = features.shape, table.shape[0]
   row_block = pl.BlockSpec((bn, 1), lambda j, i: (i, 0))
+  with_labels = labels_Nx1 is not None
   return pl.pallas_call(
-      functools.partial(_bwd_kernel, block_rows=bn),
+      functools.partial(_bwd_kernel, block_rows=bn, with_labels=with_labels),
       grid=(vocab // bv, rows // bn),
       in_specs=[pl.BlockSpec((bn, e), lambda j, i: (i, 0)),
                 pl.BlockSpec((bv, e), lambda j, i: (j, 0)),
                 pl.BlockSpec((1, bv), lambda j, i: (0, j)),
-                row_block, row_block],
+                row_block, row_block] + [row_block] * with_labels,
       out_specs=[pl.BlockSpec((rows, e), lambda j, i: (0, 0)),
                  pl.BlockSpec((bv, e), lambda j, i: (j, 0)),
                  pl.BlockSpec((1, bv), lambda j, i: (0, j))],
@@ -271,11 +285,11 @@ def _bwd_call(features, table, bias, lse_Nx1, g_Nx1, bn, bv, interpret):
       cost_estimate=bwd_cost(rows, vocab, e, bn, bv, features.dtype.itemsize,
                              table.dtype.itemsize),
       interpret=interpret,
-  )(features, table, bias, lse_Nx1, g_Nx1)
+  )(features, table, bias, lse_Nx1, g_Nx1, *([labels_Nx1] if with_labels else []))
 
 
 def _local_grads(features_BxTxE, table_VxE, bias_V, lse_BxT, g_BxT, block_rows, block_vocab,
-                 interpret):
+                 interpret, labels_BxT=None):
   """The backward kernel over one device's rows: d_features in the features' dtype, and this
   device's d_table and d_bias in float32 (summed over devices before they are cast)."""
   n, v = math.prod(features_BxTxE.shape[:-1]), table_VxE.shape[0]
@@ -284,12 +298,14 @@ def _local_grads(features_BxTxE, table_VxE, bias_V, lse_BxT, g_BxT, block_rows, 
   rows, e = features.shape
   column = lambda x: jnp.pad(x.reshape(-1).astype(jnp.float32), (0, rows - n))[:, None]
   lse_Nx1, g_Nx1 = column(lse_BxT), column(g_BxT)
+  labels_Nx1 = None if labels_BxT is None else jnp.pad(
+      labels_BxT.reshape(-1).astype(jnp.int32), (0, rows - n), constant_values=-1)[:, None]
   group = max(1, _RESIDENT_BYTES // (e * 4 * bn)) * bn
   d_features, d_table, d_bias = [], 0.0, 0.0
   for start in range(0, rows, group):
     part = slice(start, min(start + group, rows))
-    d_f, d_t, d_b = _bwd_call(features[part], table, bias, lse_Nx1[part], g_Nx1[part], bn, bv,
-                              interpret)
+    d_f, d_t, d_b = _bwd_call(features[part], table, bias, lse_Nx1[part], g_Nx1[part],
+                              None if labels_Nx1 is None else labels_Nx1[part], bn, bv, interpret)
     d_features.append(d_f)
     d_table, d_bias = d_table + d_t, d_bias + d_b
   d_features = jnp.concatenate(d_features) if len(d_features) > 1 else d_features[0]
@@ -318,23 +334,25 @@ def _lse(features_BxTxE, table_VxE, bias_V, block_rows, block_vocab, mesh):
                        check_vma=False)(features_BxTxE, table_VxE, bias_V)
 
 
-def _grads(features_BxTxE, table_VxE, bias_V, lse_BxT, g_BxT, block_rows, block_vocab, mesh):
+def _grads(features_BxTxE, table_VxE, bias_V, lse_BxT, g_BxT, block_rows, block_vocab, mesh,
+           labels_BxT=None):
   interpret = run_in_interpret_mode(mesh)
   axes = () if mesh is None else _batch_axes(mesh)
 
-  def local(features, table, bias, lse, g):
+  def local(features, table, bias, lse, g, *labels):
     d_features, d_table, d_bias = _local_grads(features, table, bias, lse, g, block_rows,
-                                               block_vocab, interpret)
+                                               block_vocab, interpret, *labels)
     if axes:  # float32 sums over the batch, cast after
       d_table, d_bias = jax.lax.psum((d_table, d_bias), axes)
     return d_features, d_table.astype(table.dtype), d_bias.astype(bias.dtype)
 
+  labels = () if labels_BxT is None else (labels_BxT,)
   if mesh is None:
-    return local(features_BxTxE, table_VxE, bias_V, lse_BxT, g_BxT)
+    return local(features_BxTxE, table_VxE, bias_V, lse_BxT, g_BxT, *labels)
   rows = P(axes)
-  return jax.shard_map(local, mesh=mesh, in_specs=(rows, P(), P(), rows, rows),
+  return jax.shard_map(local, mesh=mesh, in_specs=(rows, P(), P(), rows, rows, *[rows] * len(labels)),
                        out_specs=(rows, P(), P()), check_vma=False)(
-                           features_BxTxE, table_VxE, bias_V, lse_BxT, g_BxT)
+                           features_BxTxE, table_VxE, bias_V, lse_BxT, g_BxT, *labels)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -364,3 +382,183 @@ def _pallas_bwd(block_rows, block_vocab, mesh, residuals, g_BxT):
 
 
 pallas_logsumexp.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+# ----------------------------------------------------------------------------- the MLM head
+# At the masked positions the MLM head needs, per position n, the cross-entropy lse_n - s_{n,y}
+# (y the original token), whether argmax_v s_nv = y (accuracy) and a Gumbel-max sample
+# argmax_v (s_nv / tau + G_nv) (SCRIPT's and ELECTRA's replacements). One forward kernel computes
+# all of them from each logits tile in VMEM; the backward is the kernel above with the one-hot
+# of y. The Gumbel noise G is a counter-based hash of (global row, vocabulary index) under two
+# keys (pallas_common.mix32), not jax.random's stream: the same distribution, other draws.
+
+_INT_MAX = 2 ** 31 - 1
+
+
+def gumbel_noise(key1: Array, key2: Array, rows_Nx1: Array, columns_NxV: Array) -> Array:
+  """G = -log(-log(u)), u in (0, 1) from the top 24 bits of hash(hash(hash(row ^ key1) ^ column)
+  ^ key2): [N, V] float32 for int32 global row and vocabulary indices."""
+  bits = mix32(mix32(mix32(rows_Nx1 ^ key1) ^ columns_NxV) ^ key2)
+  uniform = (jax.lax.shift_right_logical(bits, jnp.int32(8)).astype(jnp.float32) + 0.5) * 2.0 ** -24
+  return -jnp.log(-jnp.log(uniform))
+
+
+def _running_argmax(values, columns, best_ref, index_ref):
+  """Fold one tile's first argmax per row into the running (best value, its index): a later
+  tile wins only when strictly greater, so ties keep the first index, as jnp.argmax."""
+  tile_best = values.max(axis=1, keepdims=True)
+  tile_index = jnp.min(jnp.where(values == tile_best, columns, _INT_MAX), axis=1, keepdims=True)
+  take = tile_best > best_ref[...]
+  index_ref[...] = jnp.where(take, tile_index, index_ref[...])
+  best_ref[...] = jnp.where(take, tile_best, best_ref[...])
+
+
+def _head_fwd_kernel(keys_ref, features_ref, table_ref, bias_ref, labels_ref,
+                     lse_ref, target_ref, argmax_ref, sample_ref,
+                     max_ref, sum_ref, target_acc_ref, best_ref, best_index_ref, noisy_ref,
+                     noisy_index_ref, *, temperature, vocab_size, sample):
+  """One (row block i, vocabulary block j) step: the online logsumexp, the label's logit, the
+  running argmax of the logits and (with `sample`) of the noisy logits over j."""
+  i, j = pl.program_id(0), pl.program_id(1)
+
+  @pl.when(j == 0)
+  def _():
+    for ref, value in ((max_ref, -jnp.inf), (sum_ref, 0.0), (target_acc_ref, 0.0),
+                       (best_ref, -jnp.inf), (noisy_ref, -jnp.inf)):
+      ref[...] = jnp.full(ref.shape, value, jnp.float32)
+    best_index_ref[...] = jnp.zeros(best_index_ref.shape, jnp.int32)
+    noisy_index_ref[...] = jnp.zeros(noisy_index_ref.shape, jnp.int32)
+
+  features = features_ref[...]
+  logits = dot_in_float32(features, table_ref[...].astype(features.dtype), NT) + bias_ref[...]
+  columns = _columns(logits.shape, j)
+  old_max = max_ref[...]
+  new_max = jnp.maximum(old_max, logits.max(axis=1, keepdims=True))
+  sum_ref[...] = (sum_ref[...] * jnp.exp(old_max - new_max)
+                  + jnp.exp(logits - new_max).sum(axis=1, keepdims=True))
+  max_ref[...] = new_max
+  target_acc_ref[...] += jnp.where(columns == labels_ref[...], logits, 0.0).sum(axis=1,
+                                                                                 keepdims=True)
+  _running_argmax(logits, columns, best_ref, best_index_ref)
+  if sample:
+    rows = (keys_ref[2] + i * jnp.int32(logits.shape[0])
+            + jax.lax.broadcasted_iota(jnp.int32, (logits.shape[0], 1), 0))
+    noisy = logits / temperature + gumbel_noise(keys_ref[0], keys_ref[1], rows, columns)
+    _running_argmax(jnp.where(columns < vocab_size, noisy, -jnp.inf), columns, noisy_ref,
+                    noisy_index_ref)
+
+  @pl.when(j == pl.num_programs(1) - 1)
+  def _():
+    lse_ref[...] = max_ref[...] + jnp.log(sum_ref[...])
+    target_ref[...] = target_acc_ref[...]
+    argmax_ref[...] = best_index_ref[...]
+    sample_ref[...] = noisy_index_ref[...]
+
+
+def head_fwd_cost(rows: int, vocab: int, e: int, block_rows: int, block_vocab: int,
+                  features_itemsize: int, table_itemsize: int, sample: bool) -> pl.CostEstimate:
+  """The head's forward kernel over its grid: `fwd_cost`'s reads, and four [rows] outputs
+  written instead of one (plus the labels read, rows*4). flops: per logit also the label's
+  compare and select and the argmax's max, compare, select and min (6), and with `sample` the
+  noise's three hashes (27), the scale and add, the padding select and the argmax again (8);
+  transcendentals: per logit one exp, and with `sample` two logs."""
+  base = fwd_cost(rows, vocab, e, block_rows, block_vocab, features_itemsize, table_itemsize)
+  logits = rows * vocab
+  return pl.CostEstimate(
+      flops=base.flops + (6 + (35 if sample else 0)) * logits,
+      transcendentals=logits * (3 if sample else 1),
+      bytes_accessed=base.bytes_accessed + rows * 4 * 4)
+
+
+def _local_head(keys_3, features_BxPxE, table_VxE, bias_V, labels_BxP, temperature, vocab_size,
+                sample, block_rows, block_vocab, interpret):
+  """The head's forward kernel over one device's rows: (lse, label logit) float32 and (argmax,
+  sample) int32, each [B, P]."""
+  n, v = math.prod(features_BxPxE.shape[:-1]), table_VxE.shape[0]
+  bn, bv = _rows_block(n, block_rows), _vocab_block(v, block_vocab)
+  features, table, bias = _operands(features_BxPxE, table_VxE, bias_V, bn, bv)
+  (rows, e), vocab = features.shape, table.shape[0]
+  labels = jnp.pad(labels_BxP.reshape(-1).astype(jnp.int32), (0, rows - n),
+                   constant_values=-1)[:, None]
+  row_block = pl.BlockSpec((bn, 1), lambda i, j: (i, 0))
+  column = lambda dtype: jax.ShapeDtypeStruct((rows, 1), dtype)
+  outputs = pl.pallas_call(
+      functools.partial(_head_fwd_kernel, temperature=temperature, vocab_size=vocab_size,
+                        sample=sample),
+      grid=(rows // bn, vocab // bv),
+      in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM),
+                pl.BlockSpec((bn, e), lambda i, j: (i, 0)),
+                pl.BlockSpec((bv, e), lambda i, j: (j, 0)),
+                pl.BlockSpec((1, bv), lambda i, j: (0, j)),
+                row_block],
+      out_specs=[row_block] * 4,
+      out_shape=[column(jnp.float32), column(jnp.float32), column(jnp.int32),
+                 column(jnp.int32)],
+      scratch_shapes=([pltpu.VMEM((bn, 1), jnp.float32)] * 3
+                      + [pltpu.VMEM((bn, 1), jnp.float32), pltpu.VMEM((bn, 1), jnp.int32)] * 2),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+      cost_estimate=head_fwd_cost(rows, vocab, e, bn, bv, features.dtype.itemsize,
+                                  table.dtype.itemsize, sample),
+      interpret=interpret,
+  )(keys_3, features, table, bias, labels)
+  shape = features_BxPxE.shape[:-1]
+  return tuple(x[:n, 0].reshape(shape) for x in outputs)
+
+
+def _head(features_BxPxE, table_VxE, bias_V, labels_BxP, keys_2, temperature, vocab_size, sample,
+          block_rows, block_vocab, mesh):
+  local = functools.partial(_local_head, temperature=temperature, vocab_size=vocab_size,
+                            sample=sample, block_rows=block_rows, block_vocab=block_vocab,
+                            interpret=run_in_interpret_mode(mesh))
+  keys_2 = keys_2.astype(jnp.int32)
+  if mesh is None:
+    return local(jnp.concatenate([keys_2, jnp.zeros((1,), jnp.int32)]), features_BxPxE,
+                 table_VxE, bias_V, labels_BxP)
+  axes = _batch_axes(mesh)
+
+  def per_device(keys, features, table, bias, labels):
+    # The device's first global row, so that the noise does not depend on the split.
+    first = jax.lax.axis_index(axes) * math.prod(labels.shape)
+    return local(jnp.concatenate([keys, first[None].astype(jnp.int32)]), features, table, bias,
+                 labels)
+
+  rows = P(axes)
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), rows, P(), P(), rows),
+                       out_specs=(rows,) * 4, check_vma=False)(
+                           keys_2, features_BxPxE, table_VxE, bias_V, labels_BxP)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def pallas_mlm_head(features_BxPxE: Array, table_VxE: Array, bias_V: Array, labels_BxP: Array,
+                    keys_2: Array, temperature: float = 1.0, vocab_size: int | None = None,
+                    sample: bool = True, block_rows: int = 512, block_vocab: int = 256,
+                    mesh: jax.sharding.Mesh | None = None) -> tuple[Array, Array, Array]:
+  """The MLM head at the masked positions without the [B, P, V] logits in HBM: (nll [B, P]
+  float32 = lse - s_label, differentiable in features, table and bias; argmax [B, P] int32, the
+  first most likely token; sample [B, P] int32, argmax over the first vocab_size tokens of
+  s / temperature + Gumbel noise (`gumbel_noise` under the two int32 keys_2), zeros without
+  `sample`). Precision, blocks and `mesh` as `pallas_logsumexp`."""
+  lse, target, argmax, sampled = _head(features_BxPxE, table_VxE, bias_V, labels_BxP, keys_2,
+                                       temperature, vocab_size or table_VxE.shape[0], sample,
+                                       block_rows, block_vocab, mesh)
+  return lse - target, argmax, sampled
+
+
+def _head_fwd(features_BxPxE, table_VxE, bias_V, labels_BxP, keys_2, temperature, vocab_size,
+              sample, block_rows, block_vocab, mesh):
+  lse, target, argmax, sampled = _head(features_BxPxE, table_VxE, bias_V, labels_BxP, keys_2,
+                                       temperature, vocab_size or table_VxE.shape[0], sample,
+                                       block_rows, block_vocab, mesh)
+  return (lse - target, argmax, sampled), (features_BxPxE, table_VxE, bias_V, labels_BxP, lse)
+
+
+def _head_bwd(temperature, vocab_size, sample, block_rows, block_vocab, mesh, residuals,
+              cotangents):
+  del temperature, vocab_size, sample
+  features_BxPxE, table_VxE, bias_V, labels_BxP, lse = residuals
+  grads = _grads(features_BxPxE, table_VxE, bias_V, lse, cotangents[0], block_rows, block_vocab,
+                 mesh, labels_BxP)
+  return (*grads, None, None)
+
+
+pallas_mlm_head.defvjp(_head_fwd, _head_bwd)

@@ -560,11 +560,18 @@ class ElectraPretrainer(nn.Module):
   def generate(self, ids_BxT, segment_ids_BxT, input_mask_BxT, positions_BxP,
                deterministic: bool = True):
     """Generator logits at the masked positions: [B, P, V] float32."""
+    return tied_logits(*self.generator_features(ids_BxT, segment_ids_BxT, input_mask_BxT,
+                                                positions_BxP, deterministic))
+
+  def generator_features(self, ids_BxT, segment_ids_BxT, input_mask_BxT, positions_BxP,
+                         deterministic: bool = True):
+    """(features [B, P, E] at the masked positions, W [V, E], b [V]) of the generator's tied
+    softmax layer (b is -1e9 on vocabulary padding): its logits are tied_logits of them."""
     x_BxTxE = self.embeddings(ids_BxT, segment_ids_BxT, deterministic)
     h_BxTxH = self.generator(x_BxTxE, input_mask_BxT, deterministic)
     features_BxPxE = self.generator_head(gather_positions(h_BxTxH, positions_BxP))
     bias_V = mask_vocab_padding(self.generator_output_bias, self.gen_cfg.vocab_size)
-    return tied_logits(features_BxPxE, self.embeddings.table(), bias_V)
+    return features_BxPxE, self.embeddings.table(), bias_V
 
   def discriminate(self, ids_BxT, segment_ids_BxT, input_mask_BxT, deterministic: bool = True):
     """Discriminator logits of "token is original" [B, T] float32."""

@@ -202,7 +202,11 @@ def _sample_replacements(rng, logits_BxPxV, batch, temperature, vocab_size=None,
   """
   if vocab_size is not None:
     logits_BxPxV = logits_BxPxV[..., :vocab_size]
-  sampled_BxP = SAMPLERS[sampler](rng, logits_BxPxV, temperature)
+  return _replace(batch, SAMPLERS[sampler](rng, logits_BxPxV, temperature))
+
+
+def _replace(batch, sampled_BxP: Array):
+  """`_sample_replacements`'s values for tokens already drawn at the masked positions."""
   weights = batch["masked_weights"]
   sampled_ids = scatter_at_positions(batch["input_ids"], batch["masked_positions"], sampled_BxP,
                                      weights)
@@ -223,6 +227,34 @@ def _outputs(batch, nll_BxP, correct_BxP, sampled_BxP=None, critic_logit=None,
   return outputs
 
 
+def mlm_head(features_BxPxE, table_VxE, bias_V, batch, config, mesh, sample_rng=None,
+             temperature: float = 1.0):
+  """The MLM head at the masked positions: ((nll, correct) [B, P], the logits [B, P, V] or
+  None, the sampled tokens [B, P] or None).
+
+  config.mlm_head_impl "xla": the logits in HBM (returned; the caller samples from them).
+  "pallas": fused_logsumexp.pallas_mlm_head, no logits; with `sample_rng` it also draws the
+  Gumbel-max sample (its own noise stream, keys drawn from sample_rng)."""
+  if config.mlm_head_impl == "xla":
+    logits_BxPxV = models.tied_logits(features_BxPxE, table_VxE, bias_V)
+    return mlm_terms(logits_BxPxV, batch["masked_ids"]), logits_BxPxV, None
+  keys_2 = (jnp.zeros((2,), jnp.int32) if sample_rng is None else jax.lax.bitcast_convert_type(
+      jax.random.bits(sample_rng, (2,), jnp.uint32), jnp.int32))
+  nll_BxP, argmax_BxP, sampled_BxP = fused_logsumexp.pallas_mlm_head(
+      features_BxPxE, table_VxE, bias_V, batch["masked_ids"], keys_2, temperature,
+      config.model.vocab_size, sample_rng is not None, mesh=mesh)
+  terms = (nll_BxP, argmax_BxP == batch["masked_ids"])
+  return terms, None, sampled_BxP if sample_rng is not None else None
+
+
+def _replacements(sample_rng, logits_BxPxV, sampled_BxP, batch, temperature, config):
+  """`_sample_replacements` from the xla head's logits, or of the pallas head's sample."""
+  if sampled_BxP is not None:
+    return _replace(batch, sampled_BxP)
+  return _sample_replacements(sample_rng, logits_BxPxV, batch, temperature,
+                              config.model.vocab_size, config.sampler)
+
+
 # ----------------------------------------------------------------------------- the objectives
 
 def script_objective(params, batch, rng, *, model: models.MaskedLM, config,
@@ -241,14 +273,13 @@ def script_objective(params, batch, rng, *, model: models.MaskedLM, config,
   features_BxPxE = apply(batch["input_ids"], batch["segment_ids"], batch["input_mask"],
                          batch["masked_positions"], deterministic=deterministic,
                          rngs={"dropout": dropout1})
-  logits_BxPxV = models.tied_logits(features_BxPxE, table_VxE, bias_V)
-  terms = mlm_terms(logits_BxPxV, batch["masked_ids"])
+  terms, logits_BxPxV, sampled_BxP = mlm_head(features_BxPxE, table_VxE, bias_V, batch, config,
+                                              mesh, sample_rng, config.script.temperature)
   loss_mlm, metrics = mlm_loss_of_terms(*terms, batch["masked_weights"])
 
   # The model proposes replacements from its own distribution.
-  sampled_ids, is_original, replaced, sampled_BxP = _sample_replacements(
-      sample_rng, logits_BxPxV, batch, config.script.temperature, config.model.vocab_size,
-      config.sampler)
+  sampled_ids, is_original, replaced, sampled_BxP = _replacements(
+      sample_rng, logits_BxPxV, sampled_BxP, batch, config.script.temperature, config)
 
   # Pass 2: the same model is the critic, p(t+) = sigmoid(logsumexp(s_t)) at every position
   # ("all"), or at the masked positions only ("masked": the head and the V-wide logsumexp run
@@ -280,17 +311,16 @@ def script_objective(params, batch, rng, *, model: models.MaskedLM, config,
 def electra_objective(params, batch, rng, *, model: models.ElectraPretrainer, config,
                       deterministic: bool = False, with_outputs: bool = False, mesh=None):
   """ELECTRA: L = L_gen + 50 * L_disc with a separate small generator (Clark et al., 2020)."""
-  del mesh
   dropout1, dropout2, sample_rng = jax.random.split(rng, 3)
   apply = functools.partial(model.apply, {"params": params})
-  logits_BxPxV = apply(batch["input_ids"], batch["segment_ids"], batch["input_mask"],
-                       batch["masked_positions"], deterministic=deterministic,
-                       rngs={"dropout": dropout1}, method=model.generate)
-  terms = mlm_terms(logits_BxPxV, batch["masked_ids"])
+  head = apply(batch["input_ids"], batch["segment_ids"], batch["input_mask"],
+               batch["masked_positions"], deterministic=deterministic,
+               rngs={"dropout": dropout1}, method=model.generator_features)
+  terms, logits_BxPxV, sampled_BxP = mlm_head(*head, batch, config, mesh, sample_rng,
+                                              config.electra.temperature)
   loss_gen, metrics = mlm_loss_of_terms(*terms, batch["masked_weights"])
-  sampled_ids, is_original, replaced, sampled_BxP = _sample_replacements(
-      sample_rng, logits_BxPxV, batch, config.electra.temperature, config.model.vocab_size,
-      config.sampler)
+  sampled_ids, is_original, replaced, sampled_BxP = _replacements(
+      sample_rng, logits_BxPxV, sampled_BxP, batch, config.electra.temperature, config)
   disc_logit_BxT = apply(sampled_ids, batch["segment_ids"], batch["input_mask"],
                          deterministic=deterministic, rngs={"dropout": dropout2},
                          method=model.discriminate)
@@ -307,14 +337,12 @@ def electra_objective(params, batch, rng, *, model: models.ElectraPretrainer, co
 def mlm_objective(params, batch, rng, *, model: models.MaskedLM, config,
                   deterministic: bool = False, with_outputs: bool = False, mesh=None):
   """BERT's masked language modelling."""
-  del config, mesh
   apply = functools.partial(model.apply, {"params": params})
   table_VxE, bias_V = apply(method=model.output_embedding)
   features_BxPxE = apply(batch["input_ids"], batch["segment_ids"], batch["input_mask"],
                          batch["masked_positions"], deterministic=deterministic,
                          rngs={"dropout": rng})
-  logits_BxPxV = models.tied_logits(features_BxPxE, table_VxE, bias_V)
-  terms = mlm_terms(logits_BxPxV, batch["masked_ids"])
+  terms, _, _ = mlm_head(features_BxPxE, table_VxE, bias_V, batch, config, mesh)
   loss, metrics = mlm_loss_of_terms(*terms, batch["masked_weights"])
   metrics["loss"] = loss
   if with_outputs:

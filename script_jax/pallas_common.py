@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def dot_in_float32(a, b, dims):
@@ -24,3 +25,15 @@ def run_in_interpret_mode(mesh) -> bool:
   """Whether the kernels run in Pallas's interpret mode: on any backend but TPU (tests)."""
   devices = mesh.devices.flat if mesh is not None else jax.devices()
   return next(iter(devices)).platform != "tpu"
+
+
+def mix32(x):
+  """A bijective 32-bit integer hash (Wellons' "lowbias32"), on int32 with logical shifts so
+  that it lowers on the TPU's vector unit as in plain XLA: the kernels' counter-based random
+  bits (attention dropout, Gumbel noise)."""
+  srl = jax.lax.shift_right_logical
+  x = x ^ srl(x, jnp.int32(16))
+  x = x * jnp.int32(0x7FEB352D)
+  x = x ^ srl(x, jnp.int32(15))
+  x = x * jnp.int32(np.int32(np.uint32(0x846CA68B).view(np.int32)))
+  return x ^ srl(x, jnp.int32(16))

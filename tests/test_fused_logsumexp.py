@@ -204,3 +204,145 @@ def test_the_script_train_step_with_the_kernels_compiles_for_a_v3_8():
   summed = [a for result in all_reduces for a in result if a.endswith((table, bias))]
   assert summed and all(a.startswith("f32[") for a in summed), all_reduces
   assert all_reduces == _all_reduces(_v3_8_train_step_hlo(devices))
+
+
+# ----------------------------------------------------------------------------- the MLM head
+
+def _lowbias32_numpy(x):
+  """Wellons' lowbias32 on uint32, written from its definition (not from the module)."""
+  x = np.asarray(x, np.uint32)
+  x ^= x >> np.uint32(16)
+  x = (x.astype(np.uint64) * 0x7FEB352D % 2 ** 32).astype(np.uint32)
+  x ^= x >> np.uint32(15)
+  x = (x.astype(np.uint64) * 0x846CA68B % 2 ** 32).astype(np.uint32)
+  return x ^ (x >> np.uint32(16))
+
+
+def _gumbel_numpy(key1, key2, rows, vocab):
+  """The head's noise [rows, vocab] in float64 from its definition: u from the top 24 bits of
+  hash(hash(hash(row ^ key1) ^ column) ^ key2), G = -log(-log(u))."""
+  k1, k2 = (np.uint32(np.int32(k).view(np.uint32)) for k in (key1, key2))
+  row = np.arange(rows, dtype=np.uint32)[:, None]
+  column = np.arange(vocab, dtype=np.uint32)[None, :]
+  bits = _lowbias32_numpy(_lowbias32_numpy(_lowbias32_numpy(row ^ k1) ^ column) ^ k2)
+  uniform = ((bits >> np.uint32(8)).astype(np.float64) + 0.5) / 2 ** 24
+  return -np.log(-np.log(uniform))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("sizes", SIZES[:2])
+def test_pallas_mlm_head_equals_the_plain_head(dtype, sizes):
+  """nll and its gradients against mlm_terms of tied_logits; argmax against first_argmax; the
+  sample against numpy's argmax of logits / tau + the noise written from its definition, over
+  the real vocabulary only (several row and vocabulary blocks, padded vocabulary)."""
+  b, p, e, v, vocab_size, block_rows, block_vocab = sizes
+  features, table, raw_bias, cot = _inputs(b, p, e, v, vocab_size, dtype, seed=4)
+  labels = jnp.asarray(np.random.default_rng(4).integers(0, vocab_size, (b, p)), jnp.int32)
+  keys = jnp.asarray([987654321, -13579], jnp.int32)
+  tau = 0.7
+
+  def head(f, w, bias):
+    return fused_logsumexp.pallas_mlm_head(f, w, bias, labels, keys, tau, vocab_size, True,
+                                           block_rows, block_vocab)
+  plain_nll = lambda f, w, bias: objectives.mlm_terms(models.tied_logits(f, w, bias), labels)[0]
+  want, want_grads = _value_and_grads(plain_nll, features, table, raw_bias, cot, vocab_size)
+  got, got_grads = _value_and_grads(lambda f, w, bias: head(f, w, bias)[0], features, table,
+                                    raw_bias, cot, vocab_size)
+  np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == jnp.float32 else 1e-3)
+  rtol = 2e-5 if dtype == jnp.float32 else 2e-2
+  for name, g, w in zip(("features", "table", "bias"), got_grads, want_grads):
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * np.abs(w).max(), err_msg=name)
+  bias = models.mask_vocab_padding(raw_bias, vocab_size)
+  _, argmax, sample = head(features, table, bias)
+  logits = np.asarray(models.tied_logits(features, table, bias), np.float64)
+  np.testing.assert_array_equal(argmax, objectives.first_argmax(jnp.asarray(logits)))
+  noisy = (logits / tau).reshape(b * p, v) + _gumbel_numpy(int(keys[0]), int(keys[1]), b * p, v)
+  want_sample = noisy[:, :vocab_size].argmax(-1).reshape(b, p)
+  # float32 against float64 noise: a near-tie may go either way; none here.
+  np.testing.assert_array_equal(sample, want_sample)
+  assert sample.dtype == jnp.int32 and (np.asarray(sample) < vocab_size).all()
+
+
+def test_the_heads_samples_follow_softmax_of_logits_over_tau():
+  """Over 20,000 rows with the same logits the sample's frequencies are softmax(s / tau)
+  (within 4 standard deviations each), never a padding column; other keys, other draws."""
+  v, vocab_size, tau, rows = 128, 6, 0.5, 20_000
+  rng = np.random.default_rng(6)
+  table = jnp.asarray(rng.normal(size=(v, 8)), jnp.float32)
+  features = jnp.asarray(np.tile(rng.normal(size=(1, 1, 8)), (rows, 1, 1)), jnp.float32)
+  bias = models.mask_vocab_padding(jnp.zeros((v,), jnp.float32), vocab_size)
+  labels = jnp.zeros((rows, 1), jnp.int32)
+  draw = lambda keys: np.asarray(fused_logsumexp.pallas_mlm_head(
+      features, table, bias, labels, jnp.asarray(keys, jnp.int32), tau, vocab_size, True,
+      2048, 128)[2]).reshape(-1)
+  sample = draw([1, 2])
+  logits = np.asarray(models.tied_logits(features[:1, 0], table, bias), np.float64)[0]
+  probs = np.exp((logits - logits.max()) / tau)
+  probs[vocab_size:] = 0
+  probs /= probs.sum()
+  freq = np.bincount(sample, minlength=v) / rows
+  assert (freq[vocab_size:] == 0).all()
+  assert (np.abs(freq - probs) <= 4 * np.sqrt(probs * (1 - probs) / rows) + 1e-12).all(), (
+      freq[:vocab_size], probs[:vocab_size])
+  assert (draw([1, 3]) != sample).mean() > 0.1
+
+
+def test_pallas_mlm_head_under_a_sharded_jit_draws_the_whole_batchs_samples():
+  """On 8 CPU devices each device's rows continue the global row index: the same nll, argmax,
+  samples and gradients as one device on the whole batch."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("replica", "data"))
+  rows = NamedSharding(mesh, P(("replica", "data")))
+  features, table, raw_bias, cot = _inputs(8, 3, 16, 256, 250, jnp.float32, seed=8)
+  labels = jnp.asarray(np.random.default_rng(8).integers(0, 250, (8, 3)), jnp.int32)
+  keys = jnp.asarray([5, 6], jnp.int32)
+
+  def run(m):
+    def loss(f, w, b):
+      nll, argmax, sample = fused_logsumexp.pallas_mlm_head(
+          f, w, models.mask_vocab_padding(b, 250), labels, keys, 1.0, 250, True, 8, 128, m)
+      return (nll * cot).sum(), (argmax, sample)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+  split = run(mesh)(jax.device_put(features, rows), table, raw_bias)
+  whole = run(None)(features, table, raw_bias)
+  for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(whole)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["script", "electra", "mlm"])
+def test_every_objective_with_the_pallas_head_keeps_the_mlm_loss(objective):
+  """mlm_head_impl=pallas: the MLM loss, its accuracy and (for MLM, which draws nothing) the
+  loss and gradients equal the xla head's; SCRIPT and ELECTRA train on other draws (finite)."""
+  small_vocab = {"model.vocab_size": 500, "objective": objective}
+  config = load_config("tiny", **small_vocab)
+  pallas = load_config("tiny", **small_vocab, mlm_head_impl="pallas")
+  batch = random_batch(config, 4, seed=3)
+  model = models.build_model(config)
+  params = model.init(jax.random.key(0), batch["input_ids"], batch["segment_ids"],
+                      batch["input_mask"], batch["masked_positions"])["params"]
+  rng = jax.random.key(5)
+  objective_fn = objectives.get_objective(objective)
+
+  def value_and_grad(c):
+    loss = lambda p: objective_fn(p, batch, rng, model=model, config=c)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  (want, want_metrics), want_grads = value_and_grad(config)
+  (got, got_metrics), got_grads = value_and_grad(pallas)
+  for key in ("mlm_loss", "mlm_accuracy"):
+    np.testing.assert_allclose(got_metrics[key], want_metrics[key], rtol=1e-5, err_msg=key)
+  assert np.isfinite(got)
+  if objective == "mlm":
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-6)
+  else:
+    assert got_metrics["disc_loss"] != want_metrics["disc_loss"]  # other samples
+
+
+def test_the_pallas_head_draws_by_gumbel_max_only():
+  from script_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = load_config("tiny", mlm_head_impl="pallas", sampler="inverse_cdf")
+  with pytest.raises(config_lib.ConfigError, match="sampler=gumbel"):
+    config_lib.validate_config(config)
