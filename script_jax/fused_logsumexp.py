@@ -137,7 +137,8 @@ def _bwd_kernel(*refs, block_rows, with_labels):
     (features_ref, table_ref, bias_ref, lse_ref, g_ref, labels_ref, d_features_ref, d_table_ref,
      d_bias_ref) = refs
   else:
-    features_ref, table_ref, bias_ref, lse_ref, g_ref, d_features_ref, d_table_ref, d_bias_ref = refs
+    (features_ref, table_ref, bias_ref, lse_ref, g_ref, d_features_ref, d_table_ref,
+     d_bias_ref) = refs
   j, i = pl.program_id(0), pl.program_id(1)
 
   @pl.when((j == 0) & (i == 0))
@@ -218,9 +219,17 @@ def _vocab_block(v: int, block_vocab: int) -> int:
   return min(block_vocab, _round_up(v, 128))
 
 
-def _rows_block(n: int, block_rows: int) -> int:
-  """The row block: block_rows, or all rows (a multiple of 8) when there are fewer."""
-  return min(block_rows, _round_up(n, 8))
+# A row block's features (widened to float32 in VMEM for the matmul, dot_in_float32) at most this
+# many elements: 2048 rows at small's E = 128, 336 at base's 768, where 2048 rows took 17.4 MiB
+# of a v3's 16 MiB of VMEM and 680 rows 16.5 (compiled ahead of time).
+_ROW_BLOCK_ELEMENTS = 2 ** 18
+
+
+def _rows_block(n: int, block_rows: int, e: int) -> int:
+  """The row block: block_rows, fewer where E is wide (VMEM), all rows (a multiple of 8) when
+  there are fewer."""
+  widest = max(8, _ROW_BLOCK_ELEMENTS // e // 8 * 8)
+  return min(block_rows, widest, _round_up(n, 8))
 
 
 def _operands(features_xE, table_VxE, bias_V, block_rows, block_vocab):
@@ -242,7 +251,7 @@ def _operands(features_xE, table_VxE, bias_V, block_rows, block_vocab):
 def _local_lse(features_BxTxE, table_VxE, bias_V, block_rows, block_vocab, interpret):
   """The forward kernel over one device's rows: lse [B, T] float32."""
   n, v = math.prod(features_BxTxE.shape[:-1]), table_VxE.shape[0]
-  bn, bv = _rows_block(n, block_rows), _vocab_block(v, block_vocab)
+  bn, bv = _rows_block(n, block_rows, features_BxTxE.shape[-1]), _vocab_block(v, block_vocab)
   features, table, bias = _operands(features_BxTxE, table_VxE, bias_V, bn, bv)
   (rows, e), vocab = features.shape, table.shape[0]
   lse = pl.pallas_call(
@@ -293,7 +302,7 @@ def _local_grads(features_BxTxE, table_VxE, bias_V, lse_BxT, g_BxT, block_rows, 
   """The backward kernel over one device's rows: d_features in the features' dtype, and this
   device's d_table and d_bias in float32 (summed over devices before they are cast)."""
   n, v = math.prod(features_BxTxE.shape[:-1]), table_VxE.shape[0]
-  bn, bv = _rows_block(n, block_rows), _vocab_block(v, block_vocab)
+  bn, bv = _rows_block(n, block_rows, features_BxTxE.shape[-1]), _vocab_block(v, block_vocab)
   features, table, bias = _operands(features_BxTxE, table_VxE, bias_V, bn, bv)
   rows, e = features.shape
   column = lambda x: jnp.pad(x.reshape(-1).astype(jnp.float32), (0, rows - n))[:, None]
@@ -350,7 +359,8 @@ def _grads(features_BxTxE, table_VxE, bias_V, lse_BxT, g_BxT, block_rows, block_
   if mesh is None:
     return local(features_BxTxE, table_VxE, bias_V, lse_BxT, g_BxT, *labels)
   rows = P(axes)
-  return jax.shard_map(local, mesh=mesh, in_specs=(rows, P(), P(), rows, rows, *[rows] * len(labels)),
+  return jax.shard_map(local, mesh=mesh,
+                       in_specs=(rows, P(), P(), rows, rows, *[rows] * len(labels)),
                        out_specs=(rows, P(), P()), check_vma=False)(
                            features_BxTxE, table_VxE, bias_V, lse_BxT, g_BxT, *labels)
 
@@ -475,7 +485,7 @@ def _local_head(keys_3, features_BxPxE, table_VxE, bias_V, labels_BxP, temperatu
   """The head's forward kernel over one device's rows: (lse, label logit) float32 and (argmax,
   sample) int32, each [B, P]."""
   n, v = math.prod(features_BxPxE.shape[:-1]), table_VxE.shape[0]
-  bn, bv = _rows_block(n, block_rows), _vocab_block(v, block_vocab)
+  bn, bv = _rows_block(n, block_rows, features_BxPxE.shape[-1]), _vocab_block(v, block_vocab)
   features, table, bias = _operands(features_BxPxE, table_VxE, bias_V, bn, bv)
   (rows, e), vocab = features.shape, table.shape[0]
   labels = jnp.pad(labels_BxP.reshape(-1).astype(jnp.int32), (0, rows - n),

@@ -232,3 +232,58 @@ def test_fused_attention_compiles_for_a_v3_8_with_only_the_planned_collectives(v
   assert reports["pallas", "train"]["kernels"] == 2 * 2 * layers  # 2 passes, forward + backward
   assert reports["pallas", "eval"]["kernels"] >= layers
   assert reports["pallas", "train"]["bytes_accessed"] < reports["xla", "train"]["bytes_accessed"]
+
+
+@pytest.mark.slow
+def test_the_fused_mlm_head_compiles_for_a_v3_8_with_only_the_planned_collectives(v3_devices,
+                                                                                  tmp_path):
+  """mlm_head_impl=pallas, SCRIPT and ELECTRA in bfloat16 on a v3-8: Mosaic compiles the head's
+  forward (loss, argmax, sample) and backward kernels, the collectives stay float32 all-reduces,
+  and no [B, P, V] logits are left in the program (tiny's V = 512: any [b, P, 512] array)."""
+  p = load_config("tiny").mask.max_predictions_per_seq
+  logits = re.compile(rf"\b(?:f32|bf16)\[\d+,{p},512\]")
+  for objective, impl in (("script", "xla"), ("script", "pallas"), ("electra", "pallas")):
+    hlo = tmp_path / f"{objective}_{impl}.txt"
+    report = tpu_programs.compile_step(_tiny(objective, mlm_head_impl=impl), V3_8, "train",
+                                       v3_devices, hlo_path=str(hlo))
+    _assert_planned(report)
+    text = hlo.read_text()
+    assert bool(logits.search(text)) == (impl == "xla"), (objective, impl)
+    assert text.count('custom_call_target="tpu_custom_call"') == (2 if impl == "pallas" else 0)
+
+
+@pytest.mark.slow
+def test_the_kernels_fit_a_v3s_vmem_at_base_widths(v3_devices):
+  """configs/base.py's per-device shapes in bfloat16 (32 sequences of 512, H = 768 in 12 heads,
+  V = 30592): the attention kernels (query blocks, a loop over head groups), the critic's and
+  the MLM head's kernels compile for a v3 (16 MiB of VMEM), gradients included."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh, NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from script_jax import fused_attention, fused_logsumexp  # pylint: disable=g-import-not-at-top
+  mesh = Mesh(np.array(v3_devices).reshape(1, 8, 1), ("replica", "data", "model"))
+  rows = P(("replica", "data"))
+  b, t, p, h, v = 32 * 8, 512, 77, 768, 30592
+
+  def spec(shape, dtype, where=rows):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, where))
+
+  def attention(qkv, bias, keys):
+    return fused_attention.pallas_attention(qkv, bias, keys, 12, 0.1, (mesh, rows)).astype(
+        jnp.float32).sum()
+
+  def critic_and_head(features, head_features, table, bias, labels, keys):
+    lse = fused_logsumexp.pallas_logsumexp(features, table, bias, mesh=mesh).sum()
+    nll = fused_logsumexp.pallas_mlm_head(head_features, table, bias, labels, keys, 1.0, 30522,
+                                          True, mesh=mesh)[0].sum()
+    return lse + nll
+
+  keys = spec((2,), jnp.int32, P())
+  jax.jit(jax.grad(attention)).trace(spec((b, t, 3 * h), jnp.bfloat16),
+                                     spec((b, t), jnp.float32), keys).lower().compile()
+  jax.jit(jax.grad(critic_and_head, argnums=(0, 1, 2, 3))).trace(
+      spec((b, t, h), jnp.bfloat16), spec((b, p, h), jnp.bfloat16),
+      spec((v, h), jnp.float32, P()), spec((v,), jnp.float32, P()), spec((b, p), jnp.int32),
+      keys).lower().compile()
