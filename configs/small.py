@@ -38,11 +38,13 @@ def get_config(arg=None):
   c.electra.generator_intermediate_size = 256
   c.data.tokenizer = "wordpiece"
   c.data.vocab_file = config_lib.BERT_UNCASED_VOCAB  # ELECTRA's BERT-uncased vocab, 30522 entries
-  # On a TPU, --config.script.logsumexp_impl=pallas (the critic's logsumexp by fused kernels)
-  # and --config.model.attention_impl=pallas (each layer's attention in one kernel) are the
-  # fastest settings of all three objectives by the TPU compiler's estimate (docs/benchmarks.md
-  # sections 7.4 and 7.9; fewer bytes per step). They are not the defaults: the kernels have
-  # been compiled for TPUs but not yet run on one, off a TPU they run in Pallas's interpret
-  # mode, far slower than the plain formulas, and the attention kernel draws its own dropout
-  # masks (the loss and gradients equal the plain formula's without dropout, tested).
+  # On a TPU, --config.script.logsumexp_impl=pallas (the critic's logsumexp by fused kernels),
+  # --config.model.attention_impl=pallas (each layer's attention in one kernel) and
+  # --config.mlm_head_impl=pallas (the MLM head's loss, accuracy and sample by fused kernels)
+  # are the fastest settings of all three objectives by the TPU compiler's estimate
+  # (docs/benchmarks.md sections 7.4, 7.9 and 7.10; fewer bytes per step). They are not the
+  # defaults: the kernels have been compiled for TPUs but not yet run on one, off a TPU they run
+  # in Pallas's interpret mode, far slower than the plain formulas, and the attention kernel
+  # and the head draw their own dropout masks and Gumbel noise (the losses and gradients equal
+  # the plain formulas' without dropout and sampling, tested).
   return c
