@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 
@@ -144,3 +146,13 @@ def shared_workdir(tmp_path_factory, objective="script"):
   fine-tuning and export tests (building it runs the trainer once)."""
   return build_once(tmp_path_factory, f"workdir_{objective}",
                     lambda folder: make_workdir(folder, objective))
+
+
+def lowbias32_numpy(x):
+  """Wellons' lowbias32 on uint32, written from its definition (not from the kernels' mix32)."""
+  x = np.asarray(x, np.uint32)
+  x ^= x >> np.uint32(16)
+  x = (x.astype(np.uint64) * 0x7FEB352D % 2 ** 32).astype(np.uint32)
+  x ^= x >> np.uint32(15)
+  x = (x.astype(np.uint64) * 0x846CA68B % 2 ** 32).astype(np.uint32)
+  return x ^ (x >> np.uint32(16))

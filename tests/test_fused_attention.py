@@ -8,26 +8,16 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from helpers import load_config, random_batch
+from helpers import load_config, lowbias32_numpy, random_batch
 from script_jax import fused_attention
 from script_jax import models
-
-
-def _lowbias32_numpy(x):
-  """Wellons' lowbias32 on uint32, written from its definition (not from the module)."""
-  x = np.asarray(x, np.uint32)
-  x ^= x >> np.uint32(16)
-  x = (x.astype(np.uint64) * 0x7FEB352D % 2 ** 32).astype(np.uint32)
-  x ^= x >> np.uint32(15)
-  x = (x.astype(np.uint64) * 0x846CA68B % 2 ** 32).astype(np.uint32)
-  return x ^ (x >> np.uint32(16))
 
 
 def _keep_numpy(key1, key2, b, n, t, rate):
   """The keep mask [B, N, T, T] from the flat index of every score, in numpy uint32."""
   index = np.arange(b * n * t * t, dtype=np.uint64).astype(np.uint32).reshape(b, n, t, t)
   k1, k2 = np.uint32(np.int32(key1).view(np.uint32)), np.uint32(np.int32(key2).view(np.uint32))
-  bits = _lowbias32_numpy(_lowbias32_numpy(index ^ k1) ^ k2) >> np.uint32(8)
+  bits = lowbias32_numpy(lowbias32_numpy(index ^ k1) ^ k2) >> np.uint32(8)
   return bits >= np.uint32(round(rate * 2 ** 24))
 
 

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from helpers import load_config, random_batch
+from helpers import load_config, lowbias32_numpy, random_batch
 from script_jax import fused_logsumexp
 from script_jax import models
 from script_jax import objectives
@@ -208,23 +208,13 @@ def test_the_script_train_step_with_the_kernels_compiles_for_a_v3_8():
 
 # ----------------------------------------------------------------------------- the MLM head
 
-def _lowbias32_numpy(x):
-  """Wellons' lowbias32 on uint32, written from its definition (not from the module)."""
-  x = np.asarray(x, np.uint32)
-  x ^= x >> np.uint32(16)
-  x = (x.astype(np.uint64) * 0x7FEB352D % 2 ** 32).astype(np.uint32)
-  x ^= x >> np.uint32(15)
-  x = (x.astype(np.uint64) * 0x846CA68B % 2 ** 32).astype(np.uint32)
-  return x ^ (x >> np.uint32(16))
-
-
 def _gumbel_numpy(key1, key2, rows, vocab):
   """The head's noise [rows, vocab] in float64 from its definition: u from the top 24 bits of
   hash(hash(hash(row ^ key1) ^ column) ^ key2), G = -log(-log(u))."""
   k1, k2 = (np.uint32(np.int32(k).view(np.uint32)) for k in (key1, key2))
   row = np.arange(rows, dtype=np.uint32)[:, None]
   column = np.arange(vocab, dtype=np.uint32)[None, :]
-  bits = _lowbias32_numpy(_lowbias32_numpy(_lowbias32_numpy(row ^ k1) ^ column) ^ k2)
+  bits = lowbias32_numpy(lowbias32_numpy(lowbias32_numpy(row ^ k1) ^ column) ^ k2)
   uniform = ((bits >> np.uint32(8)).astype(np.float64) + 0.5) / 2 ** 24
   return -np.log(-np.log(uniform))
 
