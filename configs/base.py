@@ -10,9 +10,13 @@ give the length; 512 is what "identical settings as ELECTRA" means. Override
 
 The slice: as configured (float32, layers unrolled) SCRIPT-base needs 16.27 GB of temporaries per
 device, more than a v3-8 core's 15.48 (the TPU compiler's figure; ELECTRA-base fits in 11.55 GiB).
-On a v3-8 add --config.model.dtype=bfloat16 --config.model.scan_layers=True
---config.model.remat=True --config.script.logsumexp_chunk=2048: 4.62 GiB per device. Check a
-slice before paying for it (docs/benchmarks.md section 7.2):
+On a v3-8 add --config.model.dtype=bfloat16 --config.script.logsumexp_impl=pallas
+--config.model.attention_impl=pallas --config.mlm_head_impl=pallas (the fused kernels; their
+dropout masks and Gumbel noise are their own streams): 11.11 GiB per device, the compiler's
+estimate 2.4 steps/s (docs/benchmarks.md section 7.10); or, without kernels,
+--config.model.dtype=bfloat16 --config.model.scan_layers=True --config.model.remat=True
+--config.script.logsumexp_chunk=2048: 4.62 GiB (section 7.2). Check a slice before paying for
+it:
 
   python -m script_jax.bench.tpu_compile --config=configs/base.py --topology=v3-8
 """
