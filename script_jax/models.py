@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -249,6 +250,29 @@ def _softmax_kept_in_bwd(dtype, residuals, g):
 _softmax_kept_in.defvjp(_softmax_kept_in_fwd, _softmax_kept_in_bwd)
 
 
+@jax.custom_vjp
+def gelu_keeping_input(x: Array) -> Array:
+  """The exact GELU, x * Phi(x) (jax.nn.gelu, approximate=False), whose gradient keeps only its
+  input: autodiff of jax.nn.gelu keeps both x and erf's value, so the TPU program wrote two
+  [B, T, 4H] arrays per layer and pass and read both back (docs/benchmarks.md 7.11). The backward
+  pass recomputes Phi(x) + x phi(x) from x, in float32."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_keeping_input_fwd(x):
+  return gelu_keeping_input(x), x
+
+
+def _gelu_keeping_input_bwd(x, g):
+  x32 = x.astype(jnp.float32)
+  cdf = 0.5 * (1.0 + jax.lax.erf(x32 * (1.0 / math.sqrt(2.0))))
+  pdf = jnp.exp(-0.5 * x32 * x32) * (1.0 / math.sqrt(2.0 * math.pi))
+  return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
+
+
+gelu_keeping_input.defvjp(_gelu_keeping_input_fwd, _gelu_keeping_input_bwd)
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention with a float32 softmax (its probabilities kept in the compute
   dtype: `softmax_kept_in`), or with attention_impl="pallas" one fused kernel per pass."""
@@ -337,7 +361,7 @@ class TransformerLayer(nn.Module):
     h_BxTxF = nn.Dense(c.intermediate_size, kernel_init=c.kernel_init, dtype=c.compute_dtype,
                        **FLOAT32_DENSE, name="intermediate")(x_BxTxH)
     h_BxTxF = h_BxTxF.astype(c.compute_dtype)
-    h_BxTxF = nn.gelu(h_BxTxF, approximate=False)
+    h_BxTxF = gelu_keeping_input(h_BxTxF)
     h_BxTxH = nn.Dense(c.hidden_size, kernel_init=c.kernel_init, dtype=c.compute_dtype,
                        **FLOAT32_DENSE, name="ffn_output")(h_BxTxF)
     h_BxTxH = h_BxTxH.astype(c.compute_dtype)
@@ -439,7 +463,7 @@ class MLMHeadTransform(nn.Module):
                  kernel_init=nn.initializers.truncated_normal(stddev=self.initializer_range),
                  dtype=self.dtype, **FLOAT32_DENSE, name="dense")(h_BxNxH)
     x = x.astype(self.dtype)
-    x = nn.gelu(x, approximate=False)
+    x = gelu_keeping_input(x)
     return nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="layer_norm")(x)
 
 
@@ -584,7 +608,7 @@ class ElectraPretrainer(nn.Module):
     return self.discriminator(x_BxTxE, input_mask_BxT, deterministic)
 
   def discriminator_logits(self, h_BxTxH):
-    h = nn.gelu(self.disc_dense(h_BxTxH).astype(self.disc_cfg.compute_dtype), approximate=False)
+    h = gelu_keeping_input(self.disc_dense(h_BxTxH).astype(self.disc_cfg.compute_dtype))
     return self.disc_output(h.astype(jnp.float32))[..., 0]
 
 

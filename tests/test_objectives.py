@@ -1,6 +1,7 @@
 """The SCRIPT critic, the losses and the sampling against independent float64 NumPy references."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -426,3 +427,35 @@ def test_softmax_kept_in_a_dtype_matches_a_float64_reference(dtype, rtol):
   assert grad.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(grad, np.float64), g64, rtol=rtol,
                              atol=rtol * np.abs(g64).max())
+
+
+@pytest.mark.parametrize("dtype,rtol", [("float32", 1e-5), ("bfloat16", 1e-2)])
+def test_gelu_keeping_input_matches_a_float64_reference(dtype, rtol):
+  """models.gelu_keeping_input on fresh random inputs (large and tiny ones included): its value
+  x Phi(x) and the gradient of a weighted sum, x Phi(x)' = Phi(x) + x phi(x), against float64
+  formulas; its values equal jax.nn.gelu's, and the gradient keeps only the input (one
+  residual, x itself)."""
+  rng = np.random.default_rng(int(np.random.default_rng().integers(1 << 30)))
+  x = rng.normal(scale=3.0, size=(4, 5, 33)).astype(np.float32)
+  x[0, 0, :4] = [-12.0, 12.0, 1e-6, 0.0]
+  weights = rng.normal(size=x.shape).astype(np.float32)
+  xd = jnp.asarray(x).astype(dtype)
+  x64 = np.asarray(xd, np.float64)
+  cdf = 0.5 * (1.0 + np.vectorize(math.erf)(x64 / math.sqrt(2.0)))
+  pdf = np.exp(-0.5 * x64 ** 2) / math.sqrt(2.0 * math.pi)
+  value = models.gelu_keeping_input(xd)
+  assert value.dtype == jnp.dtype(dtype)
+  np.testing.assert_array_equal(np.asarray(value, np.float32),
+                                np.asarray(jax.nn.gelu(xd, approximate=False), np.float32))
+  np.testing.assert_allclose(np.asarray(value, np.float64), x64 * cdf, rtol=rtol,
+                             atol=rtol * 1e-2 * np.abs(x64).max())
+  loss = lambda v: jnp.sum(models.gelu_keeping_input(v).astype(jnp.float32) * weights)
+  grad = jax.grad(loss)(xd)
+  assert grad.dtype == jnp.dtype(dtype)
+  expected = weights * (cdf + x64 * pdf)
+  np.testing.assert_allclose(np.asarray(grad, np.float64), expected, rtol=rtol,
+                             atol=rtol * np.abs(expected).max())
+  _, residuals = jax.vjp(models.gelu_keeping_input, xd)
+  kept = [leaf for leaf in jax.tree_util.tree_leaves(residuals) if hasattr(leaf, "shape")
+          and leaf.shape == x.shape]
+  assert len(kept) == 1, "the backward pass keeps more than the input"
