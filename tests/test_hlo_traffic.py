@@ -69,4 +69,46 @@ def test_asynchronous_copies_and_slices_count_what_they_move_once():
   halves add nothing."""
   rows = hlo_traffic.op_traffic(ASYNC)
   assert [(r["op"], r["bytes"]) for r in rows] == [("copy-start", 2 * 256 * 8 * 4),
-                                                   ("slice-start", 2 * (64 * 8 * 4 + 4))]
+                                                   ("slice-start", 2 * 64 * 8 * 4)]
+
+
+# From a v5e program (v5e:2x4, libtpu 0.0.42): a float32 weight prefetched in slices into the
+# core's on-chip memory S(1), joined in place by ConcatBitcast and read there by a product; an
+# activation copied in the other direction, out of S(1) into HBM.
+ON_CHIP = """HloModule jit_step
+
+ENTRY %main (param.3: f32[256,1024], param.1: bf16[2048,256]) -> f32[2048,1024] {
+  %param.3 = f32[256,1024]{1,0:T(8,128)} parameter(0)
+  %param.1 = bf16[2048,256]{1,0:T(8,128)(2,1)S(1)} parameter(1)
+  %slice-start = ((f32[256,1024]{1,0:T(8,128)}), f32[64,1024]{1,0:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%param.3), slice={[0:64], [0:1024]}
+  %slice-start.1 = ((f32[256,1024]{1,0:T(8,128)}), f32[64,1024]{1,0:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%param.3), slice={[64:128], [0:1024]}
+  %slice-start.2 = ((f32[256,1024]{1,0:T(8,128)}), f32[64,1024]{1,0:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%param.3), slice={[128:192], [0:1024]}
+  %slice-start.3 = ((f32[256,1024]{1,0:T(8,128)}), f32[64,1024]{1,0:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%param.3), slice={[192:256], [0:1024]}
+  %slice-done = f32[64,1024]{1,0:T(8,128)S(1)} slice-done(%slice-start)
+  %slice-done.1 = f32[64,1024]{1,0:T(8,128)S(1)} slice-done(%slice-start.1)
+  %slice-done.2 = f32[64,1024]{1,0:T(8,128)S(1)} slice-done(%slice-start.2)
+  %slice-done.3 = f32[64,1024]{1,0:T(8,128)S(1)} slice-done(%slice-start.3)
+  %custom-call = f32[256,1024]{1,0:T(8,128)S(1)} custom-call(%slice-done, %slice-done.1, %slice-done.2, %slice-done.3), custom_call_target="ConcatBitcast", backend_config={"flag_configs":[]}
+  %fusion.2 = f32[2048,1024]{1,0:T(8,128)S(1)} fusion(%param.1, %custom-call), kind=kOutput, calls=%fused_computation
+  %copy-start = (f32[2048,1024]{1,0:T(8,128)}, f32[2048,1024]{1,0:T(8,128)S(1)}, u32[]{:S(2)}) copy-start(%fusion.2)
+  ROOT %copy-done = f32[2048,1024]{1,0:T(8,128)} copy-done(%copy-start)
+}
+"""
+
+
+def test_bytes_outside_hbm_are_told_apart():
+  """Arrays whose layout names memory space S(1) are on chip: the slices read 256 KiB each
+  from HBM and write it on chip; ConcatBitcast moves nothing; the product reads and writes only
+  on-chip arrays; the copy out reads on chip and writes HBM. On a v3 program (no S(1)) nothing
+  but scalars is off HBM."""
+  rows = hlo_traffic.op_traffic(ON_CHIP)
+  piece, weight, act, out = 64 * 1024 * 4, 256 * 1024 * 4, 2048 * 256 * 2, 2048 * 1024 * 4
+  assert [r["op"] for r in rows] == ["slice-start"] * 4 + ["fusion", "copy-start"]
+  for r in rows[:4]:
+    assert (r["bytes"], r["off_hbm_bytes"]) == (2 * piece, piece)
+  assert (rows[4]["bytes"], rows[4]["off_hbm_bytes"]) == (act + weight + out,) * 2
+  assert (rows[5]["bytes"], rows[5]["off_hbm_bytes"]) == (2 * out, out)
+  total = hlo_traffic.summary(ON_CHIP)
+  assert total["off_hbm_bytes"] == 4 * piece + act + weight + out + out
+  assert total["total_bytes"] - total["off_hbm_bytes"] == weight + out  # read once, written once
+  assert hlo_traffic.summary(PROGRAM)["off_hbm_bytes"] == 0

@@ -148,6 +148,12 @@ def test_command_writes_the_report_and_a_config_that_does_not_fit_is_a_result(tm
     assert key in result
   _assert_planned(result)
   assert result["estimated_steps_per_sec"] > 0
+  # A v3 program keeps only scalars outside HBM, so the HBM roofline counts nearly every byte.
+  traffic = result["traffic"]
+  assert 0 <= traffic["off_hbm_bytes"] < 0.02 * traffic["total_bytes"]
+  assert result["hbm_traffic_bytes"] == traffic["total_bytes"] - traffic["off_hbm_bytes"]
+  assert result["roofline_hbm_steps_per_sec"] > 0
+  assert "GB to and from HBM" in done.stdout
 
   done = subprocess.run(base + ["--topology=v5litepod-1", "--config.batch_size=65536",
                                 "--config.seq_len=128", f"--output={output}"],

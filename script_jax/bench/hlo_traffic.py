@@ -18,8 +18,15 @@ from typing import Any
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
           "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-# dtype[dims] and, where the TPU program gives one, its layout {minor_to_major:T(tile)...}.
-_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\](?:\{([\d,]*)(?::T\(([\d,]+)\))?)?")
+# dtype[dims] and, where the TPU program gives one, its layout {minor_to_major:T(tile)...S(m)}.
+_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\](?:\{([\d,]*)(?::([^}]*))?\})?")
+_TILE = re.compile(r"T\(([\d,]+)\)")
+# An array whose layout names a memory space S(m), m > 0, is not in HBM: S(1) is the core's
+# on-chip vector memory, where v5e's and v6e's compilers keep weights and activations between
+# ops (docs/benchmarks.md 7.11); v3's programs use other spaces only for scalars.
+_MEMORY_SPACE = re.compile(r"S\((\d+)\)")
+# Custom calls that move nothing: ConcatBitcast joins adjacent slices in place.
+_FREE_CALLS = ("ConcatBitcast",)
 # "%name = TYPE op(operands), attributes" (TYPE may be a tuple; TPU layouts hold parentheses).
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*?)\)(, .*)?$")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -42,14 +49,25 @@ def _padded(dims: list[int], minor_to_major: str, tile: str) -> int:
   return math.prod(physical)
 
 
+def _sizes(type_text: str) -> tuple[int, int]:
+  """(bytes, of which outside HBM) of every array named in an HLO type ("f32[2,3]{1,0}", or a
+  tuple of them), each padded to its tile where the layout names one."""
+  total = off_hbm = 0
+  for dtype, dims, minor_to_major, rest in _ARRAY.findall(type_text):
+    shape = [int(d) for d in dims.split(",") if d]
+    tile = _TILE.search(rest)
+    n = _BYTES[dtype] * _padded(shape, minor_to_major, tile.group(1) if tile else "")
+    total += n
+    space = _MEMORY_SPACE.search(rest)
+    if space and int(space.group(1)) > 0:
+      off_hbm += n
+  return total, off_hbm
+
+
 def array_bytes(type_text: str) -> int:
   """The bytes of every array named in an HLO type ("f32[2,3]{1,0}", or a tuple of them),
   padded to its tile where the layout names one."""
-  total = 0
-  for dtype, dims, minor_to_major, tile in _ARRAY.findall(type_text):
-    shape = [int(d) for d in dims.split(",") if d]
-    total += _BYTES[dtype] * _padded(shape, minor_to_major, tile)
-  return total
+  return _sizes(type_text)[0]
 
 
 def _entry(hlo: str) -> list[str]:
@@ -86,29 +104,40 @@ def scope(op_name: str, depth: int = 4) -> str:
 
 def op_traffic(hlo: str) -> list[dict[str, Any]]:
   """Each top-level op of the program that moves data: {"name", "op", "result", "bytes",
-  "op_name"}, in program order."""
-  sizes: dict[str, int] = {}
+  "off_hbm_bytes" (the part read from or written to memory outside HBM), "op_name"}, in
+  program order."""
+  sizes: dict[str, tuple[int, int]] = {}
   rows = []
   for line in _entry(hlo):
     m = _INSTRUCTION.match(line)
     if not m:
       continue
     name, result, op, operands, attributes = m.groups()
-    sizes[name] = array_bytes(result)
-    if op in _FREE:
+    sizes[name] = _sizes(result)
+    if op in _FREE or (op == "custom-call" and any(
+        f'custom_call_target="{c}"' in (attributes or "") for c in _FREE_CALLS)):
       continue
     if op.endswith("-done"):  # an asynchronous op's traffic is counted at its -start
       continue
-    read = sum(sizes.get(o, 0) for o in re.findall(r"%([\w.\-]+)", operands))
+    operand_sizes = [sizes.get(o, (0, 0)) for o in re.findall(r"%([\w.\-]+)", operands)]
+    read, read_off = sum(n for n, _ in operand_sizes), sum(o for _, o in operand_sizes)
+    written, written_off = sizes[name]
     if op == "slice-start":  # ((operand), slice, context): the slice read and written
-      moved = 2 * max(sizes[name] - read, 0)
-    elif op == "copy-start":  # (operand, copy, context): read once, written once
+      piece = _ARRAY.search(result[result.index(")") + 1:])
+      piece, piece_off = _sizes(piece.group(0)) if piece else (0, 0)
+      moved = 2 * piece
+      # Written where the result's layout says; read from where the operand is.
+      off = piece_off + (piece if read and read_off == read else 0)
+    elif op == "copy-start":  # (copy, operand, context): read once, written once
       moved = 2 * read
+      first = _ARRAY.search(result)
+      off = read_off + (_sizes(first.group(0))[1] if first else 0)
     else:
-      moved = read + sizes[name]
+      moved, off = read + written, read_off + written_off
     op_name = _OP_NAME.search(attributes or "")
     rows.append({"name": name, "op": op, "result": re.sub(r"\{[^}]*\}", "", result),
-                 "bytes": moved, "op_name": op_name.group(1) if op_name else ""})
+                 "bytes": moved, "off_hbm_bytes": min(off, moved),
+                 "op_name": op_name.group(1) if op_name else ""})
   return rows
 
 
@@ -123,11 +152,12 @@ def by_scope(rows: list[dict[str, Any]], depth: int = 4) -> list[dict[str, Any]]
 
 
 def summary(hlo: str, depth: int = 4, top: int = 12) -> dict[str, Any]:
-  """{"total_bytes", "by_scope": the `top` largest scopes, "largest_ops": the `top` largest
-  ops} of a compiled program's text."""
+  """{"total_bytes", "off_hbm_bytes" (the part outside HBM: on-chip memory), "by_scope": the
+  `top` largest scopes, "largest_ops": the `top` largest ops} of a compiled program's text."""
   rows = op_traffic(hlo)
   largest = sorted(rows, key=lambda r: -r["bytes"])[:top]
   return {"total_bytes": sum(r["bytes"] for r in rows),
+          "off_hbm_bytes": sum(r["off_hbm_bytes"] for r in rows),
           "by_scope": by_scope(rows, depth)[:top],
           "largest_ops": [{k: r[k] for k in ("op", "result", "bytes", "op_name")}
                           for r in largest]}

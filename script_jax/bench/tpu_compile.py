@@ -13,8 +13,9 @@ libtpu topology (v3:2x2, v5e:16x16). For each objective the step the trainer jit
 the evaluation's (eval) or the fine-tuning trainer's (glue, squad) is traced on abstract arrays
 and compiled by libtpu; the command prints and writes (--output, JSON) its per-device memory
 against the chip's HBM, FLOPs and bytes accessed, the compiler's estimate of the step's time with
-every loop counted by its trip count, the roofline max(FLOPs / peak, bytes / bandwidth), the
-collectives, and the compile time. A config that does not fit is a result (fits: false, with the
+every loop counted by its trip count, the roofline max(FLOPs / peak, bytes / bandwidth) (and
+the same with only the bytes to and from HBM: v5e's and v6e's programs keep arrays in on-chip
+memory, which the cost analysis counts as bytes accessed), the collectives, and the compile time. A config that does not fit is a result (fits: false, with the
 compiler's message). These are the compiler's estimates, not measurements: no host, no input
 pipeline, nothing libtpu's performance model does not price. A compile of small takes 1-4
 minutes on two CPU cores.
@@ -123,6 +124,12 @@ def format_report(report: dict[str, Any], traffic: bool = False) -> str:
     lines.append(f"{name}: model FLOPs {r['model_flops_per_device'] / 1e9:.1f} G per device; "
                  f"cost from {r['cost_source']}"
                  + (f"; {r['estimate_note']}" if r.get("estimate_note") else "") + ".")
+    if r.get("roofline_hbm_steps_per_sec"):
+      t = r["traffic"]
+      lines.append(f"  bytes by hlo_traffic {t['total_bytes'] / 1e9:.2f} GB, "
+                   f"{t['off_hbm_bytes'] / 1e9:.2f} GB of them in on-chip memory; the roofline "
+                   f"from the {r['hbm_traffic_bytes'] / 1e9:.2f} GB to and from HBM: "
+                   f"{r['roofline_hbm_steps_per_sec']:.1f} steps/s.")
     for c in r["collectives"]:
       shown = ", ".join(c["arrays"][:4]) + (f", ... ({len(c['arrays'])} arrays)"
                                              if len(c["arrays"]) > 4 else "")

@@ -11,6 +11,10 @@ chunked critic logsumexp) is therefore also compiled as a twin whose every `scan
 unrolled (`unrolled_scans`), for its cost alone; memory and collectives come from the real
 program. An estimate whose FLOPs fall below the model's (bench/flops.py) is not reported.
 
+The cost analysis's bytes accessed include reads and writes of the core's on-chip memory where
+the compiler keeps arrays there (v5e, v6e: memory space S(1)); `roofline_hbm_seconds` prices
+only what hlo_traffic finds moved to or from HBM.
+
 These are the compiler's estimates, not measurements: they leave out the host, the input
 pipeline and whatever libtpu's model does not price (it prices a custom kernel only by the cost
 the kernel declares).
@@ -411,7 +415,24 @@ def compile_step(config, tpu: Slice, step: str = "train", devices=None,
     report["cost_source"] = ("the twin with every scan unrolled" if not left else
                              f"none: {left} while loops are left after unrolling the scans")
   report.update(_estimates(cost, report["model_flops_per_device"], tpu))
+  if not report["while_loops"] and report.get("roofline_seconds"):
+    report.update(_hbm_roofline(report, tpu))
   return report
+
+
+def _hbm_roofline(report: dict[str, Any], tpu: Slice) -> dict[str, Any]:
+  """The roofline with only the bytes that go to or from HBM by hlo_traffic: v5e's and v6e's
+  compilers keep weights and activations in the core's on-chip memory (S(1)) between ops, and
+  the cost analysis counts those reads and writes as bytes accessed all the same, priced at HBM
+  bandwidth by `roofline_seconds` (docs/benchmarks.md 7.11). A program with loops has no such
+  figure (its traffic counts a loop's body once)."""
+  traffic = report["traffic"]
+  hbm_bytes = traffic["total_bytes"] - traffic["off_hbm_bytes"]
+  peak = tpu.chip.peak_bf16_flops / tpu.chip.devices_per_chip
+  bandwidth = tpu.chip.hbm_bytes_per_sec / tpu.chip.devices_per_chip
+  seconds = max(report["flops"] / peak, hbm_bytes / bandwidth)
+  return {"hbm_traffic_bytes": hbm_bytes, "roofline_hbm_seconds": seconds,
+          "roofline_hbm_steps_per_sec": 1 / seconds}
 
 
 def _estimates(cost: dict[str, float], model_flops: float, tpu: Slice) -> dict[str, Any]:
