@@ -250,17 +250,24 @@ def _softmax_kept_in_bwd(dtype, residuals, g):
 _softmax_kept_in.defvjp(_softmax_kept_in_fwd, _softmax_kept_in_bwd)
 
 
-@jax.custom_vjp
 def gelu_keeping_input(x: Array) -> Array:
-  """The exact GELU, x * Phi(x) (jax.nn.gelu, approximate=False), whose gradient keeps only its
-  input: autodiff of jax.nn.gelu keeps both x and erf's value, so the TPU program wrote two
-  [B, T, 4H] arrays per layer and pass and read both back (docs/benchmarks.md 7.11). The backward
-  pass recomputes Phi(x) + x phi(x) from x, in float32."""
+  """The exact GELU, x * Phi(x) (jax.nn.gelu, approximate=False); below float32, with a
+  gradient that keeps only its input: autodiff of jax.nn.gelu keeps both x and erf's value, so
+  the bfloat16 TPU program wrote two [B, T, 4H] arrays per layer and pass and read both back
+  (docs/benchmarks.md 7.11). Its backward pass recomputes Phi(x) + x phi(x) from x, in float32.
+  float32: jax.nn.gelu itself (there the TPU program moved more bytes with the recomputation)."""
+  if x.dtype == jnp.float32:
+    return jax.nn.gelu(x, approximate=False)
+  return _gelu_keeping_input(x)
+
+
+@jax.custom_vjp
+def _gelu_keeping_input(x: Array) -> Array:
   return jax.nn.gelu(x, approximate=False)
 
 
 def _gelu_keeping_input_fwd(x):
-  return gelu_keeping_input(x), x
+  return _gelu_keeping_input(x), x
 
 
 def _gelu_keeping_input_bwd(x, g):
@@ -270,7 +277,7 @@ def _gelu_keeping_input_bwd(x, g):
   return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
 
 
-gelu_keeping_input.defvjp(_gelu_keeping_input_fwd, _gelu_keeping_input_bwd)
+_gelu_keeping_input.defvjp(_gelu_keeping_input_fwd, _gelu_keeping_input_bwd)
 
 
 class SelfAttention(nn.Module):

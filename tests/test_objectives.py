@@ -433,8 +433,8 @@ def test_softmax_kept_in_a_dtype_matches_a_float64_reference(dtype, rtol):
 def test_gelu_keeping_input_matches_a_float64_reference(dtype, rtol):
   """models.gelu_keeping_input on fresh random inputs (large and tiny ones included): its value
   x Phi(x) and the gradient of a weighted sum, x Phi(x)' = Phi(x) + x phi(x), against float64
-  formulas; its values equal jax.nn.gelu's, and the gradient keeps only the input (one
-  residual, x itself)."""
+  formulas; its values equal jax.nn.gelu's, and in bfloat16 the gradient keeps only the input
+  (one residual, x itself; float32 is jax.nn.gelu, which keeps more)."""
   rng = np.random.default_rng(int(np.random.default_rng().integers(1 << 30)))
   x = rng.normal(scale=3.0, size=(4, 5, 33)).astype(np.float32)
   x[0, 0, :4] = [-12.0, 12.0, 1e-6, 0.0]
@@ -455,7 +455,8 @@ def test_gelu_keeping_input_matches_a_float64_reference(dtype, rtol):
   expected = weights * (cdf + x64 * pdf)
   np.testing.assert_allclose(np.asarray(grad, np.float64), expected, rtol=rtol,
                              atol=rtol * np.abs(expected).max())
-  _, residuals = jax.vjp(models.gelu_keeping_input, xd)
-  kept = [leaf for leaf in jax.tree_util.tree_leaves(residuals) if hasattr(leaf, "shape")
-          and leaf.shape == x.shape]
-  assert len(kept) == 1, "the backward pass keeps more than the input"
+  if dtype == "bfloat16":
+    _, residuals = jax.vjp(models.gelu_keeping_input, xd)
+    kept = [leaf for leaf in jax.tree_util.tree_leaves(residuals) if hasattr(leaf, "shape")
+            and leaf.shape == x.shape]
+    assert len(kept) == 1, "the backward pass keeps more than the input"
