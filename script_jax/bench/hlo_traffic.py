@@ -23,7 +23,7 @@ _ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\](?:\{([\d,]*)(?::
 _TILE = re.compile(r"T\(([\d,]+)\)")
 # An array whose layout names a memory space S(m), m > 0, is not in HBM: S(1) is the core's
 # on-chip vector memory, where v5e's and v6e's compilers keep weights and activations between
-# ops (docs/benchmarks.md 7.11); v3's programs use other spaces only for scalars.
+# ops (docs/benchmarks.md 7.12); v3's programs use other spaces only for scalars.
 _MEMORY_SPACE = re.compile(r"S\((\d+)\)")
 # Custom calls that move nothing: ConcatBitcast joins adjacent slices in place.
 _FREE_CALLS = ("ConcatBitcast",)

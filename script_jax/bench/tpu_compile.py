@@ -13,12 +13,12 @@ libtpu topology (v3:2x2, v5e:16x16). For each objective the step the trainer jit
 the evaluation's (eval) or the fine-tuning trainer's (glue, squad) is traced on abstract arrays
 and compiled by libtpu; the command prints and writes (--output, JSON) its per-device memory
 against the chip's HBM, FLOPs and bytes accessed, the compiler's estimate of the step's time with
-every loop counted by its trip count, the roofline max(FLOPs / peak, bytes / bandwidth) (and
-the same with only the bytes to and from HBM: v5e's and v6e's programs keep arrays in on-chip
-memory, which the cost analysis counts as bytes accessed), the collectives, and the compile time. A config that does not fit is a result (fits: false, with the
-compiler's message). These are the compiler's estimates, not measurements: no host, no input
-pipeline, nothing libtpu's performance model does not price. A compile of small takes 1-4
-minutes on two CPU cores.
+every loop counted by its trip count, the roofline max(FLOPs / peak, bytes / bandwidth) (and the
+same with only the bytes to and from HBM: v5e's and v6e's programs keep arrays in on-chip memory,
+which the cost analysis counts as bytes accessed), the collectives, and the compile time. A config
+that does not fit is a result (fits: false, with the compiler's message). These are the compiler's
+estimates, not measurements: no host, no input pipeline, nothing libtpu's performance model does not
+price. A compile of small takes 1-4 minutes on two CPU cores.
 """
 
 from __future__ import annotations

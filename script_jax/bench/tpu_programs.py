@@ -420,16 +420,21 @@ def compile_step(config, tpu: Slice, step: str = "train", devices=None,
   return report
 
 
+def _device_rates(tpu: Slice) -> tuple[float, float]:
+  """One device's peak bfloat16 FLOP/s and HBM bytes/s (a megacore chip's are split)."""
+  return (tpu.chip.peak_bf16_flops / tpu.chip.devices_per_chip,
+          tpu.chip.hbm_bytes_per_sec / tpu.chip.devices_per_chip)
+
+
 def _hbm_roofline(report: dict[str, Any], tpu: Slice) -> dict[str, Any]:
   """The roofline with only the bytes that go to or from HBM by hlo_traffic: v5e's and v6e's
   compilers keep weights and activations in the core's on-chip memory (S(1)) between ops, and
   the cost analysis counts those reads and writes as bytes accessed all the same, priced at HBM
-  bandwidth by `roofline_seconds` (docs/benchmarks.md 7.11). A program with loops has no such
+  bandwidth by `roofline_seconds` (docs/benchmarks.md 7.12). A program with loops has no such
   figure (its traffic counts a loop's body once)."""
   traffic = report["traffic"]
   hbm_bytes = traffic["total_bytes"] - traffic["off_hbm_bytes"]
-  peak = tpu.chip.peak_bf16_flops / tpu.chip.devices_per_chip
-  bandwidth = tpu.chip.hbm_bytes_per_sec / tpu.chip.devices_per_chip
+  peak, bandwidth = _device_rates(tpu)
   seconds = max(report["flops"] / peak, hbm_bytes / bandwidth)
   return {"hbm_traffic_bytes": hbm_bytes, "roofline_hbm_seconds": seconds,
           "roofline_hbm_steps_per_sec": 1 / seconds}
@@ -440,8 +445,7 @@ def _estimates(cost: dict[str, float], model_flops: float, tpu: Slice) -> dict[s
   the program's FLOPs fall below the model's."""
   flops, bytes_accessed = cost.get("flops"), cost.get("bytes accessed")
   seconds = cost.get("optimal_seconds")
-  peak = tpu.chip.peak_bf16_flops / tpu.chip.devices_per_chip
-  bandwidth = tpu.chip.hbm_bytes_per_sec / tpu.chip.devices_per_chip
+  peak, bandwidth = _device_rates(tpu)
   out: dict[str, Any] = {"flops": flops, "bytes_accessed": bytes_accessed,
                          "estimated_seconds": None, "estimated_steps_per_sec": None,
                          "roofline_seconds": None, "estimate_note": None}
